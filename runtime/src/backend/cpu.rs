@@ -1,0 +1,246 @@
+//! The CPU backend: the executable specification of every primitive. Plain loops, f32
+//! arithmetic with f64 accumulation for reductions, storage in the tensor's dtype (results
+//! are rounded to it), threads across independent rows.
+
+use std::sync::{Arc, RwLock};
+
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::parallel::par_chunks_mut;
+use crate::spec::{AttentionSpec, ConvSpec, MapOp, MapSpec, MatmulSpec, NormKind, NormSpec, SoftmaxSpec, UnaryOp};
+use crate::tensor::{numel, DType, HostData, HostTensor, Tensor};
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+pub type CpuTensor = Tensor<CpuBackend>;
+
+impl CpuBackend {
+    fn values(t: &CpuTensor) -> Vec<f32> {
+        t.storage.read().expect("cpu storage lock").to_f32().into_owned()
+    }
+
+    fn make(shape: Vec<usize>, dtype: DType, values: Vec<f32>) -> CpuTensor {
+        Tensor::from_storage(Arc::new(RwLock::new(HostData::from_f32(dtype, values))), shape, dtype)
+    }
+}
+
+pub fn unary(op: UnaryOp, x: f32, alpha: f32, beta: f32) -> f32 {
+    match op {
+        UnaryOp::Silu => x / (1.0 + (-x).exp()),
+        UnaryOp::GeluTanh => {
+            let c = (2.0f32 / std::f32::consts::PI).sqrt();
+            0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+        }
+        UnaryOp::GeluErf => 0.5 * x * (1.0 + erf(x as f64 / std::f64::consts::SQRT_2) as f32),
+        UnaryOp::Tanh => x.tanh(),
+        UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+        UnaryOp::Affine => alpha * x + beta,
+    }
+}
+
+/// erf in double precision (Rust's std has none): the Maclaurin series near zero and the
+/// continued fraction for erfc in the tails, both far below f32 resolution.
+fn erf(x: f64) -> f64 {
+    if x.abs() < 2.5 {
+        // Maclaurin series: erf x = 2/sqrt(pi) * sum (-1)^n x^(2n+1) / (n! (2n+1))
+        let mut term = x;
+        let mut sum = x;
+        let x2 = x * x;
+        let mut n = 0.0;
+        while term.abs() > 1e-17 * sum.abs().max(1e-300) {
+            n += 1.0;
+            term *= -x2 / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // Continued fraction for erfc, evaluated backwards.
+        let a = x.abs();
+        let mut f = 0.0;
+        for k in (1..=60).rev() {
+            f = (k as f64 / 2.0) / (a + f);
+        }
+        let erfc = (-a * a).exp() / std::f64::consts::PI.sqrt() / (a + f);
+        (1.0 - erfc).copysign(x)
+    }
+}
+
+impl Backend for CpuBackend {
+    type Storage = Arc<RwLock<HostData>>;
+
+    fn name(&self) -> String {
+        "cpu (reference)".into()
+    }
+
+    fn supports(&self, _dtype: DType) -> bool {
+        true
+    }
+
+    fn half_dtype(&self) -> DType {
+        DType::BF16
+    }
+
+    fn upload(&self, host: &HostTensor) -> Result<CpuTensor> {
+        Ok(Tensor::from_storage(Arc::new(RwLock::new(host.data.clone())), host.shape.clone(), host.dtype()))
+    }
+
+    fn alloc(&self, shape: &[usize], dtype: DType) -> Result<CpuTensor> {
+        Ok(Self::make(shape.to_vec(), dtype, vec![0.0; numel(shape)]))
+    }
+
+    async fn read(&self, t: &CpuTensor) -> Result<HostTensor> {
+        HostTensor::new(&t.shape, t.storage.read().expect("cpu storage lock").clone())
+    }
+
+    fn matmul(&self, a: &CpuTensor, b: &CpuTensor, bias: Option<&CpuTensor>, s: &MatmulSpec) -> Result<CpuTensor> {
+        let (av, bv) = (Self::values(a), Self::values(b));
+        let biasv = bias.map(Self::values);
+        let mut out = vec![0.0f32; s.batch * s.m * s.n];
+        par_chunks_mut(&mut out, s.n, |row, o| {
+            let (bi, i) = (row / s.m, row % s.m);
+            let a_at = |kk: usize| av[bi * s.a_batch_stride + if s.trans_a { kk * s.m + i } else { i * s.k + kk }];
+            let b0 = bi * s.b_batch_stride;
+            for (j, oj) in o.iter_mut().enumerate() {
+                let mut acc = 0.0f32;
+                for kk in 0..s.k {
+                    let bk = if s.trans_b { bv[b0 + j * s.k + kk] } else { bv[b0 + kk * s.n + j] };
+                    acc += a_at(kk) * bk;
+                }
+                *oj = acc + biasv.as_ref().map_or(0.0, |bb| bb[j]);
+            }
+        });
+        Ok(Self::make(vec![s.batch, s.m, s.n], a.dtype, out))
+    }
+
+    fn conv(&self, x: &CpuTensor, w: &CpuTensor, bias: Option<&CpuTensor>, s: &ConvSpec) -> Result<CpuTensor> {
+        let (xv, wv) = (Self::values(x), Self::values(w));
+        let biasv = bias.map(Self::values);
+        let [ti, hi, wi] = s.input;
+        let [kt, kh, kw] = s.kernel;
+        let [to, ho, wo] = s.output();
+        let (cin_g, cout_g) = (s.c_in / s.groups, s.c_out / s.groups);
+        let plane = to * ho * wo;
+        let mut out = vec![0.0f32; s.batch * s.c_out * plane];
+        par_chunks_mut(&mut out, plane, |bc, o| {
+            let (bi, co) = (bc / s.c_out, bc % s.c_out);
+            let g = co / cout_g;
+            for (p, op) in o.iter_mut().enumerate() {
+                let (ot, oy, ox) = (p / (ho * wo), (p / wo) % ho, p % wo);
+                let mut acc = 0.0f32;
+                for ci in 0..cin_g {
+                    let xc = (bi * s.c_in + g * cin_g + ci) * ti * hi * wi;
+                    let wc = (co * cin_g + ci) * kt * kh * kw;
+                    for dt in 0..kt {
+                        let Some(it) = (ot * s.stride[0] + dt).checked_sub(s.pad_lo[0]).filter(|&v| v < ti) else { continue };
+                        for dy in 0..kh {
+                            let Some(iy) = (oy * s.stride[1] + dy).checked_sub(s.pad_lo[1]).filter(|&v| v < hi) else { continue };
+                            for dx in 0..kw {
+                                let Some(ix) = (ox * s.stride[2] + dx).checked_sub(s.pad_lo[2]).filter(|&v| v < wi) else { continue };
+                                acc += xv[xc + (it * hi + iy) * wi + ix] * wv[wc + (dt * kh + dy) * kw + dx];
+                            }
+                        }
+                    }
+                }
+                *op = acc + biasv.as_ref().map_or(0.0, |bb| bb[co]);
+            }
+        });
+        Ok(Self::make(vec![s.batch, s.c_out, to, ho, wo], x.dtype, out))
+    }
+
+    fn norm(&self, x: &CpuTensor, gamma: Option<&CpuTensor>, beta: Option<&CpuTensor>, s: &NormSpec) -> Result<CpuTensor> {
+        let xv = Self::values(x);
+        let (gv, bv) = (gamma.map(Self::values), beta.map(Self::values));
+        let mut out = vec![0.0f32; s.rows * s.row_len];
+        par_chunks_mut(&mut out, s.row_len, |r, o| {
+            let row = &xv[r * s.row_len..(r + 1) * s.row_len];
+            let n = s.row_len as f64;
+            let (mean, denom) = match s.kind {
+                NormKind::MeanVar => {
+                    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
+                    let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                    (mean, (var + s.eps as f64).sqrt())
+                }
+                NormKind::Rms => (0.0, (row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n + s.eps as f64).sqrt()),
+            };
+            for (i, oi) in o.iter_mut().enumerate() {
+                let p = (r % s.groups) * s.channels_per_group + i / s.inner;
+                let y = ((row[i] as f64 - mean) / denom) as f32;
+                *oi = y * gv.as_ref().map_or(1.0, |g| g[p]) + bv.as_ref().map_or(0.0, |b| b[p]);
+            }
+        });
+        Ok(Self::make(x.shape.clone(), x.dtype, out))
+    }
+
+    fn softmax(&self, x: &CpuTensor, s: &SoftmaxSpec) -> Result<CpuTensor> {
+        let xv = Self::values(x);
+        let mut out = vec![0.0f32; s.rows * s.cols];
+        par_chunks_mut(&mut out, s.cols, |r, o| {
+            let row = &xv[r * s.cols..(r + 1) * s.cols];
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let sum: f64 = row.iter().map(|&v| ((v - m) as f64).exp()).sum();
+            for (oi, &v) in o.iter_mut().zip(row) {
+                *oi = (((v - m) as f64).exp() / sum) as f32;
+            }
+        });
+        Ok(Self::make(x.shape.clone(), x.dtype, out))
+    }
+
+    fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, s: &AttentionSpec) -> Result<CpuTensor> {
+        let (qv, kv, vv) = (Self::values(q), Self::values(k), Self::values(v));
+        let d = s.head_dim;
+        let mut out = vec![0.0f32; s.batch_heads * s.q_len * d];
+        par_chunks_mut(&mut out, d, |row, o| {
+            let bh = row / s.q_len;
+            let qr = &qv[row * d..(row + 1) * d];
+            let kb = bh * s.kv_len * d;
+            let scores: Vec<f64> = (0..s.kv_len)
+                .map(|j| {
+                    let kr = &kv[kb + j * d..kb + (j + 1) * d];
+                    s.scale as f64 * qr.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()
+                })
+                .collect();
+            let m = scores.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+            let p: Vec<f64> = scores.iter().map(|&sc| (sc - m).exp()).collect();
+            let l: f64 = p.iter().sum();
+            for (di, od) in o.iter_mut().enumerate() {
+                let acc: f64 = p.iter().enumerate().map(|(j, &pj)| pj * vv[kb + j * d + di] as f64).sum();
+                *od = (acc / l) as f32;
+            }
+        });
+        Ok(Self::make(q.shape.clone(), q.dtype, out))
+    }
+
+    fn map(&self, inputs: &[&CpuTensor], out: &CpuTensor, s: &MapSpec) -> Result<()> {
+        let ins: Vec<Vec<f32>> = inputs.iter().map(|t| Self::values(t)).collect();
+        let mut dst = out.storage.write().expect("cpu storage lock");
+        let mut values = dst.to_f32().into_owned();
+        let total = numel(&s.shape);
+        let mut c = vec![0usize; s.shape.len()];
+        for _ in 0..total {
+            let at = |i: usize, extra: usize| ins[i][s.inputs[i].index(&c) + extra];
+            let o = s.out.index(&c);
+            match s.op {
+                MapOp::Copy => values[o] = at(0, 0),
+                MapOp::Unary(u) => values[o] = unary(u, at(0, 0), s.alpha, s.beta),
+                MapOp::AddScaled => values[o] = s.alpha * at(0, 0) + s.beta * at(1, 0),
+                MapOp::Mul => values[o] = at(0, 0) * at(1, 0),
+                MapOp::Modulate => values[o] = at(0, 0) * (1.0 + at(1, 0)) + at(2, 0),
+                MapOp::Rope => {
+                    let (x0, x1, cs, sn) = (at(0, 0), at(0, 1), at(1, 0), at(2, 0));
+                    values[o] = x0 * cs - x1 * sn;
+                    values[o + 1] = x0 * sn + x1 * cs;
+                }
+            }
+            for k in (0..c.len()).rev() {
+                c[k] += 1;
+                if c[k] < s.shape[k] {
+                    break;
+                }
+                c[k] = 0;
+            }
+        }
+        *dst = HostData::from_f32(out.dtype, values);
+        Ok(())
+    }
+}

@@ -1,0 +1,17 @@
+//! sdlite's tensor runtime: contiguous tensors, a small closed op set (`ops`) lowered onto a
+//! handful of primitives (`spec`), and backends that implement them: the CPU reference
+//! (`backend::cpu`) and WGSL compute shaders on wgpu (`backend::wgpu`), natively and in the
+//! browser.
+
+pub mod backend;
+pub mod error;
+pub mod ops;
+mod parallel;
+pub mod spec;
+pub mod tensor;
+
+pub use backend::cpu::CpuBackend;
+pub use backend::wgpu::{WgpuBackend, WgpuOptions};
+pub use backend::Backend;
+pub use error::{Error, Result};
+pub use tensor::{DType, HostData, HostTensor, Tensor};

@@ -1,0 +1,182 @@
+//! The closed set of primitives every backend implements, each described by a spec whose
+//! sizes are already validated by `ops`. Layouts are stated here once; the CPU backend is
+//! the executable definition of each.
+
+/// Highest tensor rank the strided `map` primitive addresses.
+pub const MAX_RANK: usize = 6;
+
+/// `out[bi] = op(A[bi]) x op(B[bi]) (+ bias)`, out `[batch, m, n]` contiguous.
+/// A element (i, kk) of batch `bi` sits at `bi*a_batch_stride + (trans_a ? kk*m + i : i*k + kk)`;
+/// B element (kk, j) at `bi*b_batch_stride + (trans_b ? j*k + kk : kk*n + j)`.
+/// A batch stride of 0 broadcasts one matrix over the batch. `bias` has `n` elements.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MatmulSpec {
+    pub batch: usize,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub a_batch_stride: usize,
+    pub b_batch_stride: usize,
+}
+
+/// 3D convolution over `x [batch, c_in, t, h, w]` with `w [c_out, c_in/groups, kt, kh, kw]`,
+/// zero padding `pad_lo` before and `pad_hi` after each spatial axis, no dilation;
+/// out `[batch, c_out, to, ho, wo]`. Conv2d is `t = kt = 1`; the Wan VAE's causal conv3d
+/// pads time only in front (`pad_lo[0] = 2*p, pad_hi[0] = 0`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvSpec {
+    pub batch: usize,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub groups: usize,
+    pub input: [usize; 3],
+    pub kernel: [usize; 3],
+    pub stride: [usize; 3],
+    pub pad_lo: [usize; 3],
+    pub pad_hi: [usize; 3],
+}
+
+impl ConvSpec {
+    pub fn output(&self) -> [usize; 3] {
+        std::array::from_fn(|a| {
+            (self.input[a] + self.pad_lo[a] + self.pad_hi[a] - self.kernel[a]) / self.stride[a] + 1
+        })
+    }
+
+    pub fn kernel_volume(&self) -> usize {
+        self.kernel.iter().product()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    /// (x - mean) / sqrt(var + eps): layer norm and group norm.
+    MeanVar,
+    /// x / sqrt(mean(x^2) + eps).
+    Rms,
+}
+
+/// Normalises `rows` contiguous segments of `row_len` elements, then applies the optional
+/// affine parameters. Element `i` of row `r` uses parameter index
+/// `(r % groups) * channels_per_group + i / inner`: layer/RMS norm is `groups = 1,
+/// channels_per_group = row_len, inner = 1`; group norm over `[n, c, spatial]` is
+/// `rows = n*groups, row_len = (c/groups)*spatial, inner = spatial`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NormSpec {
+    pub kind: NormKind,
+    pub rows: usize,
+    pub row_len: usize,
+    pub groups: usize,
+    pub channels_per_group: usize,
+    pub inner: usize,
+    pub eps: f32,
+}
+
+/// Softmax over each of `rows` contiguous rows of `cols` elements.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SoftmaxSpec {
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// `out = softmax(scale * q k^T) v` for q `[batch_heads, q_len, head_dim]`,
+/// k and v `[batch_heads, kv_len, head_dim]`, out like q. No mask.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionSpec {
+    pub batch_heads: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    Silu,
+    GeluTanh,
+    GeluErf,
+    Tanh,
+    Sigmoid,
+    /// `alpha * x + beta`
+    Affine,
+}
+
+/// What `map` computes for each element of its iteration space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MapOp {
+    /// out = in0 (also converts dtype)
+    Copy,
+    Unary(UnaryOp),
+    /// out = alpha * in0 + beta * in1
+    AddScaled,
+    /// out = in0 * in1
+    Mul,
+    /// adaLN: out = in0 * (1 + in1) + in2
+    Modulate,
+    /// Rotary embedding of interleaved pairs: each iteration element is a pair starting at
+    /// in0's index (x0, x1 at +0, +1), in1 = cos, in2 = sin:
+    /// out(+0) = x0*cos - x1*sin, out(+1) = x0*sin + x1*cos.
+    Rope,
+}
+
+impl MapOp {
+    pub fn arity(self) -> usize {
+        match self {
+            MapOp::Copy | MapOp::Unary(_) => 1,
+            MapOp::AddScaled | MapOp::Mul => 2,
+            MapOp::Modulate | MapOp::Rope => 3,
+        }
+    }
+
+    /// Extra elements read or written past each addressed index.
+    pub fn extent(self) -> usize {
+        if self == MapOp::Rope {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// How one operand of `map` is addressed: element at iteration coordinate `c` is
+/// `offset + sum_k (c[k] / div[k]) * strides[k]` (`div` > 1 only on inputs: nearest upsampling).
+#[derive(Clone, Debug, PartialEq)]
+pub struct View {
+    pub offset: usize,
+    pub strides: Vec<usize>,
+    pub div: Vec<usize>,
+}
+
+impl View {
+    pub fn strided(offset: usize, strides: Vec<usize>) -> Self {
+        let div = vec![1; strides.len()];
+        Self { offset, strides, div }
+    }
+
+    /// Index of the element at coordinate `c`.
+    pub fn index(&self, c: &[usize]) -> usize {
+        self.offset + c.iter().zip(&self.strides).zip(&self.div).map(|((c, s), d)| c / d * s).sum::<usize>()
+    }
+
+    /// First and last indices touched over the box `start[k] .. start[k] + len[k]` (len > 0).
+    pub fn span(&self, start: &[usize], len: &[usize]) -> (usize, usize) {
+        let last: Vec<usize> = start.iter().zip(len).map(|(s, l)| s + l - 1).collect();
+        (self.index(start), self.index(&last))
+    }
+}
+
+/// Elementwise work over an iteration space of `shape` (rank <= MAX_RANK): for every
+/// coordinate, read `inputs[i]` through its view and write `out` through its view.
+/// Covers unary and binary math with broadcasting (stride 0), casts, permute, slice,
+/// concat (one map per part into one output), nearest upsample and rotary embedding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MapSpec {
+    pub op: MapOp,
+    pub shape: Vec<usize>,
+    pub inputs: Vec<View>,
+    pub out: View,
+    pub alpha: f32,
+    pub beta: f32,
+}

@@ -1,0 +1,201 @@
+//! Tensors: a shape, a dtype and backend-owned contiguous storage.
+
+use half::{bf16, f16};
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// Rounds an f32 to the nearest value this dtype can store.
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            DType::F32 => x,
+            DType::F16 => f16::from_f32(x).to_f32(),
+            DType::BF16 => bf16::from_f32(x).to_f32(),
+        }
+    }
+}
+
+pub fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+/// Row-major strides of a contiguous tensor.
+pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
+}
+
+/// Element data living in host memory, in the dtype it is stored as.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl HostData {
+    pub fn dtype(&self) -> DType {
+        match self {
+            HostData::F32(_) => DType::F32,
+            HostData::F16(_) => DType::F16,
+            HostData::BF16(_) => DType::BF16,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            HostData::F32(v) => v.len(),
+            HostData::F16(v) => v.len(),
+            HostData::BF16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn from_f32(dtype: DType, values: Vec<f32>) -> Self {
+        match dtype {
+            DType::F32 => HostData::F32(values),
+            DType::F16 => HostData::F16(values.into_iter().map(f16::from_f32).collect()),
+            DType::BF16 => HostData::BF16(values.into_iter().map(bf16::from_f32).collect()),
+        }
+    }
+
+    pub fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            HostData::F32(v) => std::borrow::Cow::Borrowed(v),
+            HostData::F16(v) => v.iter().map(|x| x.to_f32()).collect::<Vec<_>>().into(),
+            HostData::BF16(v) => v.iter().map(|x| x.to_f32()).collect::<Vec<_>>().into(),
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            HostData::F32(v) => bytemuck::cast_slice(v),
+            HostData::F16(v) => bytemuck::cast_slice(v),
+            HostData::BF16(v) => bytemuck::cast_slice(v),
+        }
+    }
+
+    /// Decodes little-endian bytes of the given dtype.
+    pub fn from_bytes(dtype: DType, bytes: &[u8]) -> Self {
+        match dtype {
+            DType::F32 => HostData::F32(bytemuck::pod_collect_to_vec(bytes)),
+            DType::F16 => HostData::F16(bytemuck::pod_collect_to_vec(bytes)),
+            DType::BF16 => HostData::BF16(bytemuck::pod_collect_to_vec(bytes)),
+        }
+    }
+
+    pub fn convert(&self, dtype: DType) -> HostData {
+        if dtype == self.dtype() {
+            return self.clone();
+        }
+        HostData::from_f32(dtype, self.to_f32().into_owned())
+    }
+}
+
+/// A tensor in host memory: what goes into `Backend::upload` and comes out of `Backend::read`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: HostData,
+}
+
+impl HostTensor {
+    pub fn new(shape: &[usize], data: HostData) -> Result<Self> {
+        let expected = numel(shape);
+        if data.len() != expected {
+            return Err(Error::DataLength { shape: shape.to_vec(), expected, got: data.len() });
+        }
+        Ok(Self { shape: shape.to_vec(), data })
+    }
+
+    pub fn from_f32(shape: &[usize], values: Vec<f32>) -> Result<Self> {
+        Self::new(shape, HostData::F32(values))
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.data.to_f32().into_owned()
+    }
+}
+
+/// A contiguous, row-major tensor owned by backend `B`. Cloning is cheap (shared storage);
+/// reshaping is free; every other op produces a new tensor.
+pub struct Tensor<B: Backend + ?Sized> {
+    pub(crate) storage: B::Storage,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) dtype: DType,
+}
+
+impl<B: Backend + ?Sized> Clone for Tensor<B> {
+    fn clone(&self) -> Self {
+        Self { storage: self.storage.clone(), shape: self.shape.clone(), dtype: self.dtype }
+    }
+}
+
+impl<B: Backend + ?Sized> std::fmt::Debug for Tensor<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({:?}, {:?})", self.shape, self.dtype)
+    }
+}
+
+impl<B: Backend + ?Sized> Tensor<B> {
+    /// Wraps backend storage; backends call this for the tensors they create.
+    pub fn from_storage(storage: B::Storage, shape: Vec<usize>, dtype: DType) -> Self {
+        Self { storage, shape, dtype }
+    }
+
+    pub fn storage(&self) -> &B::Storage {
+        &self.storage
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// The same storage seen with another shape of equal element count.
+    pub fn reshape(&self, shape: &[usize]) -> Result<Self> {
+        if numel(shape) != self.numel() {
+            return Err(crate::error::shape_err(
+                "reshape",
+                format!("cannot view {:?} ({} elements) as {:?}", self.shape, self.numel(), shape),
+            ));
+        }
+        Ok(Self { storage: self.storage.clone(), shape: shape.to_vec(), dtype: self.dtype })
+    }
+}

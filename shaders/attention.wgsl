@@ -1,0 +1,140 @@
+// attention.wgsl: scaled dot-product attention, flash style: tiled over keys with an online
+// softmax, so the score matrix never exists in memory at any sequence length.
+//
+// out[bh, i, :] = sum_j softmax_j(scale * q[bh, i, :] . k[bh, j, :]) * v[bh, j, :]
+// Layout: q, out [batch_heads, q_len, D]; k, v [batch_heads, kv_len, D], row-major.
+// Host constants: D (head dim), WG threads, BR query rows and BC keys per tile, TPR = WG / BR
+// threads per query row, SPT = BC / TPR scores and OPT = ceil(D / TPR) output columns per
+// thread, KS = D + 1 (padded shared row stride against bank conflicts).
+// Workgroup: WG (128) threads; grid: x = query tiles, y = heads (bh0 .. bh0 + grid.y).
+// Shared memory: (BR*D + BC*KS + BR*BC + WG) floats; the host picks the largest tile that
+// fits the device limit (16 KiB by default) while keeping SPT + OPT, the per-thread arrays,
+// small (software rasterisers run invocations on small stacks). K and V share one tile.
+// Numerics: f32 throughout; masked keys score -1e30 so exp() gives exactly 0.
+// Tensors: q, k, v, out.
+
+struct Params {
+    q_len: u32,
+    kv_len: u32,
+    scale: f32,
+    bh0: u32,
+    row0: u32,
+    rows: u32,
+}
+
+const NEG: f32 = -1e30;
+
+var<workgroup> q_tile: array<f32, BR * D>;
+var<workgroup> kv_tile: array<f32, BC * KS>;
+var<workgroup> p_tile: array<f32, BR * BC>;
+var<workgroup> red: array<f32, WG>;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let bh = P.bh0 + wid.y;
+    let r0 = P.row0 + wid.x * BR;
+    let row_end = P.row0 + P.rows;
+    let tr = lid / TPR;
+    let tc = lid % TPR;
+    let q_base = bh * P.q_len * D;
+    let kv_base = bh * P.kv_len * D;
+
+    for (var i = lid; i < BR * D; i += WG) {
+        let r = r0 + i / D;
+        var v = 0.0;
+        if (r < row_end) {
+            v = q_ld(q_base + r * D + i % D);
+        }
+        q_tile[i] = v;
+    }
+
+    var m = NEG;
+    var l = 0.0;
+    var o: array<f32, OPT>;
+    for (var t = 0u; t < OPT; t++) {
+        o[t] = 0.0;
+    }
+
+    for (var j0 = 0u; j0 < P.kv_len; j0 += BC) {
+        workgroupBarrier();
+        for (var i = lid; i < BC * D; i += WG) {
+            let j = j0 + i / D;
+            var v = 0.0;
+            if (j < P.kv_len) {
+                v = k_ld(kv_base + j * D + i % D);
+            }
+            kv_tile[(i / D) * KS + i % D] = v;
+        }
+        workgroupBarrier();
+
+        var s: array<f32, SPT>;
+        var s_max = NEG;
+        for (var t = 0u; t < SPT; t++) {
+            let jj = tc + t * TPR;
+            var acc = 0.0;
+            for (var d = 0u; d < D; d++) {
+                acc = fma(q_tile[tr * D + d], kv_tile[jj * KS + d], acc);
+            }
+            acc *= P.scale;
+            if (j0 + jj >= P.kv_len) {
+                acc = NEG;
+            }
+            s[t] = acc;
+            s_max = max(s_max, acc);
+        }
+        red[lid] = s_max;
+        workgroupBarrier();
+
+        var tile_max = NEG;
+        for (var u = 0u; u < TPR; u++) {
+            tile_max = max(tile_max, red[tr * TPR + u]);
+        }
+        let m_new = max(m, tile_max);
+        let alpha = exp(m - m_new);
+        var p_sum = 0.0;
+        for (var t = 0u; t < SPT; t++) {
+            let p = exp(s[t] - m_new);
+            p_tile[tr * BC + tc + t * TPR] = p;
+            p_sum += p;
+        }
+        workgroupBarrier();
+
+        red[lid] = p_sum;
+        for (var i = lid; i < BC * D; i += WG) {
+            let j = j0 + i / D;
+            var v = 0.0;
+            if (j < P.kv_len) {
+                v = v_ld(kv_base + j * D + i % D);
+            }
+            kv_tile[(i / D) * KS + i % D] = v;
+        }
+        workgroupBarrier();
+
+        var tile_sum = 0.0;
+        for (var u = 0u; u < TPR; u++) {
+            tile_sum += red[tr * TPR + u];
+        }
+        l = l * alpha + tile_sum;
+        m = m_new;
+        for (var t = 0u; t < OPT; t++) {
+            let d = tc + t * TPR;
+            var acc = o[t] * alpha;
+            if (d < D) {
+                for (var jj = 0u; jj < BC; jj++) {
+                    acc = fma(p_tile[tr * BC + jj], kv_tile[jj * KS + d], acc);
+                }
+            }
+            o[t] = acc;
+        }
+    }
+
+    let r = r0 + tr;
+    if (r < row_end) {
+        for (var t = 0u; t < OPT; t++) {
+            let d = tc + t * TPR;
+            if (d < D) {
+                out_st(q_base + r * D + d, o[t] / l);
+            }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+// gemm.wgsl: the register-tiled GEMM core shared by matmul.wgsl and conv.wgsl.
+//
+// Computes C[z] = A[z] (M x K) * B[z] (K x N) for one dispatch, where the including family
+// file supplies the operands through:
+//   fn gemm_dims() -> vec3<u32>                 // M, N, K of this dispatch
+//   fn gemm_a(z: u32, r: u32, k: u32) -> f32    // called only with r < M, k < K
+//   fn gemm_b(z: u32, k: u32, c: u32) -> f32    // called only with k < K, c < N
+//   fn gemm_store(z: u32, r: u32, c: u32, acc: f32)
+// The host prepends these constants:
+//   TILE (64 or 128): BM = BN = TILE output rows/columns per workgroup
+//   TM = TILE / 16: each of the 16 x 16 threads owns a TM x TM block of outputs, at rows
+//       ty + 16*i and columns tx + 16*j (strided, so shared-memory reads are conflict free)
+//   BK: depth of one K step; PAD: 1 to skew the shared arrays against bank conflicts, else 0
+//   A_K_FAST / B_K_FAST: whether consecutive k are adjacent in memory for A / B, which picks
+//       the thread-to-element mapping of the tile loads so global reads coalesce.
+// Workgroup: 256 threads; grid: x = N tiles, y = M tiles, z = batch.
+// Shared memory: 2 * BK * (TILE + PAD) floats (16 KiB at TILE=128, BK=16, PAD=0: WebGPU's
+// default limit). Accumulation is in f32 whatever the storage dtype.
+
+const WG: u32 = 256u;
+const AS: u32 = TILE + PAD;
+
+var<workgroup> a_tile: array<f32, BK * AS>;
+var<workgroup> b_tile: array<f32, BK * AS>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let dims = gemm_dims();
+    let m = dims.x;
+    let n = dims.y;
+    let k = dims.z;
+    let z = wid.z;
+    let row0 = wid.y * TILE;
+    let col0 = wid.x * TILE;
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+
+    var acc: array<array<f32, TM>, TM>;
+    for (var i = 0u; i < TM; i++) {
+        for (var j = 0u; j < TM; j++) {
+            acc[i][j] = 0.0;
+        }
+    }
+
+    for (var k0 = 0u; k0 < k; k0 += BK) {
+        for (var e = lid; e < TILE * BK; e += WG) {
+            var r: u32;
+            var kk: u32;
+            if (A_K_FAST) {
+                r = e / BK;
+                kk = e % BK;
+            } else {
+                kk = e / TILE;
+                r = e % TILE;
+            }
+            var v = 0.0;
+            if (row0 + r < m && k0 + kk < k) {
+                v = gemm_a(z, row0 + r, k0 + kk);
+            }
+            a_tile[kk * AS + r] = v;
+
+            var c: u32;
+            if (B_K_FAST) {
+                c = e / BK;
+                kk = e % BK;
+            } else {
+                kk = e / TILE;
+                c = e % TILE;
+            }
+            var w = 0.0;
+            if (col0 + c < n && k0 + kk < k) {
+                w = gemm_b(z, k0 + kk, col0 + c);
+            }
+            b_tile[kk * AS + c] = w;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk++) {
+            var a: array<f32, TM>;
+            var b: array<f32, TM>;
+            for (var i = 0u; i < TM; i++) {
+                a[i] = a_tile[kk * AS + ty + 16u * i];
+                b[i] = b_tile[kk * AS + tx + 16u * i];
+            }
+            for (var i = 0u; i < TM; i++) {
+                for (var j = 0u; j < TM; j++) {
+                    acc[i][j] = fma(a[i], b[j], acc[i][j]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+
+    for (var i = 0u; i < TM; i++) {
+        let r = row0 + ty + 16u * i;
+        for (var j = 0u; j < TM; j++) {
+            let c = col0 + tx + 16u * j;
+            if (r < m && c < n) {
+                gemm_store(z, r, c, acc[i][j]);
+            }
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Shared helpers for the cross-backend tests: seeded random inputs, the wgpu backends under
+//! test, and a comparison of one op body on the CPU reference and on wgpu.
+
+use std::sync::OnceLock;
+
+use rand::{Rng, SeedableRng};
+use sdlite_runtime::{Backend, CpuBackend, DType, HostData, HostTensor, Result, Tensor, WgpuBackend, WgpuOptions};
+
+/// Uniform random values in [-scale, scale), stored as `dtype`.
+pub fn random(shape: &[usize], dtype: DType, scale: f32, seed: u64) -> HostTensor {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    let values = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+    HostTensor::new(shape, HostData::from_f32(dtype, values)).expect("shape matches data")
+}
+
+/// A fresh seed per call, so every run sees new inputs; printed on failure for replay.
+pub fn fresh_seed() -> u64 {
+    std::env::var("SDLITE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    })
+}
+
+fn open(options: WgpuOptions) -> Option<WgpuBackend> {
+    match pollster::block_on(WgpuBackend::new(options)) {
+        Ok(b) => {
+            eprintln!("testing on {}", b.name());
+            Some(b)
+        }
+        // In CI a missing adapter is a failure, never a silent skip.
+        Err(e) if std::env::var_os("CI").is_some() => panic!("CI=true but no wgpu adapter: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED: no wgpu adapter ({e}); install mesa-vulkan-drivers for lavapipe");
+            None
+        }
+    }
+}
+
+/// The adapter with everything it grants.
+pub fn gpu() -> Option<&'static WgpuBackend> {
+    static B: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    B.get_or_init(|| open(WgpuOptions::default())).as_ref()
+}
+
+/// The adapter with tiny chunks (4 KiB bindings), so every op's splitting paths run on
+/// small inputs.
+pub fn gpu_tiny_chunks() -> Option<&'static WgpuBackend> {
+    static B: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    B.get_or_init(|| open(WgpuOptions { max_chunk_bytes: Some(4096), ..Default::default() })).as_ref()
+}
+
+/// The adapter with exactly WebGPU's default limits (128 MiB bindings, 256 MiB buffers,
+/// 16 KiB workgroup memory), as most browsers grant.
+pub fn gpu_default_limits() -> Option<&'static WgpuBackend> {
+    static B: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    B.get_or_init(|| open(WgpuOptions { default_limits: true, ..Default::default() })).as_ref()
+}
+
+/// Largest absolute difference divided by the largest reference magnitude: the error
+/// relative to the tensor's scale. NaN or infinity anywhere counts as infinite error.
+pub fn relative_error(got: &HostTensor, want: &HostTensor) -> f32 {
+    assert_eq!(got.shape, want.shape, "shapes differ");
+    let (g, w) = (got.to_f32(), want.to_f32());
+    let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+    let mut worst = 0f32;
+    for (a, b) in g.iter().zip(&w) {
+        if !a.is_finite() || !b.is_finite() {
+            return f32::INFINITY;
+        }
+        worst = worst.max((a - b).abs());
+    }
+    worst / scale
+}
+
+pub type Body<B> = fn(&B, &[Tensor<B>], &[usize]) -> Result<Tensor<B>>;
+
+/// Runs one op body on the CPU reference and on `gpu` with the same inputs and asserts the
+/// relative error is at most `tol`. Returns the error.
+pub fn compare(gpu: &WgpuBackend, name: &str, tol: f32, inputs: &[HostTensor], params: &[usize], cpu_body: Body<CpuBackend>, gpu_body: Body<WgpuBackend>) -> f32 {
+    let cpu = CpuBackend;
+    let xs: Vec<_> = inputs.iter().map(|h| cpu.upload(h).expect("cpu upload")).collect();
+    let want = cpu_body(&cpu, &xs, params).unwrap_or_else(|e| panic!("{name}: cpu failed: {e}"));
+    let want = pollster::block_on(cpu.read(&want)).expect("cpu read");
+    let gs: Vec<_> = inputs.iter().map(|h| gpu.upload(h).expect("gpu upload")).collect();
+    let got = gpu_body(gpu, &gs, params).unwrap_or_else(|e| panic!("{name}: wgpu failed: {e}"));
+    let got = pollster::block_on(gpu.read(&got)).unwrap_or_else(|e| panic!("{name}: wgpu read failed: {e}"));
+    let err = relative_error(&got, &want);
+    eprintln!("{name}: relative error {err:.2e} (tolerance {tol:.0e})");
+    assert!(err <= tol, "{name}: wgpu differs from the CPU reference: relative error {err:e} > {tol:e}");
+    err
+}
+
+/// `check!(gpu, "name", tol, inputs, params, |b, x, p| body)`: `body` is compiled once per
+/// backend, so it may only use its three arguments.
+#[macro_export]
+macro_rules! check {
+    ($gpu:expr, $name:expr, $tol:expr, $inputs:expr, $params:expr, |$b:ident, $x:ident, $p:ident| $body:expr) => {{
+        #[allow(unused_variables)]
+        fn body<B: sdlite_runtime::Backend>($b: &B, $x: &[sdlite_runtime::Tensor<B>], $p: &[usize]) -> sdlite_runtime::Result<sdlite_runtime::Tensor<B>> {
+            $body
+        }
+        $crate::compare($gpu, &$name, $tol, &$inputs, &$params, body::<sdlite_runtime::CpuBackend>, body::<sdlite_runtime::WgpuBackend>)
+    }};
+}
