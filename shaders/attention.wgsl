@@ -2,10 +2,17 @@
 // softmax, so the score matrix never exists in memory at any sequence length.
 //
 // out[bh, i, :] = sum_j softmax_j(scale * q[bh, i, :] . k[bh, j, :]) * v[bh, j, :]
-// Layout: q, out [batch_heads, q_len, D]; k, v [batch_heads, kv_len, D], row-major.
+// Layout: q [batch_heads, q_len, D]; k, v [batch_heads, kv_len, D], row-major.
+// Keys are processed in at most NS splits of kv_count keys (split s handles keys kv0 ..
+// kv0 + kv_count), bounding the work of one invocation: drivers and browsers cut off or
+// reset long-running shaders. Each split writes row (bh, i) of `out` at
+// ((bh*q_len + i)*NS + s)*ROW: with one split ROW = D and out is the result; with several,
+// ROW = D + 2 and out is scratch holding (o / l, m, l) per split for
+// attention_combine.wgsl to merge.
 // Host constants: D (head dim), WG threads, BR query rows and BC keys per tile, TPR = WG / BR
 // threads per query row, SPT = BC / TPR scores and OPT = ceil(D / TPR) output columns per
-// thread, KS = D + 1 (padded shared row stride against bank conflicts).
+// thread, KS = D + 1 (padded shared row stride against bank conflicts), QLOADS and
+// KVLOADS = tile elements per thread (constant trip counts, so compilers unroll the loads).
 // Workgroup: WG (128) threads; grid: x = query tiles, y = heads (bh0 .. bh0 + grid.y).
 // Shared memory: (BR*D + BC*KS + BR*BC + WG) floats; the host picks the largest tile that
 // fits the device limit (16 KiB by default) while keeping SPT + OPT, the per-thread arrays,
@@ -20,6 +27,10 @@ struct Params {
     bh0: u32,
     row0: u32,
     rows: u32,
+    kv0: u32,
+    kv_count: u32,
+    split: u32,
+    ns: u32,
 }
 
 const NEG: f32 = -1e30;
@@ -39,13 +50,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let q_base = bh * P.q_len * D;
     let kv_base = bh * P.kv_len * D;
 
-    for (var i = lid; i < BR * D; i += WG) {
+    for (var e = 0u; e < QLOADS; e++) {
+        let i = lid + e * WG;
         let r = r0 + i / D;
         var v = 0.0;
-        if (r < row_end) {
+        if (i < BR * D && r < row_end) {
             v = q_ld(q_base + r * D + i % D);
         }
-        q_tile[i] = v;
+        if (i < BR * D) {
+            q_tile[i] = v;
+        }
     }
 
     var m = NEG;
@@ -55,15 +69,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         o[t] = 0.0;
     }
 
-    for (var j0 = 0u; j0 < P.kv_len; j0 += BC) {
+    let kv_end = P.kv0 + P.kv_count;
+    for (var j0 = P.kv0; j0 < kv_end; j0 += BC) {
         workgroupBarrier();
-        for (var i = lid; i < BC * D; i += WG) {
+        for (var e = 0u; e < KVLOADS; e++) {
+            let i = lid + e * WG;
             let j = j0 + i / D;
             var v = 0.0;
-            if (j < P.kv_len) {
+            if (i < BC * D && j < kv_end) {
                 v = k_ld(kv_base + j * D + i % D);
             }
-            kv_tile[(i / D) * KS + i % D] = v;
+            if (i < BC * D) {
+                kv_tile[(i / D) * KS + i % D] = v;
+            }
         }
         workgroupBarrier();
 
@@ -76,7 +94,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 acc = fma(q_tile[tr * D + d], kv_tile[jj * KS + d], acc);
             }
             acc *= P.scale;
-            if (j0 + jj >= P.kv_len) {
+            if (j0 + jj >= kv_end) {
                 acc = NEG;
             }
             s[t] = acc;
@@ -100,13 +118,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         workgroupBarrier();
 
         red[lid] = p_sum;
-        for (var i = lid; i < BC * D; i += WG) {
+        for (var e = 0u; e < KVLOADS; e++) {
+            let i = lid + e * WG;
             let j = j0 + i / D;
             var v = 0.0;
-            if (j < P.kv_len) {
+            if (i < BC * D && j < kv_end) {
                 v = v_ld(kv_base + j * D + i % D);
             }
-            kv_tile[(i / D) * KS + i % D] = v;
+            if (i < BC * D) {
+                kv_tile[(i / D) * KS + i % D] = v;
+            }
         }
         workgroupBarrier();
 
@@ -130,11 +151,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
     let r = r0 + tr;
     if (r < row_end) {
+        let o_base = ((bh * P.q_len + r) * P.ns + P.split) * ROW;
         for (var t = 0u; t < OPT; t++) {
             let d = tc + t * TPR;
             if (d < D) {
-                out_st(q_base + r * D + d, o[t] / l);
+                out_st(o_base + d, o[t] / l);
             }
+        }
+        if (ROW > D && tc == 0u) {
+            out_st(o_base + D, m);
+            out_st(o_base + D + 1u, l);
         }
     }
 }

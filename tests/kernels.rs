@@ -46,7 +46,10 @@ fn matmul_matches_reference() {
     eprintln!("seed {seed}");
     for (g, dt, tol, tag) in devices() {
         // (batch, m, k, n) with broadcast or batched weights, all transpose combinations.
-        for (i, &(batch, m, k, n)) in [(1, 1, 1, 1), (1, 7, 13, 5), (3, 65, 30, 29), (2, 130, 17, 129), (1, 300, 257, 200)].iter().enumerate() {
+        for (i, &(batch, m, k, n)) in [(1, 1, 1, 1), (1, 7, 13, 5), (3, 65, 30, 29), (2, 130, 17, 129), (1, 300, 257, 200)]
+            .iter()
+            .enumerate()
+        {
             for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
                 if !unsplittable_fits(g, k * n) || (ta && !unsplittable_fits(g, k * m)) {
                     continue;
@@ -54,15 +57,37 @@ fn matmul_matches_reference() {
                 let s = seed + i as u64;
                 let a_shape = if ta { [batch, k, m] } else { [batch, m, k] };
                 let b_shape = if tb { [n, k] } else { [k, n] };
-                let inputs = [random(&a_shape, dt, 1.0, s), random(&b_shape, dt, 1.0, s + 1), random(&[n], dt, 1.0, s + 2)];
+                let inputs = [
+                    random(&a_shape, dt, 1.0, s),
+                    random(&b_shape, dt, 1.0, s + 1),
+                    random(&[n], dt, 1.0, s + 2),
+                ];
                 let name = format!("matmul {tag} b{batch} {m}x{k}x{n} ta={ta} tb={tb}");
-                check!(g, name, tol, inputs, [ta as usize, tb as usize], |b, x, p| ops::matmul(b, &x[0], &x[1], Some(&x[2]), p[0] == 1, p[1] == 1));
+                check!(g, name, tol, inputs, [ta as usize, tb as usize], |b, x, p| ops::matmul(
+                    b,
+                    &x[0],
+                    &x[1],
+                    Some(&x[2]),
+                    p[0] == 1,
+                    p[1] == 1
+                ));
             }
         }
         let inputs = [random(&[4, 33, 20], dt, 1.0, seed), random(&[4, 20, 19], dt, 1.0, seed + 1)];
-        check!(g, format!("matmul {tag} batched weights"), tol, inputs, [], |b, x, p| ops::matmul(b, &x[0], &x[1], None, false, false));
-        let inputs = [random(&[2, 9, 24], dt, 1.0, seed), random(&[40, 24], dt, 1.0, seed + 1), random(&[40], dt, 1.0, seed + 2)];
-        check!(g, format!("linear {tag}"), tol, inputs, [], |b, x, p| ops::linear(b, &x[0], &x[1], Some(&x[2])));
+        check!(g, format!("matmul {tag} batched weights"), tol, inputs, [], |b, x, p| ops::matmul(
+            b, &x[0], &x[1], None, false, false
+        ));
+        let inputs = [
+            random(&[2, 9, 24], dt, 1.0, seed),
+            random(&[40, 24], dt, 1.0, seed + 1),
+            random(&[40], dt, 1.0, seed + 2),
+        ];
+        check!(g, format!("linear {tag}"), tol, inputs, [], |b, x, p| ops::linear(
+            b,
+            &x[0],
+            &x[1],
+            Some(&x[2])
+        ));
     }
 }
 
@@ -72,21 +97,54 @@ fn conv_matches_reference() {
     eprintln!("seed {seed}");
     for (g, dt, tol, tag) in devices() {
         // (n, c_in, h, w, c_out, k, stride, padding, groups)
-        for (i, &(n, ci, h, w, co, k, st, pad, gr)) in
-            [(1, 3, 9, 11, 5, 3, 1, 1, 1), (2, 4, 17, 13, 6, 3, 2, 1, 2), (1, 8, 10, 10, 8, 1, 1, 0, 1), (1, 5, 12, 7, 3, 4, 2, 0, 1), (1, 6, 9, 9, 10, 3, 1, 1, 1)]
-                .iter()
-                .enumerate()
+        for (i, &(n, ci, h, w, co, k, st, pad, gr)) in [
+            (1, 3, 9, 11, 5, 3, 1, 1, 1),
+            (2, 4, 17, 13, 6, 3, 2, 1, 2),
+            (1, 8, 10, 10, 8, 1, 1, 0, 1),
+            (1, 5, 12, 7, 3, 4, 2, 0, 1),
+            (1, 6, 9, 9, 10, 3, 1, 1, 1),
+        ]
+        .iter()
+        .enumerate()
         {
             let s = seed + 10 * i as u64;
-            let inputs = [random(&[n, ci, h, w], dt, 1.0, s), random(&[co, ci / gr, k, k], dt, 0.5, s + 1), random(&[co], dt, 1.0, s + 2)];
+            let inputs = [
+                random(&[n, ci, h, w], dt, 1.0, s),
+                random(&[co, ci / gr, k, k], dt, 0.5, s + 1),
+                random(&[co], dt, 1.0, s + 2),
+            ];
             let name = format!("conv2d {tag} {n}x{ci}x{h}x{w} -> {co} k{k} s{st} p{pad} g{gr}");
-            check!(g, name, tol, inputs, [st, pad, gr], |b, x, p| ops::conv2d(b, &x[0], &x[1], Some(&x[2]), p[0], p[1], p[2]));
+            check!(g, name, tol, inputs, [st, pad, gr], |b, x, p| ops::conv2d(
+                b,
+                &x[0],
+                &x[1],
+                Some(&x[2]),
+                p[0],
+                p[1],
+                p[2]
+            ));
         }
         // Causal 3D convolution as in the Wan VAE (time padded in front only).
-        let inputs = [random(&[1, 4, 5, 7, 6], dt, 1.0, seed), random(&[3, 4, 3, 3, 3], dt, 0.5, seed + 1), random(&[3], dt, 1.0, seed + 2)];
-        check!(g, format!("causal_conv3d {tag}"), tol, inputs, [], |b, x, p| ops::causal_conv3d(b, &x[0], &x[1], Some(&x[2]), [1, 1, 1], [1, 1, 1]));
-        let inputs = [random(&[2, 3, 4, 6, 6], dt, 1.0, seed + 3), random(&[5, 3, 3, 1, 1], dt, 0.5, seed + 4)];
-        check!(g, format!("causal_conv3d {tag} time stride 2"), tol, inputs, [], |b, x, p| ops::causal_conv3d(b, &x[0], &x[1], None, [2, 1, 1], [1, 0, 0]));
+        let inputs = [
+            random(&[1, 4, 5, 7, 6], dt, 1.0, seed),
+            random(&[3, 4, 3, 3, 3], dt, 0.5, seed + 1),
+            random(&[3], dt, 1.0, seed + 2),
+        ];
+        check!(g, format!("causal_conv3d {tag}"), tol, inputs, [], |b, x, p| ops::causal_conv3d(
+            b,
+            &x[0],
+            &x[1],
+            Some(&x[2]),
+            [1, 1, 1],
+            [1, 1, 1]
+        ));
+        let inputs = [
+            random(&[2, 3, 4, 6, 6], dt, 1.0, seed + 3),
+            random(&[5, 3, 3, 1, 1], dt, 0.5, seed + 4),
+        ];
+        check!(g, format!("causal_conv3d {tag} time stride 2"), tol, inputs, [], |b, x, p| {
+            ops::causal_conv3d(b, &x[0], &x[1], None, [2, 1, 1], [1, 0, 0])
+        });
     }
 }
 
@@ -95,12 +153,67 @@ fn norms_match_reference() {
     let seed = fresh_seed();
     eprintln!("seed {seed}");
     for (g, dt, tol, tag) in devices() {
-        let inputs = [random(&[2, 12, 5, 7], dt, 2.0, seed).clone(), random(&[12], dt, 1.0, seed + 1), random(&[12], dt, 1.0, seed + 2)];
-        check!(g, format!("group_norm {tag}"), tol, inputs, [], |b, x, p| ops::group_norm(b, &x[0], 4, Some(&x[1]), Some(&x[2]), 1e-6));
-        let inputs = [random(&[3, 17, 300], dt, 3.0, seed + 3), random(&[300], dt, 1.0, seed + 4), random(&[300], dt, 1.0, seed + 5)];
-        check!(g, format!("layer_norm {tag}"), tol, inputs, [], |b, x, p| ops::layer_norm(b, &x[0], Some(&x[1]), Some(&x[2]), 1e-5));
-        check!(g, format!("layer_norm {tag} no affine"), tol, inputs, [], |b, x, p| ops::layer_norm(b, &x[0], None, None, 1e-6));
-        check!(g, format!("rms_norm {tag}"), tol, inputs, [], |b, x, p| ops::rms_norm(b, &x[0], Some(&x[1]), 1e-6));
+        let inputs = [
+            random(&[2, 12, 5, 7], dt, 2.0, seed).clone(),
+            random(&[12], dt, 1.0, seed + 1),
+            random(&[12], dt, 1.0, seed + 2),
+        ];
+        check!(g, format!("group_norm {tag}"), tol, inputs, [], |b, x, p| ops::group_norm(
+            b,
+            &x[0],
+            4,
+            Some(&x[1]),
+            Some(&x[2]),
+            1e-6
+        ));
+        let inputs = [
+            random(&[3, 17, 300], dt, 3.0, seed + 3),
+            random(&[300], dt, 1.0, seed + 4),
+            random(&[300], dt, 1.0, seed + 5),
+        ];
+        check!(g, format!("layer_norm {tag}"), tol, inputs, [], |b, x, p| ops::layer_norm(
+            b,
+            &x[0],
+            Some(&x[1]),
+            Some(&x[2]),
+            1e-5
+        ));
+        check!(
+            g,
+            format!("layer_norm {tag} no affine"),
+            tol,
+            inputs,
+            [],
+            |b, x, p| ops::layer_norm(b, &x[0], None, None, 1e-6)
+        );
+        check!(g, format!("rms_norm {tag}"), tol, inputs, [], |b, x, p| ops::rms_norm(
+            b,
+            &x[0],
+            Some(&x[1]),
+            1e-6
+        ));
+        // Rows of 40,000 elements take the two-stage path (block moments, then apply).
+        if unsplittable_fits(g, 40_000) {
+            let inputs = [
+                random(&[2, 8, 100, 100], dt, 2.0, seed + 7),
+                random(&[8], dt, 1.0, seed + 8),
+                random(&[8], dt, 1.0, seed + 9),
+            ];
+            check!(
+                g,
+                format!("group_norm long rows {tag}"),
+                tol,
+                inputs,
+                [],
+                |b, x, p| ops::group_norm(b, &x[0], 2, Some(&x[1]), Some(&x[2]), 1e-6)
+            );
+            check!(g, format!("rms_norm long rows {tag}"), tol, inputs, [], |b, x, p| ops::rms_norm(
+                b,
+                &x[0].reshape(&[4, 40_000])?,
+                None,
+                1e-6
+            ));
+        }
         let inputs = [random(&[5, 1000], dt, 4.0, seed + 6)];
         check!(g, format!("softmax {tag}"), tol, inputs, [], |b, x, p| ops::softmax(b, &x[0]));
     }
@@ -112,14 +225,35 @@ fn attention_matches_reference() {
     eprintln!("seed {seed}");
     for (g, dt, tol, tag) in devices() {
         // (batch, heads, q_len, kv_len, head_dim): SD's 40/80/160, CLIP/UMT5's 64, Wan's 128.
-        for (i, &(bn, h, sq, skv, d)) in [(1, 1, 1, 1, 8), (2, 3, 37, 45, 40), (1, 2, 70, 19, 64), (1, 1, 33, 8, 80), (1, 2, 21, 6, 128), (1, 1, 9, 5, 160)].iter().enumerate() {
+        for (i, &(bn, h, sq, skv, d)) in [
+            (1, 1, 1, 1, 8),
+            (2, 3, 37, 45, 40),
+            (1, 2, 70, 19, 64),
+            (1, 1, 33, 8, 80),
+            (1, 2, 21, 6, 128),
+            (1, 1, 9, 5, 160),
+        ]
+        .iter()
+        .enumerate()
+        {
             if !unsplittable_fits(g, skv * d) || !unsplittable_fits(g, 32 * d) {
                 continue;
             }
             let s = seed + 10 * i as u64;
-            let inputs = [random(&[bn, h, sq, d], dt, 1.0, s), random(&[bn, h, skv, d], dt, 1.0, s + 1), random(&[bn, h, skv, d], dt, 1.0, s + 2)];
+            let inputs = [
+                random(&[bn, h, sq, d], dt, 1.0, s),
+                random(&[bn, h, skv, d], dt, 1.0, s + 1),
+                random(&[bn, h, skv, d], dt, 1.0, s + 2),
+            ];
             let scale = 1.0 / (d as f32).sqrt();
-            check!(g, format!("attention {tag} b{bn} h{h} q{sq} kv{skv} d{d}"), tol, inputs, [scale.to_bits() as usize], |b, x, p| ops::attention(b, &x[0], &x[1], &x[2], f32::from_bits(p[0] as u32)));
+            check!(
+                g,
+                format!("attention {tag} b{bn} h{h} q{sq} kv{skv} d{d}"),
+                tol,
+                inputs,
+                [scale.to_bits() as usize],
+                |b, x, p| ops::attention(b, &x[0], &x[1], &x[2], f32::from_bits(p[0] as u32))
+            );
         }
     }
 }
@@ -131,8 +265,14 @@ fn attention_long_sequence_matches_reference() {
     let Some(g) = gpu() else { return };
     // Sequence over 4096: the online softmax runs over 100+ key tiles.
     let (s, d) = (4133, 64);
-    let inputs = [random(&[1, 1, s, d], DType::F32, 1.0, seed), random(&[1, 1, s, d], DType::F32, 1.0, seed + 1), random(&[1, 1, s, d], DType::F32, 1.0, seed + 2)];
-    check!(g, "attention f32 seq 4133", F32_TOL, inputs, [], |b, x, p| ops::attention(b, &x[0], &x[1], &x[2], 0.125));
+    let inputs = [
+        random(&[1, 1, s, d], DType::F32, 1.0, seed),
+        random(&[1, 1, s, d], DType::F32, 1.0, seed + 1),
+        random(&[1, 1, s, d], DType::F32, 1.0, seed + 2),
+    ];
+    check!(g, "attention f32 seq 4133", F32_TOL, inputs, [], |b, x, p| ops::attention(
+        b, &x[0], &x[1], &x[2], 0.125
+    ));
 }
 
 #[test]
@@ -141,31 +281,81 @@ fn elementwise_matches_reference() {
     eprintln!("seed {seed}");
     for (g, dt, tol, tag) in devices() {
         let x = random(&[3, 5, 7, 9], dt, 6.0, seed);
-        for (u, name) in [(UnaryOp::Silu, "silu"), (UnaryOp::GeluTanh, "gelu_tanh"), (UnaryOp::GeluErf, "gelu_erf"), (UnaryOp::Tanh, "tanh"), (UnaryOp::Sigmoid, "sigmoid")] {
-            check!(g, format!("{name} {tag}"), tol, [x.clone()], [u as usize], |b, x, p| ops::unary(b, &x[0], [UnaryOp::Silu, UnaryOp::GeluTanh, UnaryOp::GeluErf, UnaryOp::Tanh, UnaryOp::Sigmoid][p[0]]));
+        for (u, name) in [
+            (UnaryOp::Silu, "silu"),
+            (UnaryOp::GeluTanh, "gelu_tanh"),
+            (UnaryOp::GeluErf, "gelu_erf"),
+            (UnaryOp::Tanh, "tanh"),
+            (UnaryOp::Sigmoid, "sigmoid"),
+        ] {
+            check!(g, format!("{name} {tag}"), tol, [x.clone()], [u as usize], |b, x, p| ops::unary(
+                b,
+                &x[0],
+                [UnaryOp::Silu, UnaryOp::GeluTanh, UnaryOp::GeluErf, UnaryOp::Tanh, UnaryOp::Sigmoid][p[0]]
+            ));
         }
-        check!(g, format!("scale {tag}"), tol, [x.clone()], [], |b, x, p| ops::scale(b, &x[0], -0.75, 0.5));
+        check!(g, format!("scale {tag}"), tol, [x.clone()], [], |b, x, p| ops::scale(
+            b, &x[0], -0.75, 0.5
+        ));
         let y = random(&[5, 1, 9], dt, 1.0, seed + 1);
-        check!(g, format!("add broadcast {tag}"), tol, [x.clone(), y.clone()], [], |b, x, p| ops::add(b, &x[0], &x[1]));
-        check!(g, format!("add_scaled broadcast first {tag}"), tol, [y.clone(), x.clone()], [], |b, x, p| ops::add_scaled(b, &x[0], &x[1], 0.3, -1.7));
-        check!(g, format!("mul broadcast {tag}"), tol, [x.clone(), y.clone()], [], |b, x, p| ops::mul(b, &x[0], &x[1]));
-        let (sc, sh) = (random(&[3, 1, 1, 9], dt, 1.0, seed + 2), random(&[3, 1, 1, 9], dt, 1.0, seed + 3));
-        check!(g, format!("modulate {tag}"), tol, [x.clone(), sc, sh], [], |b, x, p| ops::modulate(b, &x[0], &x[1], &x[2]));
-        check!(g, format!("permute {tag}"), tol, [x.clone()], [], |b, x, p| ops::permute(b, &x[0], &[2, 0, 3, 1]));
-        check!(g, format!("slice {tag}"), tol, [x.clone()], [], |b, x, p| ops::slice(b, &x[0], 2, 2, 4));
-        let z = random(&[3, 5, 4, 9], dt, 1.0, seed + 4);
-        check!(g, format!("concat {tag}"), tol, [x.clone(), z], [], |b, x, p| ops::concat(b, &[&x[0], &x[1], &x[0]], 2));
-        check!(g, format!("upsample_nearest {tag}"), tol, [x.clone()], [], |b, x, p| ops::upsample_nearest(b, &x[0], 2));
-        // Round trip through the other float dtype: both sides round identically.
-        let other = if dt == DType::F32 && g.supports(DType::F16) { DType::F16 } else { DType::F32 };
-        check!(g, format!("cast {tag} via {other:?}"), tol, [x.clone()], [(other == DType::F16) as usize], |b, x, p| {
-            let mid = ops::cast(b, &x[0], if p[0] == 1 { DType::F16 } else { DType::F32 })?;
-            ops::cast(b, &mid, x[0].dtype())
+        check!(g, format!("add broadcast {tag}"), tol, [x.clone(), y.clone()], [], |b, x, p| {
+            ops::add(b, &x[0], &x[1])
         });
+        check!(
+            g,
+            format!("add_scaled broadcast first {tag}"),
+            tol,
+            [y.clone(), x.clone()],
+            [],
+            |b, x, p| ops::add_scaled(b, &x[0], &x[1], 0.3, -1.7)
+        );
+        check!(g, format!("mul broadcast {tag}"), tol, [x.clone(), y.clone()], [], |b, x, p| {
+            ops::mul(b, &x[0], &x[1])
+        });
+        let (sc, sh) = (random(&[3, 1, 1, 9], dt, 1.0, seed + 2), random(&[3, 1, 1, 9], dt, 1.0, seed + 3));
+        check!(g, format!("modulate {tag}"), tol, [x.clone(), sc, sh], [], |b, x, p| ops::modulate(
+            b, &x[0], &x[1], &x[2]
+        ));
+        check!(g, format!("permute {tag}"), tol, [x.clone()], [], |b, x, p| ops::permute(
+            b,
+            &x[0],
+            &[2, 0, 3, 1]
+        ));
+        check!(g, format!("slice {tag}"), tol, [x.clone()], [], |b, x, p| ops::slice(
+            b, &x[0], 2, 2, 4
+        ));
+        let z = random(&[3, 5, 4, 9], dt, 1.0, seed + 4);
+        check!(g, format!("concat {tag}"), tol, [x.clone(), z], [], |b, x, p| ops::concat(
+            b,
+            &[&x[0], &x[1], &x[0]],
+            2
+        ));
+        check!(g, format!("upsample_nearest {tag}"), tol, [x.clone()], [], |b, x, p| {
+            ops::upsample_nearest(b, &x[0], 2)
+        });
+        // Round trip through the other float dtype: both sides round identically.
+        let other = if dt == DType::F32 && g.supports(DType::F16) {
+            DType::F16
+        } else {
+            DType::F32
+        };
+        check!(
+            g,
+            format!("cast {tag} via {other:?}"),
+            tol,
+            [x.clone()],
+            [(other == DType::F16) as usize],
+            |b, x, p| {
+                let mid = ops::cast(b, &x[0], if p[0] == 1 { DType::F16 } else { DType::F32 })?;
+                ops::cast(b, &mid, x[0].dtype())
+            }
+        );
         // Rotary embedding with Wan's 3D tables: 2 frames x 3 x 4 tokens, 2 heads of 24.
         let (cos, sin) = ops::rope3d_tables(2, 3, 4, 24, 10000.0).expect("tables");
         let q = random(&[2, 24, 2, 24], dt, 1.0, seed + 5);
-        check!(g, format!("rope {tag}"), tol, [q, cos, sin], [], |b, x, p| ops::rope(b, &x[0], &x[1], &x[2]));
+        check!(g, format!("rope {tag}"), tol, [q, cos, sin], [], |b, x, p| ops::rope(
+            b, &x[0], &x[1], &x[2]
+        ));
     }
 }
 
@@ -183,51 +373,103 @@ fn default_limits_tensors_over_128_mib() {
     let tall = random(&[2_200_000, 16], f, 1.0, seed);
     let mib = |t: &sdlite_runtime::HostTensor| t.shape.iter().product::<usize>() * 4 >> 20;
     eprintln!("large operands: {} MiB", mib(&tall));
-    check!(g, "big matmul", F32_TOL, [tall.clone(), random(&[16, 16], f, 1.0, seed + 1), random(&[16], f, 1.0, seed + 2)], [], |b, x, p| ops::matmul(
-        b,
-        &x[0],
-        &x[1],
-        Some(&x[2]),
-        false,
-        false
+    check!(
+        g,
+        "big matmul",
+        F32_TOL,
+        [tall.clone(), random(&[16, 16], f, 1.0, seed + 1), random(&[16], f, 1.0, seed + 2)],
+        [],
+        |b, x, p| ops::matmul(b, &x[0], &x[1], Some(&x[2]), false, false)
+    );
+    check!(g, "big layer_norm", F32_TOL, [tall.clone()], [], |b, x, p| ops::layer_norm(
+        b, &x[0], None, None, 1e-5
     ));
-    check!(g, "big layer_norm", F32_TOL, [tall.clone()], [], |b, x, p| ops::layer_norm(b, &x[0], None, None, 1e-5));
     check!(g, "big softmax", F32_TOL, [tall.clone()], [], |b, x, p| ops::softmax(b, &x[0]));
     check!(g, "big silu", F32_TOL, [tall.clone()], [], |b, x, p| ops::silu(b, &x[0]));
-    check!(g, "big add broadcast", F32_TOL, [tall.clone(), random(&[16], f, 1.0, seed + 3)], [], |b, x, p| ops::add(b, &x[0], &x[1]));
-    check!(g, "big permute", F32_TOL, [tall.clone()], [], |b, x, p| ops::permute(b, &x[0], &[1, 0]));
-    check!(g, "big concat", F32_TOL, [tall.clone()], [], |b, x, p| ops::concat(b, &[&x[0], &x[0]], 1));
-    let tokens = random(&[1, 34_375, 16, 64], f, 1.0, seed + 4); // 141 MB, [b, s, h, d]
-    check!(g, "big modulate", F32_TOL, [tokens.clone(), random(&[1, 1, 16, 64], f, 1.0, seed + 5), random(&[1, 1, 16, 64], f, 1.0, seed + 6)], [], |b, x, p| ops::modulate(
-        b, &x[0], &x[1], &x[2]
-    ));
-    let (cos, sin) = ops::rope3d_tables(11, 25, 125, 64, 10000.0).expect("tables");
-    check!(g, "big rope", F32_TOL, [tokens, cos, sin], [], |b, x, p| ops::rope(b, &x[0], &x[1], &x[2]));
-    // 36 channels of 1000 x 1000 = 144 MB: conv in, group norm, upsample out, conv out.
-    let image = random(&[1, 36, 1000, 1000], f, 1.0, seed + 7);
-    check!(g, "big conv2d input", F32_TOL, [image.clone(), random(&[2, 36, 3, 3], f, 0.2, seed + 8), random(&[2], f, 1.0, seed + 9)], [], |b, x, p| ops::conv2d(
+    check!(
+        g,
+        "big add broadcast",
+        F32_TOL,
+        [tall.clone(), random(&[16], f, 1.0, seed + 3)],
+        [],
+        |b, x, p| ops::add(b, &x[0], &x[1])
+    );
+    check!(g, "big permute", F32_TOL, [tall.clone()], [], |b, x, p| ops::permute(
         b,
         &x[0],
-        &x[1],
-        Some(&x[2]),
-        1,
-        1,
+        &[1, 0]
+    ));
+    check!(g, "big concat", F32_TOL, [tall.clone()], [], |b, x, p| ops::concat(
+        b,
+        &[&x[0], &x[0]],
         1
     ));
-    check!(g, "big group_norm", F32_TOL, [image.clone(), random(&[36], f, 1.0, seed + 10), random(&[36], f, 1.0, seed + 11)], [], |b, x, p| ops::group_norm(
-        b,
-        &x[0],
-        4,
-        Some(&x[1]),
-        Some(&x[2]),
-        1e-6
+    let tokens = random(&[1, 34_375, 16, 64], f, 1.0, seed + 4); // 141 MB, [b, s, h, d]
+    check!(
+        g,
+        "big modulate",
+        F32_TOL,
+        [
+            tokens.clone(),
+            random(&[1, 1, 16, 64], f, 1.0, seed + 5),
+            random(&[1, 1, 16, 64], f, 1.0, seed + 6)
+        ],
+        [],
+        |b, x, p| ops::modulate(b, &x[0], &x[1], &x[2])
+    );
+    let (cos, sin) = ops::rope3d_tables(11, 25, 125, 64, 10000.0).expect("tables");
+    check!(g, "big rope", F32_TOL, [tokens, cos, sin], [], |b, x, p| ops::rope(
+        b, &x[0], &x[1], &x[2]
     ));
+    // 36 channels of 1000 x 1000 = 144 MB: conv in, group norm, upsample out, conv out.
+    let image = random(&[1, 36, 1000, 1000], f, 1.0, seed + 7);
+    check!(
+        g,
+        "big conv2d input",
+        F32_TOL,
+        [
+            image.clone(),
+            random(&[2, 36, 3, 3], f, 0.2, seed + 8),
+            random(&[2], f, 1.0, seed + 9)
+        ],
+        [],
+        |b, x, p| ops::conv2d(b, &x[0], &x[1], Some(&x[2]), 1, 1, 1)
+    );
+    check!(
+        g,
+        "big group_norm",
+        F32_TOL,
+        [image.clone(), random(&[36], f, 1.0, seed + 10), random(&[36], f, 1.0, seed + 11)],
+        [],
+        |b, x, p| ops::group_norm(b, &x[0], 4, Some(&x[1]), Some(&x[2]), 1e-6)
+    );
     let small = random(&[1, 2, 1000, 1000], f, 1.0, seed + 12);
-    check!(g, "big conv2d output", F32_TOL, [small.clone(), random(&[36, 2, 1, 1], f, 1.0, seed + 13)], [], |b, x, p| ops::conv2d(b, &x[0], &x[1], None, 1, 0, 1));
-    check!(g, "big upsample", F32_TOL, [random(&[1, 9, 1000, 1000], f, 1.0, seed + 14)], [], |b, x, p| ops::upsample_nearest(b, &x[0], 2));
+    check!(
+        g,
+        "big conv2d output",
+        F32_TOL,
+        [small.clone(), random(&[36, 2, 1, 1], f, 1.0, seed + 13)],
+        [],
+        |b, x, p| ops::conv2d(b, &x[0], &x[1], None, 1, 0, 1)
+    );
+    check!(
+        g,
+        "big upsample",
+        F32_TOL,
+        [random(&[1, 9, 1000, 1000], f, 1.0, seed + 14)],
+        [],
+        |b, x, p| ops::upsample_nearest(b, &x[0], 2)
+    );
     // 16,400 heads x 32 tokens x 64 = 134.3 MB per operand.
     let heads = |s| random(&[16_400, 1, 32, 64], f, 1.0, s);
-    check!(g, "big attention", F32_TOL, [heads(seed + 15), heads(seed + 16), heads(seed + 17)], [], |b, x, p| ops::attention(b, &x[0], &x[1], &x[2], 0.125));
+    check!(
+        g,
+        "big attention",
+        F32_TOL,
+        [heads(seed + 15), heads(seed + 16), heads(seed + 17)],
+        [],
+        |b, x, p| ops::attention(b, &x[0], &x[1], &x[2], 0.125)
+    );
 }
 
 #[test]
@@ -236,9 +478,13 @@ fn bad_shapes_are_errors_not_panics() {
     let t = |shape: &[usize]| cpu.upload(&random(shape, DType::F32, 1.0, 1)).unwrap();
     let err = ops::linear(&cpu, &t(&[2, 3]), &t(&[4, 5]), None).unwrap_err().to_string();
     assert!(err.contains("linear") && err.contains("in-features"), "{err}");
-    let err = ops::conv2d(&cpu, &t(&[1, 3, 8, 8]), &t(&[4, 2, 3, 3]), None, 1, 1, 1).unwrap_err().to_string();
+    let err = ops::conv2d(&cpu, &t(&[1, 3, 8, 8]), &t(&[4, 2, 3, 3]), None, 1, 1, 1)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("conv") && err.contains("input channels"), "{err}");
-    let err = ops::attention(&cpu, &t(&[1, 2, 3, 4]), &t(&[1, 2, 5, 8]), &t(&[1, 2, 5, 8]), 1.0).unwrap_err().to_string();
+    let err = ops::attention(&cpu, &t(&[1, 2, 3, 4]), &t(&[1, 2, 5, 8]), &t(&[1, 2, 5, 8]), 1.0)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("attention"), "{err}");
     let err = ops::add(&cpu, &t(&[2, 3]), &t(&[4])).unwrap_err().to_string();
     assert!(err.contains("broadcast"), "{err}");

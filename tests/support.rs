@@ -16,9 +16,14 @@ pub fn random(shape: &[usize], dtype: DType, scale: f32, seed: u64) -> HostTenso
 
 /// A fresh seed per call, so every run sees new inputs; printed on failure for replay.
 pub fn fresh_seed() -> u64 {
-    std::env::var("SDLITE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-    })
+    std::env::var("SDLITE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        })
 }
 
 fn open(options: WgpuOptions) -> Option<WgpuBackend> {
@@ -46,14 +51,26 @@ pub fn gpu() -> Option<&'static WgpuBackend> {
 /// small inputs.
 pub fn gpu_tiny_chunks() -> Option<&'static WgpuBackend> {
     static B: OnceLock<Option<WgpuBackend>> = OnceLock::new();
-    B.get_or_init(|| open(WgpuOptions { max_chunk_bytes: Some(4096), ..Default::default() })).as_ref()
+    B.get_or_init(|| {
+        open(WgpuOptions {
+            max_chunk_bytes: Some(4096),
+            ..Default::default()
+        })
+    })
+    .as_ref()
 }
 
 /// The adapter with exactly WebGPU's default limits (128 MiB bindings, 256 MiB buffers,
 /// 16 KiB workgroup memory), as most browsers grant.
 pub fn gpu_default_limits() -> Option<&'static WgpuBackend> {
     static B: OnceLock<Option<WgpuBackend>> = OnceLock::new();
-    B.get_or_init(|| open(WgpuOptions { default_limits: true, ..Default::default() })).as_ref()
+    B.get_or_init(|| {
+        open(WgpuOptions {
+            default_limits: true,
+            ..Default::default()
+        })
+    })
+    .as_ref()
 }
 
 /// Largest absolute difference divided by the largest reference magnitude: the error
@@ -76,7 +93,15 @@ pub type Body<B> = fn(&B, &[Tensor<B>], &[usize]) -> Result<Tensor<B>>;
 
 /// Runs one op body on the CPU reference and on `gpu` with the same inputs and asserts the
 /// relative error is at most `tol`. Returns the error.
-pub fn compare(gpu: &WgpuBackend, name: &str, tol: f32, inputs: &[HostTensor], params: &[usize], cpu_body: Body<CpuBackend>, gpu_body: Body<WgpuBackend>) -> f32 {
+pub fn compare(
+    gpu: &WgpuBackend,
+    name: &str,
+    tol: f32,
+    inputs: &[HostTensor],
+    params: &[usize],
+    cpu_body: Body<CpuBackend>,
+    gpu_body: Body<WgpuBackend>,
+) -> f32 {
     let cpu = CpuBackend;
     let xs: Vec<_> = inputs.iter().map(|h| cpu.upload(h).expect("cpu upload")).collect();
     let want = cpu_body(&cpu, &xs, params).unwrap_or_else(|e| panic!("{name}: cpu failed: {e}"));
@@ -86,7 +111,10 @@ pub fn compare(gpu: &WgpuBackend, name: &str, tol: f32, inputs: &[HostTensor], p
     let got = pollster::block_on(gpu.read(&got)).unwrap_or_else(|e| panic!("{name}: wgpu read failed: {e}"));
     let err = relative_error(&got, &want);
     eprintln!("{name}: relative error {err:.2e} (tolerance {tol:.0e})");
-    assert!(err <= tol, "{name}: wgpu differs from the CPU reference: relative error {err:e} > {tol:e}");
+    assert!(
+        err <= tol,
+        "{name}: wgpu differs from the CPU reference: relative error {err:e} > {tol:e}"
+    );
     err
 }
 
@@ -96,9 +124,21 @@ pub fn compare(gpu: &WgpuBackend, name: &str, tol: f32, inputs: &[HostTensor], p
 macro_rules! check {
     ($gpu:expr, $name:expr, $tol:expr, $inputs:expr, $params:expr, |$b:ident, $x:ident, $p:ident| $body:expr) => {{
         #[allow(unused_variables)]
-        fn body<B: sdlite_runtime::Backend>($b: &B, $x: &[sdlite_runtime::Tensor<B>], $p: &[usize]) -> sdlite_runtime::Result<sdlite_runtime::Tensor<B>> {
+        fn body<B: sdlite_runtime::Backend>(
+            $b: &B,
+            $x: &[sdlite_runtime::Tensor<B>],
+            $p: &[usize],
+        ) -> sdlite_runtime::Result<sdlite_runtime::Tensor<B>> {
             $body
         }
-        $crate::compare($gpu, &$name, $tol, &$inputs, &$params, body::<sdlite_runtime::CpuBackend>, body::<sdlite_runtime::WgpuBackend>)
+        $crate::compare(
+            $gpu,
+            &$name,
+            $tol,
+            &$inputs,
+            &$params,
+            body::<sdlite_runtime::CpuBackend>,
+            body::<sdlite_runtime::WgpuBackend>,
+        )
     }};
 }

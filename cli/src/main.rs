@@ -1,19 +1,167 @@
-use sdlite_runtime::*;
-fn main() {
-    let s: usize = std::env::args().nth(1).unwrap().parse().unwrap();
-    let d = 64;
-    let g = pollster::block_on(WgpuBackend::new(WgpuOptions { default_limits: std::env::var("DL").is_ok(), ..Default::default() })).unwrap();
-    let mut seed = 12345u64;
-    let mut rnd = || { seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0 };
-    let hs: Vec<HostTensor> = (0..3).map(|_| HostTensor::from_f32(&[1, 1, s, d], (0..s * d).map(|_| rnd()).collect()).unwrap()).collect();
-    let c = CpuBackend;
-    let run = |b: &dyn Fn(&HostTensor) -> ()| {};
-    let _ = run;
-    let cx: Vec<_> = hs.iter().map(|h| c.upload(h).unwrap()).collect();
-    let want = pollster::block_on(c.read(&ops::attention(&c, &cx[0], &cx[1], &cx[2], 0.125).unwrap())).unwrap().to_f32();
-    let gx: Vec<_> = hs.iter().map(|h| g.upload(h).unwrap()).collect();
-    let got = pollster::block_on(g.read(&ops::attention(&g, &gx[0], &gx[1], &gx[2], 0.125).unwrap())).unwrap().to_f32();
-    let mut worst = (0f32, 0);
-    for (i, (a, b)) in got.iter().zip(&want).enumerate() { if (a - b).abs() > worst.0 { worst = ((a - b).abs(), i); } }
-    println!("s={s} worst={:?} row {} col {}", worst, worst.1 / d, worst.1 % d);
+//! The `sdlite` command. Today: adapter information and the kernel benchmark; generation,
+//! workers and the web server arrive with the models and offload.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use rand::{Rng, SeedableRng};
+use sdlite_runtime::{ops, Backend, DType, HostData, HostTensor, WgpuBackend, WgpuOptions};
+
+#[derive(Parser)]
+#[command(name = "sdlite", version, about = "Diffusion models on our own tensor runtime")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the GPU adapter and the limits sdlite runs under.
+    Info {
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Time the matmul and attention kernels on the GPU adapter.
+    Bench {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Small sizes only (a CPU adapter such as lavapipe takes minutes on the full set).
+        #[arg(long)]
+        quick: bool,
+        /// The GPU's FP32 peak in TFLOP/s, to print each f32 result as a share of it.
+        #[arg(long)]
+        peak_tflops: Option<f64>,
+    },
+}
+
+#[derive(clap::Args)]
+struct DeviceArgs {
+    /// Request exactly WebGPU's default limits, as most browsers grant.
+    #[arg(long)]
+    default_limits: bool,
+    /// Use f32 storage even where the adapter supports f16.
+    #[arg(long)]
+    no_f16: bool,
+}
+
+impl DeviceArgs {
+    fn open(&self) -> Result<WgpuBackend> {
+        let options = WgpuOptions {
+            default_limits: self.default_limits,
+            allow_f16: !self.no_f16,
+            ..Default::default()
+        };
+        pollster::block_on(WgpuBackend::new(options))
+            .context("opening the GPU adapter (set WGPU_BACKEND=vulkan|metal|dx12|gl to choose one)")
+    }
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Info { device } => info(&device.open()?),
+        Command::Bench {
+            device,
+            quick,
+            peak_tflops,
+        } => bench(&device.open()?, quick, peak_tflops),
+    }
+}
+
+fn info(g: &WgpuBackend) -> Result<()> {
+    let l = g.limits();
+    println!("adapter: {}", g.name());
+    println!("f16 storage: {}", g.supports(DType::F16));
+    println!(
+        "max storage binding: {} MiB, max buffer: {} MiB, chunk: {} MiB",
+        l.max_storage_buffer_binding_size >> 20,
+        l.max_buffer_size >> 20,
+        g.chunk_bytes() >> 20
+    );
+    println!("workgroup memory: {} KiB", l.max_compute_workgroup_storage_size >> 10);
+    Ok(())
+}
+
+fn random(g: &WgpuBackend, shape: &[usize], dtype: DType, seed: u64) -> Result<sdlite_runtime::Tensor<WgpuBackend>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    let host = HostTensor::new(
+        shape,
+        HostData::from_f32(dtype, (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()),
+    )?;
+    Ok(g.upload(&host)?)
+}
+
+/// Mean seconds per run of `f` after one warm-up run, over enough runs to fill ~1 s.
+fn time(g: &WgpuBackend, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    g.wait_idle()?;
+    let start = Instant::now();
+    let mut runs = 0;
+    while runs < 3 || (start.elapsed().as_secs_f64() < 1.0 && runs < 50) {
+        f()?;
+        g.wait_idle()?;
+        runs += 1;
+    }
+    Ok(start.elapsed().as_secs_f64() / runs as f64)
+}
+
+fn bench(g: &WgpuBackend, quick: bool, peak_tflops: Option<f64>) -> Result<()> {
+    println!("adapter: {}", g.name());
+    let mut dtypes = vec![DType::F32];
+    if g.supports(DType::F16) {
+        dtypes.push(DType::F16);
+    }
+    let square: &[usize] = if quick { &[256, 512] } else { &[1024, 2048, 4096] };
+    let mut matmuls: Vec<(String, usize, usize, usize)> = square.iter().map(|&n| (format!("{n}^3"), n, n, n)).collect();
+    if !quick {
+        // Wan2.1-1.3B at 480x832x81: 32,760 tokens through the 1536-wide projections and FFN.
+        matmuls.push(("wan qkv 32760x1536x1536".into(), 32760, 1536, 1536));
+        matmuls.push(("wan ffn 32760x1536x8960".into(), 32760, 1536, 8960));
+    }
+    println!("{:<28} {:>5} {:>12} {:>10} {:>9}", "op", "dtype", "time (ms)", "GFLOP/s", "of peak");
+    for &dt in &dtypes {
+        for (name, m, k, n) in &matmuls {
+            let a = random(g, &[*m, *k], dt, 1)?;
+            let w = random(g, &[*n, *k], dt, 2)?;
+            let s = time(g, || {
+                ops::linear(g, &a, &w, None)?;
+                Ok(())
+            })?;
+            report(&format!("matmul {name}"), dt, s, 2.0 * (*m * *k * *n) as f64, peak_tflops);
+        }
+        let seqs: &[usize] = if quick { &[1024] } else { &[4096, 32760] };
+        for &seq in seqs {
+            let (heads, d) = (12, 128);
+            let q = random(g, &[1, heads, seq, d], dt, 3)?;
+            let k = random(g, &[1, heads, seq, d], dt, 4)?;
+            let v = random(g, &[1, heads, seq, d], dt, 5)?;
+            let scale = 1.0 / (d as f32).sqrt();
+            let s = time(g, || {
+                ops::attention(g, &q, &k, &v, scale)?;
+                Ok(())
+            })?;
+            report(
+                &format!("attention 12x{seq}x128"),
+                dt,
+                s,
+                4.0 * (heads * seq * seq * d) as f64,
+                peak_tflops,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn report(name: &str, dt: DType, seconds: f64, flops: f64, peak_tflops: Option<f64>) {
+    let gflops = flops / seconds / 1e9;
+    let share = match (dt, peak_tflops) {
+        (DType::F32, Some(p)) => format!("{:.0}%", gflops / (p * 10.0)),
+        _ => "-".into(),
+    };
+    println!(
+        "{name:<28} {:>5} {:>12.3} {gflops:>10.0} {share:>9}",
+        format!("{dt:?}").to_lowercase(),
+        seconds * 1e3
+    );
 }

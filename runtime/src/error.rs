@@ -10,8 +10,15 @@ pub enum Error {
     UnsupportedDType { op: &'static str, dtype: DType, backend: String },
     #[error("host data for a tensor of shape {shape:?} needs {expected} elements, got {got}")]
     DataLength { shape: Vec<usize>, expected: usize, got: usize },
-    #[error("{op}: {what} ({elems} elements) is too large for one dispatch window under the adapter's binding limit of {limit_bytes} bytes")]
-    TooLarge { op: &'static str, what: String, elems: usize, limit_bytes: u64 },
+    #[error(
+        "{op}: {what} ({elems} elements) is too large for one dispatch window under the adapter's binding limit of {limit_bytes} bytes"
+    )]
+    TooLarge {
+        op: &'static str,
+        what: String,
+        elems: usize,
+        limit_bytes: u64,
+    },
     #[error("no GPU adapter found: {0}")]
     NoAdapter(String),
     #[error("GPU device request failed: {0}")]

@@ -3,16 +3,18 @@
 
 use crate::backend::Backend;
 use crate::error::{shape_err, Error, Result};
-use crate::spec::{
-    AttentionSpec, ConvSpec, MapOp, MapSpec, MatmulSpec, NormKind, NormSpec, SoftmaxSpec, UnaryOp, View, MAX_RANK,
-};
+use crate::spec::{AttentionSpec, ConvSpec, MapOp, MapSpec, MatmulSpec, NormKind, NormSpec, SoftmaxSpec, UnaryOp, View, MAX_RANK};
 use crate::tensor::{contiguous_strides, numel, DType, HostData, HostTensor, Tensor};
 
 fn check_dtype<B: Backend>(b: &B, op: &'static str, dtype: DType) -> Result<()> {
     if b.supports(dtype) {
         Ok(())
     } else {
-        Err(Error::UnsupportedDType { op, dtype, backend: b.name() })
+        Err(Error::UnsupportedDType {
+            op,
+            dtype,
+            backend: b.name(),
+        })
     }
 }
 
@@ -40,13 +42,25 @@ pub fn linear<B: Backend>(b: &B, x: &Tensor<B>, w: &Tensor<B>, bias: Option<&Ten
         return Err(shape_err("linear", "input is a scalar"));
     };
     if last != k {
-        return Err(shape_err("linear", format!("input {:?} does not end in weight's in-features {k}", x.shape())));
+        return Err(shape_err(
+            "linear",
+            format!("input {:?} does not end in weight's in-features {k}", x.shape()),
+        ));
     }
     if let Some(bias) = bias {
         expect_len("linear", "bias", bias, n)?;
     }
     let m = numel(lead);
-    let spec = MatmulSpec { batch: 1, m, k, n, trans_a: false, trans_b: true, a_batch_stride: 0, b_batch_stride: 0 };
+    let spec = MatmulSpec {
+        batch: 1,
+        m,
+        k,
+        n,
+        trans_a: false,
+        trans_b: true,
+        a_batch_stride: 0,
+        b_batch_stride: 0,
+    };
     let y = b.matmul(x, w, bias, &spec)?;
     y.reshape(&[lead, &[n]].concat())
 }
@@ -54,7 +68,14 @@ pub fn linear<B: Backend>(b: &B, x: &Tensor<B>, w: &Tensor<B>, bias: Option<&Ten
 /// Batched matrix product. `a` is `[m, k]` or `[batch, m, k]` (`[k, m]` when `trans_a`),
 /// `bm` is `[k, n]` or `[batch, k, n]` (`[n, k]` when `trans_b`); a rank-2 operand is shared
 /// by every batch. Output `[batch, m, n]` (or `[m, n]` when both are rank 2).
-pub fn matmul<B: Backend>(b: &B, a: &Tensor<B>, bm: &Tensor<B>, bias: Option<&Tensor<B>>, trans_a: bool, trans_b: bool) -> Result<Tensor<B>> {
+pub fn matmul<B: Backend>(
+    b: &B,
+    a: &Tensor<B>,
+    bm: &Tensor<B>,
+    bias: Option<&Tensor<B>>,
+    trans_a: bool,
+    trans_b: bool,
+) -> Result<Tensor<B>> {
     let op = "matmul";
     let split = |t: &Tensor<B>, name: &str| -> Result<(usize, usize, usize)> {
         match *t.shape() {
@@ -68,7 +89,10 @@ pub fn matmul<B: Backend>(b: &B, a: &Tensor<B>, bm: &Tensor<B>, bias: Option<&Te
     let (m, k) = if trans_a { (ac, ar) } else { (ar, ac) };
     let (k2, n) = if trans_b { (bc, br) } else { (br, bc) };
     if k != k2 {
-        return Err(shape_err(op, format!("inner sizes differ: a {:?} vs b {:?}", a.shape(), bm.shape())));
+        return Err(shape_err(
+            op,
+            format!("inner sizes differ: a {:?} vs b {:?}", a.shape(), bm.shape()),
+        ));
     }
     if ba != 0 && bb != 0 && ba != bb {
         return Err(shape_err(op, format!("batch sizes differ: {ba} vs {bb}")));
@@ -96,20 +120,44 @@ pub fn matmul<B: Backend>(b: &B, a: &Tensor<B>, bm: &Tensor<B>, bias: Option<&Te
 }
 
 /// 2D convolution, `x [n, c, h, w]`, `w [c_out, c/groups, kh, kw]`, symmetric padding.
-pub fn conv2d<B: Backend>(b: &B, x: &Tensor<B>, w: &Tensor<B>, bias: Option<&Tensor<B>>, stride: usize, padding: usize, groups: usize) -> Result<Tensor<B>> {
+pub fn conv2d<B: Backend>(
+    b: &B,
+    x: &Tensor<B>,
+    w: &Tensor<B>,
+    bias: Option<&Tensor<B>>,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+) -> Result<Tensor<B>> {
     expect_rank("conv2d", "input", x, 4)?;
     expect_rank("conv2d", "weight", w, 4)?;
     let (xs, ws) = (x.shape(), w.shape());
     let x5 = x.reshape(&[xs[0], xs[1], 1, xs[2], xs[3]])?;
     let w5 = w.reshape(&[ws[0], ws[1], 1, ws[2], ws[3]])?;
-    let y = conv3d(b, &x5, &w5, bias, [1, stride, stride], [0, padding, padding], [0, padding, padding], groups)?;
+    let y = conv3d(
+        b,
+        &x5,
+        &w5,
+        bias,
+        [1, stride, stride],
+        [0, padding, padding],
+        [0, padding, padding],
+        groups,
+    )?;
     let ys = y.shape().to_vec();
     y.reshape(&[ys[0], ys[1], ys[3], ys[4]])
 }
 
 /// Causal 3D convolution as in the Wan VAE: time padded by `2 * padding[0]` in front only,
 /// height and width padded symmetrically.
-pub fn causal_conv3d<B: Backend>(b: &B, x: &Tensor<B>, w: &Tensor<B>, bias: Option<&Tensor<B>>, stride: [usize; 3], padding: [usize; 3]) -> Result<Tensor<B>> {
+pub fn causal_conv3d<B: Backend>(
+    b: &B,
+    x: &Tensor<B>,
+    w: &Tensor<B>,
+    bias: Option<&Tensor<B>>,
+    stride: [usize; 3],
+    padding: [usize; 3],
+) -> Result<Tensor<B>> {
     let lo = [2 * padding[0], padding[1], padding[2]];
     let hi = [0, padding[1], padding[2]];
     conv3d(b, x, w, bias, stride, lo, hi, 1)
@@ -117,23 +165,50 @@ pub fn causal_conv3d<B: Backend>(b: &B, x: &Tensor<B>, w: &Tensor<B>, bias: Opti
 
 /// General 3D convolution, `x [n, c, t, h, w]`, `w [c_out, c/groups, kt, kh, kw]`.
 #[allow(clippy::too_many_arguments)]
-pub fn conv3d<B: Backend>(b: &B, x: &Tensor<B>, w: &Tensor<B>, bias: Option<&Tensor<B>>, stride: [usize; 3], pad_lo: [usize; 3], pad_hi: [usize; 3], groups: usize) -> Result<Tensor<B>> {
+pub fn conv3d<B: Backend>(
+    b: &B,
+    x: &Tensor<B>,
+    w: &Tensor<B>,
+    bias: Option<&Tensor<B>>,
+    stride: [usize; 3],
+    pad_lo: [usize; 3],
+    pad_hi: [usize; 3],
+    groups: usize,
+) -> Result<Tensor<B>> {
     let op = "conv";
     expect_rank(op, "input", x, 5)?;
     expect_rank(op, "weight", w, 5)?;
     let (xs, ws) = (x.shape(), w.shape());
     if groups == 0 || xs[1] % groups != 0 || ws[0] % groups != 0 {
-        return Err(shape_err(op, format!("{groups} groups do not divide input channels {} and output channels {}", xs[1], ws[0])));
+        return Err(shape_err(
+            op,
+            format!(
+                "{groups} groups do not divide input channels {} and output channels {}",
+                xs[1], ws[0]
+            ),
+        ));
     }
     if ws[1] * groups != xs[1] {
-        return Err(shape_err(op, format!("weight {:?} expects {} input channels, input {:?} has {}", ws, ws[1] * groups, xs, xs[1])));
+        return Err(shape_err(
+            op,
+            format!(
+                "weight {:?} expects {} input channels, input {:?} has {}",
+                ws,
+                ws[1] * groups,
+                xs,
+                xs[1]
+            ),
+        ));
     }
     if stride.contains(&0) {
         return Err(shape_err(op, "stride must be at least 1"));
     }
     for a in 0..3 {
         if xs[2 + a] + pad_lo[a] + pad_hi[a] < ws[2 + a] {
-            return Err(shape_err(op, format!("kernel {:?} is larger than the padded input {:?}", &ws[2..], &xs[2..])));
+            return Err(shape_err(
+                op,
+                format!("kernel {:?} is larger than the padded input {:?}", &ws[2..], &xs[2..]),
+            ));
         }
     }
     if let Some(bias) = bias {
@@ -154,7 +229,14 @@ pub fn conv3d<B: Backend>(b: &B, x: &Tensor<B>, w: &Tensor<B>, bias: Option<&Ten
 }
 
 /// Group norm over `x [n, c, ...]` with per-channel affine parameters.
-pub fn group_norm<B: Backend>(b: &B, x: &Tensor<B>, groups: usize, gamma: Option<&Tensor<B>>, beta: Option<&Tensor<B>>, eps: f32) -> Result<Tensor<B>> {
+pub fn group_norm<B: Backend>(
+    b: &B,
+    x: &Tensor<B>,
+    groups: usize,
+    gamma: Option<&Tensor<B>>,
+    beta: Option<&Tensor<B>>,
+    eps: f32,
+) -> Result<Tensor<B>> {
     let op = "group_norm";
     if x.rank() < 2 {
         return Err(shape_err(op, format!("input must be [n, c, ...], got {:?}", x.shape())));
@@ -170,11 +252,27 @@ pub fn group_norm<B: Backend>(b: &B, x: &Tensor<B>, groups: usize, gamma: Option
     }
     let inner = numel(&x.shape()[2..]);
     let cpg = c / groups;
-    let spec = NormSpec { kind: NormKind::MeanVar, rows: n * groups, row_len: cpg * inner, groups, channels_per_group: cpg, inner, eps };
+    let spec = NormSpec {
+        kind: NormKind::MeanVar,
+        rows: n * groups,
+        row_len: cpg * inner,
+        groups,
+        channels_per_group: cpg,
+        inner,
+        eps,
+    };
     b.norm(x, gamma, beta, &spec)
 }
 
-fn last_dim_norm<B: Backend>(b: &B, op: &'static str, kind: NormKind, x: &Tensor<B>, gamma: Option<&Tensor<B>>, beta: Option<&Tensor<B>>, eps: f32) -> Result<Tensor<B>> {
+fn last_dim_norm<B: Backend>(
+    b: &B,
+    op: &'static str,
+    kind: NormKind,
+    x: &Tensor<B>,
+    gamma: Option<&Tensor<B>>,
+    beta: Option<&Tensor<B>>,
+    eps: f32,
+) -> Result<Tensor<B>> {
     let Some(&d) = x.shape().last() else {
         return Err(shape_err(op, "input is a scalar"));
     };
@@ -183,7 +281,15 @@ fn last_dim_norm<B: Backend>(b: &B, op: &'static str, kind: NormKind, x: &Tensor
             expect_len(op, name, p, d)?;
         }
     }
-    let spec = NormSpec { kind, rows: x.numel() / d.max(1), row_len: d, groups: 1, channels_per_group: d, inner: 1, eps };
+    let spec = NormSpec {
+        kind,
+        rows: x.numel() / d.max(1),
+        row_len: d,
+        groups: 1,
+        channels_per_group: d,
+        inner: 1,
+        eps,
+    };
     b.norm(x, gamma, beta, &spec)
 }
 
@@ -202,7 +308,13 @@ pub fn softmax<B: Backend>(b: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
     let Some(&cols) = x.shape().last() else {
         return Err(shape_err("softmax", "input is a scalar"));
     };
-    b.softmax(x, &SoftmaxSpec { rows: x.numel() / cols.max(1), cols })
+    b.softmax(
+        x,
+        &SoftmaxSpec {
+            rows: x.numel() / cols.max(1),
+            cols,
+        },
+    )
 }
 
 /// Scaled dot-product attention on `[batch, heads, seq, head_dim]` tensors (k and v share a
@@ -214,9 +326,18 @@ pub fn attention<B: Backend>(b: &B, q: &Tensor<B>, k: &Tensor<B>, v: &Tensor<B>,
     }
     let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
     if ks != vs || qs[0] != ks[0] || qs[1] != ks[1] || qs[3] != ks[3] {
-        return Err(shape_err(op, format!("q {qs:?}, k {ks:?}, v {vs:?} disagree (expected [b, h, s, d] with equal b, h, d)")));
+        return Err(shape_err(
+            op,
+            format!("q {qs:?}, k {ks:?}, v {vs:?} disagree (expected [b, h, s, d] with equal b, h, d)"),
+        ));
     }
-    let spec = AttentionSpec { batch_heads: qs[0] * qs[1], q_len: qs[2], kv_len: ks[2], head_dim: qs[3], scale };
+    let spec = AttentionSpec {
+        batch_heads: qs[0] * qs[1],
+        q_len: qs[2],
+        kv_len: ks[2],
+        head_dim: qs[3],
+        scale,
+    };
     b.attention(q, k, v, &spec)
 }
 
@@ -227,7 +348,10 @@ fn broadcast<B: Backend>(op: &'static str, inputs: &[&Tensor<B>]) -> Result<(Vec
     if rank > MAX_RANK {
         return Err(shape_err(op, format!("rank {rank} exceeds the supported {MAX_RANK}")));
     }
-    let padded: Vec<Vec<usize>> = inputs.iter().map(|t| [vec![1; rank - t.rank()], t.shape().to_vec()].concat()).collect();
+    let padded: Vec<Vec<usize>> = inputs
+        .iter()
+        .map(|t| [vec![1; rank - t.rank()], t.shape().to_vec()].concat())
+        .collect();
     let mut shape = vec![1; rank];
     for p in &padded {
         for (s, &d) in shape.iter_mut().zip(p) {
@@ -243,7 +367,11 @@ fn broadcast<B: Backend>(op: &'static str, inputs: &[&Tensor<B>]) -> Result<(Vec
     let views = padded
         .iter()
         .map(|p| {
-            let strides = contiguous_strides(p).into_iter().zip(p).map(|(s, &d)| if d == 1 { 0 } else { s }).collect();
+            let strides = contiguous_strides(p)
+                .into_iter()
+                .zip(p)
+                .map(|(s, &d)| if d == 1 { 0 } else { s })
+                .collect();
             View::strided(0, strides)
         })
         .collect();
@@ -253,7 +381,14 @@ fn broadcast<B: Backend>(op: &'static str, inputs: &[&Tensor<B>]) -> Result<(Vec
 fn elementwise<B: Backend>(b: &B, op: &'static str, map: MapOp, inputs: &[&Tensor<B>], alpha: f32, beta: f32) -> Result<Tensor<B>> {
     let (shape, views) = broadcast(op, inputs)?;
     let out = b.alloc(&shape, inputs[0].dtype())?;
-    let spec = MapSpec { op: map, out: View::strided(0, contiguous_strides(&shape)), shape, inputs: views, alpha, beta };
+    let spec = MapSpec {
+        op: map,
+        out: View::strided(0, contiguous_strides(&shape)),
+        shape,
+        inputs: views,
+        alpha,
+        beta,
+    };
     b.map(inputs, &out, &spec)?;
     Ok(out)
 }
@@ -333,7 +468,14 @@ pub fn rope<B: Backend>(b: &B, x: &Tensor<B>, cos: &Tensor<B>, sin: &Tensor<B>) 
     let x_view = View::strided(0, vec![s * h * d, h * d, d, 2]);
     let table = View::strided(0, vec![0, d / 2, 0, 1]);
     let out = b.alloc(x.shape(), x.dtype())?;
-    let spec = MapSpec { op: MapOp::Rope, shape: vec![bn, s, h, d / 2], inputs: vec![x_view.clone(), table.clone(), table], out: x_view, alpha: 1.0, beta: 0.0 };
+    let spec = MapSpec {
+        op: MapOp::Rope,
+        shape: vec![bn, s, h, d / 2],
+        inputs: vec![x_view.clone(), table.clone(), table],
+        out: x_view,
+        alpha: 1.0,
+        beta: 0.0,
+    };
     b.map(&[x, cos, sin], &out, &spec)?;
     Ok(out)
 }
@@ -341,7 +483,14 @@ pub fn rope<B: Backend>(b: &B, x: &Tensor<B>, cos: &Tensor<B>, sin: &Tensor<B>) 
 /// Copies `x` through `view` into a new contiguous tensor of `shape`.
 fn gather<B: Backend>(b: &B, x: &Tensor<B>, shape: Vec<usize>, view: View) -> Result<Tensor<B>> {
     let out = b.alloc(&shape, x.dtype())?;
-    let spec = MapSpec { op: MapOp::Copy, out: View::strided(0, contiguous_strides(&shape)), shape, inputs: vec![view], alpha: 1.0, beta: 0.0 };
+    let spec = MapSpec {
+        op: MapOp::Copy,
+        out: View::strided(0, contiguous_strides(&shape)),
+        shape,
+        inputs: vec![view],
+        alpha: 1.0,
+        beta: 0.0,
+    };
     b.map(&[x], &out, &spec)?;
     Ok(out)
 }
@@ -350,7 +499,10 @@ fn gather<B: Backend>(b: &B, x: &Tensor<B>, shape: Vec<usize>, view: View) -> Re
 pub fn permute<B: Backend>(b: &B, x: &Tensor<B>, perm: &[usize]) -> Result<Tensor<B>> {
     let mut seen = vec![false; x.rank()];
     if perm.len() != x.rank() || perm.iter().any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true)) {
-        return Err(shape_err("permute", format!("{perm:?} is not a permutation of {} dimensions", x.rank())));
+        return Err(shape_err(
+            "permute",
+            format!("{perm:?} is not a permutation of {} dimensions", x.rank()),
+        ));
     }
     if x.rank() > MAX_RANK {
         return Err(shape_err("permute", format!("rank {} exceeds the supported {MAX_RANK}", x.rank())));
@@ -363,7 +515,10 @@ pub fn permute<B: Backend>(b: &B, x: &Tensor<B>, perm: &[usize]) -> Result<Tenso
 /// `len` elements of dimension `dim` starting at `start`.
 pub fn slice<B: Backend>(b: &B, x: &Tensor<B>, dim: usize, start: usize, len: usize) -> Result<Tensor<B>> {
     if dim >= x.rank() || start + len > x.shape()[dim] {
-        return Err(shape_err("slice", format!("[{start}, {}) of dimension {dim} is outside {:?}", start + len, x.shape())));
+        return Err(shape_err(
+            "slice",
+            format!("[{start}, {}) of dimension {dim} is outside {:?}", start + len, x.shape()),
+        ));
     }
     if x.rank() > MAX_RANK {
         return Err(shape_err("slice", format!("rank {} exceeds the supported {MAX_RANK}", x.rank())));
@@ -386,7 +541,10 @@ pub fn concat<B: Backend>(b: &B, parts: &[&Tensor<B>], dim: usize) -> Result<Ten
     for p in parts {
         let same = p.rank() == first.rank() && (0..p.rank()).all(|i| i == dim || p.shape()[i] == first.shape()[i]);
         if !same {
-            return Err(shape_err(op, format!("{:?} and {:?} differ outside dimension {dim}", first.shape(), p.shape())));
+            return Err(shape_err(
+                op,
+                format!("{:?} and {:?} differ outside dimension {dim}", first.shape(), p.shape()),
+            ));
         }
     }
     let mut shape = first.shape().to_vec();
@@ -415,7 +573,10 @@ pub fn concat<B: Backend>(b: &B, parts: &[&Tensor<B>], dim: usize) -> Result<Ten
 pub fn upsample_nearest<B: Backend>(b: &B, x: &Tensor<B>, factor: usize) -> Result<Tensor<B>> {
     let r = x.rank();
     if !(2..=MAX_RANK).contains(&r) || factor == 0 {
-        return Err(shape_err("upsample_nearest", format!("cannot upsample {:?} by {factor}", x.shape())));
+        return Err(shape_err(
+            "upsample_nearest",
+            format!("cannot upsample {:?} by {factor}", x.shape()),
+        ));
     }
     let mut shape = x.shape().to_vec();
     shape[r - 2] *= factor;
@@ -429,7 +590,15 @@ pub fn upsample_nearest<B: Backend>(b: &B, x: &Tensor<B>, factor: usize) -> Resu
 /// Sinusoidal timestep embedding `[timesteps.len(), dim]` as diffusers' `get_timestep_embedding`
 /// computes it (f32 arguments, then sin and cos). Host-side: it is a few hundred numbers per
 /// step, and GPU sin/cos lose precision on arguments near 1000.
-pub fn timestep_embedding<B: Backend>(b: &B, timesteps: &[f32], dim: usize, flip_sin_to_cos: bool, downscale_freq_shift: f32, max_period: f32, dtype: DType) -> Result<Tensor<B>> {
+pub fn timestep_embedding<B: Backend>(
+    b: &B,
+    timesteps: &[f32],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    downscale_freq_shift: f32,
+    max_period: f32,
+    dtype: DType,
+) -> Result<Tensor<B>> {
     let half = dim / 2;
     let mut values = Vec::with_capacity(timesteps.len() * dim);
     for &t in timesteps {
@@ -441,7 +610,11 @@ pub fn timestep_embedding<B: Backend>(b: &B, timesteps: &[f32], dim: usize, flip
             .collect();
         let sin = args.iter().map(|&a| (a as f64).sin() as f32);
         let cos = args.iter().map(|&a| (a as f64).cos() as f32);
-        let row: Vec<f32> = if flip_sin_to_cos { cos.chain(sin).collect() } else { sin.chain(cos).collect() };
+        let row: Vec<f32> = if flip_sin_to_cos {
+            cos.chain(sin).collect()
+        } else {
+            sin.chain(cos).collect()
+        };
         values.extend(row);
         values.extend(std::iter::repeat_n(0.0, dim - 2 * half));
     }
@@ -471,5 +644,8 @@ pub fn rope3d_tables(frames: usize, height: usize, width: usize, head_dim: usize
             }
         }
     }
-    Ok((HostTensor::from_f32(&[tokens, half], cos)?, HostTensor::from_f32(&[tokens, half], sin)?))
+    Ok((
+        HostTensor::from_f32(&[tokens, half], cos)?,
+        HostTensor::from_f32(&[tokens, half], sin)?,
+    ))
 }

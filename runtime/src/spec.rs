@@ -40,9 +40,7 @@ pub struct ConvSpec {
 
 impl ConvSpec {
     pub fn output(&self) -> [usize; 3] {
-        std::array::from_fn(|a| {
-            (self.input[a] + self.pad_lo[a] + self.pad_hi[a] - self.kernel[a]) / self.stride[a] + 1
-        })
+        std::array::from_fn(|a| (self.input[a] + self.pad_lo[a] + self.pad_hi[a] - self.kernel[a]) / self.stride[a] + 1)
     }
 
     pub fn kernel_volume(&self) -> usize {
@@ -157,7 +155,12 @@ impl View {
 
     /// Index of the element at coordinate `c`.
     pub fn index(&self, c: &[usize]) -> usize {
-        self.offset + c.iter().zip(&self.strides).zip(&self.div).map(|((c, s), d)| c / d * s).sum::<usize>()
+        self.offset
+            + c.iter()
+                .zip(&self.strides)
+                .zip(&self.div)
+                .map(|((c, s), d)| c / d * s)
+                .sum::<usize>()
     }
 
     /// First and last indices touched over the box `start[k] .. start[k] + len[k]` (len > 0).

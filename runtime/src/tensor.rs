@@ -124,9 +124,16 @@ impl HostTensor {
     pub fn new(shape: &[usize], data: HostData) -> Result<Self> {
         let expected = numel(shape);
         if data.len() != expected {
-            return Err(Error::DataLength { shape: shape.to_vec(), expected, got: data.len() });
+            return Err(Error::DataLength {
+                shape: shape.to_vec(),
+                expected,
+                got: data.len(),
+            });
         }
-        Ok(Self { shape: shape.to_vec(), data })
+        Ok(Self {
+            shape: shape.to_vec(),
+            data,
+        })
     }
 
     pub fn from_f32(shape: &[usize], values: Vec<f32>) -> Result<Self> {
@@ -152,7 +159,11 @@ pub struct Tensor<B: Backend + ?Sized> {
 
 impl<B: Backend + ?Sized> Clone for Tensor<B> {
     fn clone(&self) -> Self {
-        Self { storage: self.storage.clone(), shape: self.shape.clone(), dtype: self.dtype }
+        Self {
+            storage: self.storage.clone(),
+            shape: self.shape.clone(),
+            dtype: self.dtype,
+        }
     }
 }
 
@@ -196,6 +207,10 @@ impl<B: Backend + ?Sized> Tensor<B> {
                 format!("cannot view {:?} ({} elements) as {:?}", self.shape, self.numel(), shape),
             ));
         }
-        Ok(Self { storage: self.storage.clone(), shape: shape.to_vec(), dtype: self.dtype })
+        Ok(Self {
+            storage: self.storage.clone(),
+            shape: shape.to_vec(),
+            dtype: self.dtype,
+        })
     }
 }

@@ -82,7 +82,11 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&self, host: &HostTensor) -> Result<CpuTensor> {
-        Ok(Tensor::from_storage(Arc::new(RwLock::new(host.data.clone())), host.shape.clone(), host.dtype()))
+        Ok(Tensor::from_storage(
+            Arc::new(RwLock::new(host.data.clone())),
+            host.shape.clone(),
+            host.dtype(),
+        ))
     }
 
     fn alloc(&self, shape: &[usize], dtype: DType) -> Result<CpuTensor> {
@@ -132,11 +136,17 @@ impl Backend for CpuBackend {
                     let xc = (bi * s.c_in + g * cin_g + ci) * ti * hi * wi;
                     let wc = (co * cin_g + ci) * kt * kh * kw;
                     for dt in 0..kt {
-                        let Some(it) = (ot * s.stride[0] + dt).checked_sub(s.pad_lo[0]).filter(|&v| v < ti) else { continue };
+                        let Some(it) = (ot * s.stride[0] + dt).checked_sub(s.pad_lo[0]).filter(|&v| v < ti) else {
+                            continue;
+                        };
                         for dy in 0..kh {
-                            let Some(iy) = (oy * s.stride[1] + dy).checked_sub(s.pad_lo[1]).filter(|&v| v < hi) else { continue };
+                            let Some(iy) = (oy * s.stride[1] + dy).checked_sub(s.pad_lo[1]).filter(|&v| v < hi) else {
+                                continue;
+                            };
                             for dx in 0..kw {
-                                let Some(ix) = (ox * s.stride[2] + dx).checked_sub(s.pad_lo[2]).filter(|&v| v < wi) else { continue };
+                                let Some(ix) = (ox * s.stride[2] + dx).checked_sub(s.pad_lo[2]).filter(|&v| v < wi) else {
+                                    continue;
+                                };
                                 acc += xv[xc + (it * hi + iy) * wi + ix] * wv[wc + (dt * kh + dy) * kw + dx];
                             }
                         }
@@ -161,7 +171,10 @@ impl Backend for CpuBackend {
                     let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
                     (mean, (var + s.eps as f64).sqrt())
                 }
-                NormKind::Rms => (0.0, (row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n + s.eps as f64).sqrt()),
+                NormKind::Rms => (
+                    0.0,
+                    (row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n + s.eps as f64).sqrt(),
+                ),
             };
             for (i, oi) in o.iter_mut().enumerate() {
                 let p = (r % s.groups) * s.channels_per_group + i / s.inner;

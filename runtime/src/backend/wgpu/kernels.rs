@@ -14,6 +14,7 @@ const GEMM: &str = include_str!("../../../../shaders/gemm.wgsl");
 const MATMUL: &str = include_str!("../../../../shaders/matmul.wgsl");
 const CONV: &str = include_str!("../../../../shaders/conv.wgsl");
 const ATTENTION: &str = include_str!("../../../../shaders/attention.wgsl");
+const ATTENTION_COMBINE: &str = include_str!("../../../../shaders/attention_combine.wgsl");
 const NORM: &str = include_str!("../../../../shaders/norm.wgsl");
 const SOFTMAX: &str = include_str!("../../../../shaders/softmax.wgsl");
 const ELEMENTWISE: &str = include_str!("../../../../shaders/elementwise.wgsl");
@@ -26,11 +27,19 @@ struct Arg<'a> {
 }
 
 fn read<'a>(name: &'static str, tensor: Option<&'a WgpuTensor>) -> Arg<'a> {
-    Arg { name, tensor, write: false }
+    Arg {
+        name,
+        tensor,
+        write: false,
+    }
 }
 
 fn write<'a>(name: &'static str, tensor: &'a WgpuTensor) -> Arg<'a> {
-    Arg { name, tensor: Some(tensor), write: true }
+    Arg {
+        name,
+        tensor: Some(tensor),
+        write: true,
+    }
 }
 
 fn wgsl_type(dtype: DType) -> &'static str {
@@ -43,18 +52,26 @@ fn wgsl_type(dtype: DType) -> &'static str {
 /// A kernel instance: its family's WGSL files, constants and tensor parameters.
 struct Kernel<'a> {
     sources: &'a [&'a str],
+    entry: &'static str,
     consts: Vec<(&'static str, String)>,
     args: Vec<Arg<'a>>,
 }
 
 impl Kernel<'_> {
     fn key(&self) -> String {
-        let mut key = format!("{:p}", self.sources[0]);
+        let mut key = format!("{:p} {}", self.sources[0], self.entry);
         for (name, value) in &self.consts {
             let _ = write!(key, " {name}={value}");
         }
         for a in &self.args {
-            let _ = write!(key, " {}:{:?}:{}", a.name, a.tensor.map(|t| t.dtype), a.write);
+            let _ = write!(
+                key,
+                " {}:{:?}:{}:{}",
+                a.name,
+                a.tensor.map(|t| t.dtype),
+                a.write,
+                a.tensor.map_or(0, |t| t.storage.chunks.len().min(2))
+            );
         }
         key
     }
@@ -75,11 +92,15 @@ impl Kernel<'_> {
         }
         s.push_str("@group(0) @binding(0) var<uniform> WIN: array<vec4<u32>, 4>;\n");
         s.push_str("@group(0) @binding(1) var<uniform> P: Params;\n");
-        let mut slot = 0u32;
+        let (mut slot, mut binding) = (0u32, 2u32);
         for a in &self.args {
             let n = a.name;
+            let upper = n.to_uppercase();
             let Some(t) = a.tensor else {
-                let _ = writeln!(s, "const HAS_{}: bool = false;\nfn {n}_ld(i: u32) -> f32 {{ return 0.0; }}", n.to_uppercase());
+                let _ = writeln!(
+                    s,
+                    "const HAS_{upper}: bool = false;\nfn {n}_ld(i: u32) -> f32 {{ return 0.0; }}\nfn {n}_st(i: u32, v: f32) {{}}"
+                );
                 continue;
             };
             let ty = wgsl_type(t.dtype);
@@ -88,21 +109,31 @@ impl Kernel<'_> {
             let win = format!("WIN[{}u]", slot / 2);
             let _ = writeln!(
                 s,
-                "const HAS_{upper}: bool = true;\n\
-                 @group(0) @binding({b0}) var<storage, {access}> {n}_lo: array<{ty}>;\n\
-                 @group(0) @binding({b1}) var<storage, {access}> {n}_hi: array<{ty}>;\n\
-                 fn {n}_ld(i: u32) -> f32 {{ let j = i - {win}.{base}; let s = {win}.{split}; \
-                 if (j < s) {{ return f32({n}_lo[j]); }} return f32({n}_hi[j - s]); }}",
-                upper = n.to_uppercase(),
-                b0 = 2 + 2 * slot,
-                b1 = 3 + 2 * slot,
+                "const HAS_{upper}: bool = true;\n@group(0) @binding({binding}) var<storage, {access}> {n}_lo: array<{ty}>;"
             );
-            if a.write {
+            if t.storage.chunks.len() > 1 {
                 let _ = writeln!(
                     s,
-                    "fn {n}_st(i: u32, v: f32) {{ let j = i - {win}.{base}; let s = {win}.{split}; \
-                     if (j < s) {{ {n}_lo[j] = {ty}(v); }} else {{ {n}_hi[j - s] = {ty}(v); }} }}"
+                    "@group(0) @binding({}) var<storage, {access}> {n}_hi: array<{ty}>;\n\
+                     fn {n}_ld(i: u32) -> f32 {{ let j = i - {win}.{base}; let s = {win}.{split}; \
+                     if (j < s) {{ return f32({n}_lo[j]); }} return f32({n}_hi[j - s]); }}",
+                    binding + 1
                 );
+                if a.write {
+                    let _ = writeln!(
+                        s,
+                        "fn {n}_st(i: u32, v: f32) {{ let j = i - {win}.{base}; let s = {win}.{split}; \
+                         if (j < s) {{ {n}_lo[j] = {ty}(v); }} else {{ {n}_hi[j - s] = {ty}(v); }} }}"
+                    );
+                }
+                binding += 2;
+            } else {
+                // A single-chunk tensor needs one binding; its window always starts at 0.
+                let _ = writeln!(s, "fn {n}_ld(i: u32) -> f32 {{ return f32({n}_lo[i]); }}");
+                if a.write {
+                    let _ = writeln!(s, "fn {n}_st(i: u32, v: f32) {{ {n}_lo[i] = {ty}(v); }}");
+                }
+                binding += 1;
             }
             slot += 1;
         }
@@ -120,8 +151,13 @@ impl WgpuBackend {
     /// Runs `kernel` once per planned dispatch. `spans` gives, for each present tensor in
     /// binding order, the range the dispatch touches.
     fn run(&self, op: &'static str, kernel: &Kernel, dispatches: impl IntoIterator<Item = (Vec<Span>, Vec<u32>, [u32; 3])>) -> Result<()> {
-        let present: Vec<(&GpuStorage, bool)> = kernel.args.iter().filter_map(|a| a.tensor.map(|t| (&*t.storage, a.write))).collect();
-        let p = self.pipeline(&kernel.key(), || kernel.source(), &present.iter().map(|p| p.1).collect::<Vec<_>>());
+        let present: Vec<(&GpuStorage, bool)> = kernel
+            .args
+            .iter()
+            .filter_map(|a| a.tensor.map(|t| (&*t.storage, a.write)))
+            .collect();
+        let layout: Vec<(bool, bool)> = present.iter().map(|(st, w)| (*w, st.chunks.len() > 1)).collect();
+        let p = self.pipeline(&kernel.key(), kernel.entry, || kernel.source(), &layout);
         for (spans, params, groups) in dispatches {
             let mut windows = Vec::with_capacity(present.len());
             for (&(st, w), &(first, last)) in present.iter().zip(&spans) {
@@ -144,13 +180,22 @@ impl WgpuBackend {
     }
 
     fn too_large(&self, op: &'static str, what: &str, elems: usize) -> Error {
-        Error::TooLarge { op, what: what.into(), elems, limit_bytes: self.chunk_bytes }
+        Error::TooLarge {
+            op,
+            what: what.into(),
+            elems,
+            limit_bytes: self.chunk_bytes,
+        }
     }
 
     fn check(&self, op: &'static str, tensors: &[&WgpuTensor]) -> Result<()> {
         for t in tensors {
             if !self.supports(t.dtype) {
-                return Err(Error::UnsupportedDType { op, dtype: t.dtype, backend: self.name() });
+                return Err(Error::UnsupportedDType {
+                    op,
+                    dtype: t.dtype,
+                    backend: self.name(),
+                });
             }
         }
         Ok(())
@@ -161,8 +206,16 @@ impl WgpuBackend {
     fn gemm_consts(&self, m: usize, n: usize) -> Vec<(&'static str, String)> {
         let tile = if m.div_ceil(128) * n.div_ceil(128) >= 64 { 128 } else { 64 };
         let limit = self.limits.max_compute_workgroup_storage_size as usize;
-        let (bk, pad) = [(16, 1), (16, 0), (8, 1), (8, 0)].into_iter().find(|(bk, pad)| 2 * bk * (tile + pad) * 4 <= limit).unwrap_or((8, 0));
-        vec![("TILE", tile.to_string()), ("TM", (tile / 16).to_string()), ("BK", bk.to_string()), ("PAD", pad.to_string())]
+        let (bk, pad) = [(16, 1), (16, 0), (8, 1), (8, 0)]
+            .into_iter()
+            .find(|(bk, pad)| 2 * bk * (tile + pad) * 4 <= limit)
+            .unwrap_or((8, 0));
+        vec![
+            ("TILE", tile.to_string()),
+            ("TM", (tile / 16).to_string()),
+            ("BK", bk.to_string()),
+            ("PAD", pad.to_string()),
+        ]
     }
 }
 
@@ -199,7 +252,10 @@ impl Backend for WgpuBackend {
         }
         // bf16 weights (and f16 without shader-f16) are widened once on upload.
         let dtype = if self.f16 { DType::F16 } else { DType::F32 };
-        self.upload_host(&HostTensor { shape: host.shape.clone(), data: host.data.convert(dtype) })
+        self.upload_host(&HostTensor {
+            shape: host.shape.clone(),
+            data: host.data.convert(dtype),
+        })
     }
 
     fn alloc(&self, shape: &[usize], dtype: DType) -> Result<WgpuTensor> {
@@ -225,7 +281,12 @@ impl Backend for WgpuBackend {
             ("TRANS_A", flag(s.trans_a)),
             ("TRANS_B", flag(s.trans_b)),
         ]);
-        let kernel = Kernel { sources: &[MATMUL, GEMM], consts, args: vec![read("a", Some(a)), read("b", Some(b)), read("bias", bias), write("out", &out)] };
+        let kernel = Kernel {
+            entry: "main",
+            sources: &[MATMUL, GEMM],
+            consts,
+            args: vec![read("a", Some(a)), read("b", Some(b)), read("bias", bias), write("out", &out)],
+        };
         let tensors: Vec<&GpuStorage> = kernel.args.iter().filter_map(|a| a.tensor.map(|t| &*t.storage)).collect();
         let k_last = s.k.saturating_sub(1);
         // Spans for batches b0..b1 and rows r0..r1 (full rows when several batches).
@@ -245,13 +306,21 @@ impl Backend for WgpuBackend {
         let m_tiles = s.m.div_ceil(tile);
         let n_tiles = s.n.div_ceil(tile) as u32;
         let params = |b0: usize, r0: usize, rows: usize| -> Vec<u32> {
-            [s.m, s.n, s.k, r0, rows, b0, s.a_batch_stride, s.b_batch_stride].map(|v| v as u32).to_vec()
+            [s.m, s.n, s.k, r0, rows, b0, s.a_batch_stride, s.b_batch_stride]
+                .map(|v| v as u32)
+                .to_vec()
         };
         let mut dispatches = Vec::new();
-        let whole = (m_tiles <= MAX_GRID).then(|| split_ranges(s.batch, MAX_GRID, |b0, b1| Self::fits(&tensors, &spans(b0, b1, 0, s.m)))).flatten();
+        let whole = (m_tiles <= MAX_GRID)
+            .then(|| split_ranges(s.batch, MAX_GRID, |b0, b1| Self::fits(&tensors, &spans(b0, b1, 0, s.m))))
+            .flatten();
         if let Some(ranges) = whole {
             for (b0, b1) in ranges {
-                dispatches.push((spans(b0, b1, 0, s.m), params(b0, 0, s.m), [n_tiles, m_tiles as u32, (b1 - b0) as u32]));
+                dispatches.push((
+                    spans(b0, b1, 0, s.m),
+                    params(b0, 0, s.m),
+                    [n_tiles, m_tiles as u32, (b1 - b0) as u32],
+                ));
             }
         } else {
             // One batch at a time, in row ranges of any length: the kernel takes any row0.
@@ -259,7 +328,11 @@ impl Backend for WgpuBackend {
                 let ranges = split_ranges(s.m, MAX_GRID * tile, |r0, r1| Self::fits(&tensors, &spans(bi, bi + 1, r0, r1)))
                     .ok_or_else(|| self.too_large(op, "one row with its weight matrix", s.k * s.n))?;
                 for (r0, r1) in ranges {
-                    dispatches.push((spans(bi, bi + 1, r0, r1), params(bi, r0, r1 - r0), [n_tiles, (r1 - r0).div_ceil(tile) as u32, 1]));
+                    dispatches.push((
+                        spans(bi, bi + 1, r0, r1),
+                        params(bi, r0, r1 - r0),
+                        [n_tiles, (r1 - r0).div_ceil(tile) as u32, 1],
+                    ));
                 }
             }
         }
@@ -283,7 +356,12 @@ impl Backend for WgpuBackend {
         let mut consts = self.gemm_consts(plane, cout_g);
         let tile: usize = consts[0].1.parse().expect("tile constant");
         consts.extend([("A_K_FAST", flag(false)), ("B_K_FAST", flag(true))]);
-        let kernel = Kernel { sources: &[CONV, GEMM], consts, args: vec![read("x", Some(x)), read("w", Some(w)), read("bias", bias), write("out", &out)] };
+        let kernel = Kernel {
+            entry: "main",
+            sources: &[CONV, GEMM],
+            consts,
+            args: vec![read("x", Some(x)), read("w", Some(w)), read("bias", bias), write("out", &out)],
+        };
         let (xs, ws, os) = (&*x.storage, &*w.storage, &*out.storage);
         let m_tiles = plane.div_ceil(tile);
         if m_tiles > MAX_GRID {
@@ -297,11 +375,14 @@ impl Backend for WgpuBackend {
                 let wb = g * cout_g * k_full;
                 let x_span = |c0: usize, c1: usize| (xb + c0 * in_plane, xb + c1 * in_plane - 1);
                 let o_span = |n0: usize, n1: usize| (ob + n0 * plane, ob + n1 * plane - 1);
-                let w_span = |n0: usize, n1: usize, c0: usize, c1: usize| (wb + n0 * k_full + c0 * kvol, wb + (n1 - 1) * k_full + c1 * kvol - 1);
+                let w_span =
+                    |n0: usize, n1: usize, c0: usize, c1: usize| (wb + n0 * k_full + c0 * kvol, wb + (n1 - 1) * k_full + c1 * kvol - 1);
                 let c_ranges = split_ranges(cin_g, usize::MAX, |c0, c1| window(xs, x_span(c0, c1).0, x_span(c0, c1).1).is_some())
                     .ok_or_else(|| self.too_large(op, "one input channel plane", in_plane))?;
-                let n_ranges = split_ranges(cout_g, MAX_GRID * tile, |n0, n1| window(os, o_span(n0, n1).0, o_span(n0, n1).1).is_some())
-                    .ok_or_else(|| self.too_large(op, "one output channel plane", plane))?;
+                let n_ranges = split_ranges(cout_g, MAX_GRID * tile, |n0, n1| {
+                    window(os, o_span(n0, n1).0, o_span(n0, n1).1).is_some()
+                })
+                .ok_or_else(|| self.too_large(op, "one output channel plane", plane))?;
                 for &(n0, n1) in &n_ranges {
                     for (ci, &(c0, c1)) in c_ranges.iter().enumerate() {
                         let wsp = w_span(n0, n1, c0, c1);
@@ -357,22 +438,76 @@ impl Backend for WgpuBackend {
         if out.numel() == 0 {
             return Ok(out);
         }
-        let consts = vec![("MEAN_VAR", flag(s.kind == NormKind::MeanVar))];
-        let kernel = Kernel { sources: &[NORM], consts, args: vec![read("x", Some(x)), read("gamma", gamma), read("beta", beta), write("out", &out)] };
+        // Rows longer than a few blocks are spread over one workgroup per block.
+        const BLOCK: usize = 4096;
+        let blocks = s.row_len.div_ceil(BLOCK);
+        let stats = if blocks > 4 {
+            Some(self.new_tensor(&[s.rows * blocks * 2], DType::F32)?)
+        } else {
+            None
+        };
+        let consts = vec![("MEAN_VAR", flag(s.kind == NormKind::MeanVar)), ("BLOCK", BLOCK.to_string())];
+        let args = vec![
+            read("x", Some(x)),
+            read("gamma", gamma),
+            read("beta", beta),
+            Arg {
+                name: "stats",
+                tensor: stats.as_ref(),
+                write: true,
+            },
+            write("out", &out),
+        ];
+        let mut kernel = Kernel {
+            entry: "main",
+            sources: &[NORM],
+            consts,
+            args,
+        };
         let params_len = (s.groups - 1) * s.channels_per_group + (s.row_len - 1) / s.inner;
         let spans = |r0: usize, r1: usize| {
             let mut v = vec![(r0 * s.row_len, r1 * s.row_len - 1)];
             v.extend(gamma.iter().chain(beta.iter()).map(|_| (0, params_len)));
+            if stats.is_some() {
+                v.push((r0 * blocks * 2, r1 * blocks * 2 - 1));
+            }
             v.push((r0 * s.row_len, r1 * s.row_len - 1));
             v
         };
         let tensors: Vec<&GpuStorage> = kernel.args.iter().filter_map(|a| a.tensor.map(|t| &*t.storage)).collect();
-        let ranges = split_ranges(s.rows, MAX_GRID * MAX_GRID, |r0, r1| Self::fits(&tensors, &spans(r0, r1))).ok_or_else(|| self.too_large(op, "one row", s.row_len))?;
-        let dispatches = ranges.into_iter().map(|(r0, r1)| {
-            let params = vec![s.row_len as u32, s.groups as u32, s.channels_per_group as u32, s.inner as u32, s.eps.to_bits(), r0 as u32, (r1 - r0) as u32];
-            (spans(r0, r1), params, grid_1d(r1 - r0))
-        });
-        self.run(op, &kernel, dispatches)?;
+        let max_rows = if stats.is_some() { MAX_GRID } else { MAX_GRID * MAX_GRID };
+        let ranges = split_ranges(s.rows, max_rows, |r0, r1| Self::fits(&tensors, &spans(r0, r1)))
+            .ok_or_else(|| self.too_large(op, "one row", s.row_len))?;
+        let params = |r0: usize, r1: usize| {
+            vec![
+                s.row_len as u32,
+                s.groups as u32,
+                s.channels_per_group as u32,
+                s.inner as u32,
+                s.eps.to_bits(),
+                r0 as u32,
+                (r1 - r0) as u32,
+                blocks as u32,
+            ]
+        };
+        if stats.is_none() {
+            self.run(
+                op,
+                &kernel,
+                ranges.into_iter().map(|(r0, r1)| (spans(r0, r1), params(r0, r1), grid_1d(r1 - r0))),
+            )?;
+            return Ok(out);
+        }
+        for entry in ["stats", "apply"] {
+            kernel.entry = entry;
+            self.run(
+                op,
+                &kernel,
+                ranges
+                    .iter()
+                    .map(|&(r0, r1)| (spans(r0, r1), params(r0, r1), [blocks as u32, (r1 - r0) as u32, 1])),
+            )?;
+        }
         Ok(out)
     }
 
@@ -383,11 +518,19 @@ impl Backend for WgpuBackend {
         if out.numel() == 0 {
             return Ok(out);
         }
-        let kernel = Kernel { sources: &[SOFTMAX], consts: vec![], args: vec![read("x", Some(x)), write("out", &out)] };
+        let kernel = Kernel {
+            entry: "main",
+            sources: &[SOFTMAX],
+            consts: vec![],
+            args: vec![read("x", Some(x)), write("out", &out)],
+        };
         let spans = |r0: usize, r1: usize| vec![(r0 * s.cols, r1 * s.cols - 1); 2];
         let tensors = [&*x.storage, &*out.storage];
-        let ranges = split_ranges(s.rows, MAX_GRID * MAX_GRID, |r0, r1| Self::fits(&tensors, &spans(r0, r1))).ok_or_else(|| self.too_large(op, "one row", s.cols))?;
-        let dispatches = ranges.into_iter().map(|(r0, r1)| (spans(r0, r1), vec![s.cols as u32, r0 as u32, (r1 - r0) as u32], grid_1d(r1 - r0)));
+        let ranges = split_ranges(s.rows, MAX_GRID * MAX_GRID, |r0, r1| Self::fits(&tensors, &spans(r0, r1)))
+            .ok_or_else(|| self.too_large(op, "one row", s.cols))?;
+        let dispatches = ranges
+            .into_iter()
+            .map(|(r0, r1)| (spans(r0, r1), vec![s.cols as u32, r0 as u32, (r1 - r0) as u32], grid_1d(r1 - r0)));
         self.run(op, &kernel, dispatches)?;
         Ok(out)
     }
@@ -405,7 +548,26 @@ impl Backend for WgpuBackend {
         let (br, bc) = [(32, 32), (16, 32), (16, 16), (8, 16), (8, 8)]
             .into_iter()
             .find(|&(br, bc)| (br * d + bc * (d + 1) + br * bc + WG) * 4 <= limit && bc * br / WG + d.div_ceil(WG / br) <= 40)
-            .ok_or_else(|| Error::Shape { op, detail: format!("head_dim {d} needs more workgroup memory than the device's {limit} bytes") })?;
+            .ok_or_else(|| Error::Shape {
+                op,
+                detail: format!("head_dim {d} needs more workgroup memory than the device's {limit} bytes"),
+            })?;
+        // Keys per invocation: software adapters (lavapipe) stop shader loops after 65535
+        // iterations, and GPU watchdogs reset long shaders, so long sequences run in splits.
+        let max_keys = if self.info.device_type == wgpu::DeviceType::Cpu {
+            1024
+        } else {
+            16384
+        };
+        let kv_count = s.kv_len.div_ceil(s.kv_len.div_ceil(max_keys)).next_multiple_of(bc);
+        let ns = s.kv_len.div_ceil(kv_count);
+        let row_len = if ns > 1 { d + 2 } else { d };
+        let scratch = if ns > 1 {
+            Some(self.new_tensor(&[s.batch_heads * s.q_len * ns * row_len], DType::F32)?)
+        } else {
+            None
+        };
+        let target = scratch.as_ref().unwrap_or(&out);
         let tpr = WG / br;
         let consts = vec![
             ("D", d.to_string()),
@@ -416,33 +578,93 @@ impl Backend for WgpuBackend {
             ("SPT", (bc / tpr).to_string()),
             ("OPT", d.div_ceil(tpr).to_string()),
             ("KS", (d + 1).to_string()),
+            ("QLOADS", (br * d).div_ceil(WG).to_string()),
+            ("KVLOADS", (bc * d).div_ceil(WG).to_string()),
+            ("ROW", row_len.to_string()),
         ];
-        let kernel = Kernel { sources: &[ATTENTION], consts, args: vec![read("q", Some(q)), read("k", Some(k)), read("v", Some(v)), write("out", &out)] };
-        let tensors = [&*q.storage, &*k.storage, &*v.storage, &*out.storage];
-        let (qn, kn) = (s.q_len * d, s.kv_len * d);
-        let spans = |h0: usize, h1: usize, r0: usize, r1: usize| {
-            let qs = (h0 * qn + r0 * d, (h1 - 1) * qn + r1 * d - 1);
-            let ks = (h0 * kn, h1 * kn - 1);
-            vec![qs, ks, ks, qs]
+        let kernel = Kernel {
+            entry: "main",
+            sources: &[ATTENTION],
+            consts,
+            args: vec![read("q", Some(q)), read("k", Some(k)), read("v", Some(v)), write("out", target)],
         };
-        let params = |h0: usize, r0: usize, rows: usize| vec![s.q_len as u32, s.kv_len as u32, s.scale.to_bits(), h0 as u32, r0 as u32, rows as u32];
+        let tensors = [&*q.storage, &*k.storage, &*v.storage, &*target.storage];
+        let (qn, kn) = (s.q_len * d, s.kv_len * d);
         let q_tiles = s.q_len.div_ceil(br);
         let mut dispatches = Vec::new();
-        let whole = (q_tiles <= MAX_GRID).then(|| split_ranges(s.batch_heads, MAX_GRID, |h0, h1| Self::fits(&tensors, &spans(h0, h1, 0, s.q_len)))).flatten();
-        if let Some(ranges) = whole {
-            for (h0, h1) in ranges {
-                dispatches.push((spans(h0, h1, 0, s.q_len), params(h0, 0, s.q_len), [q_tiles as u32, (h1 - h0) as u32, 1]));
+        for split in 0..ns {
+            let kv0 = split * kv_count;
+            let keys = kv_count.min(s.kv_len - kv0);
+            // Heads h0..h1, query rows r0..r1 (all rows when several heads).
+            let spans = |h0: usize, h1: usize, r0: usize, r1: usize| {
+                let qs = (h0 * qn + r0 * d, (h1 - 1) * qn + r1 * d - 1);
+                let ks = (h0 * kn + kv0 * d, (h1 - 1) * kn + (kv0 + keys) * d - 1);
+                let os = (
+                    ((h0 * s.q_len + r0) * ns + split) * row_len,
+                    (((h1 - 1) * s.q_len + r1 - 1) * ns + split) * row_len + row_len - 1,
+                );
+                vec![qs, ks, ks, os]
+            };
+            let params = |h0: usize, r0: usize, rows: usize| {
+                let mut p = vec![
+                    s.q_len as u32,
+                    s.kv_len as u32,
+                    s.scale.to_bits(),
+                    h0 as u32,
+                    r0 as u32,
+                    rows as u32,
+                ];
+                p.extend([kv0, keys, split, ns].map(|v| v as u32));
+                p
+            };
+            let whole = (q_tiles <= MAX_GRID)
+                .then(|| split_ranges(s.batch_heads, MAX_GRID, |h0, h1| Self::fits(&tensors, &spans(h0, h1, 0, s.q_len))))
+                .flatten();
+            if let Some(ranges) = whole {
+                for (h0, h1) in ranges {
+                    dispatches.push((
+                        spans(h0, h1, 0, s.q_len),
+                        params(h0, 0, s.q_len),
+                        [q_tiles as u32, (h1 - h0) as u32, 1],
+                    ));
+                }
+                continue;
             }
-        } else {
             for h in 0..s.batch_heads {
                 let ranges = split_ranges(s.q_len, MAX_GRID * br, |r0, r1| Self::fits(&tensors, &spans(h, h + 1, r0, r1)))
-                    .ok_or_else(|| self.too_large(op, "one query row with the keys and values of its head", 2 * kn))?;
+                    .ok_or_else(|| self.too_large(op, "one query row with the keys and values of its head", 2 * keys * d))?;
                 for (r0, r1) in ranges {
-                    dispatches.push((spans(h, h + 1, r0, r1), params(h, r0, r1 - r0), [(r1 - r0).div_ceil(br) as u32, 1, 1]));
+                    dispatches.push((
+                        spans(h, h + 1, r0, r1),
+                        params(h, r0, r1 - r0),
+                        [(r1 - r0).div_ceil(br) as u32, 1, 1],
+                    ));
                 }
             }
         }
         self.run(op, &kernel, dispatches)?;
+
+        if let Some(scratch) = &scratch {
+            let kernel = Kernel {
+                entry: "main",
+                sources: &[ATTENTION_COMBINE],
+                consts: vec![("D", d.to_string())],
+                args: vec![read("partial", Some(scratch)), write("out", &out)],
+            };
+            let tensors = [&*scratch.storage, &*out.storage];
+            let rows = s.batch_heads * s.q_len;
+            let spans = |a: usize, b: usize| vec![(a * ns * row_len, b * ns * row_len - 1), (a * d, b * d - 1)];
+            let ranges = split_ranges(rows, usize::MAX, |a, b| Self::fits(&tensors, &spans(a, b)))
+                .ok_or_else(|| self.too_large(op, "one row of split results", ns * row_len))?;
+            let dispatches = ranges.into_iter().map(|(a, b)| {
+                (
+                    spans(a, b),
+                    vec![a as u32, (b - a) as u32, ns as u32],
+                    grid_1d(((b - a) * d).div_ceil(256)),
+                )
+            });
+            self.run(op, &kernel, dispatches)?;
+        }
         Ok(out)
     }
 
@@ -474,7 +696,12 @@ impl Backend for WgpuBackend {
         let names = ["in0", "in1", "in2"];
         let mut args: Vec<Arg> = (0..3).map(|i| read(names[i], inputs.get(i).copied())).collect();
         args.push(write("out", out));
-        let kernel = Kernel { sources: &[ELEMENTWISE], consts: vec![("OP", op_code.to_string()), ("UNARY", unary_code.to_string())], args };
+        let kernel = Kernel {
+            entry: "main",
+            sources: &[ELEMENTWISE],
+            consts: vec![("OP", op_code.to_string()), ("UNARY", unary_code.to_string())],
+            args,
+        };
 
         // Pad to rank 6 with leading unit axes.
         let lead = MAX_RANK - s.shape.len();
@@ -484,7 +711,11 @@ impl Backend for WgpuBackend {
             .inputs
             .iter()
             .chain(std::iter::once(&s.out))
-            .map(|v| crate::spec::View { offset: v.offset, strides: pad(&v.strides, 0), div: pad(&v.div, 1) })
+            .map(|v| crate::spec::View {
+                offset: v.offset,
+                strides: pad(&v.strides, 0),
+                div: pad(&v.div, 1),
+            })
             .collect();
         let operands: Vec<&GpuStorage> = inputs.iter().chain(std::iter::once(&out)).map(|t| &*t.storage).collect();
         let extra = s.op.extent() - 1;
@@ -500,7 +731,8 @@ impl Backend for WgpuBackend {
                 })
                 .collect()
         };
-        let boxes = split_boxes(&shape, 1 << 31, &|bx| Self::fits(&operands, &spans(bx))).ok_or_else(|| self.too_large(op, "a single element window", 1))?;
+        let boxes = split_boxes(&shape, 1 << 31, &|bx| Self::fits(&operands, &spans(bx)))
+            .ok_or_else(|| self.too_large(op, "a single element window", 1))?;
         let dispatches = boxes.into_iter().map(|bx| {
             let mut w = vec![0u32; 16 + 13 * 4];
             w[0] = bx.elems() as u32;
@@ -512,7 +744,13 @@ impl Backend for WgpuBackend {
             }
             for t in 0..4 {
                 let b = 16 + 13 * t;
-                let view = if t < inputs.len() { Some(&views[t]) } else if t == 3 { views.last() } else { None };
+                let view = if t < inputs.len() {
+                    Some(&views[t])
+                } else if t == 3 {
+                    views.last()
+                } else {
+                    None
+                };
                 for k in 0..MAX_RANK {
                     w[b + 7 + k] = 1;
                 }

@@ -62,7 +62,14 @@ impl IterBox {
 /// descending to inner axes only where a single outer index is too large. `None` when a single
 /// element does not fit.
 pub fn split_boxes(shape: &[usize], max_elems: usize, fits: &dyn Fn(&IterBox) -> bool) -> Option<Vec<IterBox>> {
-    fn descend(shape: &[usize], axis: usize, prefix: &IterBox, max_elems: usize, fits: &dyn Fn(&IterBox) -> bool, out: &mut Vec<IterBox>) -> Option<()> {
+    fn descend(
+        shape: &[usize],
+        axis: usize,
+        prefix: &IterBox,
+        max_elems: usize,
+        fits: &dyn Fn(&IterBox) -> bool,
+        out: &mut Vec<IterBox>,
+    ) -> Option<()> {
         let inner: usize = shape[axis + 1..].iter().product();
         let with_range = |a: usize, b: usize| {
             let mut bx = prefix.clone();
@@ -71,7 +78,11 @@ pub fn split_boxes(shape: &[usize], max_elems: usize, fits: &dyn Fn(&IterBox) ->
             bx
         };
         let max_len = (max_elems / inner.max(1)).max(1);
-        let ranges = if inner <= max_elems { split_ranges(shape[axis], max_len, |a, b| fits(&with_range(a, b))) } else { None };
+        let ranges = if inner <= max_elems {
+            split_ranges(shape[axis], max_len, |a, b| fits(&with_range(a, b)))
+        } else {
+            None
+        };
         match ranges {
             Some(ranges) => {
                 out.extend(ranges.into_iter().map(|(a, b)| with_range(a, b)));
@@ -86,7 +97,10 @@ pub fn split_boxes(shape: &[usize], max_elems: usize, fits: &dyn Fn(&IterBox) ->
             None => None,
         }
     }
-    let full = IterBox { start: vec![0; shape.len()], len: shape.to_vec() };
+    let full = IterBox {
+        start: vec![0; shape.len()],
+        len: shape.to_vec(),
+    };
     let mut out = Vec::new();
     descend(shape, 0, &full, max_elems, fits, &mut out)?;
     Some(out)
@@ -116,7 +130,13 @@ mod tests {
         assert_eq!(boxes.len(), 12);
         assert!(boxes.iter().all(|b| b.len == vec![1, 1, 5]));
         let whole = split_boxes(&[3, 4, 5], 1000, &|_: &IterBox| true).unwrap();
-        assert_eq!(whole, vec![IterBox { start: vec![0, 0, 0], len: vec![3, 4, 5] }]);
+        assert_eq!(
+            whole,
+            vec![IterBox {
+                start: vec![0, 0, 0],
+                len: vec![3, 4, 5]
+            }]
+        );
         assert!(split_boxes(&[2, 2], 1000, &|_: &IterBox| false).is_none());
     }
 }

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what sdlite needs on a fresh Debian 12 machine, from its package registries only:
+# Mesa's lavapipe (a Vulkan driver on the CPU, so wgpu runs without a GPU) and the wasm32
+# toolchain (Debian's rustc-web with std sources, and lld-16 as the wasm linker).
+# Needs a Rust toolchain (rustup) for the native build. Idempotent.
+set -euo pipefail
+packages=(mesa-vulkan-drivers rustc-web cargo-web rust-web-src lld-16)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}"
+fi
+command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust with rustup first" >&2; exit 1; }
+echo "setup: ok"

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command: every crate's tests (wgpu kernels against the CPU reference, on the local
+# adapter: lavapipe where there is no GPU), then the wasm32 build of the runtime.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# lavapipe warns about this when it is unset; harmless, but keep the log clean.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+export WGPU_BACKEND="${WGPU_BACKEND:-vulkan}"
+cargo fmt --all -- --check
+cargo test --workspace --locked
+bash scripts/build-wasm.sh --locked
+echo "wasm32 build of sdlite-runtime: ok"
