@@ -8,20 +8,27 @@
 //   fn gemm_store(z: u32, r: u32, c: u32, acc: f32)
 // The host prepends these constants:
 //   TILE (64 or 128): BM = BN = TILE output rows/columns per workgroup
-//   TM = TILE / 16: each of the 16 x 16 threads owns a TM x TM block of outputs, at rows
-//       ty + 16*i and columns tx + 16*j (strided, so shared-memory reads are conflict free)
-//   BK: depth of one K step; PAD: 1 to skew the shared arrays against bank conflicts, else 0
+//   TM = TILE / 16: each of the 16 x 16 threads owns a TM x TM block of outputs, as groups
+//       of 4 rows / columns at g*64 + t*4 (g < TM/4, t = ty / tx), so its operands are read
+//       from shared memory as vec4s that are contiguous across a warp (conflict free)
+//   BK: depth of one K step; PAD: 4 to skew the shared arrays against bank conflicts, else 0
 //   A_K_FAST / B_K_FAST: whether consecutive k are adjacent in memory for A / B, which picks
 //       the thread-to-element mapping of the tile loads so global reads coalesce.
 // Workgroup: 256 threads; grid: x = N tiles, y = M tiles, z = batch.
 // Shared memory: 2 * BK * (TILE + PAD) floats (16 KiB at TILE=128, BK=16, PAD=0: WebGPU's
-// default limit). Accumulation is in f32 whatever the storage dtype.
+// default limit), stored as vec4s. Accumulation is in f32 whatever the storage dtype.
 
 const WG: u32 = 256u;
 const AS: u32 = TILE + PAD;
+const G: u32 = TM / 4u;
 
-var<workgroup> a_tile: array<f32, BK * AS>;
-var<workgroup> b_tile: array<f32, BK * AS>;
+var<workgroup> a_tile: array<vec4<f32>, BK * AS / 4u>;
+var<workgroup> b_tile: array<vec4<f32>, BK * AS / 4u>;
+
+// Row (or column) of output group g, lane j, for thread coordinate t.
+fn owned(g: u32, t: u32, j: u32) -> u32 {
+    return g * 64u + t * 4u + j;
+}
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -57,7 +64,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             if (row0 + r < m && k0 + kk < k) {
                 v = gemm_a(z, row0 + r, k0 + kk);
             }
-            a_tile[kk * AS + r] = v;
+            let ai = kk * AS + r;
+            a_tile[ai >> 2u][ai & 3u] = v;
 
             var c: u32;
             if (B_K_FAST) {
@@ -71,19 +79,21 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             if (col0 + c < n && k0 + kk < k) {
                 w = gemm_b(z, k0 + kk, col0 + c);
             }
-            b_tile[kk * AS + c] = w;
+            let bi = kk * AS + c;
+            b_tile[bi >> 2u][bi & 3u] = w;
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {
-            var a: array<f32, TM>;
-            var b: array<f32, TM>;
-            for (var i = 0u; i < TM; i++) {
-                a[i] = a_tile[kk * AS + ty + 16u * i];
-                b[i] = b_tile[kk * AS + tx + 16u * i];
+            var a: array<vec4<f32>, G>;
+            var b: array<vec4<f32>, G>;
+            for (var g = 0u; g < G; g++) {
+                a[g] = a_tile[(kk * AS + owned(g, ty, 0u)) >> 2u];
+                b[g] = b_tile[(kk * AS + owned(g, tx, 0u)) >> 2u];
             }
             for (var i = 0u; i < TM; i++) {
+                let av = a[i / 4u][i % 4u];
                 for (var j = 0u; j < TM; j++) {
-                    acc[i][j] = fma(a[i], b[j], acc[i][j]);
+                    acc[i][j] = fma(av, b[j / 4u][j % 4u], acc[i][j]);
                 }
             }
         }
@@ -91,9 +101,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
 
     for (var i = 0u; i < TM; i++) {
-        let r = row0 + ty + 16u * i;
+        let r = row0 + owned(i / 4u, ty, i % 4u);
         for (var j = 0u; j < TM; j++) {
-            let c = col0 + tx + 16u * j;
+            let c = col0 + owned(j / 4u, tx, j % 4u);
             if (r < m && c < n) {
                 gemm_store(z, r, c, acc[i][j]);
             }

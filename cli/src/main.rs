@@ -43,6 +43,9 @@ struct DeviceArgs {
     /// Use f32 storage even where the adapter supports f16.
     #[arg(long)]
     no_f16: bool,
+    /// Cap one storage chunk (one binding) at this many MiB.
+    #[arg(long)]
+    max_chunk_mib: Option<u64>,
 }
 
 impl DeviceArgs {

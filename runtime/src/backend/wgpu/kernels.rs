@@ -206,7 +206,7 @@ impl WgpuBackend {
     fn gemm_consts(&self, m: usize, n: usize) -> Vec<(&'static str, String)> {
         let tile = if m.div_ceil(128) * n.div_ceil(128) >= 64 { 128 } else { 64 };
         let limit = self.limits.max_compute_workgroup_storage_size as usize;
-        let (bk, pad) = [(16, 1), (16, 0), (8, 1), (8, 0)]
+        let (bk, pad) = [(16, 4), (16, 0), (8, 4), (8, 0)]
             .into_iter()
             .find(|(bk, pad)| 2 * bk * (tile + pad) * 4 <= limit)
             .unwrap_or((8, 0));
