@@ -40,6 +40,26 @@ var<workgroup> kv_tile: array<f32, BC * KS>;
 var<workgroup> p_tile: array<f32, BR * BC>;
 var<workgroup> red: array<f32, WG>;
 
+// Keys (or values) j0 .. j0 + BC of one head into kv_tile, zero past kv_end.
+fn load_kv_tile(values: bool, kv_base: u32, j0: u32, kv_end: u32, lid: u32) {
+    for (var e = 0u; e < KVLOADS; e++) {
+        let i = lid + e * WG;
+        let j = j0 + i / D;
+        if (i < BC * D) {
+            var v = 0.0;
+            if (j < kv_end) {
+                let at = kv_base + j * D + i % D;
+                if (values) {
+                    v = v_ld(at);
+                } else {
+                    v = k_ld(at);
+                }
+            }
+            kv_tile[(i / D) * KS + i % D] = v;
+        }
+    }
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let bh = P.bh0 + wid.y;
@@ -72,17 +92,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let kv_end = P.kv0 + P.kv_count;
     for (var j0 = P.kv0; j0 < kv_end; j0 += BC) {
         workgroupBarrier();
-        for (var e = 0u; e < KVLOADS; e++) {
-            let i = lid + e * WG;
-            let j = j0 + i / D;
-            var v = 0.0;
-            if (i < BC * D && j < kv_end) {
-                v = k_ld(kv_base + j * D + i % D);
-            }
-            if (i < BC * D) {
-                kv_tile[(i / D) * KS + i % D] = v;
-            }
-        }
+        load_kv_tile(false, kv_base, j0, kv_end, lid);
         workgroupBarrier();
 
         var s: array<f32, SPT>;
@@ -118,17 +128,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         workgroupBarrier();
 
         red[lid] = p_sum;
-        for (var e = 0u; e < KVLOADS; e++) {
-            let i = lid + e * WG;
-            let j = j0 + i / D;
-            var v = 0.0;
-            if (i < BC * D && j < kv_end) {
-                v = v_ld(kv_base + j * D + i % D);
-            }
-            if (i < BC * D) {
-                kv_tile[(i / D) * KS + i % D] = v;
-            }
-        }
+        load_kv_tile(true, kv_base, j0, kv_end, lid);
         workgroupBarrier();
 
         var tile_sum = 0.0;

@@ -30,6 +30,15 @@ fn owned(g: u32, t: u32, j: u32) -> u32 {
     return g * 64u + t * 4u + j;
 }
 
+// (row or column, k) of tile element e: consecutive threads take consecutive k when the
+// operand is k-contiguous in memory, so global reads coalesce either way.
+fn tile_coord(e: u32, k_fast: bool) -> vec2<u32> {
+    if (k_fast) {
+        return vec2<u32>(e / BK, e % BK);
+    }
+    return vec2<u32>(e % TILE, e / TILE);
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let dims = gemm_dims();
@@ -51,35 +60,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
     for (var k0 = 0u; k0 < k; k0 += BK) {
         for (var e = lid; e < TILE * BK; e += WG) {
-            var r: u32;
-            var kk: u32;
-            if (A_K_FAST) {
-                r = e / BK;
-                kk = e % BK;
-            } else {
-                kk = e / TILE;
-                r = e % TILE;
-            }
+            let ac = tile_coord(e, A_K_FAST);
             var v = 0.0;
-            if (row0 + r < m && k0 + kk < k) {
-                v = gemm_a(z, row0 + r, k0 + kk);
+            if (row0 + ac.x < m && k0 + ac.y < k) {
+                v = gemm_a(z, row0 + ac.x, k0 + ac.y);
             }
-            let ai = kk * AS + r;
+            let ai = ac.y * AS + ac.x;
             a_tile[ai >> 2u][ai & 3u] = v;
 
-            var c: u32;
-            if (B_K_FAST) {
-                c = e / BK;
-                kk = e % BK;
-            } else {
-                kk = e / TILE;
-                c = e % TILE;
-            }
+            let bc = tile_coord(e, B_K_FAST);
             var w = 0.0;
-            if (col0 + c < n && k0 + kk < k) {
-                w = gemm_b(z, k0 + kk, col0 + c);
+            if (col0 + bc.x < n && k0 + bc.y < k) {
+                w = gemm_b(z, k0 + bc.y, col0 + bc.x);
             }
-            let bi = kk * AS + c;
+            let bi = bc.y * AS + bc.x;
             b_tile[bi >> 2u][bi & 3u] = w;
         }
         workgroupBarrier();
