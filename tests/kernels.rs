@@ -6,8 +6,9 @@
 //! so the difference is the f16 rounding of intermediates and outputs).
 //!
 //! Each case runs on three devices: the adapter with its full limits; the same adapter with
-//! 4 KiB bindings, so every tensor spans many chunks and every splitting path runs; and, in
-//! `default_limits_*`, exactly WebGPU's default limits with tensors over 128 MiB.
+//! 4 KiB bindings and 16-key attention passes, so every tensor spans many chunks and every
+//! splitting path runs; and, in `default_limits_*`, exactly WebGPU's default limits with
+//! tensors over 128 MiB.
 
 use sdlite_runtime::spec::UnaryOp;
 use sdlite_runtime::{ops, Backend, DType, WgpuBackend};
@@ -154,7 +155,7 @@ fn norms_match_reference() {
     eprintln!("seed {seed}");
     for (g, dt, tol, tag) in devices() {
         let inputs = [
-            random(&[2, 12, 5, 7], dt, 2.0, seed).clone(),
+            random(&[2, 12, 5, 7], dt, 2.0, seed),
             random(&[12], dt, 1.0, seed + 1),
             random(&[12], dt, 1.0, seed + 2),
         ];
@@ -460,7 +461,8 @@ fn default_limits_tensors_over_128_mib() {
         [],
         |b, x, p| ops::upsample_nearest(b, &x[0], 2)
     );
-    // 16,400 heads x 32 tokens x 64 = 134.3 MB per operand.
+    // 16,400 heads x 32 tokens x 64 = 134.3 MB per operand; two 16-key passes, whose
+    // merged scratch (277 MB) also spans chunks.
     let heads = |s| random(&[16_400, 1, 32, 64], f, 1.0, s);
     check!(
         g,
@@ -491,4 +493,24 @@ fn bad_shapes_are_errors_not_panics() {
     assert!(ops::permute(&cpu, &t(&[2, 3]), &[0, 0]).is_err());
     assert!(ops::slice(&cpu, &t(&[2, 3]), 1, 2, 2).is_err());
     assert!(t(&[2, 3]).reshape(&[7]).is_err());
+}
+
+#[test]
+fn timestep_embedding_matches_formula() {
+    // diffusers' get_timestep_embedding(t, 8, flip_sin_to_cos=True, shift=0): frequencies
+    // 10000^(-i/4), cos half first.
+    let cpu = sdlite_runtime::CpuBackend;
+    let e = ops::timestep_embedding(&cpu, &[0.0, 500.0], 8, true, 0.0, 10000.0, DType::F32).unwrap();
+    let v = pollster::block_on(cpu.read(&e)).unwrap().to_f32();
+    assert_eq!(&v[..8], &[1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+    for i in 0..4 {
+        let arg = 500.0f64 * 10000f64.powf(-(i as f64) / 4.0);
+        assert!((v[8 + i] as f64 - arg.cos()).abs() < 1e-4, "cos {i}: {} vs {}", v[8 + i], arg.cos());
+        assert!(
+            (v[12 + i] as f64 - arg.sin()).abs() < 1e-4,
+            "sin {i}: {} vs {}",
+            v[12 + i],
+            arg.sin()
+        );
+    }
 }

@@ -47,13 +47,14 @@ pub fn gpu() -> Option<&'static WgpuBackend> {
     B.get_or_init(|| open(WgpuOptions::default())).as_ref()
 }
 
-/// The adapter with tiny chunks (4 KiB bindings), so every op's splitting paths run on
-/// small inputs.
+/// The adapter with tiny chunks (4 KiB bindings) and attention passes of at most 16 keys,
+/// so every op's splitting paths run on small inputs.
 pub fn gpu_tiny_chunks() -> Option<&'static WgpuBackend> {
     static B: OnceLock<Option<WgpuBackend>> = OnceLock::new();
     B.get_or_init(|| {
         open(WgpuOptions {
             max_chunk_bytes: Some(4096),
+            attention_keys_per_pass: Some(16),
             ..Default::default()
         })
     })
@@ -61,12 +62,14 @@ pub fn gpu_tiny_chunks() -> Option<&'static WgpuBackend> {
 }
 
 /// The adapter with exactly WebGPU's default limits (128 MiB bindings, 256 MiB buffers,
-/// 16 KiB workgroup memory), as most browsers grant.
+/// 16 KiB workgroup memory), as most browsers grant; attention passes of at most 16 keys,
+/// so the split-merging kernel also runs on tensors over 128 MiB.
 pub fn gpu_default_limits() -> Option<&'static WgpuBackend> {
     static B: OnceLock<Option<WgpuBackend>> = OnceLock::new();
     B.get_or_init(|| {
         open(WgpuOptions {
             default_limits: true,
+            attention_keys_per_pass: Some(16),
             ..Default::default()
         })
     })

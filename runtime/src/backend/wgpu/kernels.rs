@@ -552,13 +552,7 @@ impl Backend for WgpuBackend {
                 op,
                 detail: format!("head_dim {d} needs more workgroup memory than the device's {limit} bytes"),
             })?;
-        // Keys per invocation: software adapters (lavapipe) stop shader loops after 65535
-        // iterations, and GPU watchdogs reset long shaders, so long sequences run in splits.
-        let max_keys = if self.info.device_type == wgpu::DeviceType::Cpu {
-            1024
-        } else {
-            16384
-        };
+        let max_keys = self.attention_keys_per_pass;
         let kv_count = s.kv_len.div_ceil(s.kv_len.div_ceil(max_keys)).next_multiple_of(bc);
         let ns = s.kv_len.div_ceil(kv_count);
         let row_len = if ns > 1 { d + 2 } else { d };

@@ -39,6 +39,9 @@ pub struct WgpuOptions {
     pub max_chunk_bytes: Option<u64>,
     /// Use f16 storage when the adapter has `shader-f16`.
     pub allow_f16: bool,
+    /// Cap on the keys one attention pass handles before the sequence is split (default:
+    /// 1024 on CPU adapters, 16384 on GPUs). Lower only to exercise the split path.
+    pub attention_keys_per_pass: Option<usize>,
     pub power_preference: wgpu::PowerPreference,
 }
 
@@ -48,6 +51,7 @@ impl Default for WgpuOptions {
             default_limits: false,
             max_chunk_bytes: None,
             allow_f16: true,
+            attention_keys_per_pass: None,
             power_preference: wgpu::PowerPreference::HighPerformance,
         }
     }
@@ -113,6 +117,7 @@ pub struct WgpuBackend {
     limits: wgpu::Limits,
     f16: bool,
     chunk_bytes: u64,
+    attention_keys_per_pass: usize,
     pipelines: Mutex<HashMap<String, Arc<Pipeline>>>,
     pool: Arc<Mutex<BufferPool>>,
     pending: Mutex<Pending>,
@@ -192,8 +197,13 @@ impl WgpuBackend {
         );
         let dummy_read = buffer("sdlite dummy read", 256, storage);
         let dummy_write = buffer("sdlite dummy write", 256, storage);
+        let info = adapter.get_info();
+        // Software adapters (lavapipe) stop shader loops after 65535 iterations, and GPU
+        // watchdogs reset long shaders, so long key sequences run in passes.
+        let default_keys = if info.device_type == wgpu::DeviceType::Cpu { 1024 } else { 16384 };
         Ok(Self {
-            info: adapter.get_info(),
+            attention_keys_per_pass: options.attention_keys_per_pass.unwrap_or(default_keys).max(1),
+            info,
             limits,
             f16,
             chunk_bytes,
