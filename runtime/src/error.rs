@@ -27,10 +27,49 @@ pub enum Error {
     Gpu(String),
     #[error("reading a tensor back from the GPU failed: {0}")]
     Readback(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A checkpoint file that cannot be read as safetensors, or a tensor in it that does not
+    /// fit what the model needs.
+    #[error("{file}: {detail}")]
+    Checkpoint { file: String, detail: String },
+    #[error("{file}: tensor `{tensor}` is missing")]
+    MissingTensor { file: String, tensor: String },
+    #[error("{file}: tensor `{tensor}` has shape {got:?}, the model expects {expected:?}")]
+    TensorShape {
+        file: String,
+        tensor: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("{file}: {detail}")]
+    Config { file: String, detail: String },
+    #[error("tokenizer {file}: {detail}")]
+    Tokenizer { file: String, detail: String },
+    #[error("{0}")]
+    Invalid(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 pub(crate) fn shape_err(op: &'static str, detail: impl Into<String>) -> Error {
     Error::Shape { op, detail: detail.into() }
+}
+
+pub(crate) fn checkpoint_err(file: &str, detail: impl Into<String>) -> Error {
+    Error::Checkpoint {
+        file: file.to_string(),
+        detail: detail.into(),
+    }
+}
+
+pub(crate) fn config_err(file: &str, detail: impl Into<String>) -> Error {
+    Error::Config {
+        file: file.to_string(),
+        detail: detail.into(),
+    }
 }

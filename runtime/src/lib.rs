@@ -5,10 +5,13 @@
 
 pub mod backend;
 pub mod error;
+pub mod models;
+pub mod noise;
 pub mod ops;
 mod parallel;
 pub mod spec;
 pub mod tensor;
+pub mod weights;
 
 pub use backend::cpu::CpuBackend;
 pub use backend::wgpu::{WgpuBackend, WgpuOptions};

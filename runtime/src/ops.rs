@@ -129,6 +129,22 @@ pub fn conv2d<B: Backend>(
     padding: usize,
     groups: usize,
 ) -> Result<Tensor<B>> {
+    conv2d_padded(b, x, w, bias, stride, [padding; 2], [padding; 2], groups)
+}
+
+/// 2D convolution with `pad_lo` rows/columns of zeros before and `pad_hi` after the input
+/// (`[height, width]`), as the SD VAE encoder's downsampler pads right and bottom only.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_padded<B: Backend>(
+    b: &B,
+    x: &Tensor<B>,
+    w: &Tensor<B>,
+    bias: Option<&Tensor<B>>,
+    stride: usize,
+    pad_lo: [usize; 2],
+    pad_hi: [usize; 2],
+    groups: usize,
+) -> Result<Tensor<B>> {
     expect_rank("conv2d", "input", x, 4)?;
     expect_rank("conv2d", "weight", w, 4)?;
     let (xs, ws) = (x.shape(), w.shape());
@@ -140,8 +156,8 @@ pub fn conv2d<B: Backend>(
         &w5,
         bias,
         [1, stride, stride],
-        [0, padding, padding],
-        [0, padding, padding],
+        [0, pad_lo[0], pad_lo[1]],
+        [0, pad_hi[0], pad_hi[1]],
         groups,
     )?;
     let ys = y.shape().to_vec();

@@ -1,0 +1,190 @@
+//! The Stable Diffusion pipeline: tokenize, encode the prompt and the negative prompt, denoise
+//! from seeded noise with classifier-free guidance and a sampler, decode with the VAE. Loads a
+//! diffusers folder (`model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`,
+//! `scheduler/`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::models::clip_text::ClipTextEncoder;
+use crate::models::clip_tokenizer::ClipTokenizer;
+use crate::models::read_config;
+use crate::models::schedulers::{Sampler, Scheduler, SchedulerConfig};
+use crate::models::sd_vae::{VaeConfig, VaeDecoder, VaeEncoder};
+use crate::models::unet::UNet;
+use crate::tensor::{DType, HostData, HostTensor, Tensor};
+use crate::weights::{Params, Weights};
+
+pub struct StableDiffusion<B: Backend> {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextEncoder<B>,
+    pub unet: UNet<B>,
+    pub vae_decoder: VaeDecoder<B>,
+    pub vae_encoder: VaeEncoder<B>,
+    pub scheduler_config: SchedulerConfig,
+    pub dtype: DType,
+}
+
+/// What one generation asks for.
+#[derive(Clone, Debug)]
+pub struct SdRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub cfg_scale: f32,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub sampler: Sampler,
+    /// Start from this latent `[1, c, h/f, w/f]` instead of seeded noise (the reference
+    /// pipeline's `latents=` argument; parity tests use it).
+    pub init_latent: Option<Vec<f32>>,
+}
+
+/// Where a generation is, for progress bars.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    EncodeText,
+    Denoise,
+    Decode,
+}
+
+pub struct SdOutput {
+    /// The final latent `[1, c, h/f, w/f]`, scaled as the denoiser sees it.
+    pub latent: HostTensor,
+    /// The image `[3, height, width]` in [0, 1].
+    pub image: HostTensor,
+}
+
+impl<B: Backend> StableDiffusion<B> {
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn load(b: &B, root: &Path, dtype: DType) -> Result<Self> {
+        if !root.join("model_index.json").is_file() {
+            return Err(Error::Invalid(format!(
+                "{}: not a diffusers Stable Diffusion folder (no model_index.json)",
+                root.display()
+            )));
+        }
+        let weights = |c: &str| Weights::open(&root.join(c)).map(Arc::new);
+        let te_weights = weights("text_encoder")?;
+        let text_encoder = ClipTextEncoder::load(b, read_config(&root.join("text_encoder/config.json"))?, te_weights, dtype)?;
+        let unet_weights = weights("unet")?;
+        let unet = UNet::load(&Params::new(b, &unet_weights, dtype), read_config(&root.join("unet/config.json"))?)?;
+        let vae_weights = weights("vae")?;
+        let vae_config: VaeConfig = read_config(&root.join("vae/config.json"))?;
+        let vp = Params::new(b, &vae_weights, dtype);
+        Ok(Self {
+            tokenizer: ClipTokenizer::from_folder(&root.join("tokenizer"))?,
+            text_encoder,
+            unet,
+            vae_decoder: VaeDecoder::load(&vp, vae_config.clone())?,
+            vae_encoder: VaeEncoder::load(&vp, vae_config)?,
+            scheduler_config: read_config(&root.join("scheduler/scheduler_config.json"))?,
+            dtype,
+        })
+    }
+
+    /// Checks a request against what the model can take, before any work starts.
+    pub fn validate(&self, req: &SdRequest) -> Result<()> {
+        let f = self.vae_decoder.config.scale_factor() * (1 << (self.unet.config.block_out_channels.len() - 1));
+        if req.width == 0 || req.height == 0 || req.width % f != 0 || req.height % f != 0 {
+            return Err(Error::Invalid(format!(
+                "{}x{} is not a size this model takes: width and height must be positive multiples of {f}",
+                req.width, req.height
+            )));
+        }
+        if req.steps == 0 {
+            return Err(Error::Invalid("steps must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    fn latent_shape(&self, req: &SdRequest) -> [usize; 4] {
+        let f = self.vae_decoder.config.scale_factor();
+        [1, self.unet.config.in_channels, req.height / f, req.width / f]
+    }
+
+    /// Text embeddings `[2, seq, d]` (negative, positive) or `[1, seq, d]` without guidance.
+    pub fn encode_prompts(&self, b: &B, req: &SdRequest) -> Result<Tensor<B>> {
+        let mut ids = vec![];
+        if req.cfg_scale > 1.0 {
+            ids.push(self.tokenizer.encode(&req.negative_prompt));
+        }
+        ids.push(self.tokenizer.encode(&req.prompt));
+        self.text_encoder.forward(b, &ids)
+    }
+
+    pub async fn generate(&self, b: &B, req: &SdRequest, progress: &mut dyn FnMut(Phase, usize, usize)) -> Result<SdOutput> {
+        self.validate(req)?;
+        progress(Phase::EncodeText, 0, 1);
+        let context = self.encode_prompts(b, req)?;
+        progress(Phase::EncodeText, 1, 1);
+        let mut scheduler = Scheduler::new(req.sampler, self.scheduler_config.clone(), req.steps)?;
+        let shape = self.latent_shape(req);
+        let n: usize = shape.iter().product();
+        let mut latent = match &req.init_latent {
+            Some(l) if l.len() == n => l.clone(),
+            Some(l) => {
+                return Err(Error::Invalid(format!(
+                    "initial latent has {} values, {shape:?} needs {n}",
+                    l.len()
+                )))
+            }
+            None => crate::noise::gaussian(req.seed, n),
+        };
+        let sigma = scheduler.init_noise_sigma();
+        latent.iter_mut().for_each(|v| *v *= sigma);
+        let guided = req.cfg_scale > 1.0;
+        let batch = if guided { 2 } else { 1 };
+        let timesteps = scheduler.timesteps().to_vec();
+        progress(Phase::Denoise, 0, timesteps.len());
+        for (i, &t) in timesteps.iter().enumerate() {
+            let scale = scheduler.input_scale(i);
+            let input: Vec<f32> = latent.iter().map(|v| v * scale).collect();
+            let input = input.repeat(batch);
+            let x = b.upload(&HostTensor::new(
+                &[batch, shape[1], shape[2], shape[3]],
+                HostData::from_f32(self.dtype, input),
+            )?)?;
+            let pred = b.read(&self.unet.forward(b, &x, &vec![t; batch], &context)?).await?.to_f32();
+            let eps: Vec<f32> = if guided {
+                let (uncond, cond) = pred.split_at(n);
+                uncond.iter().zip(cond).map(|(u, c)| u + req.cfg_scale * (c - u)).collect()
+            } else {
+                pred
+            };
+            let noise = scheduler
+                .needs_noise()
+                .then(|| crate::noise::gaussian(req.seed.wrapping_add(1 + i as u64), n));
+            latent = scheduler.step(i, &eps, &latent, noise.as_deref())?;
+            if latent.iter().any(|v| !v.is_finite()) {
+                return Err(Error::Invalid(format!(
+                    "the latent became non-finite at step {} (dtype {:?}); try f32",
+                    i + 1,
+                    self.dtype
+                )));
+            }
+            progress(Phase::Denoise, i + 1, timesteps.len());
+        }
+        progress(Phase::Decode, 0, 1);
+        let image = self.decode(b, &latent, shape).await?;
+        progress(Phase::Decode, 1, 1);
+        Ok(SdOutput {
+            latent: HostTensor::from_f32(&shape, latent)?,
+            image,
+        })
+    }
+
+    /// The image `[3, h, w]` in [0, 1] for a denoised latent.
+    pub async fn decode(&self, b: &B, latent: &[f32], shape: [usize; 4]) -> Result<HostTensor> {
+        let inv = 1.0 / self.vae_decoder.config.scaling_factor;
+        let z = latent.iter().map(|v| v * inv).collect();
+        let z = b.upload(&HostTensor::new(&shape, HostData::from_f32(self.dtype, z))?)?;
+        let decoded = b.read(&self.vae_decoder.forward(b, &z)?).await?;
+        let s = decoded.shape.clone();
+        let pixels = decoded.to_f32().into_iter().map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0)).collect();
+        HostTensor::from_f32(&s[1..], pixels)
+    }
+}

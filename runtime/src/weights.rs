@@ -1,0 +1,401 @@
+//! Checkpoint reading: safetensors files (single, sharded with an index, or a diffusers
+//! component folder), memory-mapped on native targets so that loading a model holds at most
+//! one tensor in RAM beyond the backend's copy, and `Params`, the scoped view models load
+//! their weights through (converted to the compute dtype on the way to the backend).
+//!
+//! Every failure names the file and, where there is one, the tensor.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::backend::Backend;
+use crate::error::{checkpoint_err, Error, Result};
+use crate::tensor::{numel, DType, HostData, HostTensor, Tensor};
+
+/// Headers larger than this are refused before they are parsed (the format's own limit).
+pub const MAX_HEADER_BYTES: usize = 100 << 20;
+
+enum Bytes {
+    #[cfg(not(target_arch = "wasm32"))]
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            #[cfg(not(target_arch = "wasm32"))]
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    dtype: String,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// One safetensors file: its bytes and the parsed header.
+struct SafetensorsFile {
+    name: String,
+    bytes: Bytes,
+    data_start: usize,
+    entries: HashMap<String, Entry>,
+}
+
+fn dtype_of(code: &str) -> Option<DType> {
+    match code {
+        "F32" => Some(DType::F32),
+        "F16" => Some(DType::F16),
+        "BF16" => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+fn element_size(code: &str) -> Option<usize> {
+    Some(match code {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+        _ => return None,
+    })
+}
+
+impl SafetensorsFile {
+    fn parse(name: String, bytes: Bytes) -> Result<Self> {
+        let err = |detail: String| checkpoint_err(&name, detail);
+        if bytes.len() < 8 {
+            return Err(err(format!("{} bytes is too short for a safetensors file", bytes.len())));
+        }
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        if header_len > MAX_HEADER_BYTES as u64 {
+            return Err(err(format!(
+                "header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit (not a safetensors file?)"
+            )));
+        }
+        let data_start = 8 + header_len as usize;
+        if data_start > bytes.len() {
+            return Err(err(format!(
+                "truncated: header claims {header_len} bytes but the file has {}",
+                bytes.len()
+            )));
+        }
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&bytes[8..data_start]).map_err(|e| err(format!("header is not valid JSON: {e}")))?;
+        let data_len = bytes.len() - data_start;
+        let mut entries = HashMap::new();
+        for (tensor, info) in header {
+            if tensor == "__metadata__" {
+                continue;
+            }
+            let terr = |detail: &str| err(format!("tensor `{tensor}`: {detail}"));
+            let dtype = info["dtype"].as_str().ok_or_else(|| terr("no dtype"))?.to_string();
+            let shape: Vec<usize> = info["shape"]
+                .as_array()
+                .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+                .ok_or_else(|| terr("shape is not a list of sizes"))?;
+            let offsets: Vec<usize> = info["data_offsets"]
+                .as_array()
+                .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+                .filter(|v: &Vec<usize>| v.len() == 2)
+                .ok_or_else(|| terr("data_offsets is not a [begin, end] pair"))?;
+            let (start, end) = (offsets[0], offsets[1]);
+            let size = element_size(&dtype).ok_or_else(|| terr(&format!("unknown dtype {dtype}")))?;
+            let expected = shape.iter().try_fold(size, |acc, &d| acc.checked_mul(d));
+            if end < start || Some(end - start) != expected {
+                return Err(terr(&format!(
+                    "data_offsets [{start}, {end}] do not hold {shape:?} elements of {dtype}"
+                )));
+            }
+            if end > data_len {
+                return Err(terr(&format!(
+                    "data ends at byte {end} but the file holds {data_len} data bytes (truncated file?)"
+                )));
+            }
+            entries.insert(tensor, Entry { dtype, shape, start, end });
+        }
+        Ok(Self {
+            name,
+            bytes,
+            data_start,
+            entries,
+        })
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    fn open(path: &Path) -> Result<Self> {
+        let io = |source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: the map is read-only; a checkpoint changed by another process while we read
+        // it is outside what any loader can defend against.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        Self::parse(path.display().to_string(), Bytes::Mapped(map))
+    }
+
+    fn load(&self, tensor: &str, entry: &Entry, dtype: DType) -> Result<HostTensor> {
+        let stored = dtype_of(&entry.dtype).ok_or_else(|| {
+            checkpoint_err(
+                &self.name,
+                format!("tensor `{tensor}` is stored as {}, not f32/f16/bf16", entry.dtype),
+            )
+        })?;
+        let raw = &self.bytes[self.data_start + entry.start..self.data_start + entry.end];
+        let data = HostData::from_bytes(stored, raw);
+        HostTensor::new(&entry.shape, if stored == dtype { data } else { data.convert(dtype) })
+    }
+}
+
+/// All tensors of one model component, possibly spread over several files.
+pub struct Weights {
+    label: String,
+    files: Vec<SafetensorsFile>,
+    owner: HashMap<String, usize>,
+}
+
+/// File names a diffusers / transformers component folder may hold its weights in,
+/// most preferred first.
+const FOLDER_FILES: [&str; 8] = [
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors.index.json",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "model.fp16.safetensors.index.json",
+    "model.fp16.safetensors",
+];
+
+impl Weights {
+    fn from_files(label: String, files: Vec<SafetensorsFile>) -> Result<Self> {
+        let mut owner = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for name in f.entries.keys() {
+                if let Some(prev) = owner.insert(name.clone(), i) {
+                    return Err(checkpoint_err(
+                        &label,
+                        format!("tensor `{name}` appears in both {} and {}", files[prev].name, f.name),
+                    ));
+                }
+            }
+        }
+        Ok(Self { label, files, owner })
+    }
+
+    /// One safetensors file held in memory (the browser path: a file the user picked).
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self> {
+        let file = SafetensorsFile::parse(name.to_string(), Bytes::Owned(bytes))?;
+        Self::from_files(name.to_string(), vec![file])
+    }
+
+    /// A `.safetensors` file, a sharded checkpoint's `.safetensors.index.json`, or a
+    /// diffusers component folder (`unet/`, `vae/`, `text_encoder/`, `transformer/` ...).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn open(path: &Path) -> Result<Self> {
+        let label = path.display().to_string();
+        if path.is_dir() {
+            let found = FOLDER_FILES.iter().map(|f| path.join(f)).find(|p| p.is_file());
+            let Some(file) = found else {
+                return Err(checkpoint_err(
+                    &label,
+                    format!("no weights in this folder (looked for {})", FOLDER_FILES.join(", ")),
+                ));
+            };
+            return Self::open(&file);
+        }
+        if label.ends_with(".index.json") {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+                path: label.clone(),
+                source,
+            })?;
+            let index: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| checkpoint_err(&label, format!("not valid JSON: {e}")))?;
+            let map = index["weight_map"]
+                .as_object()
+                .ok_or_else(|| checkpoint_err(&label, "no `weight_map` object"))?;
+            let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            shards.sort_unstable();
+            shards.dedup();
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let files = shards
+                .iter()
+                .map(|s| SafetensorsFile::open(&dir.join(s)))
+                .collect::<Result<Vec<_>>>()?;
+            let weights = Self::from_files(label.clone(), files)?;
+            for (tensor, shard) in map {
+                if !weights.owner.contains_key(tensor) {
+                    return Err(checkpoint_err(
+                        &label,
+                        format!("index names tensor `{tensor}` in {shard}, which does not hold it"),
+                    ));
+                }
+            }
+            return Ok(weights);
+        }
+        Self::from_files(label, vec![SafetensorsFile::open(path)?])
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.owner.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.owner.keys().map(String::as_str)
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        let f = &self.files[*self.owner.get(name)?];
+        Some(&f.entries[name].shape)
+    }
+
+    /// Tensor `name` as `dtype`, checked against `expected` (its shape in the model).
+    pub fn load(&self, name: &str, expected: &[usize], dtype: DType) -> Result<HostTensor> {
+        let Some(&i) = self.owner.get(name) else {
+            return Err(Error::MissingTensor {
+                file: self.label.clone(),
+                tensor: name.to_string(),
+            });
+        };
+        let file = &self.files[i];
+        let entry = &file.entries[name];
+        if entry.shape != expected {
+            // A trailing or leading 1 (conv 1x1 vs linear, scalar vs [1]) is the same data.
+            let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
+            if numel(&entry.shape) != numel(expected) || squeeze(&entry.shape) != squeeze(expected) {
+                return Err(Error::TensorShape {
+                    file: file.name.clone(),
+                    tensor: name.to_string(),
+                    expected: expected.to_vec(),
+                    got: entry.shape.clone(),
+                });
+            }
+        }
+        let t = file.load(name, entry, dtype)?;
+        HostTensor::new(expected, t.data)
+    }
+
+    /// Rows `rows` of the 2-D tensor `name` (an embedding table) as `dtype`, read straight
+    /// from the file so the table itself never has to be resident.
+    pub fn load_rows(&self, name: &str, rows: &[u32], dtype: DType) -> Result<HostTensor> {
+        let Some(&i) = self.owner.get(name) else {
+            return Err(Error::MissingTensor {
+                file: self.label.clone(),
+                tensor: name.to_string(),
+            });
+        };
+        let file = &self.files[i];
+        let entry = &file.entries[name];
+        let stored = dtype_of(&entry.dtype).filter(|_| entry.shape.len() == 2).ok_or_else(|| {
+            checkpoint_err(
+                &file.name,
+                format!("tensor `{name}` ({} {:?}) is not an f32/f16/bf16 table", entry.dtype, entry.shape),
+            )
+        })?;
+        let (count, width) = (entry.shape[0], entry.shape[1]);
+        let row_bytes = width * stored.size();
+        let base = file.data_start + entry.start;
+        let mut values = Vec::with_capacity(rows.len() * width);
+        for &r in rows {
+            if r as usize >= count {
+                return Err(checkpoint_err(
+                    &file.name,
+                    format!("token id {r} is outside `{name}`, which has {count} rows"),
+                ));
+            }
+            let at = base + r as usize * row_bytes;
+            values.extend_from_slice(&HostData::from_bytes(stored, &file.bytes[at..at + row_bytes]).to_f32());
+        }
+        HostTensor::new(&[rows.len(), width], HostData::from_f32(dtype, values))
+    }
+
+    /// The same tensors under other names: `rename(stored) -> Some(new)` keeps a tensor
+    /// (single-file checkpoints use other key names than diffusers folders).
+    pub fn renamed(mut self, rename: impl Fn(&str) -> Option<String>) -> Self {
+        for f in &mut self.files {
+            f.entries = std::mem::take(&mut f.entries)
+                .into_iter()
+                .filter_map(|(k, v)| rename(&k).map(|n| (n, v)))
+                .collect();
+        }
+        let files = std::mem::take(&mut self.files);
+        let owner = files
+            .iter()
+            .enumerate()
+            .flat_map(|(i, f)| f.entries.keys().map(move |k| (k.clone(), i)))
+            .collect();
+        Self { files, owner, ..self }
+    }
+}
+
+/// The weights of one module, seen from its prefix: `p.at("down_blocks").at(0).get("conv1.weight", ..)`
+/// reads `down_blocks.0.conv1.weight`, converts it to the compute dtype and uploads it.
+pub struct Params<'a, B: Backend> {
+    pub backend: &'a B,
+    pub weights: &'a Weights,
+    pub dtype: DType,
+    prefix: String,
+}
+
+impl<'a, B: Backend> Params<'a, B> {
+    pub fn new(backend: &'a B, weights: &'a Weights, dtype: DType) -> Self {
+        Self {
+            backend,
+            weights,
+            dtype,
+            prefix: String::new(),
+        }
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    pub fn at(&self, name: impl std::fmt::Display) -> Self {
+        Self {
+            backend: self.backend,
+            weights: self.weights,
+            dtype: self.dtype,
+            prefix: self.full(&name.to_string()),
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.weights.contains(&self.full(name))
+    }
+
+    pub fn full_name(&self, name: &str) -> String {
+        self.full(name)
+    }
+
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor<B>> {
+        self.backend.upload(&self.weights.load(&self.full(name), shape, self.dtype)?)
+    }
+
+    /// Tensors whose shape the model reads from the checkpoint (config-free sizes).
+    pub fn shape_of(&self, name: &str) -> Result<Vec<usize>> {
+        let full = self.full(name);
+        self.weights
+            .shape(&full)
+            .map(<[usize]>::to_vec)
+            .ok_or_else(|| Error::MissingTensor {
+                file: self.weights.label.clone(),
+                tensor: full,
+            })
+    }
+}

@@ -1,0 +1,233 @@
+//! Parity of the Stable Diffusion components with the reference implementation: the tiny
+//! checkpoint and golden outputs under `tests/data` come from `tests/reference/make_goldens.py`
+//! (diffusers + transformers in float32). Every component runs on the CPU reference and on
+//! the wgpu backend.
+//!
+//! Tolerances are relative to the largest golden magnitude: 1e-5 for each f32 component and
+//! sampler (rounding differs from PyTorch's only in summation order), 1e-4 for the whole
+//! pipeline, where guidance at scale 7.5 multiplies the denoiser's differences.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use sdlite_runtime::models::clip_text::ClipTextEncoder;
+use sdlite_runtime::models::clip_tokenizer::ClipTokenizer;
+use sdlite_runtime::models::read_config;
+use sdlite_runtime::models::schedulers::{Sampler, Scheduler, SchedulerConfig};
+use sdlite_runtime::models::sd::{SdRequest, StableDiffusion};
+use sdlite_runtime::models::sd_vae::{VaeDecoder, VaeEncoder};
+use sdlite_runtime::models::unet::UNet;
+use sdlite_runtime::weights::{Params, Weights};
+use sdlite_runtime::{Backend, CpuBackend, DType, HostTensor, WgpuBackend};
+use sdlite_tests::{gpu, relative_error};
+
+const MODEL_TOL: f32 = 1e-5;
+const SAMPLER_TOL: f32 = 1e-5;
+const PIPELINE_TOL: f32 = 1e-4;
+
+fn data() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data")
+}
+
+fn sd_root() -> PathBuf {
+    data().join("sd-tiny")
+}
+
+fn goldens() -> &'static Weights {
+    static G: OnceLock<Weights> = OnceLock::new();
+    G.get_or_init(|| Weights::open(&data().join("sd-tiny-goldens.safetensors")).expect("goldens"))
+}
+
+fn golden(name: &str) -> HostTensor {
+    let g = goldens();
+    let shape = g.shape(name).unwrap_or_else(|| panic!("golden `{name}` missing")).to_vec();
+    g.load(name, &shape, DType::F32).expect("golden loads")
+}
+
+fn golden_ids() -> &'static serde_json::Value {
+    static J: OnceLock<serde_json::Value> = OnceLock::new();
+    J.get_or_init(|| serde_json::from_str(&std::fs::read_to_string(data().join("goldens.json")).expect("goldens.json")).expect("json"))
+}
+
+fn ids(key: &str) -> Vec<Vec<u32>> {
+    serde_json::from_value(golden_ids()[key].clone()).expect("id lists")
+}
+
+fn prompts() -> Vec<String> {
+    serde_json::from_value(golden_ids()["prompts"].clone()).expect("prompts")
+}
+
+fn assert_close(what: &str, got: &HostTensor, want: &HostTensor, tol: f32) {
+    let err = relative_error(got, want);
+    eprintln!("{what}: relative error {err:.2e} (tolerance {tol:.0e})");
+    assert!(err <= tol, "{what}: relative error {err:e} > {tol:e}");
+}
+
+/// Runs `$f::<B>(backend)` on the CPU reference and on wgpu, comparing each with `$want`.
+macro_rules! on_backends {
+    ($name:expr, $want:expr, $f:ident) => {{
+        let want = $want;
+        let got = $f(&CpuBackend);
+        assert_close(&format!("{} (cpu)", $name), &got, &want, MODEL_TOL);
+        if let Some(g) = gpu() {
+            let got = $f::<WgpuBackend>(g);
+            assert_close(&format!("{} (wgpu)", $name), &got, &want, MODEL_TOL);
+        }
+    }};
+}
+
+fn read<B: Backend>(b: &B, t: &sdlite_runtime::Tensor<B>) -> HostTensor {
+    pollster::block_on(b.read(t)).expect("read back")
+}
+
+fn upload<B: Backend>(b: &B, h: &HostTensor) -> sdlite_runtime::Tensor<B> {
+    b.upload(h).expect("upload")
+}
+
+#[test]
+fn clip_tokenizer_matches_reference_on_tiny_vocab() {
+    let tok = ClipTokenizer::from_folder(&sd_root().join("tokenizer")).expect("tokenizer loads");
+    for (prompt, want) in prompts().iter().zip(ids("tiny_vocab_ids")) {
+        assert_eq!(tok.encode(prompt), want, "prompt {prompt:?}");
+    }
+}
+
+/// The real CLIP vocabulary (49408 tokens), fetched from PyPI by `scripts/fetch-vocab.sh`.
+#[test]
+fn clip_tokenizer_matches_reference_on_real_vocab() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/reference/clip-vocab");
+    if !dir.join("vocab.json").is_file() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI=true but the real CLIP vocabulary is missing: run scripts/fetch-vocab.sh"
+        );
+        eprintln!("SKIPPED: no real CLIP vocabulary; run scripts/fetch-vocab.sh");
+        return;
+    }
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("vocab file");
+    for (pad, key) in [("<|endoftext|>", "clip_vocab_ids"), ("!", "clip_vocab_ids_pad_bang")] {
+        let tok = ClipTokenizer::new(&read("vocab.json"), &read("merges.txt"), pad, 77).expect("tokenizer");
+        for (prompt, want) in prompts().iter().zip(ids(key)) {
+            assert_eq!(tok.encode(prompt), want, "prompt {prompt:?} (pad {pad})");
+        }
+    }
+}
+
+fn text_hidden<B: Backend>(b: &B) -> HostTensor {
+    let w = Arc::new(Weights::open(&sd_root().join("text_encoder")).expect("weights"));
+    let cfg = read_config(&sd_root().join("text_encoder/config.json")).expect("config");
+    let te = ClipTextEncoder::load(b, cfg, w, DType::F32).expect("text encoder loads");
+    let ids: Vec<Vec<u32>> = ids("tiny_vocab_ids")[..2].to_vec();
+    read(b, &te.forward(b, &ids).expect("text encoder runs"))
+}
+
+#[test]
+fn clip_text_encoder_matches_reference() {
+    on_backends!("text encoder", golden("text_hidden"), text_hidden);
+}
+
+fn unet_out<B: Backend>(b: &B) -> HostTensor {
+    let w = Weights::open(&sd_root().join("unet")).expect("weights");
+    let unet = UNet::load(
+        &Params::new(b, &w, DType::F32),
+        read_config(&sd_root().join("unet/config.json")).expect("config"),
+    )
+    .expect("unet loads");
+    let x = upload(b, &golden("unet_latent"));
+    let ctx = upload(b, &golden("text_hidden"));
+    read(b, &unet.forward(b, &x, &[981.0, 981.0], &ctx).expect("unet runs"))
+}
+
+#[test]
+fn unet_matches_reference() {
+    on_backends!("unet", golden("unet_out"), unet_out);
+}
+
+fn vae_decoded<B: Backend>(b: &B) -> HostTensor {
+    let w = Weights::open(&sd_root().join("vae")).expect("weights");
+    let vae = VaeDecoder::load(
+        &Params::new(b, &w, DType::F32),
+        read_config(&sd_root().join("vae/config.json")).expect("config"),
+    )
+    .expect("vae loads");
+    read(b, &vae.forward(b, &upload(b, &golden("vae_latent"))).expect("decode runs"))
+}
+
+fn vae_encoded<B: Backend>(b: &B) -> HostTensor {
+    let w = Weights::open(&sd_root().join("vae")).expect("weights");
+    let vae = VaeEncoder::load(
+        &Params::new(b, &w, DType::F32),
+        read_config(&sd_root().join("vae/config.json")).expect("config"),
+    )
+    .expect("vae loads");
+    read(b, &vae.forward(b, &upload(b, &golden("vae_image"))).expect("encode runs"))
+}
+
+#[test]
+fn vae_matches_reference() {
+    on_backends!("vae decode", golden("vae_decoded"), vae_decoded);
+    on_backends!("vae encode", golden("vae_encoded_mean"), vae_encoded);
+}
+
+#[test]
+fn samplers_match_reference() {
+    let cfg: SchedulerConfig = read_config(&sd_root().join("scheduler/scheduler_config.json")).expect("config");
+    let start = golden("sched_start").to_f32();
+    let noise = golden("sched_noise").to_f32();
+    for name in Sampler::NAMES {
+        let mut s = Scheduler::new(Sampler::parse(name).unwrap(), cfg.clone(), 5).expect("scheduler");
+        let want_t = golden(&format!("sched_{name}_timesteps")).to_f32();
+        assert_eq!(s.timesteps(), &want_t[..], "{name} timesteps");
+        let sigma = s.init_noise_sigma();
+        let mut x: Vec<f32> = start.iter().map(|v| v * sigma).collect();
+        for i in 0..want_t.len() {
+            let t = s.timesteps()[i];
+            let scale = s.input_scale(i);
+            let eps: Vec<f32> = x.iter().map(|v| (v * scale).tanh() * 0.5 + 0.01 * t / 1000.0).collect();
+            let z = &noise[i * x.len()..(i + 1) * x.len()];
+            x = s.step(i, &eps, &x, Some(z)).expect("step");
+        }
+        let got = HostTensor::from_f32(&[1, 4, 4, 4], x).unwrap();
+        assert_close(
+            &format!("sampler {name}"),
+            &got,
+            &golden(&format!("sched_{name}_final")),
+            SAMPLER_TOL,
+        );
+    }
+}
+
+fn pipeline<B: Backend>(b: &B) -> (HostTensor, HostTensor) {
+    let sd = StableDiffusion::load(b, &sd_root(), DType::F32).expect("pipeline loads");
+    let p = prompts();
+    let req = SdRequest {
+        prompt: p[1].clone(),
+        negative_prompt: p[0].clone(),
+        steps: 2,
+        cfg_scale: 7.5,
+        seed: 0,
+        width: 16,
+        height: 16,
+        sampler: Sampler::Ddim,
+        init_latent: Some(golden("pipeline_init_latent").to_f32()),
+    };
+    let out = pollster::block_on(sd.generate(b, &req, &mut |_, _, _| {})).expect("generates");
+    (out.latent, out.image)
+}
+
+#[test]
+fn sd_pipeline_matches_reference() {
+    let want_latent = golden("pipeline_latent");
+    // The reference image is in [-1, 1] before the pipeline's clamp to [0, 1].
+    let img = golden("pipeline_image");
+    let pixels = img.to_f32().into_iter().map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0)).collect();
+    let want_image = HostTensor::from_f32(&img.shape[1..], pixels).unwrap();
+    let check = |what: &str, (latent, image): (HostTensor, HostTensor)| {
+        assert_close(&format!("pipeline latent ({what})"), &latent, &want_latent, PIPELINE_TOL);
+        assert_close(&format!("pipeline image ({what})"), &image, &want_image, PIPELINE_TOL);
+    };
+    check("cpu", pipeline(&CpuBackend));
+    if let Some(g) = gpu() {
+        check("wgpu", pipeline::<WgpuBackend>(g));
+    }
+}

@@ -1,0 +1,291 @@
+"""Builds the tiny test checkpoints and the golden outputs the Rust parity tests compare with.
+
+Every model is the reference architecture (diffusers / transformers classes) at a tiny config
+with seeded random weights, saved in the real checkpoint layouts. Goldens are computed by the
+reference implementation in float32 on the CPU from the weights exactly as saved (each
+component is reloaded from disk first, so storage rounding is part of the reference).
+
+Usage: python tests/reference/make_goldens.py [--clip-vocab DIR]
+  --clip-vocab DIR  a folder with the real CLIP vocab.json / merges.txt (scripts/fetch-vocab.sh
+                    makes it); adds golden ids on the real vocabulary.
+Writes tests/data/. Needs: torch, diffusers, transformers, safetensors (see requirements.txt).
+"""
+
+import argparse
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "..", "data")
+
+# Prompts that exercise lowercasing, punctuation, digits, apostrophes, unicode and truncation.
+PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "A Red  STAR, on a yellow background!!",
+    "it's 3 o'clock; don't   stop (please) #42",
+    "café naïve — ünïcödé 東京 emoji 🙂",
+    "",
+    " ".join(["longprompt"] * 100),
+]
+
+
+def set_seed(seed):
+    torch.manual_seed(seed)
+
+
+def randomize(module, seed, scale=0.2):
+    """Seeded weights of a useful magnitude: norms near one, everything else small."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+
+
+def tiny_clip_vocab(vocab_dir, n_merges):
+    """vocab.json / merges.txt from the first `n_merges` merges of a CLIP BPE vocabulary."""
+    with open(os.path.join(vocab_dir, "merges.txt"), encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [l for l in lines[1:] if l][:n_merges]
+    with open(os.path.join(vocab_dir, "vocab.json"), encoding="utf-8") as f:
+        full = json.load(f)
+    base = sorted(full.items(), key=lambda kv: kv[1])[:512]
+    tokens = [t for t, _ in base] + ["".join(m.split(" ")) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    return vocab, ["#version: 0.2"] + merges
+
+
+def write_tokenizer(folder, vocab, merges, pad_token):
+    from transformers import CLIPTokenizer
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(merges) + "\n")
+    tok = CLIPTokenizer(
+        os.path.join(folder, "vocab.json"),
+        os.path.join(folder, "merges.txt"),
+        pad_token=pad_token,
+        model_max_length=77,
+    )
+    tok.save_pretrained(folder)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def token_ids(tok):
+    return [tok(p, padding="max_length", max_length=77, truncation=True).input_ids for p in PROMPTS]
+
+
+def save_component(model, folder, dtype):
+    """Saves in the diffusers layout with weights stored as `dtype`, then reloads in float32
+    so the goldens see the stored (rounded) weights."""
+    model.to(dtype).save_pretrained(folder, safe_serialization=True)
+    return type(model).from_pretrained(folder, torch_dtype=torch.float32).eval()
+
+
+def make_sd(clip_vocab):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    root = os.path.join(DATA, "sd-tiny")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    goldens, ints = {}, {}
+
+    vocab, merges = tiny_clip_vocab(clip_vocab, 1000)
+    tok = write_tokenizer(os.path.join(root, "tokenizer"), vocab, merges, "<|endoftext|>")
+    ints["tiny_vocab_ids"] = token_ids(tok)
+
+    set_seed(1)
+    te_cfg = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        projection_dim=32,
+    )
+    te = CLIPTextModel(te_cfg)
+    randomize(te, 11)
+    te = save_component(te, os.path.join(root, "text_encoder"), torch.bfloat16)
+
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    randomize(unet, 12, scale=0.1)
+    unet = save_component(unet, os.path.join(root, "unet"), torch.float16)
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    randomize(vae, 13, scale=0.1)
+    vae = save_component(vae, os.path.join(root, "vae"), torch.float32)
+
+    sched_cfg = {
+        "_class_name": "PNDMScheduler",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "num_train_timesteps": 1000,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "clip_sample": False,
+    }
+    os.makedirs(os.path.join(root, "scheduler"))
+    with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(sched_cfg, f, indent=2)
+    with open(os.path.join(root, "model_index.json"), "w") as f:
+        json.dump(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "scheduler": ["diffusers", "PNDMScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            },
+            f,
+            indent=2,
+        )
+
+    with torch.no_grad():
+        ids = torch.tensor(ints["tiny_vocab_ids"][:2])
+        goldens["text_hidden"] = te(ids).last_hidden_state
+
+        g = torch.Generator().manual_seed(5)
+        latent = torch.randn((2, 4, 8, 8), generator=g)
+        goldens["unet_latent"] = latent
+        goldens["unet_out"] = unet(latent, torch.tensor([981.0, 981.0]), goldens["text_hidden"]).sample
+
+        z = torch.randn((1, 4, 8, 8), generator=g)
+        goldens["vae_latent"] = z
+        goldens["vae_decoded"] = vae.decode(z).sample
+        image = torch.rand((1, 3, 16, 16), generator=g) * 2 - 1
+        goldens["vae_image"] = image
+        goldens["vae_encoded_mean"] = vae.encode(image).latent_dist.mean
+
+        # The whole pipeline, two DDIM steps with guidance, from a stored initial latent.
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=te,
+            tokenizer=tok,
+            unet=unet,
+            scheduler=DDIMScheduler.from_config(sched_cfg),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        init = torch.randn((1, 4, 8, 8), generator=g)
+        goldens["pipeline_init_latent"] = init
+        out = pipe(
+            PROMPTS[1],
+            negative_prompt=PROMPTS[0],
+            num_inference_steps=2,
+            guidance_scale=7.5,
+            latents=init.clone(),
+            output_type="latent",
+            height=16,
+            width=16,
+        ).images
+        goldens["pipeline_latent"] = out
+        goldens["pipeline_image"] = vae.decode(out / vae.config.scaling_factor).sample
+
+    goldens.update(scheduler_goldens(sched_cfg))
+    save_file({k: v.contiguous().float() for k, v in goldens.items()}, os.path.join(DATA, "sd-tiny-goldens.safetensors"))
+    return ints
+
+
+def scheduler_goldens(cfg, steps=5):
+    """Each SD sampler driven by a fixed fake denoiser for `steps` steps: the timesteps, the
+    final sample, and the noise the ancestral sampler drew (fed in instead of its RNG)."""
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_a_mod
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+
+    g = torch.Generator().manual_seed(7)
+    start = torch.randn((1, 4, 4, 4), generator=g)
+    noises = torch.randn((steps, 1, 4, 4, 4), generator=g)
+    out = {"sched_start": start, "sched_noise": noises}
+    drawn = iter(noises)
+    euler_a_mod.randn_tensor = lambda *a, **k: next(drawn)
+    kinds = {
+        "ddim": DDIMScheduler,
+        "euler": EulerDiscreteScheduler,
+        "euler_a": EulerAncestralDiscreteScheduler,
+        "dpmpp_2m": DPMSolverMultistepScheduler,
+    }
+    for name, cls in kinds.items():
+        s = cls.from_config(cfg)
+        s.set_timesteps(steps)
+        x = start.clone() * s.init_noise_sigma
+        for t in s.timesteps:
+            inp = s.scale_model_input(x, t)
+            eps = torch.tanh(inp) * 0.5 + 0.01 * float(t) / 1000.0
+            x = s.step(eps, t, x).prev_sample
+        out[f"sched_{name}_timesteps"] = s.timesteps.float()
+        out[f"sched_{name}_final"] = x
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clip-vocab", required=True)
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    os.makedirs(DATA, exist_ok=True)
+    ints = {"prompts": PROMPTS}
+    ints.update(make_sd(args.clip_vocab))
+    from transformers import CLIPTokenizer
+
+    full = CLIPTokenizer(
+        os.path.join(args.clip_vocab, "vocab.json"),
+        os.path.join(args.clip_vocab, "merges.txt"),
+        pad_token="<|endoftext|>",
+        model_max_length=77,
+    )
+    ints["clip_vocab_ids"] = token_ids(full)
+    sd2 = CLIPTokenizer(
+        os.path.join(args.clip_vocab, "vocab.json"),
+        os.path.join(args.clip_vocab, "merges.txt"),
+        pad_token="!",
+        model_max_length=77,
+    )
+    ints["clip_vocab_ids_pad_bang"] = token_ids(sd2)
+    with open(os.path.join(DATA, "goldens.json"), "w", encoding="utf-8") as f:
+        json.dump(ints, f, ensure_ascii=False)
+
+
+if __name__ == "__main__":
+    main()
