@@ -12,11 +12,11 @@ use std::sync::{Arc, OnceLock};
 
 use sdlite_runtime::models::clip_text::ClipTextEncoder;
 use sdlite_runtime::models::clip_tokenizer::ClipTokenizer;
-use sdlite_runtime::models::read_config;
 use sdlite_runtime::models::schedulers::{Sampler, Scheduler, SchedulerConfig};
 use sdlite_runtime::models::sd::{SdRequest, StableDiffusion};
 use sdlite_runtime::models::sd_vae::{VaeDecoder, VaeEncoder};
 use sdlite_runtime::models::unet::UNet;
+use sdlite_runtime::source::{DirSource, Source};
 use sdlite_runtime::weights::{Params, Weights};
 use sdlite_runtime::{Backend, CpuBackend, DType, HostTensor, WgpuBackend};
 use sdlite_tests::{gpu, relative_error};
@@ -31,6 +31,10 @@ fn data() -> PathBuf {
 
 fn sd_root() -> PathBuf {
     data().join("sd-tiny")
+}
+
+fn sd_source() -> DirSource {
+    DirSource(sd_root())
 }
 
 fn goldens() -> &'static Weights {
@@ -86,7 +90,7 @@ fn upload<B: Backend>(b: &B, h: &HostTensor) -> sdlite_runtime::Tensor<B> {
 
 #[test]
 fn clip_tokenizer_matches_reference_on_tiny_vocab() {
-    let tok = ClipTokenizer::from_folder(&sd_root().join("tokenizer")).expect("tokenizer loads");
+    let tok = ClipTokenizer::from_source(&sd_source(), "tokenizer").expect("tokenizer loads");
     for (prompt, want) in prompts().iter().zip(ids("tiny_vocab_ids")) {
         assert_eq!(tok.encode(prompt), want, "prompt {prompt:?}");
     }
@@ -114,8 +118,8 @@ fn clip_tokenizer_matches_reference_on_real_vocab() {
 }
 
 fn text_hidden<B: Backend>(b: &B) -> HostTensor {
-    let w = Arc::new(Weights::open(&sd_root().join("text_encoder")).expect("weights"));
-    let cfg = read_config(&sd_root().join("text_encoder/config.json")).expect("config");
+    let w = Arc::new(sd_source().weights("text_encoder").expect("weights"));
+    let cfg = sd_source().config("text_encoder/config.json").expect("config");
     let te = ClipTextEncoder::load(b, cfg, w, DType::F32).expect("text encoder loads");
     let ids: Vec<Vec<u32>> = ids("tiny_vocab_ids")[..2].to_vec();
     read(b, &te.forward(b, &ids).expect("text encoder runs"))
@@ -127,10 +131,10 @@ fn clip_text_encoder_matches_reference() {
 }
 
 fn unet_out<B: Backend>(b: &B) -> HostTensor {
-    let w = Weights::open(&sd_root().join("unet")).expect("weights");
+    let w = sd_source().weights("unet").expect("weights");
     let unet = UNet::load(
         &Params::new(b, &w, DType::F32),
-        read_config(&sd_root().join("unet/config.json")).expect("config"),
+        sd_source().config("unet/config.json").expect("config"),
     )
     .expect("unet loads");
     let x = upload(b, &golden("unet_latent"));
@@ -144,20 +148,20 @@ fn unet_matches_reference() {
 }
 
 fn vae_decoded<B: Backend>(b: &B) -> HostTensor {
-    let w = Weights::open(&sd_root().join("vae")).expect("weights");
+    let w = sd_source().weights("vae").expect("weights");
     let vae = VaeDecoder::load(
         &Params::new(b, &w, DType::F32),
-        read_config(&sd_root().join("vae/config.json")).expect("config"),
+        sd_source().config("vae/config.json").expect("config"),
     )
     .expect("vae loads");
     read(b, &vae.forward(b, &upload(b, &golden("vae_latent"))).expect("decode runs"))
 }
 
 fn vae_encoded<B: Backend>(b: &B) -> HostTensor {
-    let w = Weights::open(&sd_root().join("vae")).expect("weights");
+    let w = sd_source().weights("vae").expect("weights");
     let vae = VaeEncoder::load(
         &Params::new(b, &w, DType::F32),
-        read_config(&sd_root().join("vae/config.json")).expect("config"),
+        sd_source().config("vae/config.json").expect("config"),
     )
     .expect("vae loads");
     read(b, &vae.forward(b, &upload(b, &golden("vae_image"))).expect("encode runs"))
@@ -171,7 +175,7 @@ fn vae_matches_reference() {
 
 #[test]
 fn samplers_match_reference() {
-    let cfg: SchedulerConfig = read_config(&sd_root().join("scheduler/scheduler_config.json")).expect("config");
+    let cfg: SchedulerConfig = sd_source().config("scheduler/scheduler_config.json").expect("config");
     let start = golden("sched_start").to_f32();
     let noise = golden("sched_noise").to_f32();
     for name in Sampler::NAMES {
@@ -198,7 +202,7 @@ fn samplers_match_reference() {
 }
 
 fn pipeline<B: Backend>(b: &B) -> (HostTensor, HostTensor) {
-    let sd = StableDiffusion::load(b, &sd_root(), DType::F32).expect("pipeline loads");
+    let sd = StableDiffusion::load(b, &sd_source(), DType::F32).expect("pipeline loads");
     let p = prompts();
     let req = SdRequest {
         prompt: p[1].clone(),

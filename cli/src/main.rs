@@ -1,5 +1,6 @@
-//! The `sdlite` command. Today: adapter information and the kernel benchmark; generation,
-//! workers and the web server arrive with the models and offload.
+//! The `sdlite` command: generation, adapter information and the kernel benchmark.
+
+mod gen;
 
 use std::time::Instant;
 
@@ -17,6 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate an image from a prompt.
+    Gen(Box<gen::GenArgs>),
     /// Print the GPU adapter and the limits sdlite runs under.
     Info {
         #[command(flatten)]
@@ -36,7 +39,7 @@ enum Command {
 }
 
 #[derive(clap::Args)]
-struct DeviceArgs {
+pub struct DeviceArgs {
     /// Request exactly WebGPU's default limits, as most browsers grant.
     #[arg(long)]
     default_limits: bool,
@@ -53,6 +56,7 @@ impl DeviceArgs {
         let options = WgpuOptions {
             default_limits: self.default_limits,
             allow_f16: !self.no_f16,
+            max_chunk_bytes: self.max_chunk_mib.map(|m| m << 20),
             ..Default::default()
         };
         pollster::block_on(WgpuBackend::new(options))
@@ -62,6 +66,7 @@ impl DeviceArgs {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Gen(args) => gen::run(*args),
         Command::Info { device } => info(&device.open()?),
         Command::Bench {
             device,

@@ -9,6 +9,7 @@ pub mod models;
 pub mod noise;
 pub mod ops;
 mod parallel;
+pub mod source;
 pub mod spec;
 pub mod tensor;
 pub mod weights;

@@ -6,7 +6,6 @@
 //! Every failure names the file and, where there is one, the tensor.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use crate::backend::Backend;
 use crate::error::{checkpoint_err, Error, Result};
@@ -129,7 +128,7 @@ impl SafetensorsFile {
     }
 
     #[cfg(not(target_arch = "wasm32"))]
-    fn open(path: &Path) -> Result<Self> {
+    fn open(path: &std::path::Path) -> Result<Self> {
         let io = |source| Error::Io {
             path: path.display().to_string(),
             source,
@@ -163,7 +162,7 @@ pub struct Weights {
 
 /// File names a diffusers / transformers component folder may hold its weights in,
 /// most preferred first.
-const FOLDER_FILES: [&str; 8] = [
+pub const FOLDER_FILES: [&str; 8] = [
     "diffusion_pytorch_model.safetensors.index.json",
     "diffusion_pytorch_model.safetensors",
     "model.safetensors.index.json",
@@ -199,7 +198,7 @@ impl Weights {
     /// A `.safetensors` file, a sharded checkpoint's `.safetensors.index.json`, or a
     /// diffusers component folder (`unet/`, `vae/`, `text_encoder/`, `transformer/` ...).
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn open(path: &Path) -> Result<Self> {
+    pub fn open(path: &std::path::Path) -> Result<Self> {
         let label = path.display().to_string();
         if path.is_dir() {
             let found = FOLDER_FILES.iter().map(|f| path.join(f)).find(|p| p.is_file());
@@ -224,7 +223,7 @@ impl Weights {
             let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
             shards.sort_unstable();
             shards.dedup();
-            let dir = path.parent().unwrap_or(Path::new("."));
+            let dir = path.parent().unwrap_or(std::path::Path::new("."));
             let files = shards
                 .iter()
                 .map(|s| SafetensorsFile::open(&dir.join(s)))

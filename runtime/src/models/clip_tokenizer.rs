@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use unicode_normalization::UnicodeNormalization;
 
 use crate::error::{Error, Result};
+use crate::source::Source;
 
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
@@ -129,17 +130,9 @@ impl ClipTokenizer {
         })
     }
 
-    /// From a diffusers `tokenizer/` folder.
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn from_folder(dir: &std::path::Path) -> Result<Self> {
-        let read = |name: &str| {
-            let path = dir.join(name);
-            std::fs::read_to_string(&path).map_err(|source| Error::Io {
-                path: path.display().to_string(),
-                source,
-            })
-        };
-        let json = |name: &str| -> Option<serde_json::Value> { serde_json::from_str(&read(name).ok()?).ok() };
+    /// From a diffusers `tokenizer/` folder (`dir` names it inside `source`).
+    pub fn from_source(source: &impl Source, dir: &str) -> Result<Self> {
+        let json = |name: &str| -> Option<serde_json::Value> { serde_json::from_str(&source.text(&format!("{dir}/{name}")).ok()?).ok() };
         let token_text = |v: &serde_json::Value| v.as_str().or_else(|| v["content"].as_str()).map(str::to_string);
         let pad = json("special_tokens_map.json")
             .and_then(|m| token_text(&m["pad_token"]))
@@ -149,7 +142,9 @@ impl ClipTokenizer {
             .and_then(|c| c["model_max_length"].as_u64())
             .filter(|&n| n <= 1 << 20)
             .map_or(77, |n| n as usize);
-        Self::new(&read("vocab.json")?, &read("merges.txt")?, &pad, max_len)
+        let vocab = source.text(&format!("{dir}/vocab.json"))?;
+        let merges = source.text(&format!("{dir}/merges.txt"))?;
+        Self::new(&vocab, &merges, &pad, max_len)
     }
 
     fn bpe(&self, word: &str, out: &mut Vec<u32>) {

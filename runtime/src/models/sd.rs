@@ -3,19 +3,18 @@
 //! diffusers folder (`model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`,
 //! `scheduler/`).
 
-use std::path::Path;
 use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::models::clip_text::ClipTextEncoder;
 use crate::models::clip_tokenizer::ClipTokenizer;
-use crate::models::read_config;
 use crate::models::schedulers::{Sampler, Scheduler, SchedulerConfig};
 use crate::models::sd_vae::{VaeConfig, VaeDecoder, VaeEncoder};
 use crate::models::unet::UNet;
+use crate::source::Source;
 use crate::tensor::{DType, HostData, HostTensor, Tensor};
-use crate::weights::{Params, Weights};
+use crate::weights::Params;
 
 pub struct StableDiffusion<B: Backend> {
     pub tokenizer: ClipTokenizer,
@@ -59,29 +58,32 @@ pub struct SdOutput {
 }
 
 impl<B: Backend> StableDiffusion<B> {
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn load(b: &B, root: &Path, dtype: DType) -> Result<Self> {
-        if !root.join("model_index.json").is_file() {
+    /// Loads a diffusers Stable Diffusion folder.
+    pub fn load(b: &B, source: &impl Source, dtype: DType) -> Result<Self> {
+        if !source.exists("model_index.json") {
             return Err(Error::Invalid(format!(
                 "{}: not a diffusers Stable Diffusion folder (no model_index.json)",
-                root.display()
+                source.label()
             )));
         }
-        let weights = |c: &str| Weights::open(&root.join(c)).map(Arc::new);
-        let te_weights = weights("text_encoder")?;
-        let text_encoder = ClipTextEncoder::load(b, read_config(&root.join("text_encoder/config.json"))?, te_weights, dtype)?;
-        let unet_weights = weights("unet")?;
-        let unet = UNet::load(&Params::new(b, &unet_weights, dtype), read_config(&root.join("unet/config.json"))?)?;
-        let vae_weights = weights("vae")?;
-        let vae_config: VaeConfig = read_config(&root.join("vae/config.json"))?;
+        let text_encoder = ClipTextEncoder::load(
+            b,
+            source.config("text_encoder/config.json")?,
+            Arc::new(source.weights("text_encoder")?),
+            dtype,
+        )?;
+        let unet_weights = source.weights("unet")?;
+        let unet = UNet::load(&Params::new(b, &unet_weights, dtype), source.config("unet/config.json")?)?;
+        let vae_weights = source.weights("vae")?;
+        let vae_config: VaeConfig = source.config("vae/config.json")?;
         let vp = Params::new(b, &vae_weights, dtype);
         Ok(Self {
-            tokenizer: ClipTokenizer::from_folder(&root.join("tokenizer"))?,
+            tokenizer: ClipTokenizer::from_source(source, "tokenizer")?,
             text_encoder,
             unet,
             vae_decoder: VaeDecoder::load(&vp, vae_config.clone())?,
             vae_encoder: VaeEncoder::load(&vp, vae_config)?,
-            scheduler_config: read_config(&root.join("scheduler/scheduler_config.json"))?,
+            scheduler_config: source.config("scheduler/scheduler_config.json")?,
             dtype,
         })
     }

@@ -1,0 +1,116 @@
+//! `sdlite gen` end to end on the tiny test checkpoint, on the CPU reference and on wgpu
+//! (lavapipe in CI), plus the errors a user sees for bad requests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/sd-tiny")
+}
+
+fn sdlite(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sdlite"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("sdlite runs")
+}
+
+fn gen(backend: &str, out: &Path, seed: &str) -> Output {
+    let model = model();
+    sdlite(&[
+        "gen",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red star on a yellow background",
+        "--steps",
+        "3",
+        "--seed",
+        seed,
+        "--backend",
+        backend,
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
+/// The PNG's size, pixels and `parameters` text.
+fn read_png(path: &Path) -> (u32, u32, Vec<u8>, String) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).expect("png exists")));
+    let mut reader = decoder.read_info().expect("valid png");
+    let mut buf = vec![0; reader.output_buffer_size().expect("size")];
+    let info = reader.next_frame(&mut buf).expect("one frame");
+    let text = reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+        .map(|t| t.text.clone())
+        .unwrap_or_default();
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf, text)
+}
+
+fn temp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("sdlite-gen-test-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn gen_writes_a_png_and_repeats_with_the_same_seed() {
+    let (a, b, c) = (temp("a.png"), temp("b.png"), temp("c.png"));
+    for (path, seed) in [(&a, "7"), (&b, "7"), (&c, "8")] {
+        let out = gen("cpu", path, seed);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let (w, h, pa, text) = read_png(&a);
+    assert_eq!((w, h), (16, 16));
+    assert!(text.contains("Seed: 7") && text.contains("a red star"), "parameters chunk: {text}");
+    assert_eq!(pa, read_png(&b).2, "same seed, same backend, same picture");
+    assert_ne!(pa, read_png(&c).2, "another seed gives another picture");
+}
+
+#[test]
+fn gen_runs_on_wgpu_like_on_cpu() {
+    let (cpu, gpu) = (temp("cpu.png"), temp("gpu.png"));
+    let out = gen("wgpu", &gpu, "5");
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            std::env::var_os("CI").is_none() && err.contains("adapter"),
+            "wgpu generation failed: {err}"
+        );
+        eprintln!("SKIPPED: no wgpu adapter");
+        return;
+    }
+    assert!(gen("cpu", &cpu, "5").status.success());
+    let (a, b) = (read_png(&cpu).2, read_png(&gpu).2);
+    // f32 on both; pixels may round differently by one level where a value sits on a boundary.
+    let worst = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+    assert!(worst <= 1, "cpu and wgpu pictures differ by up to {worst} levels");
+}
+
+#[test]
+fn gen_explains_bad_requests() {
+    let model = model();
+    let m = model.to_str().unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (&["gen", "--model", "/no/such/model", "--prompt", "x"], "no model at /no/such/model"),
+        (
+            &["gen", "--model", m, "--prompt", "x", "--sampler", "plms"],
+            "unknown sampler `plms`",
+        ),
+        (
+            &["gen", "--model", m, "--prompt", "x", "--width", "18", "--backend", "cpu"],
+            "18x16 is not a size this model takes",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = sdlite(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: expected `{want}` in:\n{err}"
+        );
+    }
+}

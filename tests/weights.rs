@@ -1,0 +1,146 @@
+//! Checkpoint loading on bad input: every failure is an error naming the file and, where
+//! there is one, the tensor; never a panic. Also sharded checkpoints and dtype conversion.
+
+use std::path::PathBuf;
+
+use sdlite_runtime::models::unet::UNet;
+use sdlite_runtime::source::{DirSource, Source};
+use sdlite_runtime::weights::{Params, Weights};
+use sdlite_runtime::{CpuBackend, DType, HostData};
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sdlite-weights-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// A safetensors file from a raw header and data section.
+fn write_raw(name: &str, header: &str, data: &[u8]) -> PathBuf {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    let path = temp(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// One f32 tensor `t` of shape [2, 3] holding 0..6.
+fn good_file(name: &str) -> PathBuf {
+    let data: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    write_raw(name, r#"{"t":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}}"#, &data)
+}
+
+fn open_err(path: &PathBuf) -> String {
+    match Weights::open(path) {
+        Ok(_) => panic!("{} opened", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn corrupt_files_are_named_errors() {
+    let f32s: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let cases = [
+        (
+            write_raw(
+                "trunc.safetensors",
+                r#"{"t":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}}"#,
+                &f32s[..20],
+            ),
+            "truncated",
+        ),
+        (write_raw("json.safetensors", r#"{"t":{"dtype":"F32""#, &f32s), "not valid JSON"),
+        (
+            write_raw(
+                "dtype.safetensors",
+                r#"{"t":{"dtype":"Q4","shape":[2,3],"data_offsets":[0,24]}}"#,
+                &f32s,
+            ),
+            "unknown dtype Q4",
+        ),
+        (
+            write_raw(
+                "offsets.safetensors",
+                r#"{"t":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]}}"#,
+                &f32s,
+            ),
+            "do not hold",
+        ),
+    ];
+    for (path, want) in &cases {
+        let err = open_err(path);
+        assert!(err.contains(&path.display().to_string()) && err.contains(want), "{err}");
+    }
+    let huge = temp("huge.safetensors");
+    std::fs::write(&huge, [0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, b'{']).unwrap();
+    assert!(open_err(&huge).contains("exceeds"));
+    let short = temp("short.safetensors");
+    std::fs::write(&short, [1, 2, 3]).unwrap();
+    assert!(open_err(&short).contains("too short"));
+    assert!(open_err(&temp("absent.safetensors")).contains("No such file"));
+}
+
+#[test]
+fn tensors_load_converted_and_checked() {
+    let path = good_file("good.safetensors");
+    let w = Weights::open(&path).unwrap();
+    let t = w.load("t", &[2, 3], DType::BF16).unwrap();
+    assert_eq!(t.data, HostData::from_f32(DType::BF16, (0..6).map(|i| i as f32).collect()));
+    let missing = w.load("u", &[2, 3], DType::F32).unwrap_err().to_string();
+    assert!(
+        missing.contains("`u` is missing") && missing.contains("good.safetensors"),
+        "{missing}"
+    );
+    let shape = w.load("t", &[3, 2], DType::F32).unwrap_err().to_string();
+    assert!(shape.contains("[2, 3]") && shape.contains("[3, 2]"), "{shape}");
+    // A 1x1 conv stored as [2, 3, 1, 1] or a linear [2, 3] is the same data.
+    assert!(w.load("t", &[2, 3, 1, 1], DType::F32).is_ok());
+    let ints = write_raw(
+        "ints.safetensors",
+        r#"{"i":{"dtype":"I64","shape":[2],"data_offsets":[0,16]}}"#,
+        &[0; 16],
+    );
+    let err = Weights::open(&ints).unwrap().load("i", &[2], DType::F32).unwrap_err().to_string();
+    assert!(err.contains("stored as I64"), "{err}");
+}
+
+#[test]
+fn sharded_checkpoints_load_through_their_index() {
+    let a = good_file("shard-a.safetensors");
+    let data: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    write_raw(
+        "shard-b.safetensors",
+        r#"{"v":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+        &data,
+    );
+    let index = temp("model.safetensors.index.json");
+    std::fs::write(&index, r#"{"weight_map":{"t":"shard-a.safetensors","v":"shard-b.safetensors"}}"#).unwrap();
+    let w = Weights::open(&index).unwrap();
+    assert_eq!(w.load("v", &[2], DType::F32).unwrap().to_f32(), [1.0, 2.0]);
+    assert!(w.contains("t"));
+    let lying = temp("lying.safetensors.index.json");
+    std::fs::write(&lying, r#"{"weight_map":{"w":"shard-a.safetensors"}}"#).unwrap();
+    let err = open_err(&lying);
+    assert!(err.contains("`w`") && err.contains("does not hold"), "{err}");
+    drop(a);
+}
+
+#[test]
+fn model_load_names_the_missing_or_misshapen_tensor() {
+    let source = DirSource(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/sd-tiny"));
+    let config = || source.config("unet/config.json").unwrap();
+    let gone = "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight";
+    let w = source.weights("unet").unwrap().renamed(|n| (n != gone).then(|| n.to_string()));
+    let err = UNet::load(&Params::new(&CpuBackend, &w, DType::F32), config())
+        .err()
+        .expect("fails")
+        .to_string();
+    assert!(err.contains(gone) && err.contains("diffusion_pytorch_model.safetensors"), "{err}");
+    let mut wrong: sdlite_runtime::models::unet::UNetConfig = config();
+    wrong.cross_attention_dim = 48;
+    let err = UNet::load(&Params::new(&CpuBackend, &source.weights("unet").unwrap(), DType::F32), wrong)
+        .err()
+        .expect("fails")
+        .to_string();
+    assert!(err.contains("attn2.to_k.weight") && err.contains("[32, 48]"), "{err}");
+}
