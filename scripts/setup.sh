@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what sdlite needs on a fresh Debian 12 machine, from its package registries only:
-# Mesa's lavapipe (a Vulkan driver on the CPU, so wgpu runs without a GPU) and the wasm32
-# toolchain (Debian's rustc-web with std sources, and lld-16 as the wasm linker).
+# Mesa's lavapipe (a Vulkan driver on the CPU, so wgpu runs without a GPU), the wasm32
+# toolchain (Debian's rustc-web with std sources, and lld-16 as the wasm linker), and the
+# real CLIP vocabulary from PyPI for the tokenizer tests.
 # Needs a Rust toolchain (rustup) for the native build. Idempotent.
 set -euo pipefail
 packages=(mesa-vulkan-drivers rustc-web cargo-web rust-web-src lld-16)
@@ -16,4 +17,5 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}"
 fi
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust with rustup first" >&2; exit 1; }
+bash "$(dirname "$0")/fetch-vocab.sh"
 echo "setup: ok"
