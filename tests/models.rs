@@ -12,10 +12,12 @@ use std::sync::{Arc, OnceLock};
 
 use sdlite_runtime::models::clip_text::ClipTextEncoder;
 use sdlite_runtime::models::clip_tokenizer::ClipTokenizer;
+use sdlite_runtime::models::flow_schedulers::{FlowSampler, FlowScheduler, FlowSchedulerConfig};
 use sdlite_runtime::models::schedulers::{Sampler, Scheduler, SchedulerConfig};
 use sdlite_runtime::models::sd::{SdRequest, StableDiffusion};
 use sdlite_runtime::models::sd_vae::{VaeDecoder, VaeEncoder};
 use sdlite_runtime::models::unet::UNet;
+use sdlite_runtime::models::wan_dit::WanDit;
 use sdlite_runtime::source::{DirSource, Source};
 use sdlite_runtime::weights::{Params, Weights};
 use sdlite_runtime::{Backend, CpuBackend, DType, HostTensor, WgpuBackend};
@@ -42,8 +44,17 @@ fn goldens() -> &'static Weights {
     G.get_or_init(|| Weights::open(&data().join("sd-tiny-goldens.safetensors")).expect("goldens"))
 }
 
+fn wan_goldens() -> &'static Weights {
+    static G: OnceLock<Weights> = OnceLock::new();
+    G.get_or_init(|| Weights::open(&data().join("wan-tiny-goldens.safetensors")).expect("goldens"))
+}
+
 fn golden(name: &str) -> HostTensor {
-    let g = goldens();
+    let g = if name.starts_with("dit_") || name.starts_with("flow_") {
+        wan_goldens()
+    } else {
+        goldens()
+    };
     let shape = g.shape(name).unwrap_or_else(|| panic!("golden `{name}` missing")).to_vec();
     g.load(name, &shape, DType::F32).expect("golden loads")
 }
@@ -233,5 +244,50 @@ fn sd_pipeline_matches_reference() {
     check("cpu", pipeline(&CpuBackend));
     if let Some(g) = gpu() {
         check("wgpu", pipeline::<WgpuBackend>(g));
+    }
+}
+
+fn wan_source() -> DirSource {
+    DirSource(data().join("wan-tiny"))
+}
+
+fn dit_out<B: Backend>(b: &B) -> HostTensor {
+    let w = wan_source().weights("transformer").expect("weights");
+    let dit = WanDit::load(
+        &Params::new(b, &w, DType::F32),
+        wan_source().config("transformer/config.json").expect("config"),
+    )
+    .expect("dit loads");
+    let x = upload(b, &golden("dit_latent"));
+    let ctx = upload(b, &golden("dit_context"));
+    read(b, &dit.forward(b, &x, &[500.0], &ctx).expect("dit runs"))
+}
+
+#[test]
+fn wan_dit_matches_reference() {
+    on_backends!("wan dit", golden("dit_out"), dit_out);
+}
+
+#[test]
+fn flow_samplers_match_reference() {
+    let start = golden("flow_start").to_f32();
+    for (name, sampler) in [("flow_euler", FlowSampler::Euler), ("flow_unipc", FlowSampler::UniPc)] {
+        let mut s = FlowScheduler::new(sampler, &FlowSchedulerConfig::default(), 6).expect("scheduler");
+        let want_t = golden(&format!("{name}_timesteps")).to_f32();
+        let got_t = HostTensor::from_f32(&[want_t.len()], s.timesteps().to_vec()).unwrap();
+        assert_close(
+            &format!("{name} timesteps"),
+            &got_t,
+            &golden(&format!("{name}_timesteps")),
+            SAMPLER_TOL,
+        );
+        let mut x = start.clone();
+        for i in 0..want_t.len() {
+            let t = s.timesteps()[i];
+            let v: Vec<f32> = x.iter().map(|&x| x.tanh() * 0.5 - 0.3 * x + 0.001 * t).collect();
+            x = s.step(i, &v, &x).expect("step");
+        }
+        let got = HostTensor::from_f32(&[1, 4, 2, 4, 4], x).unwrap();
+        assert_close(&format!("sampler {name}"), &got, &golden(&format!("{name}_final")), SAMPLER_TOL);
     }
 }

@@ -147,6 +147,13 @@ impl HostTensor {
     pub fn to_f32(&self) -> Vec<f32> {
         self.data.to_f32().into_owned()
     }
+
+    pub fn to_dtype(&self, dtype: DType) -> HostTensor {
+        HostTensor {
+            shape: self.shape.clone(),
+            data: self.data.convert(dtype),
+        }
+    }
 }
 
 /// A contiguous, row-major tensor owned by backend `B`. Cloning is cheap (shared storage);

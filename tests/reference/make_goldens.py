@@ -259,6 +259,66 @@ def scheduler_goldens(cfg, steps=5):
     return out
 
 
+def make_wan():
+    """The Wan2.1 DiT at a tiny config (bf16 storage) and one forward; the flow samplers."""
+    from diffusers import WanTransformer3DModel
+
+    root = os.path.join(DATA, "wan-tiny")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    goldens = {}
+    set_seed(2)
+    dit = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=1024,
+    )
+    randomize(dit, 21, scale=0.2)
+    dit = save_component(dit, os.path.join(root, "transformer"), torch.bfloat16)
+    g = torch.Generator().manual_seed(22)
+    latent = torch.randn((1, 4, 3, 8, 6), generator=g)
+    context = torch.randn((1, 20, 16), generator=g)
+    goldens["dit_latent"] = latent
+    goldens["dit_context"] = context
+    goldens["dit_out"] = dit(latent, torch.tensor([500.0]), context).sample
+    goldens.update(flow_scheduler_goldens())
+    save_file({k: v.contiguous().float() for k, v in goldens.items()}, os.path.join(DATA, "wan-tiny-goldens.safetensors"))
+
+
+def flow_scheduler_goldens(steps=6):
+    """Wan's samplers (flow matching with shift 3) driven by a fixed fake velocity field."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    g = torch.Generator().manual_seed(23)
+    start = torch.randn((1, 4, 2, 4, 4), generator=g)
+    out = {"flow_start": start}
+    kinds = {
+        "flow_euler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        "flow_unipc": UniPCMultistepScheduler(
+            num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+        ),
+    }
+    for name, s in kinds.items():
+        s.set_timesteps(steps)
+        x = start.clone()
+        for t in s.timesteps:
+            v = torch.tanh(x) * 0.5 - 0.3 * x + 0.001 * float(t)
+            x = s.step(v, t, x).prev_sample
+        out[f"{name}_timesteps"] = s.timesteps.float()
+        out[f"{name}_final"] = x
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--clip-vocab", required=True)
@@ -267,6 +327,7 @@ def main():
     os.makedirs(DATA, exist_ok=True)
     ints = {"prompts": PROMPTS}
     ints.update(make_sd(args.clip_vocab))
+    make_wan()
     from transformers import CLIPTokenizer
 
     full = CLIPTokenizer(

@@ -4,8 +4,10 @@
 
 pub mod clip_text;
 pub mod clip_tokenizer;
+pub mod flow_schedulers;
 pub mod nn;
 pub mod schedulers;
 pub mod sd;
 pub mod sd_vae;
 pub mod unet;
+pub mod wan_dit;

@@ -1,0 +1,330 @@
+//! Wan2.1's video denoiser (diffusers `WanTransformer3DModel`): a 3D patch embedding, a
+//! timestep embedding projected to six adaLN modulation vectors per block, and transformer
+//! blocks of self-attention with RMS-normed q/k and 3D rotary embedding, cross-attention to
+//! the text, and a GELU-tanh feed-forward, each gated by the modulation.
+//!
+//! The forward is split into `embed`, `run_blocks` and `head` so that a range of blocks can
+//! run elsewhere (remote offload sends `DitState` across).
+
+use std::ops::Range;
+
+use serde::Deserialize;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::models::nn::{multi_head_attention, LayerNorm, Linear};
+use crate::ops;
+use crate::tensor::{DType, Tensor};
+use crate::weights::Params;
+
+/// Mirrors diffusers' `WanTransformer3DModel` config (text-to-video fields).
+#[derive(Clone, Debug, Deserialize)]
+pub struct WanDitConfig {
+    #[serde(default = "d::patch_size")]
+    pub patch_size: [usize; 3],
+    #[serde(default = "d::num_attention_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d::attention_head_dim")]
+    pub attention_head_dim: usize,
+    #[serde(default = "d::channels")]
+    pub in_channels: usize,
+    #[serde(default = "d::channels")]
+    pub out_channels: usize,
+    #[serde(default = "d::text_dim")]
+    pub text_dim: usize,
+    #[serde(default = "d::freq_dim")]
+    pub freq_dim: usize,
+    #[serde(default = "d::ffn_dim")]
+    pub ffn_dim: usize,
+    #[serde(default = "d::num_layers")]
+    pub num_layers: usize,
+    #[serde(default = "d::cross_attn_norm")]
+    pub cross_attn_norm: bool,
+    #[serde(default = "d::eps")]
+    pub eps: f32,
+    #[serde(default)]
+    pub image_dim: Option<usize>,
+    #[serde(default)]
+    pub added_kv_proj_dim: Option<usize>,
+}
+
+mod d {
+    pub fn patch_size() -> [usize; 3] {
+        [1, 2, 2]
+    }
+    pub fn num_attention_heads() -> usize {
+        40
+    }
+    pub fn attention_head_dim() -> usize {
+        128
+    }
+    pub fn channels() -> usize {
+        16
+    }
+    pub fn text_dim() -> usize {
+        4096
+    }
+    pub fn freq_dim() -> usize {
+        256
+    }
+    pub fn ffn_dim() -> usize {
+        13824
+    }
+    pub fn num_layers() -> usize {
+        40
+    }
+    pub fn cross_attn_norm() -> bool {
+        true
+    }
+    pub fn eps() -> f32 {
+        1e-6
+    }
+}
+
+impl WanDitConfig {
+    pub fn dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+}
+
+/// Wan attention: biased q/k/v projections, RMS norm of q and k across all heads, optional
+/// rotary embedding (self-attention only).
+struct WanAttention<B: Backend> {
+    heads: usize,
+    eps: f32,
+    q: Linear<B>,
+    k: Linear<B>,
+    v: Linear<B>,
+    out: Linear<B>,
+    norm_q: Tensor<B>,
+    norm_k: Tensor<B>,
+}
+
+impl<B: Backend> WanAttention<B> {
+    fn load(p: &Params<B>, dim: usize, heads: usize, eps: f32) -> Result<Self> {
+        Ok(Self {
+            heads,
+            eps,
+            q: Linear::load(&p.at("to_q"), dim, dim, true)?,
+            k: Linear::load(&p.at("to_k"), dim, dim, true)?,
+            v: Linear::load(&p.at("to_v"), dim, dim, true)?,
+            out: Linear::load(&p.at("to_out.0"), dim, dim, true)?,
+            norm_q: p.get("norm_q.weight", &[dim])?,
+            norm_k: p.get("norm_k.weight", &[dim])?,
+        })
+    }
+
+    fn forward(&self, b: &B, x: &Tensor<B>, context: Option<&Tensor<B>>, rope: Option<(&Tensor<B>, &Tensor<B>)>) -> Result<Tensor<B>> {
+        let ctx = context.unwrap_or(x);
+        let q = ops::rms_norm(b, &self.q.forward(b, x)?, Some(&self.norm_q), self.eps)?;
+        let k = ops::rms_norm(b, &self.k.forward(b, ctx)?, Some(&self.norm_k), self.eps)?;
+        let v = self.v.forward(b, ctx)?;
+        let (q, k) = match rope {
+            Some((cos, sin)) => {
+                let rotate = |t: &Tensor<B>| {
+                    let s = t.shape();
+                    let heads = t.reshape(&[s[0], s[1], self.heads, s[2] / self.heads])?;
+                    ops::rope(b, &heads, cos, sin)?.reshape(s)
+                };
+                (rotate(&q)?, rotate(&k)?)
+            }
+            None => (q, k),
+        };
+        self.out.forward(b, &multi_head_attention(b, &q, &k, &v, self.heads)?)
+    }
+}
+
+struct Block<B: Backend> {
+    modulation: Tensor<B>,
+    self_attn: WanAttention<B>,
+    cross_norm: Option<LayerNorm<B>>,
+    cross_attn: WanAttention<B>,
+    ffn_in: Linear<B>,
+    ffn_out: Linear<B>,
+}
+
+/// Activations between the stages of the forward; everything a block needs.
+pub struct DitState<B: Backend> {
+    /// Tokens `[batch, frames*height*width (patched), dim]`.
+    pub hidden: Tensor<B>,
+    /// Time embedding projected to the six modulation vectors `[batch, 6, dim]`.
+    pub modulation: Tensor<B>,
+    /// Time embedding `[batch, dim]` (for the output modulation).
+    pub temb: Tensor<B>,
+    /// Projected text `[batch, text_len, dim]`.
+    pub context: Tensor<B>,
+    /// Rotary tables `[tokens, head_dim / 2]`.
+    pub rope_cos: Tensor<B>,
+    pub rope_sin: Tensor<B>,
+    /// The patched grid: frames, height, width.
+    pub grid: [usize; 3],
+}
+
+pub struct WanDit<B: Backend> {
+    pub config: WanDitConfig,
+    patch_weight: Tensor<B>,
+    patch_bias: Tensor<B>,
+    time_1: Linear<B>,
+    time_2: Linear<B>,
+    time_proj: Linear<B>,
+    text_1: Linear<B>,
+    text_2: Linear<B>,
+    blocks: Vec<Block<B>>,
+    out_modulation: Tensor<B>,
+    proj_out: Linear<B>,
+    dtype: DType,
+}
+
+impl<B: Backend> WanDit<B> {
+    pub fn load(p: &Params<B>, config: WanDitConfig) -> Result<Self> {
+        let c = &config;
+        if c.image_dim.is_some() || c.added_kv_proj_dim.is_some() {
+            return Err(Error::Invalid(
+                "Wan DiT config: image conditioning (I2V) is not supported, text-to-video only".into(),
+            ));
+        }
+        if c.patch_size[0] != 1 || c.attention_head_dim % 2 != 0 || c.attention_head_dim < 6 {
+            return Err(Error::Invalid(format!(
+                "Wan DiT config: patch size {:?} / head dim {} not supported (temporal patch 1, even head dim >= 6)",
+                c.patch_size, c.attention_head_dim
+            )));
+        }
+        let (dim, heads, eps) = (c.dim(), c.num_attention_heads, c.eps);
+        let [pt, ph, pw] = c.patch_size;
+        let blocks = (0..c.num_layers)
+            .map(|i| {
+                let bp = p.at("blocks").at(i);
+                Ok(Block {
+                    modulation: bp.get("scale_shift_table", &[1, 6, dim])?,
+                    self_attn: WanAttention::load(&bp.at("attn1"), dim, heads, eps)?,
+                    cross_norm: c.cross_attn_norm.then(|| LayerNorm::load(&bp.at("norm2"), dim, eps)).transpose()?,
+                    cross_attn: WanAttention::load(&bp.at("attn2"), dim, heads, eps)?,
+                    ffn_in: Linear::load(&bp.at("ffn.net.0.proj"), dim, c.ffn_dim, true)?,
+                    ffn_out: Linear::load(&bp.at("ffn.net.2"), c.ffn_dim, dim, true)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let ce = p.at("condition_embedder");
+        Ok(Self {
+            patch_weight: p.get("patch_embedding.weight", &[dim, c.in_channels, pt, ph, pw])?,
+            patch_bias: p.get("patch_embedding.bias", &[dim])?,
+            time_1: Linear::load(&ce.at("time_embedder.linear_1"), c.freq_dim, dim, true)?,
+            time_2: Linear::load(&ce.at("time_embedder.linear_2"), dim, dim, true)?,
+            time_proj: Linear::load(&ce.at("time_proj"), dim, 6 * dim, true)?,
+            text_1: Linear::load(&ce.at("text_embedder.linear_1"), c.text_dim, dim, true)?,
+            text_2: Linear::load(&ce.at("text_embedder.linear_2"), dim, dim, true)?,
+            blocks,
+            out_modulation: p.get("scale_shift_table", &[1, 2, dim])?,
+            proj_out: Linear::load(&p.at("proj_out"), dim, c.out_channels * pt * ph * pw, true)?,
+            dtype: p.dtype,
+            config,
+        })
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Patch embedding, time and text embeddings, rotary tables for the latent `x [batch,
+    /// in_channels, frames, height, width]` at `timesteps` (one per row) with text
+    /// `context [batch, text_len, text_dim]`.
+    pub fn embed(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], context: &Tensor<B>) -> Result<DitState<B>> {
+        let c = &self.config;
+        let s = x.shape();
+        let [pt, ph, pw] = c.patch_size;
+        if s.len() != 5 || s[1] != c.in_channels || s[2] % pt != 0 || s[3] % ph != 0 || s[4] % pw != 0 || timesteps.len() != s[0] {
+            return Err(Error::Invalid(format!(
+                "Wan DiT input {s:?} with {} timesteps: expected [n, {}, frames, h, w] with h, w multiples of {ph}, {pw} and one timestep per row",
+                timesteps.len(),
+                c.in_channels
+            )));
+        }
+        let cs = context.shape();
+        if cs.len() != 3 || cs[0] != s[0] || cs[2] != c.text_dim {
+            return Err(Error::Invalid(format!(
+                "Wan DiT text context {cs:?}: expected [{}, text_len, {}]",
+                s[0], c.text_dim
+            )));
+        }
+        let (n, dim) = (s[0], c.dim());
+        let grid = [s[2] / pt, s[3] / ph, s[4] / pw];
+        let tokens = grid.iter().product::<usize>();
+        let patches = ops::conv3d(b, x, &self.patch_weight, Some(&self.patch_bias), c.patch_size, [0; 3], [0; 3], 1)?;
+        let hidden = ops::permute(b, &patches.reshape(&[n, dim, tokens])?, &[0, 2, 1])?;
+        let t = ops::timestep_embedding(b, timesteps, c.freq_dim, true, 0.0, 10000.0, self.dtype)?;
+        let temb = self.time_2.forward(b, &ops::silu(b, &self.time_1.forward(b, &t)?)?)?;
+        let modulation = self.time_proj.forward(b, &ops::silu(b, &temb)?)?.reshape(&[n, 6, dim])?;
+        let context = self.text_2.forward(b, &ops::gelu_tanh(b, &self.text_1.forward(b, context)?)?)?;
+        let (cos, sin) = ops::rope3d_tables(grid[0], grid[1], grid[2], c.attention_head_dim, 10000.0)?;
+        Ok(DitState {
+            hidden,
+            modulation,
+            temb,
+            context,
+            rope_cos: b.upload(&cos.to_dtype(self.dtype))?,
+            rope_sin: b.upload(&sin.to_dtype(self.dtype))?,
+            grid,
+        })
+    }
+
+    /// Runs blocks `range` on `state.hidden`.
+    pub fn run_blocks(&self, b: &B, state: &mut DitState<B>, range: Range<usize>) -> Result<()> {
+        if range.end > self.blocks.len() || range.start > range.end {
+            return Err(Error::Invalid(format!(
+                "blocks {range:?} are outside the model's {} blocks",
+                self.blocks.len()
+            )));
+        }
+        for block in &self.blocks[range] {
+            state.hidden = self.block(b, block, state)?;
+        }
+        Ok(())
+    }
+
+    fn block(&self, b: &B, block: &Block<B>, s: &DitState<B>) -> Result<Tensor<B>> {
+        let eps = self.config.eps;
+        let m = ops::add(b, &block.modulation, &s.modulation)?;
+        let part = |i: usize| ops::slice(b, &m, 1, i, 1);
+        let (shift, scale, gate) = (part(0)?, part(1)?, part(2)?);
+        let (c_shift, c_scale, c_gate) = (part(3)?, part(4)?, part(5)?);
+        let x = &s.hidden;
+        let h = ops::modulate(b, &ops::layer_norm(b, x, None, None, eps)?, &scale, &shift)?;
+        let a = block.self_attn.forward(b, &h, None, Some((&s.rope_cos, &s.rope_sin)))?;
+        let x = ops::add(b, x, &ops::mul(b, &a, &gate)?)?;
+        let h = match &block.cross_norm {
+            Some(norm) => norm.forward(b, &x)?,
+            None => x.clone(),
+        };
+        let x = ops::add(b, &x, &block.cross_attn.forward(b, &h, Some(&s.context), None)?)?;
+        let h = ops::modulate(b, &ops::layer_norm(b, &x, None, None, eps)?, &c_scale, &c_shift)?;
+        let f = block.ffn_out.forward(b, &ops::gelu_tanh(b, &block.ffn_in.forward(b, &h)?)?)?;
+        ops::add(b, &x, &ops::mul(b, &f, &c_gate)?)
+    }
+
+    /// Output modulation, projection and unpatchify: the velocity `[batch, out_channels,
+    /// frames, height, width]`.
+    pub fn head(&self, b: &B, s: &DitState<B>) -> Result<Tensor<B>> {
+        let c = &self.config;
+        let (n, dim) = (s.hidden.shape()[0], c.dim());
+        let m = ops::add(b, &self.out_modulation, &s.temb.reshape(&[n, 1, dim])?)?;
+        let (shift, scale) = (ops::slice(b, &m, 1, 0, 1)?, ops::slice(b, &m, 1, 1, 1)?);
+        let h = ops::modulate(b, &ops::layer_norm(b, &s.hidden, None, None, c.eps)?, &scale, &shift)?;
+        let out = self.proj_out.forward(b, &h)?;
+        let [f, hh, ww] = s.grid;
+        let [_, ph, pw] = c.patch_size;
+        let co = c.out_channels;
+        let per_row = (0..n)
+            .map(|i| {
+                let row = ops::slice(b, &out, 0, i, 1)?.reshape(&[f, hh, ww, ph, pw, co])?;
+                ops::permute(b, &row, &[5, 0, 1, 3, 2, 4])?.reshape(&[1, co, f, hh * ph, ww * pw])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        ops::concat(b, &per_row.iter().collect::<Vec<_>>(), 0)
+    }
+
+    pub fn forward(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], context: &Tensor<B>) -> Result<Tensor<B>> {
+        let mut state = self.embed(b, x, timesteps, context)?;
+        self.run_blocks(b, &mut state, 0..self.blocks.len())?;
+        self.head(b, &state)
+    }
+}
