@@ -18,6 +18,7 @@ use sdlite_runtime::models::sd::{SdRequest, StableDiffusion};
 use sdlite_runtime::models::sd_vae::{VaeDecoder, VaeEncoder};
 use sdlite_runtime::models::unet::UNet;
 use sdlite_runtime::models::wan_dit::WanDit;
+use sdlite_runtime::models::wan_vae::WanVaeDecoder;
 use sdlite_runtime::source::{DirSource, Source};
 use sdlite_runtime::weights::{Params, Weights};
 use sdlite_runtime::{Backend, CpuBackend, DType, HostTensor, WgpuBackend};
@@ -50,7 +51,7 @@ fn wan_goldens() -> &'static Weights {
 }
 
 fn golden(name: &str) -> HostTensor {
-    let g = if name.starts_with("dit_") || name.starts_with("flow_") {
+    let g = if name.starts_with("dit_") || name.starts_with("flow_") || name.starts_with("wan_") {
         wan_goldens()
     } else {
         goldens()
@@ -290,4 +291,21 @@ fn flow_samplers_match_reference() {
         let got = HostTensor::from_f32(&[1, 4, 2, 4, 4], x).unwrap();
         assert_close(&format!("sampler {name}"), &got, &golden(&format!("{name}_final")), SAMPLER_TOL);
     }
+}
+
+fn wan_vae_decoded<B: Backend>(b: &B) -> HostTensor {
+    let w = wan_source().weights("vae").expect("weights");
+    let vae = WanVaeDecoder::load(
+        &Params::new(b, &w, DType::F32),
+        wan_source().config("vae/config.json").expect("config"),
+    )
+    .expect("vae loads");
+    let z = upload(b, &golden("wan_vae_latent"));
+    pollster::block_on(vae.decode(b, &z, |_, _| {})).expect("decode runs")
+}
+
+/// Frame-by-frame decoding with the causal cache equals the reference's decode.
+#[test]
+fn wan_vae_matches_reference() {
+    on_backends!("wan vae decode", golden("wan_vae_decoded"), wan_vae_decoded);
 }

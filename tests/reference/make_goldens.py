@@ -42,7 +42,7 @@ def randomize(module, seed, scale=0.2):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if "norm" in name and name.endswith("weight"):
+            if "norm" in name and (name.endswith("weight") or name.endswith("gamma")):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(scale * torch.randn(p.shape, generator=g))
@@ -291,6 +291,26 @@ def make_wan():
     goldens["dit_latent"] = latent
     goldens["dit_context"] = context
     goldens["dit_out"] = dit(latent, torch.tensor([500.0]), context).sample
+
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.8, 1.2, 2.0],
+    )
+    randomize(vae, 24, scale=0.15)
+    with torch.no_grad():
+        # Keep most outputs inside the decoder's final clamp to [-1, 1], so they are compared.
+        vae.decoder.conv_out.weight.mul_(0.2)
+    vae = save_component(vae, os.path.join(root, "vae"), torch.float32)
+    z = torch.randn((1, 4, 3, 4, 6), generator=g)
+    goldens["wan_vae_latent"] = z
+    goldens["wan_vae_decoded"] = vae.decode(z).sample
     goldens.update(flow_scheduler_goldens())
     save_file({k: v.contiguous().float() for k, v in goldens.items()}, os.path.join(DATA, "wan-tiny-goldens.safetensors"))
 

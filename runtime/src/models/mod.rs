@@ -11,3 +11,4 @@ pub mod sd;
 pub mod sd_vae;
 pub mod unet;
 pub mod wan_dit;
+pub mod wan_vae;

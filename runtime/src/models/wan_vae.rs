@@ -1,0 +1,421 @@
+//! Wan2.1's causal 3D VAE decoder (diffusers `AutoencoderKLWan`, decoder side): causal 3D
+//! convolutions, channel RMS norms, a per-frame attention block, and upsamplers that double
+//! space (and time, through a causal time convolution).
+//!
+//! Decoding runs one latent frame at a time, as the reference does: every causal convolution
+//! keeps the last two frames of its input in a `CausalCache`, which makes the chunked decode
+//! equal to decoding the whole clip at once while device memory holds only one chunk's
+//! activations (1 latent frame -> 4 video frames) plus the caches.
+
+use serde::Deserialize;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::models::nn::multi_head_attention;
+use crate::ops;
+use crate::tensor::{HostData, HostTensor, Tensor};
+use crate::weights::Params;
+
+/// Mirrors diffusers' `AutoencoderKLWan` config (Wan 2.1 fields).
+#[derive(Clone, Debug, Deserialize)]
+pub struct WanVaeConfig {
+    #[serde(default = "d::base_dim")]
+    pub base_dim: usize,
+    #[serde(default)]
+    pub decoder_base_dim: Option<usize>,
+    #[serde(default = "d::z_dim")]
+    pub z_dim: usize,
+    #[serde(default = "d::dim_mult")]
+    pub dim_mult: Vec<usize>,
+    #[serde(default = "d::num_res_blocks")]
+    pub num_res_blocks: usize,
+    #[serde(default = "d::temperal_downsample")]
+    pub temperal_downsample: Vec<bool>,
+    #[serde(default)]
+    pub is_residual: bool,
+    #[serde(default = "d::out_channels")]
+    pub out_channels: usize,
+    #[serde(default)]
+    pub patch_size: Option<usize>,
+    pub latents_mean: Vec<f32>,
+    pub latents_std: Vec<f32>,
+}
+
+mod d {
+    pub fn base_dim() -> usize {
+        96
+    }
+    pub fn z_dim() -> usize {
+        16
+    }
+    pub fn dim_mult() -> Vec<usize> {
+        vec![1, 2, 4, 4]
+    }
+    pub fn num_res_blocks() -> usize {
+        2
+    }
+    pub fn temperal_downsample() -> Vec<bool> {
+        vec![false, true, true]
+    }
+    pub fn out_channels() -> usize {
+        3
+    }
+}
+
+/// Per-layer cached input frames of the causal convolutions, in call order.
+pub struct CausalCache<B: Backend> {
+    slots: Vec<Option<Tensor<B>>>,
+    next: usize,
+}
+
+impl<B: Backend> Default for CausalCache<B> {
+    fn default() -> Self {
+        Self {
+            slots: Vec::new(),
+            next: 0,
+        }
+    }
+}
+
+impl<B: Backend> CausalCache<B> {
+    fn slot(&mut self) -> &mut Option<Tensor<B>> {
+        if self.next == self.slots.len() {
+            self.slots.push(None);
+        }
+        self.next += 1;
+        &mut self.slots[self.next - 1]
+    }
+}
+
+/// The last `n` frames (dimension 2) of `x`, or all of them.
+fn last_frames<B: Backend>(b: &B, x: &Tensor<B>, n: usize) -> Result<Tensor<B>> {
+    let t = x.shape()[2];
+    if t <= n {
+        Ok(x.clone())
+    } else {
+        ops::slice(b, x, 2, t - n, n)
+    }
+}
+
+/// A causal 3D convolution (time padded in front only) with stride 1.
+struct CausalConv<B: Backend> {
+    weight: Tensor<B>,
+    bias: Tensor<B>,
+    /// Frames of zero padding in front when nothing is cached: `kernel_t - 1`.
+    front: usize,
+    pad_hw: usize,
+}
+
+impl<B: Backend> CausalConv<B> {
+    fn load(p: &Params<B>, input: usize, output: usize, kernel: [usize; 3]) -> Result<Self> {
+        Ok(Self {
+            weight: p.get("weight", &[output, input, kernel[0], kernel[1], kernel[2]])?,
+            bias: p.get("bias", &[output])?,
+            front: kernel[0] - 1,
+            pad_hw: kernel[1] / 2,
+        })
+    }
+
+    /// Convolves `x`, continuing the sequence whose last frames `slot` holds, and leaves the
+    /// last `front` frames of the (cached + new) input there for the next chunk.
+    fn forward(&self, b: &B, x: &Tensor<B>, slot: Option<&mut Option<Tensor<B>>>) -> Result<Tensor<B>> {
+        let cached = slot.as_ref().and_then(|s| s.as_ref());
+        let input = match cached {
+            Some(c) => ops::concat(b, &[c, x], 2)?,
+            None => x.clone(),
+        };
+        let cached_frames = cached.map_or(0, |c| c.shape()[2]);
+        if let Some(slot) = slot {
+            *slot = Some(last_frames(b, &input, self.front)?);
+        }
+        let p = self.pad_hw;
+        let front = self.front.saturating_sub(cached_frames);
+        ops::conv3d(b, &input, &self.weight, Some(&self.bias), [1, 1, 1], [front, p, p], [0, p, p], 1)
+    }
+}
+
+/// RMS norm over the channels of `[n, c, t, h, w]`, times `gamma` (the reference's
+/// `F.normalize(x, dim=1) * sqrt(c) * gamma`).
+fn channel_rms_norm<B: Backend>(b: &B, x: &Tensor<B>, gamma: &Tensor<B>) -> Result<Tensor<B>> {
+    let last = ops::permute(b, x, &[0, 2, 3, 4, 1])?;
+    let normed = ops::rms_norm(b, &last, Some(gamma), 1e-12)?;
+    ops::permute(b, &normed, &[0, 4, 1, 2, 3])
+}
+
+struct ResidualBlock<B: Backend> {
+    norm1: Tensor<B>,
+    conv1: CausalConv<B>,
+    norm2: Tensor<B>,
+    conv2: CausalConv<B>,
+    shortcut: Option<CausalConv<B>>,
+}
+
+impl<B: Backend> ResidualBlock<B> {
+    fn load(p: &Params<B>, input: usize, output: usize) -> Result<Self> {
+        Ok(Self {
+            norm1: p.get("norm1.gamma", &[input])?,
+            conv1: CausalConv::load(&p.at("conv1"), input, output, [3; 3])?,
+            norm2: p.get("norm2.gamma", &[output])?,
+            conv2: CausalConv::load(&p.at("conv2"), output, output, [3; 3])?,
+            shortcut: (input != output)
+                .then(|| CausalConv::load(&p.at("conv_shortcut"), input, output, [1; 3]))
+                .transpose()?,
+        })
+    }
+
+    fn forward(&self, b: &B, x: &Tensor<B>, cache: &mut CausalCache<B>) -> Result<Tensor<B>> {
+        let h = match &self.shortcut {
+            Some(s) => s.forward(b, x, None)?,
+            None => x.clone(),
+        };
+        let y = ops::silu(b, &channel_rms_norm(b, x, &self.norm1)?)?;
+        let y = self.conv1.forward(b, &y, Some(cache.slot()))?;
+        let y = ops::silu(b, &channel_rms_norm(b, &y, &self.norm2)?)?;
+        let y = self.conv2.forward(b, &y, Some(cache.slot()))?;
+        ops::add(b, &y, &h)
+    }
+}
+
+/// Single-head self-attention over the pixels of each frame.
+struct AttentionBlock<B: Backend> {
+    norm: Tensor<B>,
+    qkv_weight: Tensor<B>,
+    qkv_bias: Tensor<B>,
+    proj_weight: Tensor<B>,
+    proj_bias: Tensor<B>,
+}
+
+impl<B: Backend> AttentionBlock<B> {
+    fn load(p: &Params<B>, dim: usize) -> Result<Self> {
+        Ok(Self {
+            norm: p.get("norm.gamma", &[dim])?,
+            qkv_weight: p.get("to_qkv.weight", &[3 * dim, dim])?,
+            qkv_bias: p.get("to_qkv.bias", &[3 * dim])?,
+            proj_weight: p.get("proj.weight", &[dim, dim])?,
+            proj_bias: p.get("proj.bias", &[dim])?,
+        })
+    }
+
+    fn forward(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
+        let s = x.shape().to_vec();
+        let (n, c, t, h, w) = (s[0], s[1], s[2], s[3], s[4]);
+        let tokens = ops::permute(b, x, &[0, 2, 3, 4, 1])?.reshape(&[n * t, h * w, c])?;
+        let normed = ops::rms_norm(b, &tokens, Some(&self.norm), 1e-12)?;
+        let qkv = ops::linear(b, &normed, &self.qkv_weight, Some(&self.qkv_bias))?;
+        let part = |i: usize| ops::slice(b, &qkv, 2, i * c, c);
+        let attended = multi_head_attention(b, &part(0)?, &part(1)?, &part(2)?, 1)?;
+        let out = ops::linear(b, &attended, &self.proj_weight, Some(&self.proj_bias))?;
+        let out = ops::permute(b, &out.reshape(&[n, t, h, w, c])?, &[0, 4, 1, 2, 3])?;
+        ops::add(b, &out, x)
+    }
+}
+
+/// Doubles height and width (nearest, then a 3x3 conv to half the channels); `time` also
+/// doubles the frames after the first through a causal time convolution.
+struct Upsample<B: Backend> {
+    conv_weight: Tensor<B>,
+    conv_bias: Tensor<B>,
+    time: Option<CausalConv<B>>,
+}
+
+impl<B: Backend> Upsample<B> {
+    fn load(p: &Params<B>, dim: usize, temporal: bool) -> Result<Self> {
+        let w = p.get("resample.1.weight", &[dim / 2, dim, 3, 3])?;
+        Ok(Self {
+            conv_weight: w.reshape(&[dim / 2, dim, 1, 3, 3])?,
+            conv_bias: p.get("resample.1.bias", &[dim / 2])?,
+            time: temporal
+                .then(|| CausalConv::load(&p.at("time_conv"), dim, 2 * dim, [3, 1, 1]))
+                .transpose()?,
+        })
+    }
+
+    fn forward(&self, b: &B, x: &Tensor<B>, cache: &mut CausalCache<B>) -> Result<Tensor<B>> {
+        let mut x = x.clone();
+        if let Some(time) = &self.time {
+            let slot = cache.slot();
+            if slot.is_none() {
+                // The first chunk is not doubled in time; later chunks continue the sequence
+                // from a zero frame, as the reference does.
+                let s = x.shape();
+                let zero = HostTensor::new(
+                    &[s[0], s[1], 1, s[3], s[4]],
+                    HostData::from_f32(x.dtype(), vec![0.0; s[0] * s[1] * s[3] * s[4]]),
+                )?;
+                *slot = Some(b.upload(&zero)?);
+            } else {
+                let y = time.forward(b, &x, Some(slot))?;
+                let s = x.shape().to_vec();
+                let (n, c, t, h, w) = (s[0], s[1], s[2], s[3], s[4]);
+                // Channels [2, c] become two frames per input frame.
+                let y = ops::permute(b, &y.reshape(&[n, 2, c, t, h, w])?, &[0, 2, 3, 1, 4, 5])?;
+                x = y.reshape(&[n, c, 2 * t, h, w])?;
+            }
+        }
+        let up = ops::upsample_nearest(b, &x, 2)?;
+        ops::conv3d(b, &up, &self.conv_weight, Some(&self.conv_bias), [1, 1, 1], [0, 1, 1], [0, 1, 1], 1)
+    }
+}
+
+struct UpBlock<B: Backend> {
+    resnets: Vec<ResidualBlock<B>>,
+    upsample: Option<Upsample<B>>,
+}
+
+pub struct WanVaeDecoder<B: Backend> {
+    pub config: WanVaeConfig,
+    post_quant: CausalConv<B>,
+    conv_in: CausalConv<B>,
+    mid_resnets: [ResidualBlock<B>; 2],
+    mid_attention: AttentionBlock<B>,
+    up: Vec<UpBlock<B>>,
+    norm_out: Tensor<B>,
+    conv_out: CausalConv<B>,
+}
+
+impl<B: Backend> WanVaeDecoder<B> {
+    pub fn load(p: &Params<B>, config: WanVaeConfig) -> Result<Self> {
+        let c = &config;
+        if c.is_residual || c.patch_size.is_some() {
+            return Err(Error::Invalid(
+                "Wan VAE config: the Wan 2.2 residual/patched VAE is not supported (Wan 2.1 only)".into(),
+            ));
+        }
+        let levels = c.dim_mult.len();
+        if levels == 0 || c.temperal_downsample.len() + 1 < levels || c.latents_mean.len() != c.z_dim || c.latents_std.len() != c.z_dim {
+            return Err(Error::Invalid(
+                "Wan VAE config: dim_mult, temperal_downsample and the latent statistics do not fit z_dim".into(),
+            ));
+        }
+        let base = c.decoder_base_dim.unwrap_or(c.base_dim);
+        let dims: Vec<usize> = std::iter::once(c.dim_mult[levels - 1])
+            .chain(c.dim_mult.iter().rev().copied())
+            .map(|m| m * base)
+            .collect();
+        let temporal_up: Vec<bool> = c.temperal_downsample.iter().rev().copied().collect();
+        let dp = p.at("decoder");
+        let mut up = Vec::new();
+        for i in 0..levels {
+            let (mut input, output) = (dims[i], dims[i + 1]);
+            if i > 0 {
+                input /= 2;
+            }
+            let bp = dp.at("up_blocks").at(i);
+            let resnets = (0..=c.num_res_blocks)
+                .map(|j| ResidualBlock::load(&bp.at("resnets").at(j), if j == 0 { input } else { output }, output))
+                .collect::<Result<_>>()?;
+            let upsample = (i + 1 < levels)
+                .then(|| Upsample::load(&bp.at("upsamplers.0"), output, temporal_up[i]))
+                .transpose()?;
+            up.push(UpBlock { resnets, upsample });
+        }
+        let top = dims[0];
+        let last = dims[levels];
+        let mp = dp.at("mid_block");
+        Ok(Self {
+            post_quant: CausalConv::load(&p.at("post_quant_conv"), c.z_dim, c.z_dim, [1; 3])?,
+            conv_in: CausalConv::load(&dp.at("conv_in"), c.z_dim, top, [3; 3])?,
+            mid_resnets: [
+                ResidualBlock::load(&mp.at("resnets.0"), top, top)?,
+                ResidualBlock::load(&mp.at("resnets.1"), top, top)?,
+            ],
+            mid_attention: AttentionBlock::load(&mp.at("attentions.0"), top)?,
+            up,
+            norm_out: dp.get("norm_out.gamma", &[last])?,
+            conv_out: CausalConv::load(&dp.at("conv_out"), last, c.out_channels, [3; 3])?,
+            config,
+        })
+    }
+
+    /// Video frames per latent frame after the first.
+    pub fn temporal_factor(&self) -> usize {
+        1 << self
+            .up
+            .iter()
+            .filter(|u| u.upsample.as_ref().is_some_and(|s| s.time.is_some()))
+            .count()
+    }
+
+    pub fn spatial_factor(&self) -> usize {
+        1 << self.up.iter().filter(|u| u.upsample.is_some()).count()
+    }
+
+    /// The denoiser's latent `[n, z, t, h, w]` mapped to the VAE's: `z * std + mean` per channel.
+    pub fn denormalize(&self, b: &B, latent: &Tensor<B>) -> Result<Tensor<B>> {
+        let c = &self.config;
+        let stat = |v: &[f32]| {
+            b.upload(&HostTensor::new(
+                &[1, c.z_dim, 1, 1, 1],
+                HostData::from_f32(latent.dtype(), v.to_vec()),
+            )?)
+        };
+        let scaled = ops::mul(b, latent, &stat(&c.latents_std)?)?;
+        ops::add(b, &scaled, &stat(&c.latents_mean)?)
+    }
+
+    /// Decodes one latent frame `[n, z, 1, h, w]` (already denormalised), continuing the clip
+    /// whose state `cache` holds; returns its video frames before the final clamp to [-1, 1]
+    /// (which `decode` applies on the host): 1 for the first chunk, `temporal_factor()` after.
+    pub fn decode_chunk(&self, b: &B, z: &Tensor<B>, cache: &mut CausalCache<B>) -> Result<Tensor<B>> {
+        let s = z.shape();
+        if s.len() != 5 || s[1] != self.config.z_dim {
+            return Err(Error::Invalid(format!(
+                "Wan VAE input {s:?}: expected [n, {}, frames, h, w]",
+                self.config.z_dim
+            )));
+        }
+        cache.next = 0;
+        let x = self.post_quant.forward(b, z, None)?;
+        let mut x = self.conv_in.forward(b, &x, Some(cache.slot()))?;
+        x = self.mid_resnets[0].forward(b, &x, cache)?;
+        x = self.mid_attention.forward(b, &x)?;
+        x = self.mid_resnets[1].forward(b, &x, cache)?;
+        for block in &self.up {
+            for r in &block.resnets {
+                x = r.forward(b, &x, cache)?;
+            }
+            if let Some(u) = &block.upsample {
+                x = u.forward(b, &x, cache)?;
+            }
+        }
+        let x = ops::silu(b, &channel_rms_norm(b, &x, &self.norm_out)?)?;
+        self.conv_out.forward(b, &x, Some(cache.slot()))
+    }
+
+    /// The whole clip `[n, out_channels, 1 + factor * (t - 1), h * s, w * s]` on the host, in
+    /// [-1, 1], from a denormalised latent `[n, z, t, h, w]`, one latent frame at a time.
+    pub async fn decode(&self, b: &B, z: &Tensor<B>, mut on_frame: impl FnMut(usize, usize)) -> Result<HostTensor> {
+        let t = z.shape()[2];
+        let mut cache = CausalCache::default();
+        let mut chunks: Vec<HostTensor> = Vec::with_capacity(t);
+        for i in 0..t {
+            let frame = ops::slice(b, z, 2, i, 1)?;
+            let out = b.read(&self.decode_chunk(b, &frame, &mut cache)?).await?;
+            chunks.push(out);
+            on_frame(i + 1, t);
+        }
+        let s = chunks[0].shape.clone();
+        let (n, c, h, w) = (s[0], s[1], s[3], s[4]);
+        let frames: usize = chunks.iter().map(|ch| ch.shape[2]).sum();
+        let mut out = vec![0.0f32; n * c * frames * h * w];
+        let plane = h * w;
+        let mut f0 = 0;
+        for ch in &chunks {
+            let tf = ch.shape[2];
+            let v = ch.to_f32();
+            for ni in 0..n {
+                for ci in 0..c {
+                    for fi in 0..tf {
+                        let src = ((ni * c + ci) * tf + fi) * plane;
+                        let dst = ((ni * c + ci) * frames + f0 + fi) * plane;
+                        for (o, &x) in out[dst..dst + plane].iter_mut().zip(&v[src..src + plane]) {
+                            *o = x.clamp(-1.0, 1.0);
+                        }
+                    }
+                }
+            }
+            f0 += tf;
+        }
+        HostTensor::from_f32(&[n, c, frames, h, w], out)
+    }
+}
