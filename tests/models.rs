@@ -16,6 +16,8 @@ use sdlite_runtime::models::flow_schedulers::{FlowSampler, FlowScheduler, FlowSc
 use sdlite_runtime::models::schedulers::{Sampler, Scheduler, SchedulerConfig};
 use sdlite_runtime::models::sd::{SdRequest, StableDiffusion};
 use sdlite_runtime::models::sd_vae::{VaeDecoder, VaeEncoder};
+use sdlite_runtime::models::sentencepiece::SentencePiece;
+use sdlite_runtime::models::umt5::Umt5Encoder;
 use sdlite_runtime::models::unet::UNet;
 use sdlite_runtime::models::wan_dit::WanDit;
 use sdlite_runtime::models::wan_vae::WanVaeDecoder;
@@ -51,7 +53,7 @@ fn wan_goldens() -> &'static Weights {
 }
 
 fn golden(name: &str) -> HostTensor {
-    let g = if name.starts_with("dit_") || name.starts_with("flow_") || name.starts_with("wan_") {
+    let g = if name.starts_with("dit_") || name.starts_with("flow_") || name.starts_with("wan_") || name.starts_with("umt5_") {
         wan_goldens()
     } else {
         goldens()
@@ -308,4 +310,33 @@ fn wan_vae_decoded<B: Backend>(b: &B) -> HostTensor {
 #[test]
 fn wan_vae_matches_reference() {
     on_backends!("wan vae decode", golden("wan_vae_decoded"), wan_vae_decoded);
+}
+
+fn sentencepiece() -> SentencePiece {
+    let path = data().join("wan-tiny/tokenizer/spiece.model");
+    SentencePiece::from_model_bytes(&path.display().to_string(), &std::fs::read(&path).expect("spiece.model")).expect("parses")
+}
+
+/// Against the sentencepiece library and transformers' UMT5 tokenizer on a unigram model the
+/// library fitted (make_goldens.py).
+#[test]
+fn sentencepiece_matches_library_and_reference_tokenizer() {
+    let sp = sentencepiece();
+    for ((prompt, lib), padded) in prompts().iter().zip(ids("spm_library_ids")).zip(ids("umt5_ids")) {
+        assert_eq!(sp.encode_text(prompt), lib, "prompt {prompt:?} (sentencepiece library)");
+        assert_eq!(sp.encode_padded(prompt, 512).0, padded, "prompt {prompt:?} (UMT5 tokenizer)");
+    }
+}
+
+fn umt5_hidden<B: Backend>(b: &B) -> HostTensor {
+    let w = Arc::new(wan_source().weights("text_encoder").expect("weights"));
+    let te = Umt5Encoder::load(b, wan_source().config("text_encoder/config.json").expect("config"), w, DType::F32).expect("loads");
+    let rows = ids("umt5_hidden_ids");
+    let lens: Vec<usize> = rows.iter().map(|r| r.iter().take_while(|&&t| t != 0).count()).collect();
+    read(b, &te.forward(b, &rows, &lens).expect("encoder runs"))
+}
+
+#[test]
+fn umt5_encoder_matches_reference() {
+    on_backends!("umt5 encoder", golden("umt5_hidden"), umt5_hidden);
 }

@@ -311,8 +311,93 @@ def make_wan():
     z = torch.randn((1, 4, 3, 4, 6), generator=g)
     goldens["wan_vae_latent"] = z
     goldens["wan_vae_decoded"] = vae.decode(z).sample
+    ints = make_umt5(root, goldens, g)
     goldens.update(flow_scheduler_goldens())
     save_file({k: v.contiguous().float() for k, v in goldens.items()}, os.path.join(DATA, "wan-tiny-goldens.safetensors"))
+    return ints
+
+
+def caption_corpus(n=3000, seed=31):
+    """Procedural captions (plus the test prompts) to fit a small unigram vocabulary on."""
+    import random
+
+    rng = random.Random(seed)
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "grey"]
+    shapes = ["circle", "square", "triangle", "star", "hexagon", "heart", "cross", "ring"]
+    motions = ["moving left", "moving right", "moving up", "moving down", "spinning", "growing", "shrinking"]
+    places = ["top left", "top right", "bottom left", "bottom right", "in the centre", "near the edge"]
+    counts = ["a", "one", "two", "three", "four", "many"]
+    lines = list(PROMPTS)
+    syllables = ["ka", "lo", "mi", "ne", "tra", "ver", "sun", "ght", "ing", "er", "on", "pha", "qu", "zy", "est", "ble"]
+    for _ in range(n):
+        lines.append(" ".join("".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(8)))
+        c, sh = rng.choice(colours), rng.choice(shapes)
+        lines.append(
+            f"{rng.choice(counts)} {rng.choice(['small', 'large', 'tiny', 'big'])} {c} {sh}s "
+            f"{rng.choice(motions)} on a {rng.choice(colours)} background, {rng.choice(places)}."
+        )
+    return lines
+
+
+def make_umt5(root, goldens, g):
+    """A unigram SentencePiece model fitted by the sentencepiece library, the UMT5 encoder at
+    a tiny config on it, and golden ids from both the library and the transformers tokenizer."""
+    import sentencepiece as spm
+    from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    tok_dir = os.path.join(root, "tokenizer")
+    os.makedirs(tok_dir)
+    corpus = os.path.join(tok_dir, "corpus.txt")
+    with open(corpus, "w", encoding="utf-8") as f:
+        f.write("\n".join(caption_corpus()))
+    spm.SentencePieceTrainer.train(
+        input=corpus,
+        model_prefix=os.path.join(tok_dir, "spiece"),
+        model_type="unigram",
+        vocab_size=400,
+        hard_vocab_limit=False,
+        character_coverage=0.9995,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    os.remove(corpus)
+    os.remove(os.path.join(tok_dir, "spiece.vocab"))
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(tok_dir, "spiece.model"))
+    tok = T5Tokenizer.from_pretrained(tok_dir, extra_ids=0, model_max_length=512)
+    tok.save_pretrained(tok_dir)
+    tok = T5Tokenizer.from_pretrained(tok_dir)
+    ints = {
+        "spm_library_ids": [sp.encode(p) for p in PROMPTS],
+        "umt5_ids": [tok(p, padding="max_length", max_length=512, truncation=True).input_ids for p in PROMPTS],
+    }
+
+    set_seed(3)
+    cfg = UMT5Config(
+        vocab_size=sp.get_piece_size(),
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        layer_norm_epsilon=1e-6,
+        is_encoder_decoder=False,
+    )
+    te = UMT5EncoderModel(cfg)
+    randomize(te, 25, scale=0.3)
+    te = save_component(te, os.path.join(root, "text_encoder"), torch.bfloat16)
+    enc = tok(PROMPTS[:2], padding="max_length", max_length=512, truncation=True, return_tensors="pt")
+    # The sequence is cut to 160 tokens for the golden (the model has no fixed length).
+    ids, mask = enc.input_ids[:, :160], enc.attention_mask[:, :160]
+    goldens["umt5_hidden"] = te(ids, attention_mask=mask).last_hidden_state
+    ints["umt5_hidden_ids"] = ids.tolist()
+    return ints
 
 
 def flow_scheduler_goldens(steps=6):
@@ -347,7 +432,7 @@ def main():
     os.makedirs(DATA, exist_ok=True)
     ints = {"prompts": PROMPTS}
     ints.update(make_sd(args.clip_vocab))
-    make_wan()
+    ints.update(make_wan())
     from transformers import CLIPTokenizer
 
     full = CLIPTokenizer(

@@ -9,6 +9,8 @@ pub mod nn;
 pub mod schedulers;
 pub mod sd;
 pub mod sd_vae;
+pub mod sentencepiece;
+pub mod umt5;
 pub mod unet;
 pub mod wan_dit;
 pub mod wan_vae;
