@@ -19,6 +19,7 @@ use sdlite_runtime::models::sd_vae::{VaeDecoder, VaeEncoder};
 use sdlite_runtime::models::sentencepiece::SentencePiece;
 use sdlite_runtime::models::umt5::Umt5Encoder;
 use sdlite_runtime::models::unet::UNet;
+use sdlite_runtime::models::wan::{Wan, WanRequest};
 use sdlite_runtime::models::wan_dit::WanDit;
 use sdlite_runtime::models::wan_vae::WanVaeDecoder;
 use sdlite_runtime::source::{DirSource, Source};
@@ -339,4 +340,34 @@ fn umt5_hidden<B: Backend>(b: &B) -> HostTensor {
 #[test]
 fn umt5_encoder_matches_reference() {
     on_backends!("umt5 encoder", golden("umt5_hidden"), umt5_hidden);
+}
+
+fn wan_pipeline<B: Backend>(b: &B) -> HostTensor {
+    let wan = Wan::load(b, &wan_source(), DType::F32).expect("pipeline loads");
+    let p = prompts();
+    let req = WanRequest {
+        prompt: p[1].clone(),
+        negative_prompt: p[0].clone(),
+        steps: 2,
+        cfg_scale: 5.0,
+        seed: 0,
+        width: 48,
+        height: 32,
+        frames: 5,
+        sampler: FlowSampler::UniPc,
+        shift: None,
+        init_latent: Some(golden("wan_pipeline_init_latent").to_f32()),
+    };
+    pollster::block_on(wan.generate(b, &req, &mut |_, _, _| {}))
+        .expect("generates")
+        .latent
+}
+
+#[test]
+fn wan_pipeline_matches_reference() {
+    let want = golden("wan_pipeline_latent");
+    assert_close("wan pipeline latent (cpu)", &wan_pipeline(&CpuBackend), &want, PIPELINE_TOL);
+    if let Some(g) = gpu() {
+        assert_close("wan pipeline latent (wgpu)", &wan_pipeline::<WgpuBackend>(g), &want, PIPELINE_TOL);
+    }
 }

@@ -12,6 +12,7 @@ pub trait Source {
     fn label(&self) -> String;
     fn exists(&self, path: &str) -> bool;
     fn text(&self, path: &str) -> Result<String>;
+    fn bytes(&self, path: &str) -> Result<Vec<u8>>;
     /// The weights of a component folder (`unet`, `vae`, `text_encoder` ...).
     fn weights(&self, component: &str) -> Result<Weights>;
 
@@ -48,6 +49,14 @@ impl Source for DirSource {
         })
     }
 
+    fn bytes(&self, path: &str) -> Result<Vec<u8>> {
+        let full = self.0.join(path);
+        std::fs::read(&full).map_err(|source| Error::Io {
+            path: full.display().to_string(),
+            source,
+        })
+    }
+
     fn weights(&self, component: &str) -> Result<Weights> {
         Weights::open(&self.0.join(component))
     }
@@ -69,11 +78,14 @@ impl Source for MemorySource {
     }
 
     fn text(&self, path: &str) -> Result<String> {
-        let bytes = self
-            .files
+        String::from_utf8(self.bytes(path)?).map_err(|_| config_err(path, "not UTF-8 text"))
+    }
+
+    fn bytes(&self, path: &str) -> Result<Vec<u8>> {
+        self.files
             .get(path)
-            .ok_or_else(|| Error::Invalid(format!("model file {path} is missing")))?;
-        String::from_utf8(bytes.clone()).map_err(|_| config_err(path, "not UTF-8 text"))
+            .cloned()
+            .ok_or_else(|| Error::Invalid(format!("model file {path} is missing")))
     }
 
     fn weights(&self, component: &str) -> Result<Weights> {

@@ -312,6 +312,56 @@ def make_wan():
     goldens["wan_vae_latent"] = z
     goldens["wan_vae_decoded"] = vae.decode(z).sample
     ints = make_umt5(root, goldens, g)
+    te = ints.pop("model")
+    tok = ints.pop("tokenizer")
+
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    sched_cfg = {
+        "_class_name": "UniPCMultistepScheduler",
+        "num_train_timesteps": 1000,
+        "prediction_type": "flow_prediction",
+        "use_flow_sigmas": True,
+        "flow_shift": 3.0,
+        "solver_order": 2,
+    }
+    os.makedirs(os.path.join(root, "scheduler"))
+    with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(sched_cfg, f, indent=2)
+    with open(os.path.join(root, "model_index.json"), "w") as f:
+        json.dump(
+            {
+                "_class_name": "WanPipeline",
+                "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+                "text_encoder": ["transformers", "UMT5EncoderModel"],
+                "tokenizer": ["transformers", "T5Tokenizer"],
+                "transformer": ["diffusers", "WanTransformer3DModel"],
+                "vae": ["diffusers", "AutoencoderKLWan"],
+            },
+            f,
+            indent=2,
+        )
+    pipe = WanPipeline(
+        tokenizer=tok,
+        text_encoder=te,
+        transformer=dit,
+        vae=vae,
+        scheduler=UniPCMultistepScheduler.from_config(sched_cfg),
+    )
+    init = torch.randn((1, 4, 2, 4, 6), generator=g)
+    goldens["wan_pipeline_init_latent"] = init
+    out = pipe(
+        PROMPTS[1],
+        negative_prompt=PROMPTS[0],
+        height=32,
+        width=48,
+        num_frames=5,
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        latents=init.clone(),
+        output_type="latent",
+    ).frames
+    goldens["wan_pipeline_latent"] = out
     goldens.update(flow_scheduler_goldens())
     save_file({k: v.contiguous().float() for k, v in goldens.items()}, os.path.join(DATA, "wan-tiny-goldens.safetensors"))
     return ints
@@ -397,6 +447,8 @@ def make_umt5(root, goldens, g):
     ids, mask = enc.input_ids[:, :160], enc.attention_mask[:, :160]
     goldens["umt5_hidden"] = te(ids, attention_mask=mask).last_hidden_state
     ints["umt5_hidden_ids"] = ids.tolist()
+    ints["model"] = te
+    ints["tokenizer"] = tok
     return ints
 
 

@@ -12,5 +12,14 @@ pub mod sd_vae;
 pub mod sentencepiece;
 pub mod umt5;
 pub mod unet;
+pub mod wan;
 pub mod wan_dit;
 pub mod wan_vae;
+
+/// Where a generation is, for progress bars: `progress(phase, done, total)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    EncodeText,
+    Denoise,
+    Decode,
+}

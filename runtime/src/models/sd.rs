@@ -12,6 +12,7 @@ use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::schedulers::{Sampler, Scheduler, SchedulerConfig};
 use crate::models::sd_vae::{VaeConfig, VaeDecoder, VaeEncoder};
 use crate::models::unet::UNet;
+use crate::models::Phase;
 use crate::source::Source;
 use crate::tensor::{DType, HostData, HostTensor, Tensor};
 use crate::weights::Params;
@@ -40,14 +41,6 @@ pub struct SdRequest {
     /// Start from this latent `[1, c, h/f, w/f]` instead of seeded noise (the reference
     /// pipeline's `latents=` argument; parity tests use it).
     pub init_latent: Option<Vec<f32>>,
-}
-
-/// Where a generation is, for progress bars.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    EncodeText,
-    Denoise,
-    Decode,
 }
 
 pub struct SdOutput {

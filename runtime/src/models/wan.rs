@@ -1,0 +1,202 @@
+//! The Wan2.1 text-to-video pipeline: UMT5 prompt embeddings (cut to the prompt's length and
+//! zero-padded, as the reference does), flow-matching denoising of a seeded latent with
+//! classifier-free guidance, and the causal VAE decoding one latent frame at a time. Loads a
+//! diffusers folder (`model_index.json`, `tokenizer/`, `text_encoder/`, `transformer/`,
+//! `vae/`, `scheduler/`).
+
+use std::sync::Arc;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::models::flow_schedulers::{FlowSampler, FlowScheduler, FlowSchedulerConfig};
+use crate::models::sentencepiece::SentencePiece;
+use crate::models::umt5::Umt5Encoder;
+use crate::models::wan_dit::WanDit;
+use crate::models::wan_vae::WanVaeDecoder;
+use crate::models::Phase;
+use crate::source::Source;
+use crate::tensor::{DType, HostData, HostTensor, Tensor};
+use crate::weights::Params;
+
+/// The reference pipeline's text length.
+pub const TEXT_LEN: usize = 512;
+
+pub struct Wan<B: Backend> {
+    pub tokenizer: SentencePiece,
+    pub text_encoder: Umt5Encoder<B>,
+    pub transformer: WanDit<B>,
+    pub vae: WanVaeDecoder<B>,
+    pub scheduler_config: FlowSchedulerConfig,
+    pub dtype: DType,
+}
+
+#[derive(Clone, Debug)]
+pub struct WanRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub cfg_scale: f32,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    /// `1 + 4k` frames.
+    pub frames: usize,
+    pub sampler: FlowSampler,
+    /// Overrides the scheduler config's shift.
+    pub shift: Option<f64>,
+    /// Start from this latent instead of seeded noise (parity tests).
+    pub init_latent: Option<Vec<f32>>,
+}
+
+pub struct WanOutput {
+    /// The final latent `[1, z, t, h/8, w/8]`.
+    pub latent: HostTensor,
+    /// The video `[3, frames, height, width]` in [0, 1].
+    pub video: HostTensor,
+}
+
+/// The reference's prompt cleanup: HTML entities and runs of whitespace.
+fn clean_prompt(text: &str) -> String {
+    let unescaped = text
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&amp;", "&");
+    unescaped.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl<B: Backend> Wan<B> {
+    pub fn load(b: &B, source: &impl Source, dtype: DType) -> Result<Self> {
+        if !source.exists("model_index.json") {
+            return Err(Error::Invalid(format!(
+                "{}: not a diffusers Wan folder (no model_index.json)",
+                source.label()
+            )));
+        }
+        let spiece = source.bytes("tokenizer/spiece.model")?;
+        let transformer_weights = source.weights("transformer")?;
+        let vae_weights = source.weights("vae")?;
+        Ok(Self {
+            tokenizer: SentencePiece::from_model_bytes(&format!("{}/tokenizer/spiece.model", source.label()), &spiece)?,
+            text_encoder: Umt5Encoder::load(
+                b,
+                source.config("text_encoder/config.json")?,
+                Arc::new(source.weights("text_encoder")?),
+                dtype,
+            )?,
+            transformer: WanDit::load(
+                &Params::new(b, &transformer_weights, dtype),
+                source.config("transformer/config.json")?,
+            )?,
+            vae: WanVaeDecoder::load(&Params::new(b, &vae_weights, dtype), source.config("vae/config.json")?)?,
+            scheduler_config: source.config("scheduler/scheduler_config.json")?,
+            dtype,
+        })
+    }
+
+    /// The latent shape for a request, after checking the sizes fit the model.
+    pub fn latent_shape(&self, req: &WanRequest) -> Result<[usize; 5]> {
+        let (s, t) = (self.vae.spatial_factor(), self.vae.temporal_factor());
+        let [_, ph, pw] = self.transformer.config.patch_size;
+        let (fh, fw) = (s * ph, s * pw);
+        if req.width == 0 || req.height == 0 || req.width % fw != 0 || req.height % fh != 0 {
+            return Err(Error::Invalid(format!(
+                "{}x{} is not a size this model takes: width must be a positive multiple of {fw}, height of {fh}",
+                req.width, req.height
+            )));
+        }
+        if req.frames == 0 || (req.frames - 1) % t != 0 {
+            return Err(Error::Invalid(format!(
+                "{} frames is not a length this model takes: it must be 1 + {t}k (e.g. 81)",
+                req.frames
+            )));
+        }
+        if req.steps == 0 {
+            return Err(Error::Invalid("steps must be at least 1".into()));
+        }
+        Ok([1, self.vae.config.z_dim, (req.frames - 1) / t + 1, req.height / s, req.width / s])
+    }
+
+    /// Prompt embeddings `[rows, TEXT_LEN, d_model]`, zero past each prompt's length.
+    pub fn encode_prompts(&self, b: &B, prompts: &[&str]) -> Result<Tensor<B>> {
+        let (ids, lens): (Vec<Vec<u32>>, Vec<usize>) = prompts
+            .iter()
+            .map(|p| self.tokenizer.encode_padded(&clean_prompt(p), TEXT_LEN))
+            .unzip();
+        let hidden = self.text_encoder.forward(b, &ids, &lens)?;
+        let keep: Vec<f32> = lens
+            .iter()
+            .flat_map(|&l| (0..TEXT_LEN).map(move |i| if i < l { 1.0 } else { 0.0 }))
+            .collect();
+        let keep = b.upload(&HostTensor::new(
+            &[prompts.len(), TEXT_LEN, 1],
+            HostData::from_f32(self.dtype, keep),
+        )?)?;
+        crate::ops::mul(b, &hidden, &keep)
+    }
+
+    pub async fn generate(&self, b: &B, req: &WanRequest, progress: &mut dyn FnMut(Phase, usize, usize)) -> Result<WanOutput> {
+        let shape = self.latent_shape(req)?;
+        progress(Phase::EncodeText, 0, 1);
+        let guided = req.cfg_scale > 1.0;
+        let prompts: Vec<&str> = if guided {
+            vec![&req.negative_prompt, &req.prompt]
+        } else {
+            vec![&req.prompt]
+        };
+        let context = self.encode_prompts(b, &prompts)?;
+        progress(Phase::EncodeText, 1, 1);
+        let mut config = self.scheduler_config.clone();
+        if let Some(shift) = req.shift {
+            config.flow_shift = shift;
+        }
+        let mut scheduler = FlowScheduler::new(req.sampler, &config, req.steps)?;
+        let n: usize = shape.iter().product();
+        let mut latent = match &req.init_latent {
+            Some(l) if l.len() == n => l.clone(),
+            Some(l) => {
+                return Err(Error::Invalid(format!(
+                    "initial latent has {} values, {shape:?} needs {n}",
+                    l.len()
+                )))
+            }
+            None => crate::noise::gaussian(req.seed, n),
+        };
+        let batch = prompts.len();
+        let timesteps = scheduler.timesteps().to_vec();
+        progress(Phase::Denoise, 0, timesteps.len());
+        for (i, &t) in timesteps.iter().enumerate() {
+            let mut rows = shape;
+            rows[0] = batch;
+            let x = b.upload(&HostTensor::new(&rows, HostData::from_f32(self.dtype, latent.repeat(batch)))?)?;
+            let pred = b.read(&self.transformer.forward(b, &x, &vec![t; batch], &context)?).await?.to_f32();
+            let velocity: Vec<f32> = if guided {
+                let (uncond, cond) = pred.split_at(n);
+                uncond.iter().zip(cond).map(|(u, c)| u + req.cfg_scale * (c - u)).collect()
+            } else {
+                pred
+            };
+            latent = scheduler.step(i, &velocity, &latent)?;
+            if latent.iter().any(|v| !v.is_finite()) {
+                return Err(Error::Invalid(format!(
+                    "the latent became non-finite at step {} (dtype {:?}); try f32",
+                    i + 1,
+                    self.dtype
+                )));
+            }
+            progress(Phase::Denoise, i + 1, timesteps.len());
+        }
+        let z = b.upload(&HostTensor::new(&shape, HostData::from_f32(self.dtype, latent.clone()))?)?;
+        let z = self.vae.denormalize(b, &z)?;
+        let latent_frames = shape[2];
+        progress(Phase::Decode, 0, latent_frames);
+        let video = self.vae.decode(b, &z, |done, total| progress(Phase::Decode, done, total)).await?;
+        let s = video.shape.clone();
+        let pixels = video.to_f32().into_iter().map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0)).collect();
+        Ok(WanOutput {
+            latent: HostTensor::from_f32(&shape, latent)?,
+            video: HostTensor::from_f32(&s[1..], pixels)?,
+        })
+    }
+}
