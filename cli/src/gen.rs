@@ -1,13 +1,17 @@
-//! `sdlite gen`: text to image with a Stable Diffusion checkpoint, on the CPU reference or
-//! the GPU through wgpu, with a progress bar per phase and a PNG that records how it was made.
+//! `sdlite gen`: text to image (Stable Diffusion) or text to video (Wan2.1), on the CPU
+//! reference or the GPU through wgpu, with a progress bar per phase. Images are PNGs and
+//! videos animated PNGs (browsers play them), each recording how it was made.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use sdlite_runtime::models::flow_schedulers::FlowSampler;
 use sdlite_runtime::models::schedulers::Sampler;
-use sdlite_runtime::models::sd::{Phase, SdRequest, StableDiffusion};
+use sdlite_runtime::models::sd::{SdRequest, StableDiffusion};
+use sdlite_runtime::models::wan::{Wan, WanRequest};
+use sdlite_runtime::models::Phase;
 use sdlite_runtime::source::{DirSource, Source};
 use sdlite_runtime::{Backend, CpuBackend, DType, Error};
 
@@ -15,7 +19,7 @@ use crate::DeviceArgs;
 
 #[derive(clap::Args)]
 pub struct GenArgs {
-    /// A diffusers model folder (with model_index.json).
+    /// A diffusers model folder (with model_index.json): Stable Diffusion 1.x/2.x or Wan2.1.
     #[arg(long)]
     model: PathBuf,
     #[arg(long)]
@@ -24,20 +28,32 @@ pub struct GenArgs {
     negative_prompt: String,
     #[arg(long, default_value_t = 25)]
     steps: usize,
-    /// Classifier-free guidance scale; 1 or less turns guidance off.
-    #[arg(long, default_value_t = 7.5)]
-    cfg_scale: f32,
+    /// Classifier-free guidance scale; 1 or less turns guidance off. Default 7.5 (SD), 5 (Wan).
+    #[arg(long)]
+    cfg_scale: Option<f32>,
     /// Same seed, same backend: same picture. Random when not given (and printed).
     #[arg(long)]
     seed: Option<u64>,
-    /// Defaults to the model's native size.
+    /// Defaults to the model's native size (SD) or 832x480 (Wan).
     #[arg(long)]
     width: Option<usize>,
     #[arg(long)]
     height: Option<usize>,
-    /// ddim, euler, euler_a or dpmpp_2m.
-    #[arg(long, default_value = "dpmpp_2m")]
-    sampler: String,
+    /// Video length for Wan: 1 + 4k frames.
+    #[arg(long, default_value_t = 81)]
+    frames: usize,
+    /// Frames per second of the written video.
+    #[arg(long, default_value_t = 16)]
+    fps: u16,
+    /// Also write every video frame as a PNG into this folder.
+    #[arg(long)]
+    frames_dir: Option<PathBuf>,
+    /// SD: ddim, euler, euler_a or dpmpp_2m (default). Wan: unipc (default) or flow_euler.
+    #[arg(long)]
+    sampler: Option<String>,
+    /// Wan's flow shift (the scheduler config's by default; 3 for 480p, 5 for 720p).
+    #[arg(long)]
+    shift: Option<f64>,
     #[arg(long, value_enum, default_value_t = BackendKind::Wgpu)]
     backend: BackendKind,
     /// Run in f16 on GPUs that support it (faster, less memory); f32 otherwise.
@@ -60,9 +76,8 @@ pub fn run(args: GenArgs) -> Result<()> {
     if !args.model.exists() {
         bail!("no model at {}: pass a diffusers folder with --model", args.model.display());
     }
-    let sampler = Sampler::parse(&args.sampler)?;
     match args.backend {
-        BackendKind::Cpu => generate(&CpuBackend, DType::F32, &args, sampler),
+        BackendKind::Cpu => generate(&CpuBackend, DType::F32, &args),
         BackendKind::Wgpu => {
             let g = args.device.open()?;
             let dtype = if args.half && g.supports(DType::F16) {
@@ -70,40 +85,100 @@ pub fn run(args: GenArgs) -> Result<()> {
             } else {
                 DType::F32
             };
-            generate(&g, dtype, &args, sampler)
+            generate(&g, dtype, &args)
         }
     }
 }
 
-fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs, sampler: Sampler) -> Result<()> {
+fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
     let source = DirSource(args.model.clone());
     let index: serde_json::Value = source.config("model_index.json")?;
     let class = index["_class_name"].as_str().unwrap_or("");
-    if !class.starts_with("StableDiffusion") {
-        bail!("{}: pipeline `{class}` is not supported by sdlite gen yet", args.model.display());
-    }
-    eprintln!("loading {} on {} ({dtype:?})", args.model.display(), b.name());
-    let sd = StableDiffusion::load(b, &source, dtype)?;
-    let native = sd.unet.config.sample_size * sd.vae_decoder.config.scale_factor();
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64 % 1_000_000_007)
     });
-    let req = SdRequest {
-        prompt: args.prompt.clone(),
-        negative_prompt: args.negative_prompt.clone(),
-        steps: args.steps,
-        cfg_scale: args.cfg_scale,
-        seed,
-        width: args.width.unwrap_or(native),
-        height: args.height.unwrap_or(native),
-        sampler,
-        init_latent: None,
+    let path = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("sdlite-{seed}.png")));
+    let describe = |sampler: &str, cfg: f32, w: usize, h: usize| {
+        format!(
+            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {sampler}, CFG scale: {cfg}, Seed: {seed}, Size: {w}x{h}, Model: {}, Backend: {}",
+            args.prompt,
+            args.negative_prompt,
+            args.steps,
+            args.model.display(),
+            b.name()
+        )
     };
-    sd.validate(&req)?;
+    if class.starts_with("StableDiffusion") {
+        let sampler_name = args.sampler.as_deref().unwrap_or("dpmpp_2m");
+        let sampler = Sampler::parse(sampler_name)?;
+        eprintln!("loading {} on {} ({dtype:?})", args.model.display(), b.name());
+        let sd = StableDiffusion::load(b, &source, dtype)?;
+        let native = sd.unet.config.sample_size * sd.vae_decoder.config.scale_factor();
+        let req = SdRequest {
+            prompt: args.prompt.clone(),
+            negative_prompt: args.negative_prompt.clone(),
+            steps: args.steps,
+            cfg_scale: args.cfg_scale.unwrap_or(7.5),
+            seed,
+            width: args.width.unwrap_or(native),
+            height: args.height.unwrap_or(native),
+            sampler,
+            init_latent: None,
+        };
+        sd.validate(&req)?;
+        let out = pollster::block_on(sd.generate(b, &req, &mut progress_bars())).map_err(explain)?;
+        let params = describe(sampler_name, req.cfg_scale, req.width, req.height);
+        write_png(&path, &out.image.to_f32(), req.width, req.height, &params)?;
+    } else if class.starts_with("Wan") {
+        let sampler_name = args.sampler.as_deref().unwrap_or("unipc");
+        let sampler = FlowSampler::parse(sampler_name)?;
+        eprintln!("loading {} on {} ({dtype:?})", args.model.display(), b.name());
+        let wan = Wan::load(b, &source, dtype)?;
+        let req = WanRequest {
+            prompt: args.prompt.clone(),
+            negative_prompt: args.negative_prompt.clone(),
+            steps: args.steps,
+            cfg_scale: args.cfg_scale.unwrap_or(5.0),
+            seed,
+            width: args.width.unwrap_or(832),
+            height: args.height.unwrap_or(480),
+            frames: args.frames,
+            sampler,
+            shift: args.shift,
+            init_latent: None,
+        };
+        wan.latent_shape(&req)?;
+        let out = pollster::block_on(wan.generate(b, &req, &mut progress_bars())).map_err(explain)?;
+        let params = format!(
+            "{}, Frames: {}",
+            describe(sampler_name, req.cfg_scale, req.width, req.height),
+            req.frames
+        );
+        let video = out.video.to_f32();
+        write_apng(&path, &video, req.frames, req.width, req.height, args.fps, &params)?;
+        if let Some(dir) = &args.frames_dir {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            for f in 0..req.frames {
+                let frame = frame_chw(&video, req.frames, f, req.width * req.height);
+                write_png(&dir.join(format!("frame-{f:04}.png")), &frame, req.width, req.height, &params)?;
+            }
+        }
+    } else {
+        bail!(
+            "{}: pipeline `{class}` is not supported (Stable Diffusion or Wan)",
+            args.model.display()
+        );
+    }
+    println!("wrote {} (seed {seed})", path.display());
+    Ok(())
+}
+
+/// A progress callback that shows one bar per phase with rate and ETA.
+fn progress_bars() -> impl FnMut(Phase, usize, usize) {
     let mut bar: Option<ProgressBar> = None;
-    let mut progress = |phase: Phase, done: usize, total: usize| {
+    move |phase: Phase, done: usize, total: usize| {
         if done == 0 {
             let label = match phase {
                 Phase::EncodeText => "text",
@@ -124,24 +199,7 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs, sampler: Sampler) -
                 pb.finish();
             }
         }
-    };
-    let out = pollster::block_on(sd.generate(b, &req, &mut progress)).map_err(explain)?;
-    let path = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("sdlite-{seed}.png")));
-    let params = format!(
-        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {seed}, Size: {}x{}, Model: {}, Backend: {}",
-        req.prompt,
-        req.negative_prompt,
-        req.steps,
-        args.sampler,
-        req.cfg_scale,
-        req.width,
-        req.height,
-        args.model.display(),
-        b.name()
-    );
-    write_png(&path, &out.image.to_f32(), req.width, req.height, &params)?;
-    println!("wrote {} (seed {seed})", path.display());
-    Ok(())
+    }
 }
 
 /// Turns a device failure into advice where one applies.
@@ -154,17 +212,47 @@ fn explain(e: Error) -> anyhow::Error {
     }
 }
 
-/// Writes `[3, h, w]` values in [0, 1] as an 8-bit RGB PNG with `parameters` in a text chunk.
-pub fn write_png(path: &Path, chw: &[f32], width: usize, height: usize, parameters: &str) -> Result<()> {
-    let plane = width * height;
-    let rgb: Vec<u8> = (0..plane)
+/// `[3, h, w]` values in [0, 1] as interleaved 8-bit RGB.
+fn to_rgb8(chw: &[f32], plane: usize) -> Vec<u8> {
+    (0..plane)
         .flat_map(|i| (0..3).map(move |c| (chw[c * plane + i] * 255.0).round().clamp(0.0, 255.0) as u8))
-        .collect();
+        .collect()
+}
+
+/// Frame `f` `[3, h, w]` of a video `[3, frames, h, w]`.
+fn frame_chw(video: &[f32], frames: usize, f: usize, plane: usize) -> Vec<f32> {
+    (0..3)
+        .flat_map(|c| video[(c * frames + f) * plane..][..plane].iter().copied())
+        .collect()
+}
+
+fn encoder(path: &Path, width: usize, height: usize, parameters: &str) -> Result<png::Encoder<'static, std::io::BufWriter<std::fs::File>>> {
     let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     enc.add_text_chunk("parameters".into(), parameters.into())?;
-    enc.write_header()?.write_image_data(&rgb)?;
+    Ok(enc)
+}
+
+/// Writes `[3, h, w]` values in [0, 1] as an 8-bit RGB PNG with `parameters` in a text chunk.
+pub fn write_png(path: &Path, chw: &[f32], width: usize, height: usize, parameters: &str) -> Result<()> {
+    encoder(path, width, height, parameters)?
+        .write_header()?
+        .write_image_data(&to_rgb8(chw, width * height))?;
+    Ok(())
+}
+
+/// Writes a video `[3, frames, h, w]` in [0, 1] as an animated PNG that loops at `fps`.
+fn write_apng(path: &Path, video: &[f32], frames: usize, width: usize, height: usize, fps: u16, parameters: &str) -> Result<()> {
+    let mut enc = encoder(path, width, height, parameters)?;
+    enc.set_animated(frames as u32, 0)?;
+    enc.set_frame_delay(1, fps.max(1))?;
+    let mut writer = enc.write_header()?;
+    let plane = width * height;
+    for f in 0..frames {
+        writer.write_image_data(&to_rgb8(&frame_chw(video, frames, f, plane), plane))?;
+    }
+    writer.finish()?;
     Ok(())
 }

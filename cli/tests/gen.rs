@@ -1,5 +1,5 @@
-//! `sdlite gen` end to end on the tiny test checkpoint, on the CPU reference and on wgpu
-//! (lavapipe in CI), plus the errors a user sees for bad requests.
+//! `sdlite gen` end to end on the tiny test checkpoints (Stable Diffusion and Wan), on the
+//! CPU reference and on wgpu (lavapipe in CI), plus the errors a user sees for bad requests.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -94,7 +94,17 @@ fn gen_runs_on_wgpu_like_on_cpu() {
 fn gen_explains_bad_requests() {
     let model = model();
     let m = model.to_str().unwrap();
-    let cases: [(&[&str], &str); 3] = [
+    let wan = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/wan-tiny");
+    let w = wan.to_str().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["gen", "--model", w, "--prompt", "x", "--frames", "8", "--backend", "cpu"],
+            "8 frames is not a length",
+        ),
+        (
+            &["gen", "--model", w, "--prompt", "x", "--sampler", "ddim", "--backend", "cpu"],
+            "unknown sampler `ddim`",
+        ),
         (&["gen", "--model", "/no/such/model", "--prompt", "x"], "no model at /no/such/model"),
         (
             &["gen", "--model", m, "--prompt", "x", "--sampler", "plms"],
@@ -113,4 +123,66 @@ fn gen_explains_bad_requests() {
             "{args:?}: expected `{want}` in:\n{err}"
         );
     }
+}
+
+fn gen_video(backend: &str, out: &Path, frames_dir: &Path) -> Output {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/wan-tiny");
+    sdlite(&[
+        "gen",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a green square moving right",
+        "--width",
+        "48",
+        "--height",
+        "32",
+        "--frames",
+        "9",
+        "--steps",
+        "3",
+        "--seed",
+        "4",
+        "--backend",
+        backend,
+        "--out",
+        out.to_str().unwrap(),
+        "--frames-dir",
+        frames_dir.to_str().unwrap(),
+    ])
+}
+
+/// Frame count, size and the first frame's pixels of an animated PNG.
+fn read_apng(path: &Path) -> (u32, u32, u32, Vec<u8>) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).expect("video exists")));
+    let mut reader = decoder.read_info().expect("valid png");
+    let frames = reader.info().animation_control.expect("animated").num_frames;
+    let mut buf = vec![0; reader.output_buffer_size().expect("size")];
+    let info = reader.next_frame(&mut buf).expect("first frame");
+    buf.truncate(info.buffer_size());
+    (frames, info.width, info.height, buf)
+}
+
+#[test]
+fn gen_writes_a_wan_video_on_cpu_and_wgpu() {
+    let (cpu, cpu_frames) = (temp("cpu.apng.png"), temp("cpu-frames"));
+    let out = gen_video("cpu", &cpu, &cpu_frames);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (frames, w, h, first) = read_apng(&cpu);
+    assert_eq!((frames, w, h), (9, 48, 32));
+    assert_eq!(std::fs::read_dir(&cpu_frames).unwrap().count(), 9, "one PNG per frame");
+    assert_eq!(read_png(&cpu_frames.join("frame-0000.png")).2, first, "frame files match the video");
+    let (gpu, gpu_frames) = (temp("gpu.apng.png"), temp("gpu-frames"));
+    let out = gen_video("wgpu", &gpu, &gpu_frames);
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            std::env::var_os("CI").is_none() && err.contains("adapter"),
+            "wgpu video failed: {err}"
+        );
+        eprintln!("SKIPPED: no wgpu adapter");
+        return;
+    }
+    let worst = first.iter().zip(&read_apng(&gpu).3).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    assert!(worst <= 1, "cpu and wgpu videos differ by up to {worst} levels");
 }
