@@ -371,3 +371,52 @@ fn wan_pipeline_matches_reference() {
         assert_close("wan pipeline latent (wgpu)", &wan_pipeline::<WgpuBackend>(g), &want, PIPELINE_TOL);
     }
 }
+
+/// Every value of `t` is finite, and the output is not flat (a black image).
+fn assert_finite_and_alive(what: &str, t: &HostTensor) {
+    let v = t.to_f32();
+    let bad = v.iter().filter(|x| !x.is_finite()).count();
+    assert_eq!(bad, 0, "{what}: {bad} of {} values are not finite", v.len());
+    let (lo, hi) = v.iter().fold((f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+    assert!(hi - lo > 1e-3, "{what}: output is flat ({lo}..{hi})");
+}
+
+/// Inputs far outside the training range (latents x40, text x40) through the UNet, the DiT
+/// and both VAEs in half precision: nothing overflows to inf or NaN.
+fn half_precision_run<B: Backend>(b: &B, dtype: DType) {
+    let big = |name: &str, scale: f32| {
+        let g = golden(name);
+        let v = g.to_f32().into_iter().map(|x| x * scale).collect();
+        upload(b, &HostTensor::new(&g.shape, sdlite_runtime::HostData::from_f32(dtype, v)).unwrap())
+    };
+    let tag = format!("{} {dtype:?}", b.name());
+    let sd = StableDiffusion::load(b, &sd_source(), dtype).expect("sd loads");
+    let unet = sd
+        .unet
+        .forward(b, &big("unet_latent", 40.0), &[981.0, 981.0], &big("text_hidden", 40.0))
+        .expect("unet");
+    assert_finite_and_alive(&format!("unet ({tag})"), &read(b, &unet));
+    let image = sd.vae_decoder.forward(b, &big("vae_latent", 40.0)).expect("vae");
+    assert_finite_and_alive(&format!("sd vae ({tag})"), &read(b, &image));
+    let wan = Wan::load(b, &wan_source(), dtype).expect("wan loads");
+    let v = wan
+        .transformer
+        .forward(b, &big("dit_latent", 40.0), &[999.0], &big("dit_context", 40.0))
+        .expect("dit");
+    assert_finite_and_alive(&format!("wan dit ({tag})"), &read(b, &v));
+    let video = pollster::block_on(wan.vae.decode(b, &big("wan_vae_latent", 40.0), |_, _| {})).expect("wan vae");
+    assert_finite_and_alive(&format!("wan vae ({tag})"), &video);
+}
+
+#[test]
+fn half_precision_stays_finite_with_large_activations() {
+    half_precision_run(&CpuBackend, DType::BF16);
+    half_precision_run(&CpuBackend, DType::F16);
+    if let Some(g) = gpu() {
+        if g.supports(DType::F16) {
+            half_precision_run(g, DType::F16);
+        } else {
+            eprintln!("{}: no shader-f16, f16 run skipped", g.name());
+        }
+    }
+}
