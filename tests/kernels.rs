@@ -225,7 +225,8 @@ fn attention_matches_reference() {
     let seed = fresh_seed();
     eprintln!("seed {seed}");
     for (g, dt, tol, tag) in devices() {
-        // (batch, heads, q_len, kv_len, head_dim): SD's 40/80/160, CLIP/UMT5's 64, Wan's 128.
+        // (batch, heads, q_len, kv_len, head_dim): SD's 40/80/160, CLIP/UMT5's 64, Wan's 128,
+        // and the Wan VAE's single 384-wide head (no tile fits: the unfused path).
         for (i, &(bn, h, sq, skv, d)) in [
             (1, 1, 1, 1, 8),
             (2, 3, 37, 45, 40),
@@ -233,6 +234,7 @@ fn attention_matches_reference() {
             (1, 1, 33, 8, 80),
             (1, 2, 21, 6, 128),
             (1, 1, 9, 5, 160),
+            (2, 1, 29, 31, 384),
         ]
         .iter()
         .enumerate()

@@ -20,6 +20,21 @@ struct Cli {
 enum Command {
     /// Generate an image from a prompt.
     Gen(Box<gen::GenArgs>),
+    /// Decode a Wan2.1 VAE clip (full-size architecture, synthetic weights) on the GPU adapter
+    /// and report time and peak device memory.
+    BenchWanVae {
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[arg(long, default_value_t = 81)]
+        frames: usize,
+        #[arg(long, default_value_t = 832)]
+        width: usize,
+        #[arg(long, default_value_t = 480)]
+        height: usize,
+        /// Use f16 activations and weights (when the adapter has shader-f16).
+        #[arg(long)]
+        half: bool,
+    },
     /// Print the GPU adapter and the limits sdlite runs under.
     Info {
         #[command(flatten)]
@@ -67,6 +82,13 @@ impl DeviceArgs {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Gen(args) => gen::run(*args),
+        Command::BenchWanVae {
+            device,
+            frames,
+            width,
+            height,
+            half,
+        } => bench_wan_vae(&device.open()?, frames, width, height, half),
         Command::Info { device } => info(&device.open()?),
         Command::Bench {
             device,
@@ -172,4 +194,40 @@ fn report(name: &str, dt: DType, seconds: f64, flops: f64, peak_tflops: Option<f
         format!("{dt:?}").to_lowercase(),
         seconds * 1e3
     );
+}
+
+fn bench_wan_vae(g: &WgpuBackend, frames: usize, width: usize, height: usize, half: bool) -> Result<()> {
+    use sdlite_runtime::models::wan_vae::{WanVaeConfig, WanVaeDecoder};
+    use sdlite_runtime::weights::{Params, Weights};
+    let dtype = if half && g.supports(DType::F16) { DType::F16 } else { DType::F32 };
+    if frames == 0 || (frames - 1) % 4 != 0 || width % 8 != 0 || height % 8 != 0 {
+        anyhow::bail!("frames must be 1 + 4k and width, height multiples of 8");
+    }
+    let stats = format!(r#"{{"latents_mean": {0:?}, "latents_std": {1:?}}}"#, [0.0f32; 16], [1.0f32; 16]);
+    let config: WanVaeConfig = serde_json::from_str(&stats)?;
+    let weights = Weights::synthetic(7);
+    let vae = WanVaeDecoder::load(&Params::new(g, &weights, dtype), config)?;
+    g.wait_idle()?;
+    let (weights_bytes, _) = g.memory();
+    let shape = [1, 16, (frames - 1) / 4 + 1, height / 8, width / 8];
+    let z = random(g, &shape, dtype, 9)?;
+    g.reset_peak_memory();
+    println!("adapter: {}", g.name());
+    println!("wan vae decode {frames}x{height}x{width} ({dtype:?}), latent {shape:?}");
+    let start = Instant::now();
+    let video = pollster::block_on(vae.decode(g, &z, |done, total| {
+        eprint!("\r  latent frame {done}/{total} ({:.1} s)", start.elapsed().as_secs_f64());
+    }))?;
+    eprintln!();
+    let seconds = start.elapsed().as_secs_f64();
+    let (_, peak) = g.memory();
+    let finite = video.to_f32().iter().all(|v| v.is_finite());
+    println!("output {:?}, all finite: {finite}", video.shape);
+    println!("time: {seconds:.2} s");
+    println!(
+        "device memory: weights {:.0} MiB, peak {:.0} MiB (tensor buffers in use or pooled)",
+        weights_bytes as f64 / (1 << 20) as f64,
+        peak as f64 / (1 << 20) as f64
+    );
+    Ok(())
 }

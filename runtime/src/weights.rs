@@ -158,6 +158,8 @@ pub struct Weights {
     label: String,
     files: Vec<SafetensorsFile>,
     owner: HashMap<String, usize>,
+    /// Set for `Weights::synthetic`: every tensor asked for exists, with seeded values.
+    synthetic: Option<u64>,
 }
 
 /// File names a diffusers / transformers component folder may hold its weights in,
@@ -186,7 +188,39 @@ impl Weights {
                 }
             }
         }
-        Ok(Self { label, files, owner })
+        Ok(Self {
+            label,
+            files,
+            owner,
+            synthetic: None,
+        })
+    }
+
+    /// Weights that hold whatever tensor a model asks for, with seeded values of a sensible
+    /// scale (norm scales near 1, other tensors uniform in +-1/sqrt(fan-in)): full-size
+    /// architectures for benchmarks and memory measurements without checkpoint files.
+    pub fn synthetic(seed: u64) -> Self {
+        Self {
+            label: format!("synthetic weights (seed {seed})"),
+            files: vec![],
+            owner: HashMap::new(),
+            synthetic: Some(seed),
+        }
+    }
+
+    fn synthesize(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
+        let n = numel(shape);
+        let name_hash = name
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let noise = crate::noise::gaussian(seed ^ name_hash, n);
+        let is_scale = name.ends_with("gamma") || (name.contains("norm") && name.ends_with("weight"));
+        if is_scale {
+            return noise.iter().map(|z| 1.0 + 0.05 * z).collect();
+        }
+        let fan_in = if shape.len() > 1 { n / shape[0] } else { shape[0] };
+        let std = 1.0 / (fan_in.max(1) as f32).sqrt();
+        noise.iter().map(|z| z * std).collect()
     }
 
     /// One safetensors file held in memory (the browser path: a file the user picked).
@@ -261,6 +295,9 @@ impl Weights {
 
     /// Tensor `name` as `dtype`, checked against `expected` (its shape in the model).
     pub fn load(&self, name: &str, expected: &[usize], dtype: DType) -> Result<HostTensor> {
+        if let Some(seed) = self.synthetic {
+            return HostTensor::new(expected, HostData::from_f32(dtype, Self::synthesize(seed, name, expected)));
+        }
         let Some(&i) = self.owner.get(name) else {
             return Err(Error::MissingTensor {
                 file: self.label.clone(),
@@ -334,7 +371,12 @@ impl Weights {
             .enumerate()
             .flat_map(|(i, f)| f.entries.keys().map(move |k| (k.clone(), i)))
             .collect();
-        Self { files, owner, ..self }
+        Self {
+            files,
+            owner,
+            label: self.label,
+            synthetic: self.synthetic,
+        }
     }
 }
 

@@ -179,6 +179,25 @@ impl WgpuBackend {
         tensors.iter().zip(spans).all(|(st, &(a, b))| window(st, a, b).is_some())
     }
 
+    /// Attention as matmul, softmax, matmul over blocks of query rows, each block's scores
+    /// kept under 64 MiB: for head dims whose tiles do not fit workgroup memory.
+    fn attention_unfused(&self, q: &WgpuTensor, k: &WgpuTensor, v: &WgpuTensor, s: &AttentionSpec) -> Result<WgpuTensor> {
+        use crate::ops;
+        let (bh, d) = (s.batch_heads, s.head_dim);
+        let q3 = q.reshape(&[bh, s.q_len, d])?;
+        let (k3, v3) = (k.reshape(&[bh, s.kv_len, d])?, v.reshape(&[bh, s.kv_len, d])?);
+        let rows = ((64usize << 20) / (4 * bh * s.kv_len)).clamp(1, s.q_len);
+        let mut parts = Vec::new();
+        for r0 in (0..s.q_len).step_by(rows) {
+            let n = rows.min(s.q_len - r0);
+            // Scaling q first keeps half-precision scores in range.
+            let qb = ops::scale(self, &ops::slice(self, &q3, 1, r0, n)?, s.scale, 0.0)?;
+            let probs = ops::softmax(self, &ops::matmul(self, &qb, &k3, None, false, true)?)?;
+            parts.push(ops::matmul(self, &probs, &v3, None, false, false)?);
+        }
+        ops::concat(self, &parts.iter().collect::<Vec<_>>(), 1)?.reshape(q.shape())
+    }
+
     fn too_large(&self, op: &'static str, what: &str, elems: usize) -> Error {
         Error::TooLarge {
             op,
@@ -545,13 +564,14 @@ impl Backend for WgpuBackend {
         let d = s.head_dim;
         let limit = self.limits.max_compute_workgroup_storage_size as usize;
         const WG: usize = 128;
-        let (br, bc) = [(32, 32), (16, 32), (16, 16), (8, 16), (8, 8)]
+        let tile = [(32, 32), (16, 32), (16, 16), (8, 16)]
             .into_iter()
-            .find(|&(br, bc)| (br * d + bc * (d + 1) + br * bc + WG) * 4 <= limit && bc * br / WG + d.div_ceil(WG / br) <= 40)
-            .ok_or_else(|| Error::Shape {
-                op,
-                detail: format!("head_dim {d} needs more workgroup memory than the device's {limit} bytes"),
-            })?;
+            .find(|&(br, bc)| (br * d + bc * (d + 1) + br * bc + WG) * 4 <= limit && bc * br / WG + d.div_ceil(WG / br) <= 40);
+        // Head dims too wide for a tile in workgroup memory (the Wan VAE's 384-channel
+        // attention) take the unfused path.
+        let Some((br, bc)) = tile else {
+            return self.attention_unfused(q, k, v, s);
+        };
         let max_keys = self.attention_keys_per_pass;
         let kv_count = s.kv_len.div_ceil(s.kv_len.div_ceil(max_keys)).next_multiple_of(bc);
         let ns = s.kv_len.div_ceil(kv_count);

@@ -81,9 +81,17 @@ impl Drop for GpuStorage {
 struct BufferPool {
     free: HashMap<u64, Vec<wgpu::Buffer>>,
     bytes: u64,
+    /// Bytes of every tensor buffer that exists (in use or pooled), and their high-water mark.
+    device_bytes: u64,
+    peak_bytes: u64,
 }
 
 impl BufferPool {
+    fn created(&mut self, size: u64) {
+        self.device_bytes += size;
+        self.peak_bytes = self.peak_bytes.max(self.device_bytes);
+    }
+
     fn take(&mut self, size: u64) -> Option<wgpu::Buffer> {
         let b = self.free.get_mut(&size)?.pop()?;
         self.bytes -= size;
@@ -94,6 +102,8 @@ impl BufferPool {
         if self.bytes + b.size() <= POOL_BYTES {
             self.bytes += b.size();
             self.free.entry(b.size()).or_default().push(b);
+        } else {
+            self.device_bytes -= b.size();
         }
     }
 }
@@ -236,6 +246,18 @@ impl WgpuBackend {
         self.chunk_bytes
     }
 
+    /// Tensor memory on the device now (in use or pooled for reuse) and its high-water mark
+    /// since the last `reset_peak_memory`, in bytes.
+    pub fn memory(&self) -> (u64, u64) {
+        let pool = self.pool.lock().expect("pool lock");
+        (pool.device_bytes, pool.peak_bytes)
+    }
+
+    pub fn reset_peak_memory(&self) {
+        let mut pool = self.pool.lock().expect("pool lock");
+        pool.peak_bytes = pool.device_bytes;
+    }
+
     fn take_errors(&self) -> Result<()> {
         let mut errors = self.errors.lock().expect("error sink lock");
         if errors.is_empty() {
@@ -262,6 +284,7 @@ impl WgpuBackend {
                 let elems = (len - (i * chunk_elems).min(len)).min(chunk_elems);
                 let size = ((elems * dtype.size()) as u64).next_multiple_of(4).max(4);
                 pool.take(size).unwrap_or_else(|| {
+                    pool.created(size);
                     self.device.create_buffer(&wgpu::BufferDescriptor {
                         label: Some("sdlite tensor"),
                         size,
