@@ -420,3 +420,79 @@ fn half_precision_stays_finite_with_large_activations() {
         }
     }
 }
+
+/// The full-size architectures against `tests/reference/full_size.py`'s outputs, on the GPU
+/// adapter in f32 (run on a machine with a GPU: `SDLITE_FULL_SIZE=DIR models --ignored`).
+#[test]
+#[ignore]
+fn full_size_matches_reference_on_gpu() {
+    let dir = PathBuf::from(std::env::var("SDLITE_FULL_SIZE").expect("SDLITE_FULL_SIZE names the folder full_size.py wrote"));
+    let g = gpu().expect("a GPU adapter");
+    let goldens = Weights::open(&dir.join("goldens.safetensors")).expect("goldens");
+    let gold = |name: &str| {
+        let shape = goldens.shape(name).expect("golden").to_vec();
+        goldens.load(name, &shape, DType::F32).expect("loads")
+    };
+    let mut failures = Vec::new();
+    let mut check = |what: &str, got: &HostTensor, want: &HostTensor| {
+        let err = relative_error(got, want);
+        eprintln!("{what}: relative error {err:.2e} (tolerance 1e-4)");
+        if err > 1e-4 {
+            failures.push(format!("{what}: {err:e}"));
+        }
+    };
+    let time = |what: &str, f: &mut dyn FnMut() -> HostTensor| {
+        f();
+        let start = std::time::Instant::now();
+        let out = f();
+        eprintln!("{what}: sdlite wgpu {:.3} s (f32)", start.elapsed().as_secs_f64());
+        out
+    };
+    let sd = DirSource(dir.join("sd15"));
+    let te = ClipTextEncoder::load(
+        g,
+        sd.config("text_encoder/config.json").expect("config"),
+        Arc::new(sd.weights("text_encoder").expect("weights")),
+        DType::F32,
+    )
+    .expect("clip loads");
+    let ids: Vec<Vec<u32>> = gold("sd_text_ids")
+        .to_f32()
+        .chunks(77)
+        .map(|r| r.iter().map(|&v| v as u32).collect())
+        .collect();
+    let got = time("clip text", &mut || read(g, &te.forward(g, &ids).expect("runs")));
+    check("full-size clip text", &got, &gold("sd_text_hidden"));
+    let w = sd.weights("unet").expect("weights");
+    let unet = UNet::load(&Params::new(g, &w, DType::F32), sd.config("unet/config.json").expect("config")).expect("unet loads");
+    let (x, ctx) = (upload(g, &gold("sd_unet_latent")), upload(g, &gold("sd_text_hidden")));
+    let got = time("sd unet 64x64 batch 2", &mut || {
+        read(g, &unet.forward(g, &x, &[981.0, 981.0], &ctx).expect("runs"))
+    });
+    check("full-size sd unet", &got, &gold("sd_unet_out"));
+    let w = sd.weights("vae").expect("weights");
+    let vae = VaeDecoder::load(&Params::new(g, &w, DType::F32), sd.config("vae/config.json").expect("config")).expect("vae loads");
+    let z = upload(g, &gold("sd_vae_latent"));
+    let got = time("sd vae decode 512", &mut || read(g, &vae.forward(g, &z).expect("runs")));
+    check("full-size sd vae", &got, &gold("sd_vae_decoded"));
+    let wan = DirSource(dir.join("wan"));
+    let w = wan.weights("transformer").expect("weights");
+    let dit = WanDit::load(
+        &Params::new(g, &w, DType::F32),
+        wan.config("transformer/config.json").expect("config"),
+    )
+    .expect("dit loads");
+    let (x, ctx) = (upload(g, &gold("wan_dit_latent")), upload(g, &gold("wan_dit_context")));
+    let got = time("wan dit 1950 tokens", &mut || {
+        read(g, &dit.forward(g, &x, &[500.0], &ctx).expect("runs"))
+    });
+    check("full-size wan dit", &got, &gold("wan_dit_out"));
+    let w = wan.weights("vae").expect("weights");
+    let vae = WanVaeDecoder::load(&Params::new(g, &w, DType::F32), wan.config("vae/config.json").expect("config")).expect("loads");
+    let z = upload(g, &gold("wan_vae_latent"));
+    let got = time("wan vae decode 9x240x416", &mut || {
+        pollster::block_on(vae.decode(g, &z, |_, _| {})).expect("runs")
+    });
+    check("full-size wan vae", &got, &gold("wan_vae_decoded"));
+    assert!(failures.is_empty(), "full-size differences: {failures:?}");
+}

@@ -64,6 +64,10 @@ pub struct DeviceArgs {
     /// Cap one storage chunk (one binding) at this many MiB.
     #[arg(long)]
     max_chunk_mib: Option<u64>,
+    /// Keep at most this many MiB of freed buffers for reuse (less peak memory, more
+    /// allocations).
+    #[arg(long, default_value_t = 2048)]
+    pool_mib: u64,
 }
 
 impl DeviceArgs {
@@ -72,6 +76,7 @@ impl DeviceArgs {
             default_limits: self.default_limits,
             allow_f16: !self.no_f16,
             max_chunk_bytes: self.max_chunk_mib.map(|m| m << 20),
+            pool_bytes: self.pool_mib << 20,
             ..Default::default()
         };
         pollster::block_on(WgpuBackend::new(options))

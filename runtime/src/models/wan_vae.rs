@@ -2,10 +2,11 @@
 //! convolutions, channel RMS norms, a per-frame attention block, and upsamplers that double
 //! space (and time, through a causal time convolution).
 //!
-//! Decoding runs one latent frame at a time, as the reference does: every causal convolution
-//! keeps the last two frames of its input in a `CausalCache`, which makes the chunked decode
-//! equal to decoding the whole clip at once while device memory holds only one chunk's
-//! activations (1 latent frame -> 4 video frames) plus the caches.
+//! Decoding streams: every causal convolution keeps the last two frames of its input in a
+//! `CausalCache`, which makes running it on one frame at a time equal to running it on the
+//! whole clip. So one latent frame enters at a time, as in the reference, and below each
+//! time upsampler the frames it makes continue one by one: device memory holds one frame's
+//! activations per level plus the caches, whatever the clip length.
 
 use serde::Deserialize;
 
@@ -62,28 +63,24 @@ mod d {
     }
 }
 
-/// Per-layer cached input frames of the causal convolutions, in call order.
+/// The cached input frames of every causal convolution, by the slot number each was given
+/// at load time.
 pub struct CausalCache<B: Backend> {
     slots: Vec<Option<Tensor<B>>>,
-    next: usize,
 }
 
 impl<B: Backend> Default for CausalCache<B> {
     fn default() -> Self {
-        Self {
-            slots: Vec::new(),
-            next: 0,
-        }
+        Self { slots: Vec::new() }
     }
 }
 
 impl<B: Backend> CausalCache<B> {
-    fn slot(&mut self) -> &mut Option<Tensor<B>> {
-        if self.next == self.slots.len() {
-            self.slots.push(None);
+    fn slot(&mut self, i: usize) -> &mut Option<Tensor<B>> {
+        if i >= self.slots.len() {
+            self.slots.resize_with(i + 1, || None);
         }
-        self.next += 1;
-        &mut self.slots[self.next - 1]
+        &mut self.slots[i]
     }
 }
 
@@ -97,6 +94,17 @@ fn last_frames<B: Backend>(b: &B, x: &Tensor<B>, n: usize) -> Result<Tensor<B>> 
     }
 }
 
+/// Hands out cache slot numbers while a decoder loads.
+#[derive(Default)]
+struct Slots(usize);
+
+impl Slots {
+    fn next(&mut self) -> usize {
+        self.0 += 1;
+        self.0 - 1
+    }
+}
+
 /// A causal 3D convolution (time padded in front only) with stride 1.
 struct CausalConv<B: Backend> {
     weight: Tensor<B>,
@@ -104,21 +112,25 @@ struct CausalConv<B: Backend> {
     /// Frames of zero padding in front when nothing is cached: `kernel_t - 1`.
     front: usize,
     pad_hw: usize,
+    /// Where its input's last frames are cached (kernels longer than one frame).
+    slot: Option<usize>,
 }
 
 impl<B: Backend> CausalConv<B> {
-    fn load(p: &Params<B>, input: usize, output: usize, kernel: [usize; 3]) -> Result<Self> {
+    fn load(p: &Params<B>, input: usize, output: usize, kernel: [usize; 3], slots: &mut Slots) -> Result<Self> {
         Ok(Self {
             weight: p.get("weight", &[output, input, kernel[0], kernel[1], kernel[2]])?,
             bias: p.get("bias", &[output])?,
             front: kernel[0] - 1,
             pad_hw: kernel[1] / 2,
+            slot: (kernel[0] > 1).then(|| slots.next()),
         })
     }
 
-    /// Convolves `x`, continuing the sequence whose last frames `slot` holds, and leaves the
-    /// last `front` frames of the (cached + new) input there for the next chunk.
-    fn forward(&self, b: &B, x: &Tensor<B>, slot: Option<&mut Option<Tensor<B>>>) -> Result<Tensor<B>> {
+    /// Convolves `x`, continuing the sequence whose last frames its cache slot holds, and
+    /// leaves the last `front` frames of the (cached + new) input there for what follows.
+    fn forward(&self, b: &B, x: &Tensor<B>, cache: &mut CausalCache<B>) -> Result<Tensor<B>> {
+        let slot = self.slot.map(|i| cache.slot(i));
         let cached = slot.as_ref().and_then(|s| s.as_ref());
         let input = match cached {
             Some(c) => ops::concat(b, &[c, x], 2)?,
@@ -151,27 +163,27 @@ struct ResidualBlock<B: Backend> {
 }
 
 impl<B: Backend> ResidualBlock<B> {
-    fn load(p: &Params<B>, input: usize, output: usize) -> Result<Self> {
+    fn load(p: &Params<B>, input: usize, output: usize, slots: &mut Slots) -> Result<Self> {
         Ok(Self {
             norm1: p.get("norm1.gamma", &[input])?,
-            conv1: CausalConv::load(&p.at("conv1"), input, output, [3; 3])?,
+            conv1: CausalConv::load(&p.at("conv1"), input, output, [3; 3], slots)?,
             norm2: p.get("norm2.gamma", &[output])?,
-            conv2: CausalConv::load(&p.at("conv2"), output, output, [3; 3])?,
+            conv2: CausalConv::load(&p.at("conv2"), output, output, [3; 3], slots)?,
             shortcut: (input != output)
-                .then(|| CausalConv::load(&p.at("conv_shortcut"), input, output, [1; 3]))
+                .then(|| CausalConv::load(&p.at("conv_shortcut"), input, output, [1; 3], slots))
                 .transpose()?,
         })
     }
 
     fn forward(&self, b: &B, x: &Tensor<B>, cache: &mut CausalCache<B>) -> Result<Tensor<B>> {
         let h = match &self.shortcut {
-            Some(s) => s.forward(b, x, None)?,
+            Some(s) => s.forward(b, x, cache)?,
             None => x.clone(),
         };
         let y = ops::silu(b, &channel_rms_norm(b, x, &self.norm1)?)?;
-        let y = self.conv1.forward(b, &y, Some(cache.slot()))?;
+        let y = self.conv1.forward(b, &y, cache)?;
         let y = ops::silu(b, &channel_rms_norm(b, &y, &self.norm2)?)?;
-        let y = self.conv2.forward(b, &y, Some(cache.slot()))?;
+        let y = self.conv2.forward(b, &y, cache)?;
         ops::add(b, &y, &h)
     }
 }
@@ -219,13 +231,13 @@ struct Upsample<B: Backend> {
 }
 
 impl<B: Backend> Upsample<B> {
-    fn load(p: &Params<B>, dim: usize, temporal: bool) -> Result<Self> {
+    fn load(p: &Params<B>, dim: usize, temporal: bool, slots: &mut Slots) -> Result<Self> {
         let w = p.get("resample.1.weight", &[dim / 2, dim, 3, 3])?;
         Ok(Self {
             conv_weight: w.reshape(&[dim / 2, dim, 1, 3, 3])?,
             conv_bias: p.get("resample.1.bias", &[dim / 2])?,
             time: temporal
-                .then(|| CausalConv::load(&p.at("time_conv"), dim, 2 * dim, [3, 1, 1]))
+                .then(|| CausalConv::load(&p.at("time_conv"), dim, 2 * dim, [3, 1, 1], slots))
                 .transpose()?,
         })
     }
@@ -233,7 +245,7 @@ impl<B: Backend> Upsample<B> {
     fn forward(&self, b: &B, x: &Tensor<B>, cache: &mut CausalCache<B>) -> Result<Tensor<B>> {
         let mut x = x.clone();
         if let Some(time) = &self.time {
-            let slot = cache.slot();
+            let slot = cache.slot(time.slot.expect("a time conv has a cache slot"));
             if slot.is_none() {
                 // The first chunk is not doubled in time; later chunks continue the sequence
                 // from a zero frame, as the reference does.
@@ -244,7 +256,7 @@ impl<B: Backend> Upsample<B> {
                 )?;
                 *slot = Some(b.upload(&zero)?);
             } else {
-                let y = time.forward(b, &x, Some(slot))?;
+                let y = time.forward(b, &x, cache)?;
                 let s = x.shape().to_vec();
                 let (n, c, t, h, w) = (s[0], s[1], s[2], s[3], s[4]);
                 // Channels [2, c] become two frames per input frame.
@@ -294,6 +306,15 @@ impl<B: Backend> WanVaeDecoder<B> {
             .collect();
         let temporal_up: Vec<bool> = c.temperal_downsample.iter().rev().copied().collect();
         let dp = p.at("decoder");
+        let mut slots = Slots::default();
+        let post_quant = CausalConv::load(&p.at("post_quant_conv"), c.z_dim, c.z_dim, [1; 3], &mut slots)?;
+        let top = dims[0];
+        let conv_in = CausalConv::load(&dp.at("conv_in"), c.z_dim, top, [3; 3], &mut slots)?;
+        let mp = dp.at("mid_block");
+        let mid_resnets = [
+            ResidualBlock::load(&mp.at("resnets.0"), top, top, &mut slots)?,
+            ResidualBlock::load(&mp.at("resnets.1"), top, top, &mut slots)?,
+        ];
         let mut up = Vec::new();
         for i in 0..levels {
             let (mut input, output) = (dims[i], dims[i + 1]);
@@ -302,27 +323,22 @@ impl<B: Backend> WanVaeDecoder<B> {
             }
             let bp = dp.at("up_blocks").at(i);
             let resnets = (0..=c.num_res_blocks)
-                .map(|j| ResidualBlock::load(&bp.at("resnets").at(j), if j == 0 { input } else { output }, output))
+                .map(|j| ResidualBlock::load(&bp.at("resnets").at(j), if j == 0 { input } else { output }, output, &mut slots))
                 .collect::<Result<_>>()?;
             let upsample = (i + 1 < levels)
-                .then(|| Upsample::load(&bp.at("upsamplers.0"), output, temporal_up[i]))
+                .then(|| Upsample::load(&bp.at("upsamplers.0"), output, temporal_up[i], &mut slots))
                 .transpose()?;
             up.push(UpBlock { resnets, upsample });
         }
-        let top = dims[0];
         let last = dims[levels];
-        let mp = dp.at("mid_block");
         Ok(Self {
-            post_quant: CausalConv::load(&p.at("post_quant_conv"), c.z_dim, c.z_dim, [1; 3])?,
-            conv_in: CausalConv::load(&dp.at("conv_in"), c.z_dim, top, [3; 3])?,
-            mid_resnets: [
-                ResidualBlock::load(&mp.at("resnets.0"), top, top)?,
-                ResidualBlock::load(&mp.at("resnets.1"), top, top)?,
-            ],
+            post_quant,
+            conv_in,
+            mid_resnets,
             mid_attention: AttentionBlock::load(&mp.at("attentions.0"), top)?,
             up,
             norm_out: dp.get("norm_out.gamma", &[last])?,
-            conv_out: CausalConv::load(&dp.at("conv_out"), last, c.out_channels, [3; 3])?,
+            conv_out: CausalConv::load(&dp.at("conv_out"), last, c.out_channels, [3; 3], &mut slots)?,
             config,
         })
     }
@@ -354,32 +370,52 @@ impl<B: Backend> WanVaeDecoder<B> {
     }
 
     /// Decodes one latent frame `[n, z, 1, h, w]` (already denormalised), continuing the clip
-    /// whose state `cache` holds; returns its video frames before the final clamp to [-1, 1]
-    /// (which `decode` applies on the host): 1 for the first chunk, `temporal_factor()` after.
-    pub fn decode_chunk(&self, b: &B, z: &Tensor<B>, cache: &mut CausalCache<B>) -> Result<Tensor<B>> {
+    /// whose state `cache` holds; returns its video frames `[n, c, 1, H, W]` before the final
+    /// clamp to [-1, 1] (which `decode` applies on the host): 1 for the first latent frame,
+    /// `temporal_factor()` after.
+    pub fn decode_chunk(&self, b: &B, z: &Tensor<B>, cache: &mut CausalCache<B>) -> Result<Vec<Tensor<B>>> {
         let s = z.shape();
-        if s.len() != 5 || s[1] != self.config.z_dim {
+        if s.len() != 5 || s[1] != self.config.z_dim || s[2] != 1 {
             return Err(Error::Invalid(format!(
-                "Wan VAE input {s:?}: expected [n, {}, frames, h, w]",
+                "Wan VAE chunk {s:?}: expected one latent frame [n, {}, 1, h, w]",
                 self.config.z_dim
             )));
         }
-        cache.next = 0;
-        let x = self.post_quant.forward(b, z, None)?;
-        let mut x = self.conv_in.forward(b, &x, Some(cache.slot()))?;
+        let x = self.post_quant.forward(b, z, cache)?;
+        let mut x = self.conv_in.forward(b, &x, cache)?;
         x = self.mid_resnets[0].forward(b, &x, cache)?;
         x = self.mid_attention.forward(b, &x)?;
         x = self.mid_resnets[1].forward(b, &x, cache)?;
-        for block in &self.up {
-            for r in &block.resnets {
-                x = r.forward(b, &x, cache)?;
-            }
-            if let Some(u) = &block.upsample {
-                x = u.forward(b, &x, cache)?;
-            }
+        let mut frames = Vec::new();
+        self.stream(b, 0, x, cache, &mut frames)?;
+        Ok(frames)
+    }
+
+    /// Runs up block `level` and everything after it on one frame, one frame at a time below
+    /// each time upsampler.
+    fn stream(&self, b: &B, level: usize, x: Tensor<B>, cache: &mut CausalCache<B>, out: &mut Vec<Tensor<B>>) -> Result<()> {
+        let Some(block) = self.up.get(level) else {
+            let x = ops::silu(b, &channel_rms_norm(b, &x, &self.norm_out)?)?;
+            out.push(self.conv_out.forward(b, &x, cache)?);
+            return Ok(());
+        };
+        let mut x = x;
+        for r in &block.resnets {
+            x = r.forward(b, &x, cache)?;
         }
-        let x = ops::silu(b, &channel_rms_norm(b, &x, &self.norm_out)?)?;
-        self.conv_out.forward(b, &x, Some(cache.slot()))
+        let Some(upsample) = &block.upsample else {
+            return self.stream(b, level + 1, x, cache, out);
+        };
+        let y = upsample.forward(b, &x, cache)?;
+        drop(x);
+        let frames = y.shape()[2];
+        if frames == 1 {
+            return self.stream(b, level + 1, y, cache, out);
+        }
+        for f in 0..frames {
+            self.stream(b, level + 1, ops::slice(b, &y, 2, f, 1)?, cache, out)?;
+        }
+        Ok(())
     }
 
     /// The whole clip `[n, out_channels, 1 + factor * (t - 1), h * s, w * s]` on the host, in
@@ -389,9 +425,10 @@ impl<B: Backend> WanVaeDecoder<B> {
         let mut cache = CausalCache::default();
         let mut chunks: Vec<HostTensor> = Vec::with_capacity(t);
         for i in 0..t {
-            let frame = ops::slice(b, z, 2, i, 1)?;
-            let out = b.read(&self.decode_chunk(b, &frame, &mut cache)?).await?;
-            chunks.push(out);
+            let latent_frame = ops::slice(b, z, 2, i, 1)?;
+            for frame in self.decode_chunk(b, &latent_frame, &mut cache)? {
+                chunks.push(b.read(&frame).await?);
+            }
             on_frame(i + 1, t);
         }
         let s = chunks[0].shape.clone();

@@ -25,8 +25,6 @@ use crate::tensor::{DType, HostData, HostTensor, Tensor};
 const UNIFORM_ARENA_BYTES: u64 = 1 << 20;
 /// Dispatches recorded before the pending batch is submitted, so the GPU starts early.
 const DISPATCHES_PER_SUBMIT: usize = 128;
-/// Free buffers kept for reuse, in bytes.
-const POOL_BYTES: u64 = 2 << 30;
 
 /// How to set up the wgpu backend.
 #[derive(Clone, Debug)]
@@ -39,6 +37,10 @@ pub struct WgpuOptions {
     pub max_chunk_bytes: Option<u64>,
     /// Use f16 storage when the adapter has `shader-f16`.
     pub allow_f16: bool,
+    /// Most bytes of freed tensor buffers kept for reuse (default 2 GiB). Reuse makes a
+    /// denoising loop allocation-free after its first step; a small pool lowers the peak
+    /// device memory of work whose tensor sizes keep changing (the streaming video decode).
+    pub pool_bytes: u64,
     /// Cap on the keys one attention pass handles before the sequence is split (default:
     /// 1024 on CPU adapters, 16384 on GPUs). Lower only to exercise the split path.
     pub attention_keys_per_pass: Option<usize>,
@@ -51,6 +53,7 @@ impl Default for WgpuOptions {
             default_limits: false,
             max_chunk_bytes: None,
             allow_f16: true,
+            pool_bytes: 2 << 30,
             attention_keys_per_pass: None,
             power_preference: wgpu::PowerPreference::HighPerformance,
         }
@@ -77,10 +80,11 @@ impl Drop for GpuStorage {
 
 /// Recycles storage buffers by exact size: a denoising loop allocates the same sizes every
 /// step, so after the first step it allocates nothing.
-#[derive(Default)]
 struct BufferPool {
     free: HashMap<u64, Vec<wgpu::Buffer>>,
     bytes: u64,
+    /// Most bytes kept for reuse; freed buffers beyond it are released.
+    limit: u64,
     /// Bytes of every tensor buffer that exists (in use or pooled), and their high-water mark.
     device_bytes: u64,
     peak_bytes: u64,
@@ -99,7 +103,7 @@ impl BufferPool {
     }
 
     fn give(&mut self, b: wgpu::Buffer) {
-        if self.bytes + b.size() <= POOL_BYTES {
+        if self.bytes + b.size() <= self.limit {
             self.bytes += b.size();
             self.free.entry(b.size()).or_default().push(b);
         } else {
@@ -218,7 +222,13 @@ impl WgpuBackend {
             f16,
             chunk_bytes,
             pipelines: Mutex::default(),
-            pool: Arc::default(),
+            pool: Arc::new(Mutex::new(BufferPool {
+                free: HashMap::new(),
+                bytes: 0,
+                limit: options.pool_bytes,
+                device_bytes: 0,
+                peak_bytes: 0,
+            })),
             pending: Mutex::new(Pending {
                 encoder: None,
                 dispatches: 0,
