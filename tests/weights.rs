@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use sdlite_runtime::models::unet::UNet;
 use sdlite_runtime::source::{DirSource, Source};
 use sdlite_runtime::weights::{Params, Weights};
-use sdlite_runtime::{CpuBackend, DType, HostData};
+use sdlite_runtime::{Backend, CpuBackend, DType, HostData};
 
 fn temp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sdlite-weights-test-{}", std::process::id()));
@@ -143,4 +143,79 @@ fn model_load_names_the_missing_or_misshapen_tensor() {
         .expect("fails")
         .to_string();
     assert!(err.contains("attn2.to_k.weight") && err.contains("[32, 48]"), "{err}");
+}
+
+/// The tiny SD checkpoint in the original single-file layout (written by make_goldens.py and
+/// checked there against diffusers' own converters) maps onto exactly the diffusers
+/// folder's tensors, and the pipeline loaded from it runs the UNet like the folder's.
+#[test]
+fn sd_single_file_maps_onto_the_diffusers_layout() {
+    use sdlite_runtime::models::clip_tokenizer::ClipTokenizer;
+    use sdlite_runtime::models::sd::{SdConfigs, StableDiffusion};
+    use sdlite_runtime::models::sd_single_file::component_name;
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data");
+    let folder = DirSource(data.join("sd-tiny"));
+    let configs = SdConfigs::from_source(&folder).unwrap();
+    let file = data.join("sd-tiny-single-file.safetensors");
+    let single = Weights::open(&file).unwrap();
+    let levels = configs.vae.block_out_channels.len();
+    for component in ["text_encoder", "unet", "vae"] {
+        let want = folder.weights(component).unwrap();
+        let mut mapped = 0;
+        for name in single.names() {
+            let Some((c, diffusers)) = component_name(name, &configs.unet, levels) else {
+                panic!("single-file key {name} maps nowhere");
+            };
+            if c != component {
+                continue;
+            }
+            mapped += 1;
+            // transformers 5 saves CLIP without the `text_model.` prefix that the original names carry.
+            let diffusers = match diffusers.strip_prefix("text_model.") {
+                Some(bare) if !want.contains(&diffusers) => bare.to_string(),
+                _ => diffusers,
+            };
+            let shape = want
+                .shape(&diffusers)
+                .unwrap_or_else(|| panic!("{name} -> {diffusers}: not in the folder"))
+                .to_vec();
+            let round = |v: Vec<f32>| v.into_iter().map(|x| DType::F16.round(x)).collect::<Vec<_>>();
+            let a = round(want.load(&diffusers, &shape, DType::F32).unwrap().to_f32());
+            let b = single.load(name, &shape, DType::F32).unwrap().to_f32();
+            assert_eq!(a, b, "{name} -> {diffusers}: values differ");
+        }
+        assert_eq!(
+            mapped,
+            want.names().count(),
+            "{component}: every folder tensor has a single-file key"
+        );
+    }
+    let tokenizer = ClipTokenizer::from_source(&folder, "tokenizer").unwrap();
+    let sd = StableDiffusion::load_single_file(&CpuBackend, &file, configs, tokenizer, DType::F32).unwrap();
+    let goldens = Weights::open(&data.join("sd-tiny-goldens.safetensors")).unwrap();
+    let gold = |n: &str| goldens.load(n, &goldens.shape(n).unwrap().to_vec(), DType::F32).unwrap();
+    let b = CpuBackend;
+    let x = b.upload(&gold("unet_latent")).unwrap();
+    let ctx = b.upload(&gold("text_hidden")).unwrap();
+    let out = pollster::block_on(b.read(&sd.unet.forward(&b, &x, &[981.0, 981.0], &ctx).unwrap())).unwrap();
+    let (got, want) = (out.to_f32(), gold("unet_out").to_f32());
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+    assert!(err <= 1e-5, "unet from the single file: relative error {err:e}");
+    let folder_file = data.join("sd-tiny/unet/diffusion_pytorch_model.safetensors");
+    let tokenizer = ClipTokenizer::from_source(&folder, "tokenizer").unwrap();
+    let err = StableDiffusion::load_single_file(
+        &CpuBackend,
+        &folder_file,
+        SdConfigs::from_source(&folder).unwrap(),
+        tokenizer,
+        DType::F32,
+    )
+    .err()
+    .expect("a diffusers file is not a single-file checkpoint")
+    .to_string();
+    assert!(
+        err.contains("no text_encoder tensors under the original Stable Diffusion key names"),
+        "{err}"
+    );
 }

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use sdlite_runtime::models::clip_tokenizer::ClipTokenizer;
 use sdlite_runtime::models::flow_schedulers::FlowSampler;
 use sdlite_runtime::models::schedulers::Sampler;
-use sdlite_runtime::models::sd::{SdRequest, StableDiffusion};
+use sdlite_runtime::models::sd::{SdConfigs, SdRequest, StableDiffusion};
 use sdlite_runtime::models::wan::{Wan, WanRequest};
 use sdlite_runtime::models::Phase;
 use sdlite_runtime::source::{DirSource, Source};
@@ -19,9 +20,14 @@ use crate::DeviceArgs;
 
 #[derive(clap::Args)]
 pub struct GenArgs {
-    /// A diffusers model folder (with model_index.json): Stable Diffusion 1.x/2.x or Wan2.1.
+    /// A diffusers model folder (with model_index.json): Stable Diffusion 1.x/2.x or Wan2.1;
+    /// or a Stable Diffusion 1.x single-file checkpoint (.safetensors, original key names).
     #[arg(long)]
     model: PathBuf,
+    /// For single-file checkpoints: a CLIP tokenizer folder (vocab.json, merges.txt), e.g.
+    /// the one `scripts/fetch-vocab.sh` writes to target/reference/clip-vocab.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     #[arg(long)]
     prompt: String,
     #[arg(long, default_value = "")]
@@ -92,8 +98,13 @@ pub fn run(args: GenArgs) -> Result<()> {
 
 fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
     let source = DirSource(args.model.clone());
-    let index: serde_json::Value = source.config("model_index.json")?;
-    let class = index["_class_name"].as_str().unwrap_or("");
+    let single_file = args.model.is_file();
+    let class = if single_file {
+        "StableDiffusion".to_string()
+    } else {
+        let index: serde_json::Value = source.config("model_index.json")?;
+        index["_class_name"].as_str().unwrap_or("").to_string()
+    };
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -114,7 +125,19 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
         let sampler_name = args.sampler.as_deref().unwrap_or("dpmpp_2m");
         let sampler = Sampler::parse(sampler_name)?;
         eprintln!("loading {} on {} ({dtype:?})", args.model.display(), b.name());
-        let sd = StableDiffusion::load(b, &source, dtype)?;
+        let sd = if single_file {
+            let Some(dir) = &args.tokenizer else {
+                bail!(
+                    "{} is a single-file checkpoint, which carries no tokenizer: pass --tokenizer DIR (a folder with \
+                     vocab.json and merges.txt; scripts/fetch-vocab.sh writes the CLIP one to target/reference/clip-vocab)",
+                    args.model.display()
+                );
+            };
+            let tokenizer = ClipTokenizer::from_source(&DirSource(dir.clone()), "")?;
+            StableDiffusion::load_single_file(b, &args.model, SdConfigs::sd15(), tokenizer, dtype)?
+        } else {
+            StableDiffusion::load(b, &source, dtype)?
+        };
         let native = sd.unet.config.sample_size * sd.vae_decoder.config.scale_factor();
         let req = SdRequest {
             prompt: args.prompt.clone(),

@@ -179,6 +179,8 @@ def make_sd(clip_vocab):
             indent=2,
         )
 
+    write_sd_single_file(te, unet, vae, os.path.join(DATA, "sd-tiny-single-file.safetensors"))
+
     with torch.no_grad():
         ids = torch.tensor(ints["tiny_vocab_ids"][:2])
         goldens["text_hidden"] = te(ids).last_hidden_state
@@ -226,6 +228,103 @@ def make_sd(clip_vocab):
     goldens.update(scheduler_goldens(sched_cfg))
     save_file({k: v.contiguous().float() for k, v in goldens.items()}, os.path.join(DATA, "sd-tiny-goldens.safetensors"))
     return ints
+
+
+def ldm_unet_name(k, cfg):
+    """The original (LDM) key of diffusers UNet key `k`."""
+    l = cfg.layers_per_block
+    res = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
+           ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection.")]
+
+    def resnet(rest):
+        return next((to + rest[len(fr):] for fr, to in res if rest.startswith(fr)), rest)
+
+    p = k.split(".")
+    if p[0] == "conv_in":
+        return "input_blocks.0.0." + ".".join(p[1:])
+    if p[0] == "time_embedding":
+        return {"linear_1": "time_embed.0.", "linear_2": "time_embed.2."}[p[1]] + ".".join(p[2:])
+    if p[0] == "conv_norm_out":
+        return "out.0." + ".".join(p[1:])
+    if p[0] == "conv_out":
+        return "out.2." + ".".join(p[1:])
+    if p[0] == "down_blocks":
+        i = int(p[1])
+        if p[2] == "downsamplers":
+            return f"input_blocks.{(i + 1) * (l + 1)}.0.op." + ".".join(p[5:])
+        n = 1 + i * (l + 1) + int(p[3])
+        rest = ".".join(p[4:])
+        return f"input_blocks.{n}.0.{resnet(rest)}" if p[2] == "resnets" else f"input_blocks.{n}.1.{rest}"
+    if p[0] == "mid_block":
+        rest = ".".join(p[3:])
+        if p[1] == "attentions":
+            return "middle_block.1." + rest
+        return f"middle_block.{0 if p[2] == '0' else 2}.{resnet(rest)}"
+    if p[0] == "up_blocks":
+        i = int(p[1])
+        attn = cfg.up_block_types[i].startswith("CrossAttn")
+        if p[2] == "upsamplers":
+            return f"output_blocks.{i * (l + 1) + l}.{2 if attn else 1}." + ".".join(p[4:])
+        n = i * (l + 1) + int(p[3])
+        rest = ".".join(p[4:])
+        return f"output_blocks.{n}.0.{resnet(rest)}" if p[2] == "resnets" else f"output_blocks.{n}.1.{rest}"
+    raise KeyError(k)
+
+
+def ldm_vae_name(k, levels):
+    p = k.split(".")
+    if p[0] in ("quant_conv", "post_quant_conv"):
+        return k
+    side, rest = p[0], p[1:]
+
+    def resnet(r):
+        return ".".join(r).replace("conv_shortcut", "nin_shortcut")
+
+    if rest[0] == "conv_norm_out":
+        return f"{side}.norm_out." + ".".join(rest[1:])
+    if rest[0] in ("conv_in", "conv_out"):
+        return k
+    if rest[0] == "mid_block":
+        if rest[1] == "resnets":
+            return f"{side}.mid.block_{int(rest[2]) + 1}.{resnet(rest[3:])}"
+        names = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+        tail = rest[4:] if rest[3] != "to_out" else rest[5:]
+        return f"{side}.mid.attn_1.{names[rest[3]]}." + ".".join(tail)
+    i = int(rest[1])
+    if side == "decoder":
+        i = levels - 1 - i
+    kind = "down" if side == "encoder" else "up"
+    if rest[2] == "resnets":
+        return f"{side}.{kind}.{i}.block.{rest[3]}.{resnet(rest[4:])}"
+    return f"{side}.{kind}.{i}.{'downsample' if kind == 'down' else 'upsample'}." + ".".join(rest[4:])
+
+
+def write_sd_single_file(te, unet, vae, path):
+    """The checkpoint in the original single-file layout (LDM key names, f16), checked
+    against diffusers' own converters: converting it back must give the diffusers weights."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    levels = len(vae.config.block_out_channels)
+    sd = {}
+    for k, v in unet.state_dict().items():
+        sd["model.diffusion_model." + ldm_unet_name(k, unet.config)] = v
+    for k, v in vae.state_dict().items():
+        if "mid_block.attentions" in k and k.endswith("weight") and v.ndim == 2:
+            v = v[:, :, None, None]
+        sd["first_stage_model." + ldm_vae_name(k, levels)] = v
+    for k, v in te.state_dict().items():
+        sd["cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}
+    for name, model, back in [
+        ("unet", unet, convert_ldm_unet_checkpoint(dict(sd), unet.config)),
+        ("vae", vae, convert_ldm_vae_checkpoint(dict(sd), vae.config)),
+        ("text encoder", te, convert_ldm_clip_checkpoint(dict(sd))),
+    ]:
+        want = {k if name != "text encoder" or k.startswith("text_model.") else "text_model." + k: v for k, v in model.state_dict().items()}
+        assert set(back) == set(want), (name, sorted(set(back) ^ set(want))[:5])
+        for k, v in want.items():
+            assert torch.equal(back[k].reshape(v.shape).float(), v.to(torch.float16).float()), (name, k)
+    save_file(sd, path)
 
 
 def scheduler_goldens(cfg, steps=5):

@@ -130,9 +130,16 @@ impl ClipTokenizer {
         })
     }
 
-    /// From a diffusers `tokenizer/` folder (`dir` names it inside `source`).
+    /// From a diffusers `tokenizer/` folder (`dir` names it inside `source`; "" for the root).
     pub fn from_source(source: &impl Source, dir: &str) -> Result<Self> {
-        let json = |name: &str| -> Option<serde_json::Value> { serde_json::from_str(&source.text(&format!("{dir}/{name}")).ok()?).ok() };
+        let path = |name: &str| {
+            if dir.is_empty() {
+                name.to_string()
+            } else {
+                format!("{dir}/{name}")
+            }
+        };
+        let json = |name: &str| -> Option<serde_json::Value> { serde_json::from_str(&source.text(&path(name)).ok()?).ok() };
         let token_text = |v: &serde_json::Value| v.as_str().or_else(|| v["content"].as_str()).map(str::to_string);
         let pad = json("special_tokens_map.json")
             .and_then(|m| token_text(&m["pad_token"]))
@@ -142,8 +149,8 @@ impl ClipTokenizer {
             .and_then(|c| c["model_max_length"].as_u64())
             .filter(|&n| n <= 1 << 20)
             .map_or(77, |n| n as usize);
-        let vocab = source.text(&format!("{dir}/vocab.json"))?;
-        let merges = source.text(&format!("{dir}/merges.txt"))?;
+        let vocab = source.text(&path("vocab.json"))?;
+        let merges = source.text(&path("merges.txt"))?;
         Self::new(&vocab, &merges, &pad, max_len)
     }
 

@@ -8,6 +8,7 @@ pub mod flow_schedulers;
 pub mod nn;
 pub mod schedulers;
 pub mod sd;
+pub mod sd_single_file;
 pub mod sd_vae;
 pub mod sentencepiece;
 pub mod umt5;

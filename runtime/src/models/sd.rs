@@ -7,15 +7,16 @@ use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::models::clip_text::ClipTextEncoder;
+use crate::models::clip_text::{ClipTextConfig, ClipTextEncoder};
 use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::schedulers::{Sampler, Scheduler, SchedulerConfig};
+use crate::models::sd_single_file::component_name;
 use crate::models::sd_vae::{VaeConfig, VaeDecoder, VaeEncoder};
-use crate::models::unet::UNet;
+use crate::models::unet::{UNet, UNetConfig};
 use crate::models::Phase;
 use crate::source::Source;
 use crate::tensor::{DType, HostData, HostTensor, Tensor};
-use crate::weights::Params;
+use crate::weights::{Params, Weights};
 
 pub struct StableDiffusion<B: Backend> {
     pub tokenizer: ClipTokenizer,
@@ -25,6 +26,38 @@ pub struct StableDiffusion<B: Backend> {
     pub vae_encoder: VaeEncoder<B>,
     pub scheduler_config: SchedulerConfig,
     pub dtype: DType,
+}
+
+/// The configs of the four components.
+pub struct SdConfigs {
+    pub text: ClipTextConfig,
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+impl SdConfigs {
+    pub fn from_source(source: &impl Source) -> Result<Self> {
+        Ok(Self {
+            text: source.config("text_encoder/config.json")?,
+            unet: source.config("unet/config.json")?,
+            vae: source.config("vae/config.json")?,
+            scheduler: source.config("scheduler/scheduler_config.json")?,
+        })
+    }
+
+    /// Stable Diffusion 1.x: CLIP ViT-L/14, the 768-wide cross-attention UNet, the KL VAE.
+    pub fn sd15() -> Self {
+        fn parse<T: serde::de::DeserializeOwned>(json: &str) -> T {
+            serde_json::from_str(json).expect("built-in config parses")
+        }
+        Self {
+            text: parse(r#"{"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12}"#),
+            unet: parse(r#"{"cross_attention_dim": 768}"#),
+            vae: parse("{}"),
+            scheduler: SchedulerConfig::default(),
+        }
+    }
 }
 
 /// What one generation asks for.
@@ -59,24 +92,48 @@ impl<B: Backend> StableDiffusion<B> {
                 source.label()
             )));
         }
-        let text_encoder = ClipTextEncoder::load(
+        let parts = [source.weights("text_encoder")?, source.weights("unet")?, source.weights("vae")?];
+        Self::assemble(
             b,
-            source.config("text_encoder/config.json")?,
-            Arc::new(source.weights("text_encoder")?),
+            SdConfigs::from_source(source)?,
+            ClipTokenizer::from_source(source, "tokenizer")?,
+            parts,
             dtype,
-        )?;
-        let unet_weights = source.weights("unet")?;
-        let unet = UNet::load(&Params::new(b, &unet_weights, dtype), source.config("unet/config.json")?)?;
-        let vae_weights = source.weights("vae")?;
-        let vae_config: VaeConfig = source.config("vae/config.json")?;
-        let vp = Params::new(b, &vae_weights, dtype);
+        )
+    }
+
+    /// Loads a single-file checkpoint with the original key names (`configs` as the model's;
+    /// `SdConfigs::sd15()` for SD 1.x files), with the tokenizer given separately.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn load_single_file(b: &B, file: &std::path::Path, configs: SdConfigs, tokenizer: ClipTokenizer, dtype: DType) -> Result<Self> {
+        let levels = configs.vae.block_out_channels.len();
+        let part = |component: &str| -> Result<Weights> {
+            let w = Weights::open(file)?.renamed(|name| {
+                component_name(name, &configs.unet, levels)
+                    .filter(|(c, _)| *c == component)
+                    .map(|(_, n)| n)
+            });
+            if w.names().next().is_none() {
+                return Err(Error::Invalid(format!(
+                    "{}: no {component} tensors under the original Stable Diffusion key names",
+                    file.display()
+                )));
+            }
+            Ok(w)
+        };
+        let parts = [part("text_encoder")?, part("unet")?, part("vae")?];
+        Self::assemble(b, configs, tokenizer, parts, dtype)
+    }
+
+    fn assemble(b: &B, configs: SdConfigs, tokenizer: ClipTokenizer, [text, unet, vae]: [Weights; 3], dtype: DType) -> Result<Self> {
+        let vp = Params::new(b, &vae, dtype);
         Ok(Self {
-            tokenizer: ClipTokenizer::from_source(source, "tokenizer")?,
-            text_encoder,
-            unet,
-            vae_decoder: VaeDecoder::load(&vp, vae_config.clone())?,
-            vae_encoder: VaeEncoder::load(&vp, vae_config)?,
-            scheduler_config: source.config("scheduler/scheduler_config.json")?,
+            tokenizer,
+            text_encoder: ClipTextEncoder::load(b, configs.text, Arc::new(text), dtype)?,
+            unet: UNet::load(&Params::new(b, &unet, dtype), configs.unet)?,
+            vae_decoder: VaeDecoder::load(&vp, configs.vae.clone())?,
+            vae_encoder: VaeEncoder::load(&vp, configs.vae)?,
+            scheduler_config: configs.scheduler,
             dtype,
         })
     }
