@@ -496,3 +496,24 @@ fn full_size_matches_reference_on_gpu() {
     check("full-size wan vae", &got, &gold("wan_vae_decoded"));
     assert!(failures.is_empty(), "full-size differences: {failures:?}");
 }
+
+fn dit_out_original_names<B: Backend>(b: &B) -> HostTensor {
+    let w = sdlite_runtime::models::wan_dit::with_diffusers_names(
+        Weights::open(&data().join("wan-tiny-dit-original.safetensors")).expect("weights"),
+    );
+    let dit = WanDit::load(
+        &Params::new(b, &w, DType::F32),
+        wan_source().config("transformer/config.json").expect("config"),
+    )
+    .expect("dit loads from the original key names");
+    let x = upload(b, &golden("dit_latent"));
+    let ctx = upload(b, &golden("dit_context"));
+    read(b, &dit.forward(b, &x, &[500.0], &ctx).expect("dit runs"))
+}
+
+/// The DiT from a checkpoint with the original Wan release's key names (checked against
+/// diffusers' converter in make_goldens.py) computes what the diffusers-named one does.
+#[test]
+fn wan_dit_loads_original_key_names() {
+    on_backends!("wan dit (original names)", golden("dit_out"), dit_out_original_names);
+}

@@ -384,6 +384,7 @@ def make_wan():
     )
     randomize(dit, 21, scale=0.2)
     dit = save_component(dit, os.path.join(root, "transformer"), torch.bfloat16)
+    write_wan_original(dit, os.path.join(DATA, "wan-tiny-dit-original.safetensors"))
     g = torch.Generator().manual_seed(22)
     latent = torch.randn((1, 4, 3, 8, 6), generator=g)
     context = torch.randn((1, 20, 16), generator=g)
@@ -549,6 +550,42 @@ def make_umt5(root, goldens, g):
     ints["model"] = te
     ints["tokenizer"] = tok
     return ints
+
+
+def write_wan_original(dit, path):
+    """The DiT under the original Wan release's key names (as single-file checkpoints carry
+    them), checked against diffusers' own converter."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    renames = [
+        ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+        ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+        ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+        ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+        ("condition_embedder.time_proj", "time_projection.1"),
+        ("attn1.", "self_attn."),
+        ("attn2.", "cross_attn."),
+        (".to_out.0.", ".o."),
+        (".to_q.", ".q."),
+        (".to_k.", ".k."),
+        (".to_v.", ".v."),
+        ("ffn.net.0.proj", "ffn.0"),
+        ("ffn.net.2", "ffn.2"),
+        (".norm2.", ".norm3."),
+        ("proj_out", "head.head"),
+    ]
+    sd = {}
+    for k, v in dit.state_dict().items():
+        n = k
+        for a, b in renames:
+            n = n.replace(a, b)
+        n = "head.modulation" if n == "scale_shift_table" else n.replace("scale_shift_table", "modulation")
+        sd[n] = v.detach().to(torch.bfloat16).contiguous()
+    back = convert_wan_transformer_to_diffusers(dict(sd))
+    want = dit.state_dict()
+    assert set(back) == set(want), sorted(set(back) ^ set(want))[:5]
+    assert all(torch.equal(back[k].float(), want[k].to(torch.bfloat16).float()) for k in want)
+    save_file(sd, path)
 
 
 def flow_scheduler_goldens(steps=6):

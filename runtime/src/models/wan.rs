@@ -75,7 +75,7 @@ impl<B: Backend> Wan<B> {
             )));
         }
         let spiece = source.bytes("tokenizer/spiece.model")?;
-        let transformer_weights = source.weights("transformer")?;
+        let transformer_weights = crate::models::wan_dit::with_diffusers_names(source.weights("transformer")?);
         let vae_weights = source.weights("vae")?;
         Ok(Self {
             tokenizer: SentencePiece::from_model_bytes(&format!("{}/tokenizer/spiece.model", source.label()), &spiece)?,

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::models::nn::{multi_head_attention, LayerNorm, Linear};
 use crate::ops;
 use crate::tensor::{DType, Tensor};
-use crate::weights::Params;
+use crate::weights::{Params, Weights};
 
 /// Mirrors diffusers' `WanTransformer3DModel` config (text-to-video fields).
 #[derive(Clone, Debug, Deserialize)]
@@ -78,6 +78,45 @@ mod d {
     }
     pub fn eps() -> f32 {
         1e-6
+    }
+}
+
+/// The diffusers name of a tensor named as in the original Wan2.1 release (and the
+/// single-file checkpoints that repackage it): `self_attn.q`, `ffn.0`, `norm3` (the
+/// cross-attention norm), `modulation`, `head.head` ...
+fn diffusers_name(original: &str) -> String {
+    const RENAMES: [(&str, &str); 16] = [
+        ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+        ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+        ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+        ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+        ("time_projection.1.", "condition_embedder.time_proj."),
+        ("head.head.", "proj_out."),
+        (".self_attn.", ".attn1."),
+        (".cross_attn.", ".attn2."),
+        (".o.", ".to_out.0."),
+        (".q.", ".to_q."),
+        (".k.", ".to_k."),
+        (".v.", ".to_v."),
+        (".ffn.0.", ".ffn.net.0.proj."),
+        (".ffn.2.", ".ffn.net.2."),
+        (".norm3.", ".norm2."),
+        (".modulation", ".scale_shift_table"),
+    ];
+    let name = original.strip_prefix("model.diffusion_model.").unwrap_or(original);
+    if name == "head.modulation" {
+        return "scale_shift_table".into();
+    }
+    RENAMES.iter().fold(name.to_string(), |n, (from, to)| n.replacen(from, to, 1))
+}
+
+/// DiT weights under the diffusers names, whether the file uses them or the original
+/// release's (recognised by its `head.head.weight`).
+pub fn with_diffusers_names(weights: Weights) -> Weights {
+    if weights.contains("head.head.weight") || weights.contains("model.diffusion_model.head.head.weight") {
+        weights.renamed(|n| Some(diffusers_name(n)))
+    } else {
+        weights
     }
 }
 
