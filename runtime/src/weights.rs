@@ -293,19 +293,22 @@ impl Weights {
         Some(&f.entries[name].shape)
     }
 
-    /// Tensor `name` as `dtype`, checked against `expected` (its shape in the model).
-    pub fn load(&self, name: &str, expected: &[usize], dtype: DType) -> Result<HostTensor> {
-        if let Some(seed) = self.synthetic {
-            return HostTensor::new(expected, HostData::from_f32(dtype, Self::synthesize(seed, name, expected)));
-        }
+    fn entry(&self, name: &str) -> Result<(&SafetensorsFile, &Entry)> {
         let Some(&i) = self.owner.get(name) else {
             return Err(Error::MissingTensor {
                 file: self.label.clone(),
                 tensor: name.to_string(),
             });
         };
-        let file = &self.files[i];
-        let entry = &file.entries[name];
+        Ok((&self.files[i], &self.files[i].entries[name]))
+    }
+
+    /// Tensor `name` as `dtype`, checked against `expected` (its shape in the model).
+    pub fn load(&self, name: &str, expected: &[usize], dtype: DType) -> Result<HostTensor> {
+        if let Some(seed) = self.synthetic {
+            return HostTensor::new(expected, HostData::from_f32(dtype, Self::synthesize(seed, name, expected)));
+        }
+        let (file, entry) = self.entry(name)?;
         if entry.shape != expected {
             // A trailing or leading 1 (conv 1x1 vs linear, scalar vs [1]) is the same data.
             let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
@@ -325,14 +328,7 @@ impl Weights {
     /// Rows `rows` of the 2-D tensor `name` (an embedding table) as `dtype`, read straight
     /// from the file so the table itself never has to be resident.
     pub fn load_rows(&self, name: &str, rows: &[u32], dtype: DType) -> Result<HostTensor> {
-        let Some(&i) = self.owner.get(name) else {
-            return Err(Error::MissingTensor {
-                file: self.label.clone(),
-                tensor: name.to_string(),
-            });
-        };
-        let file = &self.files[i];
-        let entry = &file.entries[name];
+        let (file, entry) = self.entry(name)?;
         let stored = dtype_of(&entry.dtype).filter(|_| entry.shape.len() == 2).ok_or_else(|| {
             checkpoint_err(
                 &file.name,

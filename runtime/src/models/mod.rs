@@ -24,3 +24,37 @@ pub enum Phase {
     Denoise,
     Decode,
 }
+
+/// The starting latent: the caller's when given (it must have the shape's size), seeded
+/// standard-normal noise otherwise.
+fn initial_latent(given: Option<&Vec<f32>>, shape: &[usize], seed: u64) -> crate::error::Result<Vec<f32>> {
+    let n: usize = shape.iter().product();
+    match given {
+        Some(l) if l.len() == n => Ok(l.clone()),
+        Some(l) => Err(crate::error::Error::Invalid(format!(
+            "initial latent has {} values, {shape:?} needs {n}",
+            l.len()
+        ))),
+        None => Ok(crate::noise::gaussian(seed, n)),
+    }
+}
+
+/// Classifier-free guidance on a denoiser output for the batch (negative, positive):
+/// `uncond + scale * (cond - uncond)`; without guidance the single row passes through.
+fn guide(pred: Vec<f32>, guided: bool, scale: f32) -> Vec<f32> {
+    if !guided {
+        return pred;
+    }
+    let (uncond, cond) = pred.split_at(pred.len() / 2);
+    uncond.iter().zip(cond).map(|(u, c)| u + scale * (c - u)).collect()
+}
+
+/// Stops a generation whose latent overflowed, naming the step and dtype.
+fn check_finite(latent: &[f32], step: usize, dtype: crate::tensor::DType) -> crate::error::Result<()> {
+    if latent.iter().all(|v| v.is_finite()) {
+        return Ok(());
+    }
+    Err(crate::error::Error::Invalid(format!(
+        "the latent became non-finite at step {step} (dtype {dtype:?}); try f32"
+    )))
+}

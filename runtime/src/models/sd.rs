@@ -13,7 +13,7 @@ use crate::models::schedulers::{Sampler, Scheduler, SchedulerConfig};
 use crate::models::sd_single_file::component_name;
 use crate::models::sd_vae::{VaeConfig, VaeDecoder, VaeEncoder};
 use crate::models::unet::{UNet, UNetConfig};
-use crate::models::Phase;
+use crate::models::{check_finite, guide, initial_latent, Phase};
 use crate::source::Source;
 use crate::tensor::{DType, HostData, HostTensor, Tensor};
 use crate::weights::{Params, Weights};
@@ -176,16 +176,7 @@ impl<B: Backend> StableDiffusion<B> {
         let mut scheduler = Scheduler::new(req.sampler, self.scheduler_config.clone(), req.steps)?;
         let shape = self.latent_shape(req);
         let n: usize = shape.iter().product();
-        let mut latent = match &req.init_latent {
-            Some(l) if l.len() == n => l.clone(),
-            Some(l) => {
-                return Err(Error::Invalid(format!(
-                    "initial latent has {} values, {shape:?} needs {n}",
-                    l.len()
-                )))
-            }
-            None => crate::noise::gaussian(req.seed, n),
-        };
+        let mut latent = initial_latent(req.init_latent.as_ref(), &shape, req.seed)?;
         let sigma = scheduler.init_noise_sigma();
         latent.iter_mut().for_each(|v| *v *= sigma);
         let guided = req.cfg_scale > 1.0;
@@ -201,23 +192,12 @@ impl<B: Backend> StableDiffusion<B> {
                 HostData::from_f32(self.dtype, input),
             )?)?;
             let pred = b.read(&self.unet.forward(b, &x, &vec![t; batch], &context)?).await?.to_f32();
-            let eps: Vec<f32> = if guided {
-                let (uncond, cond) = pred.split_at(n);
-                uncond.iter().zip(cond).map(|(u, c)| u + req.cfg_scale * (c - u)).collect()
-            } else {
-                pred
-            };
+            let eps = guide(pred, guided, req.cfg_scale);
             let noise = scheduler
                 .needs_noise()
                 .then(|| crate::noise::gaussian(req.seed.wrapping_add(1 + i as u64), n));
             latent = scheduler.step(i, &eps, &latent, noise.as_deref())?;
-            if latent.iter().any(|v| !v.is_finite()) {
-                return Err(Error::Invalid(format!(
-                    "the latent became non-finite at step {} (dtype {:?}); try f32",
-                    i + 1,
-                    self.dtype
-                )));
-            }
+            check_finite(&latent, i + 1, self.dtype)?;
             progress(Phase::Denoise, i + 1, timesteps.len());
         }
         progress(Phase::Decode, 0, 1);

@@ -13,7 +13,7 @@ use crate::models::sentencepiece::SentencePiece;
 use crate::models::umt5::Umt5Encoder;
 use crate::models::wan_dit::WanDit;
 use crate::models::wan_vae::WanVaeDecoder;
-use crate::models::Phase;
+use crate::models::{check_finite, guide, initial_latent, Phase};
 use crate::source::Source;
 use crate::tensor::{DType, HostData, HostTensor, Tensor};
 use crate::weights::Params;
@@ -152,17 +152,7 @@ impl<B: Backend> Wan<B> {
             config.flow_shift = shift;
         }
         let mut scheduler = FlowScheduler::new(req.sampler, &config, req.steps)?;
-        let n: usize = shape.iter().product();
-        let mut latent = match &req.init_latent {
-            Some(l) if l.len() == n => l.clone(),
-            Some(l) => {
-                return Err(Error::Invalid(format!(
-                    "initial latent has {} values, {shape:?} needs {n}",
-                    l.len()
-                )))
-            }
-            None => crate::noise::gaussian(req.seed, n),
-        };
+        let mut latent = initial_latent(req.init_latent.as_ref(), &shape, req.seed)?;
         let batch = prompts.len();
         let timesteps = scheduler.timesteps().to_vec();
         progress(Phase::Denoise, 0, timesteps.len());
@@ -171,20 +161,9 @@ impl<B: Backend> Wan<B> {
             rows[0] = batch;
             let x = b.upload(&HostTensor::new(&rows, HostData::from_f32(self.dtype, latent.repeat(batch)))?)?;
             let pred = b.read(&self.transformer.forward(b, &x, &vec![t; batch], &context)?).await?.to_f32();
-            let velocity: Vec<f32> = if guided {
-                let (uncond, cond) = pred.split_at(n);
-                uncond.iter().zip(cond).map(|(u, c)| u + req.cfg_scale * (c - u)).collect()
-            } else {
-                pred
-            };
+            let velocity = guide(pred, guided, req.cfg_scale);
             latent = scheduler.step(i, &velocity, &latent)?;
-            if latent.iter().any(|v| !v.is_finite()) {
-                return Err(Error::Invalid(format!(
-                    "the latent became non-finite at step {} (dtype {:?}); try f32",
-                    i + 1,
-                    self.dtype
-                )));
-            }
+            check_finite(&latent, i + 1, self.dtype)?;
             progress(Phase::Denoise, i + 1, timesteps.len());
         }
         let z = b.upload(&HostTensor::new(&shape, HostData::from_f32(self.dtype, latent.clone()))?)?;
