@@ -517,3 +517,20 @@ fn dit_out_original_names<B: Backend>(b: &B) -> HostTensor {
 fn wan_dit_loads_original_key_names() {
     on_backends!("wan dit (original names)", golden("dit_out"), dit_out_original_names);
 }
+
+fn wan_vae_original_names<B: Backend>(b: &B) -> HostTensor {
+    let config: sdlite_runtime::models::wan_vae::WanVaeConfig = wan_source().config("vae/config.json").expect("config");
+    let w = sdlite_runtime::models::wan_vae::with_diffusers_names(
+        Weights::open(&data().join("wan-tiny-vae-original.safetensors")).expect("weights"),
+        &config,
+    );
+    let vae = WanVaeDecoder::load(&Params::new(b, &w, DType::F32), config).expect("vae loads from the original key names");
+    pollster::block_on(vae.decode(b, &upload(b, &golden("wan_vae_latent")), |_, _| {})).expect("decode runs")
+}
+
+/// The VAE decoder from the original Wan release's key names (checked against diffusers'
+/// converter in make_goldens.py) decodes what the diffusers-named one does.
+#[test]
+fn wan_vae_loads_original_key_names() {
+    on_backends!("wan vae (original names)", golden("wan_vae_decoded"), wan_vae_original_names);
+}

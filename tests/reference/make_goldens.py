@@ -395,10 +395,10 @@ def make_wan():
     from diffusers import AutoencoderKLWan
 
     vae = AutoencoderKLWan(
-        base_dim=8,
+        base_dim=4,
         z_dim=4,
-        dim_mult=[1, 2, 2, 2],
-        num_res_blocks=1,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
         temperal_downsample=[False, True, True],
         latents_mean=[0.1, -0.2, 0.3, 0.0],
         latents_std=[1.5, 0.8, 1.2, 2.0],
@@ -408,6 +408,7 @@ def make_wan():
         # Keep most outputs inside the decoder's final clamp to [-1, 1], so they are compared.
         vae.decoder.conv_out.weight.mul_(0.2)
     vae = save_component(vae, os.path.join(root, "vae"), torch.float32)
+    write_wan_vae_original(vae, os.path.join(DATA, "wan-tiny-vae-original.safetensors"))
     z = torch.randn((1, 4, 3, 4, 6), generator=g)
     goldens["wan_vae_latent"] = z
     goldens["wan_vae_decoded"] = vae.decode(z).sample
@@ -585,6 +586,48 @@ def write_wan_original(dit, path):
     want = dit.state_dict()
     assert set(back) == set(want), sorted(set(back) ^ set(want))[:5]
     assert all(torch.equal(back[k].float(), want[k].to(torch.bfloat16).float()) for k in want)
+    save_file(sd, path)
+
+
+def write_wan_vae_original(vae, path):
+    """The VAE decoder under the original Wan release's key names, checked against
+    diffusers' own converter (which expects the real layout: two resnets per level)."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    group = vae.config.num_res_blocks + 2
+    res = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma", "conv2": "residual.6", "conv_shortcut": "shortcut"}
+
+    def resnet(rest):
+        return next((to + rest[len(fr):] for fr, to in res.items() if rest.startswith(fr)), rest)
+
+    sd = {}
+    for k, v in vae.state_dict().items():
+        p = k.split(".")
+        if p[0] == "post_quant_conv":
+            n = "conv2." + p[1]
+        elif p[0] != "decoder":
+            continue
+        elif p[1] == "conv_in":
+            n = "decoder.conv1." + p[2]
+        elif p[1] == "norm_out":
+            n = "decoder.head.0.gamma"
+        elif p[1] == "conv_out":
+            n = "decoder.head.2." + p[2]
+        elif p[1] == "mid_block":
+            idx = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[f"{p[2]}.{p[3]}"]
+            rest = ".".join(p[4:])
+            n = f"decoder.middle.{idx}." + (resnet(rest) if p[2] == "resnets" else rest)
+        else:
+            i, kind = int(p[2]), p[3]
+            if kind == "resnets":
+                n = f"decoder.upsamples.{i * group + int(p[4])}." + resnet(".".join(p[5:]))
+            else:
+                n = f"decoder.upsamples.{i * group + group - 1}." + ".".join(p[5:])
+        sd[n] = v.detach().contiguous()
+    back = convert_wan_vae_to_diffusers(dict(sd))
+    want = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+    assert set(back) == set(want), sorted(set(back) ^ set(want))[:5]
+    assert all(torch.equal(back[k], want[k]) for k in want)
     save_file(sd, path)
 
 

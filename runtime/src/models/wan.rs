@@ -12,7 +12,7 @@ use crate::models::flow_schedulers::{FlowSampler, FlowScheduler, FlowSchedulerCo
 use crate::models::sentencepiece::SentencePiece;
 use crate::models::umt5::Umt5Encoder;
 use crate::models::wan_dit::WanDit;
-use crate::models::wan_vae::WanVaeDecoder;
+use crate::models::wan_vae::{WanVaeConfig, WanVaeDecoder};
 use crate::models::{check_finite, guide, initial_latent, Phase};
 use crate::source::Source;
 use crate::tensor::{DType, HostData, HostTensor, Tensor};
@@ -76,7 +76,8 @@ impl<B: Backend> Wan<B> {
         }
         let spiece = source.bytes("tokenizer/spiece.model")?;
         let transformer_weights = crate::models::wan_dit::with_diffusers_names(source.weights("transformer")?);
-        let vae_weights = source.weights("vae")?;
+        let vae_config: WanVaeConfig = source.config("vae/config.json")?;
+        let vae_weights = crate::models::wan_vae::with_diffusers_names(source.weights("vae")?, &vae_config);
         Ok(Self {
             tokenizer: SentencePiece::from_model_bytes(&format!("{}/tokenizer/spiece.model", source.label()), &spiece)?,
             text_encoder: Umt5Encoder::load(
@@ -89,7 +90,7 @@ impl<B: Backend> Wan<B> {
                 &Params::new(b, &transformer_weights, dtype),
                 source.config("transformer/config.json")?,
             )?,
-            vae: WanVaeDecoder::load(&Params::new(b, &vae_weights, dtype), source.config("vae/config.json")?)?,
+            vae: WanVaeDecoder::load(&Params::new(b, &vae_weights, dtype), vae_config)?,
             scheduler_config: source.config("scheduler/scheduler_config.json")?,
             dtype,
         })

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::models::nn::multi_head_attention;
 use crate::ops;
 use crate::tensor::{HostData, HostTensor, Tensor};
-use crate::weights::Params;
+use crate::weights::{Params, Weights};
 
 /// Mirrors diffusers' `AutoencoderKLWan` config (Wan 2.1 fields).
 #[derive(Clone, Debug, Deserialize)]
@@ -60,6 +60,67 @@ mod d {
     }
     pub fn out_channels() -> usize {
         3
+    }
+}
+
+/// The diffusers name of a decoder tensor named as in the original Wan2.1 release
+/// (`decoder.upsamples.K.residual.2.weight`, `decoder.head.0.gamma`, top-level `conv2` ...):
+/// the original keeps each level's resnets and upsampler in one flat list of
+/// `num_res_blocks + 2` entries. Encoder tensors are not needed and map to nothing.
+fn diffusers_name(original: &str, num_res_blocks: usize) -> Option<String> {
+    let resnet = |rest: &str| -> String {
+        const RENAMES: [(&str, &str); 5] = [
+            ("residual.0.", "norm1."),
+            ("residual.2.", "conv1."),
+            ("residual.3.", "norm2."),
+            ("residual.6.", "conv2."),
+            ("shortcut.", "conv_shortcut."),
+        ];
+        RENAMES
+            .iter()
+            .find_map(|(from, to)| rest.strip_prefix(from).map(|t| format!("{to}{t}")))
+            .unwrap_or_else(|| rest.to_string())
+    };
+    if let Some(rest) = original.strip_prefix("conv2.") {
+        return Some(format!("post_quant_conv.{rest}"));
+    }
+    let rest = original.strip_prefix("decoder.")?;
+    let (head, tail) = rest.split_once('.')?;
+    Some(match head {
+        "conv1" => format!("decoder.conv_in.{tail}"),
+        "head" => match tail.split_once('.')? {
+            ("0", t) => format!("decoder.norm_out.{t}"),
+            ("2", t) => format!("decoder.conv_out.{t}"),
+            _ => return None,
+        },
+        "middle" => match tail.split_once('.')? {
+            ("0", t) => format!("decoder.mid_block.resnets.0.{}", resnet(t)),
+            ("1", t) => format!("decoder.mid_block.attentions.0.{t}"),
+            ("2", t) => format!("decoder.mid_block.resnets.1.{}", resnet(t)),
+            _ => return None,
+        },
+        "upsamples" => {
+            let (k, t) = tail.split_once('.')?;
+            let k: usize = k.parse().ok()?;
+            let group = num_res_blocks + 2;
+            let (level, j) = (k / group, k % group);
+            if j == group - 1 {
+                format!("decoder.up_blocks.{level}.upsamplers.0.{t}")
+            } else {
+                format!("decoder.up_blocks.{level}.resnets.{j}.{}", resnet(t))
+            }
+        }
+        _ => return None,
+    })
+}
+
+/// VAE weights under the diffusers names, whether the file uses them or the original
+/// release's (recognised by its `decoder.conv1.weight`).
+pub fn with_diffusers_names(weights: Weights, config: &WanVaeConfig) -> Weights {
+    if weights.contains("decoder.conv1.weight") {
+        weights.renamed(|n| diffusers_name(n, config.num_res_blocks))
+    } else {
+        weights
     }
 }
 
