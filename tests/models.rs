@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 use sdlite_runtime::models::clip_text::ClipTextEncoder;
 use sdlite_runtime::models::clip_tokenizer::ClipTokenizer;
 use sdlite_runtime::models::flow_schedulers::{FlowSampler, FlowScheduler, FlowSchedulerConfig};
-use sdlite_runtime::models::schedulers::{Sampler, Scheduler, SchedulerConfig};
+use sdlite_runtime::models::schedulers::{Prediction, Sampler, Scheduler, SchedulerConfig};
 use sdlite_runtime::models::sd::{SdRequest, StableDiffusion};
 use sdlite_runtime::models::sd_vae::{VaeDecoder, VaeEncoder};
 use sdlite_runtime::models::sentencepiece::SentencePiece;
@@ -188,32 +188,68 @@ fn vae_matches_reference() {
     on_backends!("vae encode", golden("vae_encoded_mean"), vae_encoded);
 }
 
+/// Each sampler for epsilon and (SD 2.x 768) v-prediction models.
 #[test]
 fn samplers_match_reference() {
     let cfg: SchedulerConfig = sd_source().config("scheduler/scheduler_config.json").expect("config");
-    let start = golden("sched_start").to_f32();
-    let noise = golden("sched_noise").to_f32();
-    for name in Sampler::NAMES {
-        let mut s = Scheduler::new(Sampler::parse(name).unwrap(), cfg.clone(), 5).expect("scheduler");
-        let want_t = golden(&format!("sched_{name}_timesteps")).to_f32();
-        assert_eq!(s.timesteps(), &want_t[..], "{name} timesteps");
-        let sigma = s.init_noise_sigma();
-        let mut x: Vec<f32> = start.iter().map(|v| v * sigma).collect();
-        for i in 0..want_t.len() {
-            let t = s.timesteps()[i];
-            let scale = s.input_scale(i);
-            let eps: Vec<f32> = x.iter().map(|v| (v * scale).tanh() * 0.5 + 0.01 * t / 1000.0).collect();
-            let z = &noise[i * x.len()..(i + 1) * x.len()];
-            x = s.step(i, &eps, &x, Some(z)).expect("step");
+    let mut v_cfg = cfg.clone();
+    v_cfg.prediction_type = Prediction::VPrediction;
+    for (prefix, cfg) in [("sched_", cfg), ("sched_v_", v_cfg)] {
+        let start = golden(&format!("{prefix}start")).to_f32();
+        let noise = golden(&format!("{prefix}noise")).to_f32();
+        for name in Sampler::NAMES {
+            let mut s = Scheduler::new(Sampler::parse(name).unwrap(), cfg.clone(), 5).expect("scheduler");
+            let want_t = golden(&format!("{prefix}{name}_timesteps")).to_f32();
+            assert_eq!(s.timesteps(), &want_t[..], "{name} timesteps");
+            let sigma = s.init_noise_sigma();
+            let mut x: Vec<f32> = start.iter().map(|v| v * sigma).collect();
+            for i in 0..want_t.len() {
+                let t = s.timesteps()[i];
+                let scale = s.input_scale(i);
+                let eps: Vec<f32> = x.iter().map(|v| (v * scale).tanh() * 0.5 + 0.01 * t / 1000.0).collect();
+                let z = &noise[i * x.len()..(i + 1) * x.len()];
+                x = s.step(i, &eps, &x, Some(z)).expect("step");
+            }
+            let got = HostTensor::from_f32(&[1, 4, 4, 4], x).unwrap();
+            assert_close(
+                &format!("sampler {prefix}{name}"),
+                &got,
+                &golden(&format!("{prefix}{name}_final")),
+                SAMPLER_TOL,
+            );
         }
-        let got = HostTensor::from_f32(&[1, 4, 4, 4], x).unwrap();
-        assert_close(
-            &format!("sampler {name}"),
-            &got,
-            &golden(&format!("sched_{name}_final")),
-            SAMPLER_TOL,
-        );
     }
+}
+
+fn sd2_text_hidden<B: Backend>(b: &B) -> HostTensor {
+    let w = Arc::new(sd_source().weights("sd2/text_encoder").expect("weights"));
+    let cfg = sd_source().config("sd2/text_encoder/config.json").expect("config");
+    let te = ClipTextEncoder::load(b, cfg, w, DType::F32).expect("text encoder loads");
+    let ids: Vec<Vec<u32>> = golden("sd2_text_ids")
+        .to_f32()
+        .chunks(77)
+        .map(|r| r.iter().map(|&v| v as u32).collect())
+        .collect();
+    read(b, &te.forward(b, &ids).expect("text encoder runs"))
+}
+
+fn sd2_unet_out<B: Backend>(b: &B) -> HostTensor {
+    let w = sd_source().weights("sd2/unet").expect("weights");
+    let unet = UNet::load(
+        &Params::new(b, &w, DType::F32),
+        sd_source().config("sd2/unet/config.json").expect("config"),
+    )
+    .expect("unet loads");
+    let x = upload(b, &golden("sd2_unet_latent"));
+    let ctx = upload(b, &golden("sd2_text_hidden"));
+    read(b, &unet.forward(b, &x, &[500.0, 500.0], &ctx).expect("unet runs"))
+}
+
+/// SD 2.x's config paths: GELU CLIP, linear projections and per-block head counts.
+#[test]
+fn sd2_config_paths_match_reference() {
+    on_backends!("sd2 text encoder", golden("sd2_text_hidden"), sd2_text_hidden);
+    on_backends!("sd2 unet", golden("sd2_unet_out"), sd2_unet_out);
 }
 
 fn pipeline<B: Backend>(b: &B) -> (HostTensor, HostTensor) {

@@ -226,6 +226,8 @@ def make_sd(clip_vocab):
         goldens["pipeline_image"] = vae.decode(out / vae.config.scaling_factor).sample
 
     goldens.update(scheduler_goldens(sched_cfg))
+    goldens.update(scheduler_goldens(dict(sched_cfg, prediction_type="v_prediction"), prefix="sched_v_"))
+    make_sd2_parts(root, goldens)
     save_file({k: v.contiguous().float() for k, v in goldens.items()}, os.path.join(DATA, "sd-tiny-goldens.safetensors"))
     return ints
 
@@ -327,7 +329,41 @@ def write_sd_single_file(te, unet, vae, path):
     save_file(sd, path)
 
 
-def scheduler_goldens(cfg, steps=5):
+def make_sd2_parts(root, goldens):
+    """The SD 2.x config paths at tiny size: a UNet with linear projections and per-block head
+    counts, and a GELU CLIP text encoder (under sd-tiny/sd2/)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sd2 = os.path.join(root, "sd2")
+    set_seed(6)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24,
+        attention_head_dim=[2, 4],
+        use_linear_projection=True,
+        norm_num_groups=16,
+    )
+    randomize(unet, 61, scale=0.1)
+    unet = save_component(unet, os.path.join(sd2, "unet"), torch.float16)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=1514, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=2, hidden_act="gelu", projection_dim=24))
+    randomize(te, 62)
+    te = save_component(te, os.path.join(sd2, "text_encoder"), torch.float32)
+    g = torch.Generator().manual_seed(63)
+    ids = torch.randint(0, 1514, (2, 77), generator=g)
+    goldens["sd2_text_ids"] = ids.float()
+    goldens["sd2_text_hidden"] = te(ids).last_hidden_state
+    x = torch.randn((2, 4, 8, 8), generator=g)
+    goldens["sd2_unet_latent"] = x
+    goldens["sd2_unet_out"] = unet(x, torch.tensor([500.0, 500.0]), goldens["sd2_text_hidden"]).sample
+
+
+def scheduler_goldens(cfg, steps=5, prefix="sched_"):
     """Each SD sampler driven by a fixed fake denoiser for `steps` steps: the timesteps, the
     final sample, and the noise the ancestral sampler drew (fed in instead of its RNG)."""
     import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_a_mod
@@ -336,7 +372,7 @@ def scheduler_goldens(cfg, steps=5):
     g = torch.Generator().manual_seed(7)
     start = torch.randn((1, 4, 4, 4), generator=g)
     noises = torch.randn((steps, 1, 4, 4, 4), generator=g)
-    out = {"sched_start": start, "sched_noise": noises}
+    out = {f"{prefix}start": start, f"{prefix}noise": noises}
     drawn = iter(noises)
     euler_a_mod.randn_tensor = lambda *a, **k: next(drawn)
     kinds = {
@@ -353,8 +389,8 @@ def scheduler_goldens(cfg, steps=5):
             inp = s.scale_model_input(x, t)
             eps = torch.tanh(inp) * 0.5 + 0.01 * float(t) / 1000.0
             x = s.step(eps, t, x).prev_sample
-        out[f"sched_{name}_timesteps"] = s.timesteps.float()
-        out[f"sched_{name}_final"] = x
+        out[f"{prefix}{name}_timesteps"] = s.timesteps.float()
+        out[f"{prefix}{name}_final"] = x
     return out
 
 
