@@ -125,7 +125,9 @@ fn clip_tokenizer_matches_reference_on_real_vocab() {
     }
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("vocab file");
     for (pad, key) in [("<|endoftext|>", "clip_vocab_ids"), ("!", "clip_vocab_ids_pad_bang")] {
-        let tok = ClipTokenizer::new(&read("vocab.json"), &read("merges.txt"), pad, 77).expect("tokenizer");
+        let tok = ClipTokenizer::new(&read("vocab.json"), &read("merges.txt"), "<|endoftext|>", 77)
+            .and_then(|t| t.with_pad(pad))
+            .expect("tokenizer");
         for (prompt, want) in prompts().iter().zip(ids(key)) {
             assert_eq!(tok.encode(prompt), want, "prompt {prompt:?} (pad {pad})");
         }

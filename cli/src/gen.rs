@@ -9,11 +9,12 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use sdlite_runtime::models::clip_tokenizer::ClipTokenizer;
 use sdlite_runtime::models::flow_schedulers::FlowSampler;
-use sdlite_runtime::models::schedulers::Sampler;
+use sdlite_runtime::models::schedulers::{Prediction, Sampler};
 use sdlite_runtime::models::sd::{SdConfigs, SdRequest, StableDiffusion};
 use sdlite_runtime::models::wan::{Wan, WanRequest};
 use sdlite_runtime::models::Phase;
 use sdlite_runtime::source::{DirSource, Source};
+use sdlite_runtime::weights::Weights;
 use sdlite_runtime::{Backend, CpuBackend, DType, Error};
 
 use crate::DeviceArgs;
@@ -21,13 +22,17 @@ use crate::DeviceArgs;
 #[derive(clap::Args)]
 pub struct GenArgs {
     /// A diffusers model folder (with model_index.json): Stable Diffusion 1.x/2.x or Wan2.1;
-    /// or a Stable Diffusion 1.x single-file checkpoint (.safetensors, original key names).
+    /// or a Stable Diffusion 1.x/2.x single-file checkpoint (.safetensors, original key names).
     #[arg(long)]
     model: PathBuf,
     /// For single-file checkpoints: a CLIP tokenizer folder (vocab.json, merges.txt), e.g.
     /// the one `scripts/fetch-vocab.sh` writes to target/reference/clip-vocab.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// For SD 2.x single-file checkpoints: what the model predicts, `v` (the 768x768
+    /// releases) or `epsilon` (the 512x512 base releases); the file does not say.
+    #[arg(long)]
+    prediction: Option<PredictionArg>,
     #[arg(long)]
     prompt: String,
     #[arg(long, default_value = "")]
@@ -70,6 +75,12 @@ pub struct GenArgs {
     out: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum PredictionArg {
+    Epsilon,
+    V,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -133,8 +144,23 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
                     args.model.display()
                 );
             };
-            let tokenizer = ClipTokenizer::from_source(&DirSource(dir.clone()), "")?;
-            StableDiffusion::load_single_file(b, &args.model, SdConfigs::sd15(), tokenizer, dtype)?
+            let mut tokenizer = ClipTokenizer::from_source(&DirSource(dir.clone()), "")?;
+            let sd2 = Weights::open(&args.model)?.contains("cond_stage_model.model.token_embedding.weight");
+            if sd2 {
+                // SD 2.x's tokenizer pads with `!`, as its release's tokenizer config says.
+                tokenizer = tokenizer.with_pad("!")?;
+            }
+            let configs = match (sd2, args.prediction) {
+                (false, _) => SdConfigs::sd15(),
+                (true, Some(PredictionArg::V)) => SdConfigs::sd21(Prediction::VPrediction),
+                (true, Some(PredictionArg::Epsilon)) => SdConfigs::sd21(Prediction::Epsilon),
+                (true, None) => bail!(
+                    "{} is a Stable Diffusion 2.x checkpoint, which does not say what it predicts: pass \
+                     --prediction v (768x768 releases) or --prediction epsilon (512x512 base releases)",
+                    args.model.display()
+                ),
+            };
+            StableDiffusion::load_single_file(b, &args.model, configs, tokenizer, dtype)?
         } else {
             StableDiffusion::load(b, &source, dtype)?
         };

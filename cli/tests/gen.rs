@@ -96,7 +96,22 @@ fn gen_explains_bad_requests() {
     let m = model.to_str().unwrap();
     let wan = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/wan-tiny");
     let w = wan.to_str().unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data");
+    let (sd1, sd2, tok) = (
+        data.join("sd-tiny-single-file.safetensors"),
+        data.join("sd2-tiny-single-file.safetensors"),
+        data.join("sd-tiny/tokenizer"),
+    );
+    let (sd1, sd2, tok) = (sd1.to_str().unwrap(), sd2.to_str().unwrap(), tok.to_str().unwrap());
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["gen", "--model", sd1, "--prompt", "x", "--backend", "cpu"],
+            "pass --tokenizer DIR",
+        ),
+        (
+            &["gen", "--model", sd2, "--tokenizer", tok, "--prompt", "x", "--backend", "cpu"],
+            "pass --prediction v",
+        ),
         (
             &["gen", "--model", w, "--prompt", "x", "--frames", "8", "--backend", "cpu"],
             "8 frames is not a length",

@@ -352,6 +352,45 @@ impl Weights {
         HostTensor::new(&[rows.len(), width], HostData::from_f32(dtype, values))
     }
 
+    /// Replaces tensor `name` by `parts.len()` tensors holding equal consecutive row ranges of
+    /// it (a fused q/k/v projection becoming three). Rows are contiguous, so this only
+    /// re-points byte ranges.
+    pub fn split_rows(&mut self, name: &str, parts: &[String]) -> Result<()> {
+        let Some(&i) = self.owner.get(name) else {
+            return Err(Error::MissingTensor {
+                file: self.label.clone(),
+                tensor: name.to_string(),
+            });
+        };
+        let file = &mut self.files[i];
+        let entry = file.entries.remove(name).expect("owner and entries agree");
+        let rows = entry.shape.first().copied().unwrap_or(0);
+        if parts.is_empty() || rows % parts.len() != 0 {
+            return Err(checkpoint_err(
+                &file.name,
+                format!("tensor `{name}` {:?} does not split into {} equal parts", entry.shape, parts.len()),
+            ));
+        }
+        let part_bytes = (entry.end - entry.start) / parts.len();
+        self.owner.remove(name);
+        for (k, part) in parts.iter().enumerate() {
+            let mut shape = entry.shape.clone();
+            shape[0] = rows / parts.len();
+            let start = entry.start + k * part_bytes;
+            file.entries.insert(
+                part.clone(),
+                Entry {
+                    dtype: entry.dtype.clone(),
+                    shape,
+                    start,
+                    end: start + part_bytes,
+                },
+            );
+            self.owner.insert(part.clone(), i);
+        }
+        Ok(())
+    }
+
     /// The same tensors under other names: `rename(stored) -> Some(new)` keeps a tensor
     /// (single-file checkpoints use other key names than diffusers folders).
     pub fn renamed(mut self, rename: impl Fn(&str) -> Option<String>) -> Self {

@@ -227,7 +227,7 @@ def make_sd(clip_vocab):
 
     goldens.update(scheduler_goldens(sched_cfg))
     goldens.update(scheduler_goldens(dict(sched_cfg, prediction_type="v_prediction"), prefix="sched_v_"))
-    make_sd2_parts(root, goldens)
+    make_sd2_parts(root, goldens, vae)
     save_file({k: v.contiguous().float() for k, v in goldens.items()}, os.path.join(DATA, "sd-tiny-goldens.safetensors"))
     return ints
 
@@ -329,7 +329,7 @@ def write_sd_single_file(te, unet, vae, path):
     save_file(sd, path)
 
 
-def make_sd2_parts(root, goldens):
+def make_sd2_parts(root, goldens, vae):
     """The SD 2.x config paths at tiny size: a UNet with linear projections and per-block head
     counts, and a GELU CLIP text encoder (under sd-tiny/sd2/)."""
     from diffusers import UNet2DConditionModel
@@ -361,6 +361,49 @@ def make_sd2_parts(root, goldens):
     x = torch.randn((2, 4, 8, 8), generator=g)
     goldens["sd2_unet_latent"] = x
     goldens["sd2_unet_out"] = unet(x, torch.tensor([500.0, 500.0]), goldens["sd2_text_hidden"]).sample
+    write_sd2_single_file(te, unet, vae, os.path.join(DATA, "sd2-tiny-single-file.safetensors"))
+
+
+def write_sd2_single_file(te, unet, vae, path):
+    """The SD 2.x-config parts in the original single-file layout: OpenCLIP text keys with
+    fused q/k/v, checked against diffusers' converters."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint
+
+    sd = {"model.diffusion_model." + ldm_unet_name(k, unet.config): v for k, v in unet.state_dict().items()}
+    levels = len(vae.config.block_out_channels)
+    for k, v in vae.state_dict().items():
+        sd["first_stage_model." + ldm_vae_name(k, levels)] = v
+    te_sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in te.state_dict().items()}
+    layer_renames = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"),
+                     ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
+    prefix = "cond_stage_model.model."
+    for k, v in te_sd.items():
+        if k == "text_model.embeddings.position_embedding.weight":
+            sd[prefix + "positional_embedding"] = v
+        elif k == "text_model.embeddings.token_embedding.weight":
+            sd[prefix + "token_embedding.weight"] = v
+        elif k.startswith("text_model.final_layer_norm."):
+            sd[prefix + "ln_final." + k.split(".")[-1]] = v
+        elif ".self_attn.q_proj." in k:
+            kind = k.split(".")[-1]
+            fused = torch.cat([te_sd[k], te_sd[k.replace("q_proj", "k_proj")], te_sd[k.replace("q_proj", "v_proj")]])
+            n = k.split(".")[3]
+            sd[f"{prefix}transformer.resblocks.{n}.attn.in_proj_{kind}"] = fused
+        elif ".self_attn.k_proj." in k or ".self_attn.v_proj." in k:
+            continue
+        else:
+            n = k.replace("text_model.encoder.layers.", "transformer.resblocks.")
+            for a, b in layer_renames:
+                n = n.replace(a, b)
+            sd[prefix + n] = v
+    sd = {k: v.detach().contiguous() for k, v in sd.items()}
+    back = convert_open_clip_checkpoint(te, dict(sd))
+    assert set(back) == set(te_sd), sorted(set(back) ^ set(te_sd))[:5]
+    assert all(torch.equal(back[k], te_sd[k]) for k in te_sd)
+    back = convert_ldm_unet_checkpoint(dict(sd), unet.config)
+    assert set(back) == set(unet.state_dict())
+    # The text encoder stays f32 (as its folder stores it), so the file holds the same values.
+    save_file({k: v if k.startswith("cond_stage_model.") else v.to(torch.float16) for k, v in sd.items()}, path)
 
 
 def scheduler_goldens(cfg, steps=5, prefix="sched_"):

@@ -154,6 +154,17 @@ impl ClipTokenizer {
         Self::new(&vocab, &merges, &pad, max_len)
     }
 
+    /// The same tokenizer padding with `pad` (SD 2.x pads with `!`, SD 1.x with the end token).
+    pub fn with_pad(mut self, pad: &str) -> Result<Self> {
+        let id = self.vocab.get(pad).copied().ok_or_else(|| Error::Tokenizer {
+            file: "vocab.json".into(),
+            detail: format!("has no token {pad:?}"),
+        })?;
+        self.specials = vec![(BOS.to_string(), self.bos), (EOS.to_string(), self.eos), (pad.to_string(), id)];
+        self.pad = id;
+        Ok(self)
+    }
+
     fn bpe(&self, word: &str, out: &mut Vec<u32>) {
         let mut parts: Vec<String> = word.chars().map(String::from).collect();
         if let Some(last) = parts.last_mut() {

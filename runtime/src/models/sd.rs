@@ -9,8 +9,8 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::models::clip_text::{ClipTextConfig, ClipTextEncoder};
 use crate::models::clip_tokenizer::ClipTokenizer;
-use crate::models::schedulers::{Sampler, Scheduler, SchedulerConfig};
-use crate::models::sd_single_file::component_name;
+use crate::models::schedulers::{Prediction, Sampler, Scheduler, SchedulerConfig};
+use crate::models::sd_single_file::{component_name, split_fused_qkv};
 use crate::models::sd_vae::{VaeConfig, VaeDecoder, VaeEncoder};
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::{check_finite, guide, initial_latent, Phase};
@@ -26,6 +26,10 @@ pub struct StableDiffusion<B: Backend> {
     pub vae_encoder: VaeEncoder<B>,
     pub scheduler_config: SchedulerConfig,
     pub dtype: DType,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(json: &str) -> T {
+    serde_json::from_str(json).expect("built-in config parses")
 }
 
 /// The configs of the four components.
@@ -48,15 +52,29 @@ impl SdConfigs {
 
     /// Stable Diffusion 1.x: CLIP ViT-L/14, the 768-wide cross-attention UNet, the KL VAE.
     pub fn sd15() -> Self {
-        fn parse<T: serde::de::DeserializeOwned>(json: &str) -> T {
-            serde_json::from_str(json).expect("built-in config parses")
-        }
         Self {
             text: parse(r#"{"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12}"#),
             unet: parse(r#"{"cross_attention_dim": 768}"#),
             vae: parse("{}"),
             scheduler: SchedulerConfig::default(),
         }
+    }
+
+    /// Stable Diffusion 2.x: OpenCLIP ViT-H (23 of its 24 layers, GELU), a UNet with linear
+    /// projections and 64-wide heads. 768x768 releases predict v (`Prediction::VPrediction`).
+    pub fn sd21(prediction: Prediction) -> Self {
+        let mut configs = Self {
+            text: parse(
+                r#"{"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 23, "hidden_act": "gelu"}"#,
+            ),
+            unet: parse(
+                r#"{"cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": true, "sample_size": 96}"#,
+            ),
+            vae: parse("{}"),
+            scheduler: SchedulerConfig::default(),
+        };
+        configs.scheduler.prediction_type = prediction;
+        configs
     }
 }
 
@@ -121,7 +139,9 @@ impl<B: Backend> StableDiffusion<B> {
             }
             Ok(w)
         };
-        let parts = [part("text_encoder")?, part("unet")?, part("vae")?];
+        let mut text = part("text_encoder")?;
+        split_fused_qkv(&mut text)?;
+        let parts = [text, part("unet")?, part("vae")?];
         Self::assemble(b, configs, tokenizer, parts, dtype)
     }
 

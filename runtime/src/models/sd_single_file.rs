@@ -1,7 +1,8 @@
-//! Stable Diffusion 1.x single-file checkpoints (`*.safetensors` with the original LDM key
-//! names: `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`)
-//! mapped onto the diffusers names the models load by. The file carries no configs; the
-//! SD 1.x ones apply, and the tokenizer comes from a diffusers `tokenizer/` folder.
+//! Stable Diffusion single-file checkpoints (`*.safetensors` with the original LDM key
+//! names: `model.diffusion_model.*`, `first_stage_model.*`, and `cond_stage_model.transformer.*`
+//! (SD 1.x, CLIP) or `cond_stage_model.model.*` (SD 2.x, OpenCLIP)) mapped onto the diffusers
+//! names the models load by. The file carries no configs (`SdConfigs::sd15` / `sd21` hold
+//! the releases'), and the tokenizer comes from a diffusers `tokenizer/` folder.
 
 use crate::models::unet::UNetConfig;
 
@@ -106,6 +107,49 @@ fn vae_name(name: &str, levels: usize) -> Option<String> {
     Some(format!("{side}.{mapped}"))
 }
 
+/// The transformers name of an SD 2.x OpenCLIP text tensor (without `cond_stage_model.model.`);
+/// fused attention input projections keep the name `self_attn.in_proj.*` for
+/// `split_fused_qkv`. The projection head and layers past the config's count go unused.
+fn open_clip_name(name: &str) -> Option<String> {
+    let mapped = match name {
+        "positional_embedding" => "embeddings.position_embedding.weight".to_string(),
+        "token_embedding.weight" => "embeddings.token_embedding.weight".to_string(),
+        _ if name.starts_with("ln_final.") => name.replacen("ln_final.", "final_layer_norm.", 1),
+        _ => {
+            let rest = name.strip_prefix("transformer.resblocks.")?;
+            let (n, tail) = rest.split_once('.')?;
+            const RENAMES: [(&str, &str); 7] = [
+                ("ln_1.", "layer_norm1."),
+                ("ln_2.", "layer_norm2."),
+                ("attn.in_proj_weight", "self_attn.in_proj.weight"),
+                ("attn.in_proj_bias", "self_attn.in_proj.bias"),
+                ("attn.out_proj.", "self_attn.out_proj."),
+                ("mlp.c_fc.", "mlp.fc1."),
+                ("mlp.c_proj.", "mlp.fc2."),
+            ];
+            let tail = RENAMES
+                .iter()
+                .find_map(|(from, to)| tail.strip_prefix(from).map(|t| format!("{to}{t}")))?;
+            format!("encoder.layers.{n}.{tail}")
+        }
+    };
+    Some(format!("text_model.{mapped}"))
+}
+
+/// Splits the fused `self_attn.in_proj.{weight,bias}` of OpenCLIP checkpoints into q, k, v.
+pub fn split_fused_qkv(weights: &mut crate::weights::Weights) -> crate::error::Result<()> {
+    let fused: Vec<String> = weights
+        .names()
+        .filter(|n| n.contains(".self_attn.in_proj."))
+        .map(String::from)
+        .collect();
+    for name in fused {
+        let parts = ["q_proj", "k_proj", "v_proj"].map(|p| name.replacen("in_proj", p, 1));
+        weights.split_rows(&name, &parts)?;
+    }
+    Ok(())
+}
+
 /// Which component a single-file key belongs to, and its diffusers name there.
 pub fn component_name(name: &str, unet: &UNetConfig, vae_levels: usize) -> Option<(&'static str, String)> {
     if let Some(rest) = name.strip_prefix("model.diffusion_model.") {
@@ -113,6 +157,9 @@ pub fn component_name(name: &str, unet: &UNetConfig, vae_levels: usize) -> Optio
     }
     if let Some(rest) = name.strip_prefix("first_stage_model.") {
         return Some(("vae", vae_name(rest, vae_levels)?));
+    }
+    if let Some(rest) = name.strip_prefix("cond_stage_model.model.") {
+        return Some(("text_encoder", open_clip_name(rest)?));
     }
     name.strip_prefix("cond_stage_model.transformer.")
         .map(|rest| ("text_encoder", rest.to_string()))
