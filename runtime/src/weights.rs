@@ -415,6 +415,14 @@ impl Weights {
     }
 }
 
+/// `name` with its first matching prefix `from` replaced by `to` (checkpoint key
+/// conversions), or `None` when no prefix matches.
+pub fn replace_prefix(name: &str, renames: &[(&str, &str)]) -> Option<String> {
+    renames
+        .iter()
+        .find_map(|(from, to)| name.strip_prefix(from).map(|rest| format!("{to}{rest}")))
+}
+
 /// The weights of one module, seen from its prefix: `p.at("down_blocks").at(0).get("conv1.weight", ..)`
 /// reads `down_blocks.0.conv1.weight`, converts it to the compute dtype and uploads it.
 pub struct Params<'a, B: Backend> {

@@ -5,6 +5,7 @@
 //! the releases'), and the tokenizer comes from a diffusers `tokenizer/` folder.
 
 use crate::models::unet::UNetConfig;
+use crate::weights::replace_prefix;
 
 /// The diffusers name of UNet tensor `name` (without `model.diffusion_model.`).
 fn unet_name(name: &str, c: &UNetConfig) -> Option<String> {
@@ -18,10 +19,7 @@ fn unet_name(name: &str, c: &UNetConfig) -> Option<String> {
             ("out_layers.3.", "conv2."),
             ("skip_connection.", "conv_shortcut."),
         ];
-        RENAMES
-            .iter()
-            .find_map(|(from, to)| rest.strip_prefix(from).map(|t| format!("{to}{t}")))
-            .unwrap_or_else(|| rest.to_string())
+        replace_prefix(rest, &RENAMES).unwrap_or_else(|| rest.to_string())
     };
     if let Some(rest) = name.strip_prefix("middle_block.") {
         let (m, rest) = rest.split_once('.')?;
@@ -127,9 +125,7 @@ fn open_clip_name(name: &str) -> Option<String> {
                 ("mlp.c_fc.", "mlp.fc1."),
                 ("mlp.c_proj.", "mlp.fc2."),
             ];
-            let tail = RENAMES
-                .iter()
-                .find_map(|(from, to)| tail.strip_prefix(from).map(|t| format!("{to}{t}")))?;
+            let tail = replace_prefix(tail, &RENAMES)?;
             format!("encoder.layers.{n}.{tail}")
         }
     };

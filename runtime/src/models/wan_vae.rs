@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::models::nn::multi_head_attention;
 use crate::ops;
 use crate::tensor::{HostData, HostTensor, Tensor};
-use crate::weights::{Params, Weights};
+use crate::weights::{replace_prefix, Params, Weights};
 
 /// Mirrors diffusers' `AutoencoderKLWan` config (Wan 2.1 fields).
 #[derive(Clone, Debug, Deserialize)]
@@ -76,10 +76,7 @@ fn diffusers_name(original: &str, num_res_blocks: usize) -> Option<String> {
             ("residual.6.", "conv2."),
             ("shortcut.", "conv_shortcut."),
         ];
-        RENAMES
-            .iter()
-            .find_map(|(from, to)| rest.strip_prefix(from).map(|t| format!("{to}{t}")))
-            .unwrap_or_else(|| rest.to_string())
+        replace_prefix(rest, &RENAMES).unwrap_or_else(|| rest.to_string())
     };
     if let Some(rest) = original.strip_prefix("conv2.") {
         return Some(format!("post_quant_conv.{rest}"));
