@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+import make_goldens
 import torch
 from safetensors.torch import save_file
 
@@ -22,8 +23,7 @@ DEV = "cuda"
 
 
 def save_component(model, folder, dtype):
-    model.to(dtype).save_pretrained(folder, safe_serialization=True)
-    return type(model).from_pretrained(folder, torch_dtype=torch.float32).to(DEV).eval()
+    return make_goldens.save_component(model, folder, dtype).to(DEV)
 
 
 def timed(name, fn):

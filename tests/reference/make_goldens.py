@@ -83,6 +83,16 @@ def token_ids(tok):
     return [tok(p, padding="max_length", max_length=77, truncation=True).input_ids for p in PROMPTS]
 
 
+def write_pipeline_index(root, pipeline_class, sched_cfg, **components):
+    """model_index.json and scheduler/scheduler_config.json of a diffusers pipeline folder."""
+    os.makedirs(os.path.join(root, "scheduler"))
+    with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(sched_cfg, f, indent=2)
+    index = {"_class_name": pipeline_class, "scheduler": ["diffusers", sched_cfg["_class_name"]], **components}
+    with open(os.path.join(root, "model_index.json"), "w") as f:
+        json.dump(dict(sorted(index.items())), f, indent=2)
+
+
 def save_component(model, folder, dtype):
     """Saves in the diffusers layout with weights stored as `dtype`, then reloads in float32
     so the goldens see the stored (rounded) weights."""
@@ -162,22 +172,15 @@ def make_sd(clip_vocab):
         "steps_offset": 1,
         "clip_sample": False,
     }
-    os.makedirs(os.path.join(root, "scheduler"))
-    with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(sched_cfg, f, indent=2)
-    with open(os.path.join(root, "model_index.json"), "w") as f:
-        json.dump(
-            {
-                "_class_name": "StableDiffusionPipeline",
-                "scheduler": ["diffusers", "PNDMScheduler"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-            },
-            f,
-            indent=2,
-        )
+    write_pipeline_index(
+        root,
+        "StableDiffusionPipeline",
+        sched_cfg,
+        text_encoder=["transformers", "CLIPTextModel"],
+        tokenizer=["transformers", "CLIPTokenizer"],
+        unet=["diffusers", "UNet2DConditionModel"],
+        vae=["diffusers", "AutoencoderKL"],
+    )
 
     write_sd_single_file(te, unet, vae, os.path.join(DATA, "sd-tiny-single-file.safetensors"))
 
@@ -505,22 +508,15 @@ def make_wan():
         "flow_shift": 3.0,
         "solver_order": 2,
     }
-    os.makedirs(os.path.join(root, "scheduler"))
-    with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(sched_cfg, f, indent=2)
-    with open(os.path.join(root, "model_index.json"), "w") as f:
-        json.dump(
-            {
-                "_class_name": "WanPipeline",
-                "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-                "text_encoder": ["transformers", "UMT5EncoderModel"],
-                "tokenizer": ["transformers", "T5Tokenizer"],
-                "transformer": ["diffusers", "WanTransformer3DModel"],
-                "vae": ["diffusers", "AutoencoderKLWan"],
-            },
-            f,
-            indent=2,
-        )
+    write_pipeline_index(
+        root,
+        "WanPipeline",
+        sched_cfg,
+        text_encoder=["transformers", "UMT5EncoderModel"],
+        tokenizer=["transformers", "T5Tokenizer"],
+        transformer=["diffusers", "WanTransformer3DModel"],
+        vae=["diffusers", "AutoencoderKLWan"],
+    )
     pipe = WanPipeline(
         tokenizer=tok,
         text_encoder=te,
