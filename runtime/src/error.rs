@@ -52,6 +52,11 @@ pub enum Error {
     Tokenizer { file: String, detail: String },
     #[error("{0}")]
     Invalid(String),
+    /// A denoiser that runs elsewhere failed and nothing could take its work over.
+    #[error("offload: {0}")]
+    Offload(String),
+    #[error("cancelled")]
+    Cancelled,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

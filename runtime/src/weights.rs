@@ -325,6 +325,23 @@ impl Weights {
         HostTensor::new(expected, t.data)
     }
 
+    /// Tensor `name` as stored: dtype, shape and little-endian bytes, borrowed from the file
+    /// (what content hashes and weight uploads read).
+    pub fn raw(&self, name: &str) -> Result<(DType, &[usize], &[u8])> {
+        let (file, entry) = self.entry(name)?;
+        let dtype = dtype_of(&entry.dtype).ok_or_else(|| {
+            checkpoint_err(
+                &file.name,
+                format!("tensor `{name}` is stored as {}, not f32/f16/bf16", entry.dtype),
+            )
+        })?;
+        Ok((
+            dtype,
+            &entry.shape,
+            &file.bytes[file.data_start + entry.start..file.data_start + entry.end],
+        ))
+    }
+
     /// Rows `rows` of the 2-D tensor `name` (an embedding table) as `dtype`, read straight
     /// from the file so the table itself never has to be resident.
     pub fn load_rows(&self, name: &str, rows: &[u32], dtype: DType) -> Result<HostTensor> {
@@ -413,6 +430,39 @@ impl Weights {
             synthetic: self.synthetic,
         }
     }
+}
+
+/// Writes `tensors` as one safetensors file, in the order given.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn write_safetensors(path: &std::path::Path, tensors: &[(String, HostTensor)]) -> Result<()> {
+    use std::io::Write;
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, t) in tensors {
+        let code = match t.data.dtype() {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        };
+        let end = offset + t.data.as_bytes().len();
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": code, "shape": t.shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let header = serde_json::to_vec(&header).expect("a JSON map serializes");
+    let io = |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+    out.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    out.write_all(&header).map_err(io)?;
+    for (_, t) in tensors {
+        out.write_all(t.data.as_bytes()).map_err(io)?;
+    }
+    out.flush().map_err(io)
 }
 
 /// `name` with its first matching prefix `from` replaced by `to` (checkpoint key

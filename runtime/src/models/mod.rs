@@ -4,6 +4,7 @@
 
 pub mod clip_text;
 pub mod clip_tokenizer;
+pub mod denoiser;
 pub mod flow_schedulers;
 pub mod nn;
 pub mod schedulers;
@@ -41,7 +42,7 @@ fn initial_latent(given: Option<&Vec<f32>>, shape: &[usize], seed: u64) -> crate
 
 /// Classifier-free guidance on a denoiser output for the batch (negative, positive):
 /// `uncond + scale * (cond - uncond)`; without guidance the single row passes through.
-fn guide(pred: Vec<f32>, guided: bool, scale: f32) -> Vec<f32> {
+pub fn guide(pred: Vec<f32>, guided: bool, scale: f32) -> Vec<f32> {
     if !guided {
         return pred;
     }

@@ -9,11 +9,12 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::models::clip_text::{ClipTextConfig, ClipTextEncoder};
 use crate::models::clip_tokenizer::ClipTokenizer;
+use crate::models::denoiser::{Denoiser, LocalDenoiser};
 use crate::models::schedulers::{Prediction, Sampler, Scheduler, SchedulerConfig};
 use crate::models::sd_single_file::{component_name, split_fused_qkv};
 use crate::models::sd_vae::{VaeConfig, VaeDecoder, VaeEncoder};
 use crate::models::unet::{UNet, UNetConfig};
-use crate::models::{check_finite, guide, initial_latent, Phase};
+use crate::models::{check_finite, initial_latent, Phase};
 use crate::source::Source;
 use crate::tensor::{DType, HostData, HostTensor, Tensor};
 use crate::weights::{Params, Weights};
@@ -101,6 +102,25 @@ pub struct SdOutput {
     pub image: HostTensor,
 }
 
+/// One component's tensors (`text_encoder`, `unet`, `vae`) of a single-file checkpoint, under
+/// the diffusers names.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn single_file_part(file: &std::path::Path, configs: &SdConfigs, component: &str) -> Result<Weights> {
+    let levels = configs.vae.block_out_channels.len();
+    let w = Weights::open(file)?.renamed(|name| {
+        component_name(name, &configs.unet, levels)
+            .filter(|(c, _)| *c == component)
+            .map(|(_, n)| n)
+    });
+    if w.names().next().is_none() {
+        return Err(Error::Invalid(format!(
+            "{}: no {component} tensors under the original Stable Diffusion key names",
+            file.display()
+        )));
+    }
+    Ok(w)
+}
+
 impl<B: Backend> StableDiffusion<B> {
     /// Loads a diffusers Stable Diffusion folder.
     pub fn load(b: &B, source: &impl Source, dtype: DType) -> Result<Self> {
@@ -124,24 +144,13 @@ impl<B: Backend> StableDiffusion<B> {
     /// `SdConfigs::sd15()` for SD 1.x files), with the tokenizer given separately.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn load_single_file(b: &B, file: &std::path::Path, configs: SdConfigs, tokenizer: ClipTokenizer, dtype: DType) -> Result<Self> {
-        let levels = configs.vae.block_out_channels.len();
-        let part = |component: &str| -> Result<Weights> {
-            let w = Weights::open(file)?.renamed(|name| {
-                component_name(name, &configs.unet, levels)
-                    .filter(|(c, _)| *c == component)
-                    .map(|(_, n)| n)
-            });
-            if w.names().next().is_none() {
-                return Err(Error::Invalid(format!(
-                    "{}: no {component} tensors under the original Stable Diffusion key names",
-                    file.display()
-                )));
-            }
-            Ok(w)
-        };
-        let mut text = part("text_encoder")?;
+        let mut text = single_file_part(file, &configs, "text_encoder")?;
         split_fused_qkv(&mut text)?;
-        let parts = [text, part("unet")?, part("vae")?];
+        let parts = [
+            text,
+            single_file_part(file, &configs, "unet")?,
+            single_file_part(file, &configs, "vae")?,
+        ];
         Self::assemble(b, configs, tokenizer, parts, dtype)
     }
 
@@ -189,6 +198,18 @@ impl<B: Backend> StableDiffusion<B> {
     }
 
     pub async fn generate(&self, b: &B, req: &SdRequest, progress: &mut dyn FnMut(Phase, usize, usize)) -> Result<SdOutput> {
+        self.generate_with(b, req, &mut LocalDenoiser::new(&self.unet, self.dtype), progress)
+            .await
+    }
+
+    /// `generate` with the UNet evaluated by `denoiser` (local, remote, or split).
+    pub async fn generate_with(
+        &self,
+        b: &B,
+        req: &SdRequest,
+        denoiser: &mut impl Denoiser<B>,
+        progress: &mut dyn FnMut(Phase, usize, usize),
+    ) -> Result<SdOutput> {
         self.validate(req)?;
         progress(Phase::EncodeText, 0, 1);
         let context = self.encode_prompts(b, req)?;
@@ -199,20 +220,13 @@ impl<B: Backend> StableDiffusion<B> {
         let mut latent = initial_latent(req.init_latent.as_ref(), &shape, req.seed)?;
         let sigma = scheduler.init_noise_sigma();
         latent.iter_mut().for_each(|v| *v *= sigma);
-        let guided = req.cfg_scale > 1.0;
-        let batch = if guided { 2 } else { 1 };
+        denoiser.begin(b, &context, req.cfg_scale).await?;
         let timesteps = scheduler.timesteps().to_vec();
         progress(Phase::Denoise, 0, timesteps.len());
         for (i, &t) in timesteps.iter().enumerate() {
             let scale = scheduler.input_scale(i);
-            let input: Vec<f32> = latent.iter().map(|v| v * scale).collect();
-            let input = input.repeat(batch);
-            let x = b.upload(&HostTensor::new(
-                &[batch, shape[1], shape[2], shape[3]],
-                HostData::from_f32(self.dtype, input),
-            )?)?;
-            let pred = b.read(&self.unet.forward(b, &x, &vec![t; batch], &context)?).await?.to_f32();
-            let eps = guide(pred, guided, req.cfg_scale);
+            let input = HostTensor::from_f32(&shape, latent.iter().map(|v| v * scale).collect())?;
+            let eps = denoiser.predict(b, i, &input, t).await?;
             let noise = scheduler
                 .needs_noise()
                 .then(|| crate::noise::gaussian(req.seed.wrapping_add(1 + i as u64), n));

@@ -3,7 +3,7 @@
 //! the text, GEGLU feed-forward), a middle block, and up blocks fed by the skip connections.
 //! SD 1.x and 2.x differ only in config (heads per block, linear projections).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -12,7 +12,7 @@ use crate::ops;
 use crate::tensor::{DType, Tensor};
 use crate::weights::Params;
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum PerBlock {
     One(usize),
@@ -29,7 +29,7 @@ impl PerBlock {
 }
 
 /// Mirrors diffusers' `UNet2DConditionModel` config (the fields SD 1.x / 2.x use).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct UNetConfig {
     #[serde(default = "d::in_channels")]
     pub in_channels: usize,

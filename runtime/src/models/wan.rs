@@ -8,12 +8,13 @@ use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::models::denoiser::{Denoiser, LocalDenoiser};
 use crate::models::flow_schedulers::{FlowSampler, FlowScheduler, FlowSchedulerConfig};
 use crate::models::sentencepiece::SentencePiece;
 use crate::models::umt5::Umt5Encoder;
 use crate::models::wan_dit::WanDit;
 use crate::models::wan_vae::{WanVaeConfig, WanVaeDecoder};
-use crate::models::{check_finite, guide, initial_latent, Phase};
+use crate::models::{check_finite, initial_latent, Phase};
 use crate::source::Source;
 use crate::tensor::{DType, HostData, HostTensor, Tensor};
 use crate::weights::Params;
@@ -138,10 +139,21 @@ impl<B: Backend> Wan<B> {
     }
 
     pub async fn generate(&self, b: &B, req: &WanRequest, progress: &mut dyn FnMut(Phase, usize, usize)) -> Result<WanOutput> {
+        self.generate_with(b, req, &mut LocalDenoiser::new(&self.transformer, self.dtype), progress)
+            .await
+    }
+
+    /// `generate` with the DiT evaluated by `denoiser` (local, remote, or split).
+    pub async fn generate_with(
+        &self,
+        b: &B,
+        req: &WanRequest,
+        denoiser: &mut impl Denoiser<B>,
+        progress: &mut dyn FnMut(Phase, usize, usize),
+    ) -> Result<WanOutput> {
         let shape = self.latent_shape(req)?;
         progress(Phase::EncodeText, 0, 1);
-        let guided = req.cfg_scale > 1.0;
-        let prompts: Vec<&str> = if guided {
+        let prompts: Vec<&str> = if req.cfg_scale > 1.0 {
             vec![&req.negative_prompt, &req.prompt]
         } else {
             vec![&req.prompt]
@@ -154,15 +166,11 @@ impl<B: Backend> Wan<B> {
         }
         let mut scheduler = FlowScheduler::new(req.sampler, &config, req.steps)?;
         let mut latent = initial_latent(req.init_latent.as_ref(), &shape, req.seed)?;
-        let batch = prompts.len();
+        denoiser.begin(b, &context, req.cfg_scale).await?;
         let timesteps = scheduler.timesteps().to_vec();
         progress(Phase::Denoise, 0, timesteps.len());
         for (i, &t) in timesteps.iter().enumerate() {
-            let mut rows = shape;
-            rows[0] = batch;
-            let x = b.upload(&HostTensor::new(&rows, HostData::from_f32(self.dtype, latent.repeat(batch)))?)?;
-            let pred = b.read(&self.transformer.forward(b, &x, &vec![t; batch], &context)?).await?.to_f32();
-            let velocity = guide(pred, guided, req.cfg_scale);
+            let velocity = denoiser.predict(b, i, &HostTensor::from_f32(&shape, latent.clone())?, t).await?;
             latent = scheduler.step(i, &velocity, &latent)?;
             check_finite(&latent, i + 1, self.dtype)?;
             progress(Phase::Denoise, i + 1, timesteps.len());

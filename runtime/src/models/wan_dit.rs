@@ -4,11 +4,11 @@
 //! the text, and a GELU-tanh feed-forward, each gated by the modulation.
 //!
 //! The forward is split into `embed`, `run_blocks` and `head` so that a range of blocks can
-//! run elsewhere (remote offload sends `DitState` across).
+//! run elsewhere (remote offload sends the hidden tokens and `BlockInputs` across).
 
 use std::ops::Range;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -18,7 +18,7 @@ use crate::tensor::{DType, Tensor};
 use crate::weights::{Params, Weights};
 
 /// Mirrors diffusers' `WanTransformer3DModel` config (text-to-video fields).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct WanDitConfig {
     #[serde(default = "d::patch_size")]
     pub patch_size: [usize; 3],
@@ -182,21 +182,27 @@ struct Block<B: Backend> {
     ffn_out: Linear<B>,
 }
 
-/// Activations between the stages of the forward; everything a block needs.
+/// Activations between the stages of the forward.
 pub struct DitState<B: Backend> {
     /// Tokens `[batch, frames*height*width (patched), dim]`.
     pub hidden: Tensor<B>,
-    /// Time embedding projected to the six modulation vectors `[batch, 6, dim]`.
-    pub modulation: Tensor<B>,
     /// Time embedding `[batch, dim]` (for the output modulation).
     pub temb: Tensor<B>,
+    /// The patched grid: frames, height, width.
+    pub grid: [usize; 3],
+    pub blocks: BlockInputs<B>,
+}
+
+/// What every block reads besides the hidden tokens: all a worker running a range of blocks
+/// needs (it rebuilds the rotary tables from the grid).
+pub struct BlockInputs<B: Backend> {
+    /// Time embedding projected to the six modulation vectors `[batch, 6, dim]`.
+    pub modulation: Tensor<B>,
     /// Projected text `[batch, text_len, dim]`.
     pub context: Tensor<B>,
     /// Rotary tables `[tokens, head_dim / 2]`.
     pub rope_cos: Tensor<B>,
     pub rope_sin: Tensor<B>,
-    /// The patched grid: frames, height, width.
-    pub grid: [usize; 3],
 }
 
 pub struct WanDit<B: Backend> {
@@ -294,42 +300,56 @@ impl<B: Backend> WanDit<B> {
         let temb = self.time_2.forward(b, &ops::silu(b, &self.time_1.forward(b, &t)?)?)?;
         let modulation = self.time_proj.forward(b, &ops::silu(b, &temb)?)?.reshape(&[n, 6, dim])?;
         let context = self.text_2.forward(b, &ops::gelu_tanh(b, &self.text_1.forward(b, context)?)?)?;
-        let (cos, sin) = ops::rope3d_tables(grid[0], grid[1], grid[2], c.attention_head_dim, 10000.0)?;
         Ok(DitState {
             hidden,
-            modulation,
             temb,
-            context,
-            rope_cos: b.upload(&cos.to_dtype(self.dtype))?,
-            rope_sin: b.upload(&sin.to_dtype(self.dtype))?,
             grid,
+            blocks: self.block_inputs(b, modulation, context, grid)?,
         })
     }
 
-    /// Runs blocks `range` on `state.hidden`.
-    pub fn run_blocks(&self, b: &B, state: &mut DitState<B>, range: Range<usize>) -> Result<()> {
+    /// The block inputs for modulation `[batch, 6, dim]` and projected text on a patched grid.
+    pub fn block_inputs(&self, b: &B, modulation: Tensor<B>, context: Tensor<B>, grid: [usize; 3]) -> Result<BlockInputs<B>> {
+        let (cos, sin) = ops::rope3d_tables(grid[0], grid[1], grid[2], self.config.attention_head_dim, 10000.0)?;
+        Ok(BlockInputs {
+            modulation,
+            context,
+            rope_cos: b.upload(&cos.to_dtype(self.dtype))?,
+            rope_sin: b.upload(&sin.to_dtype(self.dtype))?,
+        })
+    }
+
+    /// Runs blocks `range` on `hidden`.
+    pub fn run_blocks(&self, b: &B, hidden: Tensor<B>, inputs: &BlockInputs<B>, range: Range<usize>) -> Result<Tensor<B>> {
         if range.end > self.blocks.len() || range.start > range.end {
             return Err(Error::Invalid(format!(
                 "blocks {range:?} are outside the model's {} blocks",
                 self.blocks.len()
             )));
         }
-        for block in &self.blocks[range] {
-            state.hidden = self.block(b, block, state)?;
+        let tokens = inputs.rope_cos.shape()[0];
+        let hs = hidden.shape();
+        if hs.len() != 3 || hs[1] != tokens || hs[2] != self.config.dim() || inputs.modulation.shape()[0] != hs[0] {
+            return Err(Error::Invalid(format!(
+                "Wan DiT blocks: hidden {hs:?} does not fit {tokens} tokens of width {} with modulation {:?}",
+                self.config.dim(),
+                inputs.modulation.shape()
+            )));
         }
-        Ok(())
+        self.blocks[range]
+            .iter()
+            .try_fold(hidden, |h, block| self.block(b, block, h, inputs))
     }
 
-    fn block(&self, b: &B, block: &Block<B>, s: &DitState<B>) -> Result<Tensor<B>> {
+    fn block(&self, b: &B, block: &Block<B>, x: Tensor<B>, s: &BlockInputs<B>) -> Result<Tensor<B>> {
         let eps = self.config.eps;
         let m = ops::add(b, &block.modulation, &s.modulation)?;
         let part = |i: usize| ops::slice(b, &m, 1, i, 1);
         let (shift, scale, gate) = (part(0)?, part(1)?, part(2)?);
         let (c_shift, c_scale, c_gate) = (part(3)?, part(4)?, part(5)?);
-        let x = &s.hidden;
-        let h = ops::modulate(b, &ops::layer_norm(b, x, None, None, eps)?, &scale, &shift)?;
+        let h = ops::modulate(b, &ops::layer_norm(b, &x, None, None, eps)?, &scale, &shift)?;
         let a = block.self_attn.forward(b, &h, None, Some((&s.rope_cos, &s.rope_sin)))?;
-        let x = ops::add(b, x, &ops::mul(b, &a, &gate)?)?;
+        let x = ops::add(b, &x, &ops::mul(b, &a, &gate)?)?;
         let h = match &block.cross_norm {
             Some(norm) => norm.forward(b, &x)?,
             None => x.clone(),
@@ -363,7 +383,7 @@ impl<B: Backend> WanDit<B> {
 
     pub fn forward(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], context: &Tensor<B>) -> Result<Tensor<B>> {
         let mut state = self.embed(b, x, timesteps, context)?;
-        self.run_blocks(b, &mut state, 0..self.blocks.len())?;
+        state.hidden = self.run_blocks(b, state.hidden, &state.blocks, 0..self.blocks.len())?;
         self.head(b, &state)
     }
 }

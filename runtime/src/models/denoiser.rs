@@ -1,0 +1,97 @@
+//! The denoiser as the pipelines see it: one guided model evaluation per sampler step. The
+//! pipelines keep the sampler and the latent; where the model runs (this backend, a remote
+//! worker, part here and part there) is the `Denoiser`'s business, so offload changes nothing
+//! in the sampling loop and a failed remote step can be repeated elsewhere with the same inputs.
+
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::models::unet::UNet;
+use crate::models::wan_dit::WanDit;
+use crate::tensor::{DType, HostData, HostTensor, Tensor};
+
+/// A model that predicts noise or velocity for a batch of latents at per-row timesteps given
+/// text embeddings, one row per prompt: the SD UNet and the Wan DiT.
+pub trait DenoiserModel<B: Backend> {
+    fn forward(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], context: &Tensor<B>) -> Result<Tensor<B>>;
+}
+
+impl<B: Backend> DenoiserModel<B> for UNet<B> {
+    fn forward(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], context: &Tensor<B>) -> Result<Tensor<B>> {
+        UNet::forward(self, b, x, timesteps, context)
+    }
+}
+
+impl<B: Backend> DenoiserModel<B> for WanDit<B> {
+    fn forward(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], context: &Tensor<B>) -> Result<Tensor<B>> {
+        WanDit::forward(self, b, x, timesteps, context)
+    }
+}
+
+/// One guided evaluation per step. `begin` receives a job's text embeddings once (rows:
+/// negative then positive prompt when guided); `predict` gets the model input for one latent
+/// `[1, ...]` and returns the guided prediction of the same size.
+#[allow(async_fn_in_trait)]
+pub trait Denoiser<B: Backend> {
+    async fn begin(&mut self, b: &B, context: &Tensor<B>, cfg_scale: f32) -> Result<()>;
+    async fn predict(&mut self, b: &B, step: usize, input: &HostTensor, timestep: f32) -> Result<Vec<f32>>;
+}
+
+/// Whether a job with these embeddings rows is guided: guidance needs the negative row.
+pub fn is_guided(rows: usize, cfg_scale: f32) -> bool {
+    rows == 2 && cfg_scale > 1.0
+}
+
+/// The model's output for `input` repeated over the context's rows, combined by
+/// classifier-free guidance: what a local run computes and what a worker computes for it.
+pub async fn guided_prediction<B: Backend, M: DenoiserModel<B> + ?Sized>(
+    b: &B,
+    model: &M,
+    context: &Tensor<B>,
+    cfg_scale: f32,
+    dtype: DType,
+    input: &HostTensor,
+    timestep: f32,
+) -> Result<Vec<f32>> {
+    let rows = context.shape()[0];
+    let x = batch_input(b, input, rows, dtype)?;
+    let pred = b.read(&model.forward(b, &x, &vec![timestep; rows], context)?).await?.to_f32();
+    Ok(crate::models::guide(pred, is_guided(rows, cfg_scale), cfg_scale))
+}
+
+/// One latent `[1, ...]` repeated to `rows` rows, on the device in `dtype`.
+pub fn batch_input<B: Backend>(b: &B, input: &HostTensor, rows: usize, dtype: DType) -> Result<Tensor<B>> {
+    let mut shape = input.shape.clone();
+    shape[0] = rows;
+    b.upload(&HostTensor::new(
+        &shape,
+        HostData::from_f32(dtype, input.data.to_f32().repeat(rows)),
+    )?)
+}
+
+/// The denoiser on this backend.
+pub struct LocalDenoiser<'m, B: Backend, M: ?Sized> {
+    model: &'m M,
+    dtype: DType,
+    job: Option<(Tensor<B>, f32)>,
+}
+
+impl<'m, B: Backend, M: DenoiserModel<B> + ?Sized> LocalDenoiser<'m, B, M> {
+    pub fn new(model: &'m M, dtype: DType) -> Self {
+        Self { model, dtype, job: None }
+    }
+}
+
+impl<B: Backend, M: DenoiserModel<B> + ?Sized> Denoiser<B> for LocalDenoiser<'_, B, M> {
+    async fn begin(&mut self, _b: &B, context: &Tensor<B>, cfg_scale: f32) -> Result<()> {
+        self.job = Some((context.clone(), cfg_scale));
+        Ok(())
+    }
+
+    async fn predict(&mut self, b: &B, _step: usize, input: &HostTensor, timestep: f32) -> Result<Vec<f32>> {
+        let (context, cfg_scale) = self
+            .job
+            .as_ref()
+            .ok_or_else(|| crate::error::Error::Invalid("denoiser: predict before begin".into()))?;
+        guided_prediction(b, self.model, context, *cfg_scale, self.dtype, input, timestep).await
+    }
+}
