@@ -2,10 +2,11 @@
 # Installs what sdlite needs on a fresh Debian 12 machine, from its package registries only:
 # Mesa's lavapipe (a Vulkan driver on the CPU, so wgpu runs without a GPU), the wasm32
 # toolchain (Debian's rustc-web with std sources, and lld-16 as the wasm linker), and the
-# real CLIP vocabulary from PyPI for the tokenizer tests.
+# real CLIP vocabulary from PyPI for the tokenizer tests; iproute2 (ip netns, tc netem) for
+# the offload test across network namespaces.
 # Needs a Rust toolchain (rustup) for the native build. Idempotent.
 set -euo pipefail
-packages=(mesa-vulkan-drivers rustc-web cargo-web rust-web-src lld-16)
+packages=(mesa-vulkan-drivers rustc-web cargo-web rust-web-src lld-16 iproute2)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -7,16 +7,20 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use sdlite_remote::model_id::DenoiserPackage;
+use sdlite_remote::offload::{OffloadDenoiser, OffloadMode};
+use sdlite_remote::protocol::DenoiserKind;
 use sdlite_runtime::models::clip_tokenizer::ClipTokenizer;
 use sdlite_runtime::models::flow_schedulers::FlowSampler;
 use sdlite_runtime::models::schedulers::{Prediction, Sampler};
-use sdlite_runtime::models::sd::{SdConfigs, SdRequest, StableDiffusion};
+use sdlite_runtime::models::sd::{single_file_part, SdConfigs, SdRequest, StableDiffusion};
 use sdlite_runtime::models::wan::{Wan, WanRequest};
 use sdlite_runtime::models::Phase;
 use sdlite_runtime::source::{DirSource, Source};
 use sdlite_runtime::weights::Weights;
 use sdlite_runtime::{Backend, CpuBackend, DType, Error};
 
+use crate::remote::{package, report, OffloadArgs};
 use crate::DeviceArgs;
 
 #[derive(clap::Args)]
@@ -75,6 +79,8 @@ pub struct GenArgs {
     out: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
+    #[command(flatten)]
+    offload: OffloadArgs,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -136,6 +142,7 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
         let sampler_name = args.sampler.as_deref().unwrap_or("dpmpp_2m");
         let sampler = Sampler::parse(sampler_name)?;
         eprintln!("loading {} on {} ({dtype:?})", args.model.display(), b.name());
+        let unet_package: Box<dyn FnOnce() -> sdlite_remote::Result<DenoiserPackage>>;
         let sd = if single_file {
             let Some(dir) = &args.tokenizer else {
                 bail!(
@@ -160,8 +167,13 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
                     args.model.display()
                 ),
             };
+            let (file, config) = (args.model.clone(), serde_json::to_string(&configs.unet)?);
+            let weights = single_file_part(&args.model, &configs, "unet")?;
+            unet_package = Box::new(move || DenoiserPackage::new(DenoiserKind::Unet, &config, &file.display().to_string(), weights));
             StableDiffusion::load_single_file(b, &args.model, configs, tokenizer, dtype)?
         } else {
+            let dir = args.model.clone();
+            unet_package = Box::new(move || DenoiserPackage::from_pipeline(&dir));
             StableDiffusion::load(b, &source, dtype)?
         };
         let native = sd.unet.config.sample_size * sd.vae_decoder.config.scale_factor();
@@ -177,7 +189,24 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
             init_latent: None,
         };
         sd.validate(&req)?;
-        let out = pollster::block_on(sd.generate(b, &req, &mut progress_bars())).map_err(explain)?;
+        let out = match args.offload.setup()? {
+            None => pollster::block_on(sd.generate(b, &req, &mut progress_bars())),
+            Some(mut offload) => {
+                if let OffloadMode::Blocks(_) = offload.mode {
+                    bail!("--offload blocks=A..B splits a DiT (Wan); for Stable Diffusion use --offload denoiser");
+                }
+                let package = package(unet_package)?;
+                let auto = offload.mode == OffloadMode::Auto;
+                let mut d = OffloadDenoiser::whole(&mut offload.pool, &package, &sd.unet, dtype, auto);
+                (d.upload, d.fallback, d.cfg_parallel) = (offload.upload, offload.fallback, offload.cfg_parallel);
+                let out = pollster::block_on(sd.generate_with(b, &req, &mut d, &mut progress_bars()));
+                let stats = d.stats.clone();
+                drop(d);
+                report(&stats, &offload.pool);
+                out
+            }
+        }
+        .map_err(explain)?;
         let params = describe(sampler_name, req.cfg_scale, req.width, req.height);
         write_png(&path, &out.image.to_f32(), req.width, req.height, &params)?;
     } else if class.starts_with("Wan") {
@@ -199,7 +228,25 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
             init_latent: None,
         };
         wan.latent_shape(&req)?;
-        let out = pollster::block_on(wan.generate(b, &req, &mut progress_bars())).map_err(explain)?;
+        let out = match args.offload.setup()? {
+            None => pollster::block_on(wan.generate(b, &req, &mut progress_bars())),
+            Some(mut offload) => {
+                let package = package(|| DenoiserPackage::from_pipeline(&args.model))?;
+                let mut d = match offload.mode.clone() {
+                    OffloadMode::Blocks(range) => OffloadDenoiser::blocks(&mut offload.pool, &package, &wan.transformer, range, dtype)?,
+                    mode => OffloadDenoiser::whole(&mut offload.pool, &package, &wan.transformer, dtype, mode == OffloadMode::Auto),
+                };
+                d.upload = offload.upload;
+                d.fallback = offload.fallback;
+                d.cfg_parallel &= offload.cfg_parallel;
+                let out = pollster::block_on(wan.generate_with(b, &req, &mut d, &mut progress_bars()));
+                let stats = d.stats.clone();
+                drop(d);
+                report(&stats, &offload.pool);
+                out
+            }
+        }
+        .map_err(explain)?;
         let params = format!(
             "{}, Frames: {}",
             describe(sampler_name, req.cfg_scale, req.width, req.height),

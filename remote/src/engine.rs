@@ -41,6 +41,38 @@ pub trait Engine: 'static {
     fn add_model(&mut self, model: ModelHash, kind: DenoiserKind, config: &str, tensors: &[(String, HostTensor)]) -> Result<(), Failure>;
 }
 
+/// A worker picks its backend at start, so its engine's type is chosen at run time.
+impl Engine for Box<dyn Engine> {
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn has_model(&self, model: &ModelHash) -> bool {
+        (**self).has_model(model)
+    }
+    fn open_job(&mut self, model: ModelHash, mode: JobMode, dtype: DType, cfg_scale: f32, context: HostTensor) -> Result<u64, Failure> {
+        (**self).open_job(model, mode, dtype, cfg_scale, context)
+    }
+    fn step(&mut self, job: u64, input: HostTensor, timestep: f32) -> Result<HostTensor, Failure> {
+        (**self).step(job, input, timestep)
+    }
+    fn blocks(
+        &mut self,
+        job: u64,
+        hidden: HostTensor,
+        modulation: HostTensor,
+        range: Range<usize>,
+        grid: [usize; 3],
+    ) -> Result<HostTensor, Failure> {
+        (**self).blocks(job, hidden, modulation, range, grid)
+    }
+    fn close_job(&mut self, job: u64) {
+        (**self).close_job(job)
+    }
+    fn add_model(&mut self, model: ModelHash, kind: DenoiserKind, config: &str, tensors: &[(String, HostTensor)]) -> Result<(), Failure> {
+        (**self).add_model(model, kind, config, tensors)
+    }
+}
+
 enum Loaded<B: Backend> {
     Unet(UNet<B>),
     Dit(WanDit<B>),
