@@ -166,9 +166,11 @@ fn worker_killed_mid_job_the_job_finishes_on_another_with_the_same_image() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Kill the worker that took the job as soon as it has it.
+    // Kill the worker that took the job once it has it (a step of the tiny model takes
+    // ~0.2 s, so this lands inside the job, in a step or between steps).
     let opened = a.log.iter().find(|l| l.contains("opened"));
     assert!(opened.is_some(), "worker a never opened the job");
+    std::thread::sleep(std::time::Duration::from_millis(300));
     a.child.kill().unwrap();
     let result = client.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);
