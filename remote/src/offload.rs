@@ -498,7 +498,7 @@ impl<B: Backend, M: DenoiserModel<B> + ?Sized> OffloadDenoiser<'_, B, M> {
     }
 }
 
-impl<B: Backend> OffloadDenoiser<'_, B, WanDit<B>> {
+impl<B: Backend, M: DenoiserModel<B> + ?Sized> OffloadDenoiser<'_, B, M> {
     async fn predict_blocks(&mut self, b: &B, step: usize, input: &HostTensor, timestep: f32) -> Result<Vec<f32>> {
         let (dit, range) = self.blocks.clone().expect("block offload");
         let (context, cfg_scale) = {
@@ -536,47 +536,7 @@ impl<B: Backend> OffloadDenoiser<'_, B, WanDit<B>> {
     }
 }
 
-/// Which of the two paths a denoiser takes; the block path exists only for the DiT.
-pub trait OffloadModel<B: Backend>: DenoiserModel<B> {
-    #[allow(async_fn_in_trait)]
-    async fn predict_offloaded(
-        d: &mut OffloadDenoiser<'_, B, Self>,
-        b: &B,
-        step: usize,
-        input: &HostTensor,
-        timestep: f32,
-    ) -> Result<Vec<f32>>;
-}
-
-impl<B: Backend> OffloadModel<B> for WanDit<B> {
-    async fn predict_offloaded(
-        d: &mut OffloadDenoiser<'_, B, Self>,
-        b: &B,
-        step: usize,
-        input: &HostTensor,
-        timestep: f32,
-    ) -> Result<Vec<f32>> {
-        if d.blocks.is_some() {
-            d.predict_blocks(b, step, input, timestep).await
-        } else {
-            d.predict_whole(b, step, input, timestep).await
-        }
-    }
-}
-
-impl<B: Backend> OffloadModel<B> for sdlite_runtime::models::unet::UNet<B> {
-    async fn predict_offloaded(
-        d: &mut OffloadDenoiser<'_, B, Self>,
-        b: &B,
-        step: usize,
-        input: &HostTensor,
-        timestep: f32,
-    ) -> Result<Vec<f32>> {
-        d.predict_whole(b, step, input, timestep).await
-    }
-}
-
-impl<B: Backend, M: OffloadModel<B>> Denoiser<B> for OffloadDenoiser<'_, B, M> {
+impl<B: Backend, M: DenoiserModel<B> + ?Sized> Denoiser<B> for OffloadDenoiser<'_, B, M> {
     async fn begin(&mut self, b: &B, context: &Tensor<B>, cfg_scale: f32) -> sdlite_runtime::Result<()> {
         self.close_placements();
         let context_host = b.read(context).await?;
@@ -590,7 +550,12 @@ impl<B: Backend, M: OffloadModel<B>> Denoiser<B> for OffloadDenoiser<'_, B, M> {
     }
 
     async fn predict(&mut self, b: &B, step: usize, input: &HostTensor, timestep: f32) -> sdlite_runtime::Result<Vec<f32>> {
-        M::predict_offloaded(self, b, step, input, timestep).await.map_err(runtime_err)
+        let prediction = if self.blocks.is_some() {
+            self.predict_blocks(b, step, input, timestep).await
+        } else {
+            self.predict_whole(b, step, input, timestep).await
+        };
+        prediction.map_err(runtime_err)
     }
 }
 

@@ -11,6 +11,7 @@ use crate::models::clip_text::{ClipTextConfig, ClipTextEncoder};
 use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::denoiser::{Denoiser, LocalDenoiser};
 use crate::models::schedulers::{Prediction, Sampler, Scheduler, SchedulerConfig};
+#[cfg(not(target_arch = "wasm32"))]
 use crate::models::sd_single_file::{component_name, split_fused_qkv};
 use crate::models::sd_vae::{VaeConfig, VaeDecoder, VaeEncoder};
 use crate::models::unet::{UNet, UNetConfig};
