@@ -3,7 +3,8 @@
 # Mesa's lavapipe (a Vulkan driver on the CPU, so wgpu runs without a GPU), the wasm32
 # toolchain (Debian's rustc-web with std sources, and lld-16 as the wasm linker), and the
 # real CLIP vocabulary from PyPI for the tokenizer tests; iproute2 (ip netns, tc netem) for
-# the offload test across network namespaces.
+# the offload test across network namespaces; NVIDIA's runtime compiler library from PyPI,
+# so the tests compile the CUDA kernels without a GPU.
 # Needs a Rust toolchain (rustup) for the native build. Idempotent.
 set -euo pipefail
 packages=(mesa-vulkan-drivers rustc-web cargo-web rust-web-src lld-16 iproute2)
@@ -19,4 +20,5 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust with rustup first" >&2; exit 1; }
 bash "$(dirname "$0")/fetch-vocab.sh"
+bash "$(dirname "$0")/fetch-nvrtc.sh"
 echo "setup: ok"

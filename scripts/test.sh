@@ -7,6 +7,11 @@ cd "$(dirname "$0")/.."
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 export WGPU_BACKEND="${WGPU_BACKEND:-vulkan}"
 cargo fmt --all -- --check
+# With the library scripts/fetch-nvrtc.sh fetched, every CUDA kernel file must compile.
+if ls target/nvrtc/libnvrtc.so.* >/dev/null 2>&1; then
+    export LD_LIBRARY_PATH="$PWD/target/nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export SDLITE_REQUIRE_NVRTC=1
+fi
 cargo test --workspace --locked
 bash scripts/build-wasm.sh --locked
 echo "wasm32 build of sdlite-runtime: ok"

@@ -23,6 +23,7 @@ const OP_ADD_SCALED: u32 = 2u;
 const OP_MUL: u32 = 3u;
 const OP_MODULATE: u32 = 4u;
 const OP_ROPE: u32 = 5u;
+const OP_GATED_ADD: u32 = 6u;
 
 const U_SILU: u32 = 0u;
 const U_GELU_TANH: u32 = 1u;
@@ -93,6 +94,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         case OP_ADD_SCALED: { out_st(o, alpha * x + beta * in1_ld(operand_index(1u, c))); }
         case OP_MUL: { out_st(o, x * in1_ld(operand_index(1u, c))); }
         case OP_MODULATE: { out_st(o, x * (1.0 + in1_ld(operand_index(1u, c))) + in2_ld(operand_index(2u, c))); }
+        case OP_GATED_ADD: { out_st(o, x + in1_ld(operand_index(1u, c)) * in2_ld(operand_index(2u, c))); }
         default: {
             let i = operand_index(0u, c);
             let x1 = in0_ld(i + 1u);

@@ -2,30 +2,26 @@
 //! to replay), at odd sizes that do not divide the tiles.
 //!
 //! Tolerances, as error relative to the largest reference magnitude (see `relative_error`):
-//! f32 storage 1e-5; f16 storage 1e-2 (inputs are rounded to f16 identically for both sides,
-//! so the difference is the f16 rounding of intermediates and outputs).
+//! f32 storage 1e-5; f16 and bf16 storage 1e-2 (inputs are rounded identically for both
+//! sides, so the difference is the rounding of intermediates and outputs).
 //!
 //! Each case runs on three devices: the adapter with its full limits; the same adapter with
 //! 4 KiB bindings and 16-key attention passes, so every tensor spans many chunks and every
 //! splitting path runs; and, in `default_limits_*`, exactly WebGPU's default limits with
-//! tensors over 128 MiB.
+//! tensors over 128 MiB. Where a CUDA device is present (the GPU machine; set
+//! SDLITE_REQUIRE_CUDA=1 there so its absence fails), every case also runs on the CUDA
+//! backend in f32, f16 and bf16.
 
 use sdlite_runtime::spec::UnaryOp;
-use sdlite_runtime::{ops, Backend, DType, WgpuBackend};
-use sdlite_tests::{check, fresh_seed, gpu, gpu_default_limits, gpu_tiny_chunks, random};
+use sdlite_runtime::{ops, Backend, CudaBackend, DType, WgpuBackend};
+use sdlite_tests::{check, cuda, fresh_seed, gpu, gpu_default_limits, gpu_tiny_chunks, random, TestDevice};
 
 const F32_TOL: f32 = 1e-5;
 const F16_TOL: f32 = 1e-2;
-
-/// Whether an operand range of `elems` f32 elements that a kernel cannot split (a weight
-/// matrix, one head's keys, one query tile) fits any window on `g`: it always does at real
-/// binding sizes, but not always with 4 KiB chunks.
-fn unsplittable_fits(g: &WgpuBackend, elems: usize) -> bool {
-    elems <= g.chunk_bytes() as usize / 4
-}
+const BF16_TOL: f32 = 1e-2;
 
 /// The full-limits device in every dtype it supports, then the tiny-chunk device in f32.
-fn devices() -> Vec<(&'static WgpuBackend, DType, f32, &'static str)> {
+fn wgpu_devices() -> Vec<(&'static WgpuBackend, DType, f32, &'static str)> {
     let mut v = Vec::new();
     if let Some(g) = gpu() {
         v.push((g, DType::F32, F32_TOL, "f32"));
@@ -41,223 +37,270 @@ fn devices() -> Vec<(&'static WgpuBackend, DType, f32, &'static str)> {
     v
 }
 
-#[test]
-fn matmul_matches_reference() {
-    let seed = fresh_seed();
-    eprintln!("seed {seed}");
-    for (g, dt, tol, tag) in devices() {
-        // (batch, m, k, n) with broadcast or batched weights, all transpose combinations.
-        for (i, &(batch, m, k, n)) in [(1, 1, 1, 1), (1, 7, 13, 5), (3, 65, 30, 29), (2, 130, 17, 129), (1, 300, 257, 200)]
-            .iter()
-            .enumerate()
-        {
-            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
-                if !unsplittable_fits(g, k * n) || (ta && !unsplittable_fits(g, k * m)) {
-                    continue;
-                }
-                let s = seed + i as u64;
-                let a_shape = if ta { [batch, k, m] } else { [batch, m, k] };
-                let b_shape = if tb { [n, k] } else { [k, n] };
-                let inputs = [
-                    random(&a_shape, dt, 1.0, s),
-                    random(&b_shape, dt, 1.0, s + 1),
-                    random(&[n], dt, 1.0, s + 2),
-                ];
-                let name = format!("matmul {tag} b{batch} {m}x{k}x{n} ta={ta} tb={tb}");
-                check!(g, name, tol, inputs, [ta as usize, tb as usize], |b, x, p| ops::matmul(
-                    b,
-                    &x[0],
-                    &x[1],
-                    Some(&x[2]),
-                    p[0] == 1,
-                    p[1] == 1
-                ));
-            }
+/// The CUDA device (when this machine has one) in f32, f16 and bf16, with every new buffer
+/// poisoned with NaN so an unwritten output element fails.
+fn cuda_devices() -> Vec<(&'static CudaBackend, DType, f32, &'static str)> {
+    let Some(c) = cuda() else { return Vec::new() };
+    vec![
+        (c, DType::F32, F32_TOL, "cuda f32"),
+        (c, DType::F16, F16_TOL, "cuda f16"),
+        (c, DType::BF16, BF16_TOL, "cuda bf16"),
+    ]
+}
+
+/// Runs `cases(device, dtype, tolerance, tag, seed)` on every wgpu and CUDA device.
+macro_rules! on_every_device {
+    ($cases:ident) => {{
+        let seed = fresh_seed();
+        eprintln!("seed {seed}");
+        for (g, dt, tol, tag) in wgpu_devices() {
+            $cases(g, dt, tol, tag, seed);
         }
-        let inputs = [random(&[4, 33, 20], dt, 1.0, seed), random(&[4, 20, 19], dt, 1.0, seed + 1)];
-        check!(g, format!("matmul {tag} batched weights"), tol, inputs, [], |b, x, p| ops::matmul(
-            b, &x[0], &x[1], None, false, false
-        ));
-        let inputs = [
-            random(&[2, 9, 24], dt, 1.0, seed),
-            random(&[40, 24], dt, 1.0, seed + 1),
-            random(&[40], dt, 1.0, seed + 2),
-        ];
-        check!(g, format!("linear {tag}"), tol, inputs, [], |b, x, p| ops::linear(
-            b,
-            &x[0],
-            &x[1],
-            Some(&x[2])
-        ));
-    }
+        for (g, dt, tol, tag) in cuda_devices() {
+            $cases(g, dt, tol, tag, seed);
+        }
+    }};
 }
 
 #[test]
-fn conv_matches_reference() {
-    let seed = fresh_seed();
-    eprintln!("seed {seed}");
-    for (g, dt, tol, tag) in devices() {
-        // (n, c_in, h, w, c_out, k, stride, padding, groups)
-        for (i, &(n, ci, h, w, co, k, st, pad, gr)) in [
-            (1, 3, 9, 11, 5, 3, 1, 1, 1),
-            (2, 4, 17, 13, 6, 3, 2, 1, 2),
-            (1, 8, 10, 10, 8, 1, 1, 0, 1),
-            (1, 5, 12, 7, 3, 4, 2, 0, 1),
-            (1, 6, 9, 9, 10, 3, 1, 1, 1),
-        ]
+fn matmul_matches_reference() {
+    on_every_device!(matmul_cases);
+}
+
+fn matmul_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
+    // (batch, m, k, n) with broadcast or batched weights, all transpose combinations.
+    for (i, &(batch, m, k, n)) in [(1, 1, 1, 1), (1, 7, 13, 5), (3, 65, 30, 29), (2, 130, 17, 129), (1, 300, 257, 200)]
         .iter()
         .enumerate()
-        {
-            let s = seed + 10 * i as u64;
+    {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            if !g.fits(k * n) || (ta && !g.fits(k * m)) {
+                continue;
+            }
+            let s = seed + i as u64;
+            let a_shape = if ta { [batch, k, m] } else { [batch, m, k] };
+            let b_shape = if tb { [n, k] } else { [k, n] };
             let inputs = [
-                random(&[n, ci, h, w], dt, 1.0, s),
-                random(&[co, ci / gr, k, k], dt, 0.5, s + 1),
-                random(&[co], dt, 1.0, s + 2),
+                random(&a_shape, dt, 1.0, s),
+                random(&b_shape, dt, 1.0, s + 1),
+                random(&[n], dt, 1.0, s + 2),
             ];
-            let name = format!("conv2d {tag} {n}x{ci}x{h}x{w} -> {co} k{k} s{st} p{pad} g{gr}");
-            check!(g, name, tol, inputs, [st, pad, gr], |b, x, p| ops::conv2d(
+            let name = format!("matmul {tag} b{batch} {m}x{k}x{n} ta={ta} tb={tb}");
+            check!(g, name, tol, inputs, [ta as usize, tb as usize], |b, x, p| ops::matmul(
                 b,
                 &x[0],
                 &x[1],
                 Some(&x[2]),
-                p[0],
-                p[1],
-                p[2]
+                p[0] == 1,
+                p[1] == 1
             ));
         }
-        // Causal 3D convolution as in the Wan VAE (time padded in front only).
+    }
+    let inputs = [random(&[4, 33, 20], dt, 1.0, seed), random(&[4, 20, 19], dt, 1.0, seed + 1)];
+    check!(g, format!("matmul {tag} batched weights"), tol, inputs, [], |b, x, p| ops::matmul(
+        b, &x[0], &x[1], None, false, false
+    ));
+    let inputs = [
+        random(&[2, 9, 24], dt, 1.0, seed),
+        random(&[40, 24], dt, 1.0, seed + 1),
+        random(&[40], dt, 1.0, seed + 2),
+    ];
+    check!(g, format!("linear {tag}"), tol, inputs, [], |b, x, p| ops::linear(
+        b,
+        &x[0],
+        &x[1],
+        Some(&x[2])
+    ));
+}
+
+#[test]
+fn conv_matches_reference() {
+    on_every_device!(conv_cases);
+}
+
+fn conv_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
+    // (n, c_in, h, w, c_out, k, stride, padding, groups)
+    for (i, &(n, ci, h, w, co, k, st, pad, gr)) in [
+        (1, 3, 9, 11, 5, 3, 1, 1, 1),
+        (2, 4, 17, 13, 6, 3, 2, 1, 2),
+        (1, 8, 10, 10, 8, 1, 1, 0, 1),
+        (1, 5, 12, 7, 3, 4, 2, 0, 1),
+        (1, 6, 9, 9, 10, 3, 1, 1, 1),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let s = seed + 10 * i as u64;
         let inputs = [
-            random(&[1, 4, 5, 7, 6], dt, 1.0, seed),
-            random(&[3, 4, 3, 3, 3], dt, 0.5, seed + 1),
-            random(&[3], dt, 1.0, seed + 2),
+            random(&[n, ci, h, w], dt, 1.0, s),
+            random(&[co, ci / gr, k, k], dt, 0.5, s + 1),
+            random(&[co], dt, 1.0, s + 2),
         ];
-        check!(g, format!("causal_conv3d {tag}"), tol, inputs, [], |b, x, p| ops::causal_conv3d(
+        let name = format!("conv2d {tag} {n}x{ci}x{h}x{w} -> {co} k{k} s{st} p{pad} g{gr}");
+        check!(g, name, tol, inputs, [st, pad, gr], |b, x, p| ops::conv2d(
             b,
             &x[0],
             &x[1],
             Some(&x[2]),
-            [1, 1, 1],
-            [1, 1, 1]
+            p[0],
+            p[1],
+            p[2]
         ));
-        let inputs = [
-            random(&[2, 3, 4, 6, 6], dt, 1.0, seed + 3),
-            random(&[5, 3, 3, 1, 1], dt, 0.5, seed + 4),
-        ];
-        check!(g, format!("causal_conv3d {tag} time stride 2"), tol, inputs, [], |b, x, p| {
-            ops::causal_conv3d(b, &x[0], &x[1], None, [2, 1, 1], [1, 0, 0])
-        });
     }
+    // Causal 3D convolution as in the Wan VAE (time padded in front only).
+    let inputs = [
+        random(&[1, 4, 5, 7, 6], dt, 1.0, seed),
+        random(&[3, 4, 3, 3, 3], dt, 0.5, seed + 1),
+        random(&[3], dt, 1.0, seed + 2),
+    ];
+    check!(g, format!("causal_conv3d {tag}"), tol, inputs, [], |b, x, p| ops::causal_conv3d(
+        b,
+        &x[0],
+        &x[1],
+        Some(&x[2]),
+        [1, 1, 1],
+        [1, 1, 1]
+    ));
+    let inputs = [
+        random(&[2, 3, 4, 6, 6], dt, 1.0, seed + 3),
+        random(&[5, 3, 3, 1, 1], dt, 0.5, seed + 4),
+    ];
+    check!(g, format!("causal_conv3d {tag} time stride 2"), tol, inputs, [], |b, x, p| {
+        ops::causal_conv3d(b, &x[0], &x[1], None, [2, 1, 1], [1, 0, 0])
+    });
 }
 
 #[test]
 fn norms_match_reference() {
-    let seed = fresh_seed();
-    eprintln!("seed {seed}");
-    for (g, dt, tol, tag) in devices() {
+    on_every_device!(norm_cases);
+}
+
+fn norm_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
+    let inputs = [
+        random(&[2, 12, 5, 7], dt, 2.0, seed),
+        random(&[12], dt, 1.0, seed + 1),
+        random(&[12], dt, 1.0, seed + 2),
+    ];
+    check!(g, format!("group_norm {tag}"), tol, inputs, [], |b, x, p| ops::group_norm(
+        b,
+        &x[0],
+        4,
+        Some(&x[1]),
+        Some(&x[2]),
+        1e-6
+    ));
+    let inputs = [
+        random(&[3, 17, 300], dt, 3.0, seed + 3),
+        random(&[300], dt, 1.0, seed + 4),
+        random(&[300], dt, 1.0, seed + 5),
+    ];
+    check!(g, format!("layer_norm {tag}"), tol, inputs, [], |b, x, p| ops::layer_norm(
+        b,
+        &x[0],
+        Some(&x[1]),
+        Some(&x[2]),
+        1e-5
+    ));
+    check!(
+        g,
+        format!("layer_norm {tag} no affine"),
+        tol,
+        inputs,
+        [],
+        |b, x, p| ops::layer_norm(b, &x[0], None, None, 1e-6)
+    );
+    check!(g, format!("rms_norm {tag}"), tol, inputs, [], |b, x, p| ops::rms_norm(
+        b,
+        &x[0],
+        Some(&x[1]),
+        1e-6
+    ));
+    // Rows of 40,000 elements take the two-stage path (block moments, then apply).
+    if g.fits(40_000) {
         let inputs = [
-            random(&[2, 12, 5, 7], dt, 2.0, seed),
-            random(&[12], dt, 1.0, seed + 1),
-            random(&[12], dt, 1.0, seed + 2),
+            random(&[2, 8, 100, 100], dt, 2.0, seed + 7),
+            random(&[8], dt, 1.0, seed + 8),
+            random(&[8], dt, 1.0, seed + 9),
         ];
-        check!(g, format!("group_norm {tag}"), tol, inputs, [], |b, x, p| ops::group_norm(
-            b,
-            &x[0],
-            4,
-            Some(&x[1]),
-            Some(&x[2]),
-            1e-6
-        ));
-        let inputs = [
-            random(&[3, 17, 300], dt, 3.0, seed + 3),
-            random(&[300], dt, 1.0, seed + 4),
-            random(&[300], dt, 1.0, seed + 5),
-        ];
-        check!(g, format!("layer_norm {tag}"), tol, inputs, [], |b, x, p| ops::layer_norm(
-            b,
-            &x[0],
-            Some(&x[1]),
-            Some(&x[2]),
-            1e-5
-        ));
         check!(
             g,
-            format!("layer_norm {tag} no affine"),
+            format!("group_norm long rows {tag}"),
             tol,
             inputs,
             [],
-            |b, x, p| ops::layer_norm(b, &x[0], None, None, 1e-6)
+            |b, x, p| ops::group_norm(b, &x[0], 2, Some(&x[1]), Some(&x[2]), 1e-6)
         );
-        check!(g, format!("rms_norm {tag}"), tol, inputs, [], |b, x, p| ops::rms_norm(
+        check!(g, format!("rms_norm long rows {tag}"), tol, inputs, [], |b, x, p| ops::rms_norm(
             b,
-            &x[0],
-            Some(&x[1]),
+            &x[0].reshape(&[4, 40_000])?,
+            None,
             1e-6
         ));
-        // Rows of 40,000 elements take the two-stage path (block moments, then apply).
-        if unsplittable_fits(g, 40_000) {
-            let inputs = [
-                random(&[2, 8, 100, 100], dt, 2.0, seed + 7),
-                random(&[8], dt, 1.0, seed + 8),
-                random(&[8], dt, 1.0, seed + 9),
-            ];
-            check!(
-                g,
-                format!("group_norm long rows {tag}"),
-                tol,
-                inputs,
-                [],
-                |b, x, p| ops::group_norm(b, &x[0], 2, Some(&x[1]), Some(&x[2]), 1e-6)
-            );
-            check!(g, format!("rms_norm long rows {tag}"), tol, inputs, [], |b, x, p| ops::rms_norm(
-                b,
-                &x[0].reshape(&[4, 40_000])?,
-                None,
-                1e-6
-            ));
-        }
-        let inputs = [random(&[5, 1000], dt, 4.0, seed + 6)];
-        check!(g, format!("softmax {tag}"), tol, inputs, [], |b, x, p| ops::softmax(b, &x[0]));
     }
+    let inputs = [random(&[5, 1000], dt, 4.0, seed + 6)];
+    check!(g, format!("softmax {tag}"), tol, inputs, [], |b, x, p| ops::softmax(b, &x[0]));
+    // Fused forms: group norm + SiLU, layer norm + adaLN modulation per batch item.
+    let inputs = [
+        random(&[2, 12, 5, 7], dt, 2.0, seed + 10),
+        random(&[12], dt, 1.0, seed + 11),
+        random(&[12], dt, 1.0, seed + 12),
+    ];
+    check!(
+        g,
+        format!("group_norm_silu {tag}"),
+        tol,
+        inputs,
+        [],
+        |b, x, p| ops::group_norm_silu(b, &x[0], 3, Some(&x[1]), Some(&x[2]), 1e-6)
+    );
+    let inputs = [
+        random(&[2, 33, 96], dt, 3.0, seed + 13),
+        random(&[2, 1, 96], dt, 0.5, seed + 14),
+        random(&[2, 1, 96], dt, 1.0, seed + 15),
+    ];
+    check!(g, format!("layer_norm_modulate {tag}"), tol, inputs, [], |b, x, p| {
+        ops::layer_norm_modulate(b, &x[0], &x[1], &x[2], 1e-6)
+    });
 }
 
 #[test]
 fn attention_matches_reference() {
-    let seed = fresh_seed();
-    eprintln!("seed {seed}");
-    for (g, dt, tol, tag) in devices() {
-        // (batch, heads, q_len, kv_len, head_dim): SD's 40/80/160, CLIP/UMT5's 64, Wan's 128,
-        // and the Wan VAE's single 384-wide head (no tile fits: the unfused path).
-        for (i, &(bn, h, sq, skv, d)) in [
-            (1, 1, 1, 1, 8),
-            (2, 3, 37, 45, 40),
-            (1, 2, 70, 19, 64),
-            (1, 1, 33, 8, 80),
-            (1, 2, 21, 6, 128),
-            (1, 1, 9, 5, 160),
-            (2, 1, 29, 31, 384),
-        ]
-        .iter()
-        .enumerate()
-        {
-            if !unsplittable_fits(g, skv * d) || !unsplittable_fits(g, 32 * d) {
-                continue;
-            }
-            let s = seed + 10 * i as u64;
-            let inputs = [
-                random(&[bn, h, sq, d], dt, 1.0, s),
-                random(&[bn, h, skv, d], dt, 1.0, s + 1),
-                random(&[bn, h, skv, d], dt, 1.0, s + 2),
-            ];
-            let scale = 1.0 / (d as f32).sqrt();
-            check!(
-                g,
-                format!("attention {tag} b{bn} h{h} q{sq} kv{skv} d{d}"),
-                tol,
-                inputs,
-                [scale.to_bits() as usize],
-                |b, x, p| ops::attention(b, &x[0], &x[1], &x[2], f32::from_bits(p[0] as u32))
-            );
+    on_every_device!(attention_cases);
+}
+
+fn attention_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
+    // (batch, heads, q_len, kv_len, head_dim): SD's 40/80/160, CLIP/UMT5's 64, Wan's 128,
+    // and the Wan VAE's single 384-wide head (no tile fits: the unfused path).
+    for (i, &(bn, h, sq, skv, d)) in [
+        (1, 1, 1, 1, 8),
+        (2, 3, 37, 45, 40),
+        (1, 2, 70, 19, 64),
+        (1, 1, 33, 8, 80),
+        (1, 2, 21, 6, 128),
+        (1, 1, 9, 5, 160),
+        (2, 1, 29, 31, 384),
+    ]
+    .iter()
+    .enumerate()
+    {
+        if !g.fits(skv * d) || !g.fits(32 * d) {
+            continue;
         }
+        let s = seed + 10 * i as u64;
+        let inputs = [
+            random(&[bn, h, sq, d], dt, 1.0, s),
+            random(&[bn, h, skv, d], dt, 1.0, s + 1),
+            random(&[bn, h, skv, d], dt, 1.0, s + 2),
+        ];
+        let scale = 1.0 / (d as f32).sqrt();
+        check!(
+            g,
+            format!("attention {tag} b{bn} h{h} q{sq} kv{skv} d{d}"),
+            tol,
+            inputs,
+            [scale.to_bits() as usize],
+            |b, x, p| ops::attention(b, &x[0], &x[1], &x[2], f32::from_bits(p[0] as u32))
+        );
     }
 }
 
@@ -280,86 +323,89 @@ fn attention_long_sequence_matches_reference() {
 
 #[test]
 fn elementwise_matches_reference() {
-    let seed = fresh_seed();
-    eprintln!("seed {seed}");
-    for (g, dt, tol, tag) in devices() {
-        let x = random(&[3, 5, 7, 9], dt, 6.0, seed);
-        for (u, name) in [
-            (UnaryOp::Silu, "silu"),
-            (UnaryOp::GeluTanh, "gelu_tanh"),
-            (UnaryOp::GeluErf, "gelu_erf"),
-            (UnaryOp::Tanh, "tanh"),
-            (UnaryOp::Sigmoid, "sigmoid"),
-        ] {
-            check!(g, format!("{name} {tag}"), tol, [x.clone()], [u as usize], |b, x, p| ops::unary(
-                b,
-                &x[0],
-                [UnaryOp::Silu, UnaryOp::GeluTanh, UnaryOp::GeluErf, UnaryOp::Tanh, UnaryOp::Sigmoid][p[0]]
-            ));
-        }
-        check!(g, format!("scale {tag}"), tol, [x.clone()], [], |b, x, p| ops::scale(
-            b, &x[0], -0.75, 0.5
-        ));
-        let y = random(&[5, 1, 9], dt, 1.0, seed + 1);
-        check!(g, format!("add broadcast {tag}"), tol, [x.clone(), y.clone()], [], |b, x, p| {
-            ops::add(b, &x[0], &x[1])
-        });
-        check!(
-            g,
-            format!("add_scaled broadcast first {tag}"),
-            tol,
-            [y.clone(), x.clone()],
-            [],
-            |b, x, p| ops::add_scaled(b, &x[0], &x[1], 0.3, -1.7)
-        );
-        check!(g, format!("mul broadcast {tag}"), tol, [x.clone(), y.clone()], [], |b, x, p| {
-            ops::mul(b, &x[0], &x[1])
-        });
-        let (sc, sh) = (random(&[3, 1, 1, 9], dt, 1.0, seed + 2), random(&[3, 1, 1, 9], dt, 1.0, seed + 3));
-        check!(g, format!("modulate {tag}"), tol, [x.clone(), sc, sh], [], |b, x, p| ops::modulate(
-            b, &x[0], &x[1], &x[2]
-        ));
-        check!(g, format!("permute {tag}"), tol, [x.clone()], [], |b, x, p| ops::permute(
+    on_every_device!(elementwise_cases);
+}
+
+fn elementwise_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
+    let x = random(&[3, 5, 7, 9], dt, 6.0, seed);
+    for (u, name) in [
+        (UnaryOp::Silu, "silu"),
+        (UnaryOp::GeluTanh, "gelu_tanh"),
+        (UnaryOp::GeluErf, "gelu_erf"),
+        (UnaryOp::Tanh, "tanh"),
+        (UnaryOp::Sigmoid, "sigmoid"),
+    ] {
+        check!(g, format!("{name} {tag}"), tol, [x.clone()], [u as usize], |b, x, p| ops::unary(
             b,
             &x[0],
-            &[2, 0, 3, 1]
-        ));
-        check!(g, format!("slice {tag}"), tol, [x.clone()], [], |b, x, p| ops::slice(
-            b, &x[0], 2, 2, 4
-        ));
-        let z = random(&[3, 5, 4, 9], dt, 1.0, seed + 4);
-        check!(g, format!("concat {tag}"), tol, [x.clone(), z], [], |b, x, p| ops::concat(
-            b,
-            &[&x[0], &x[1], &x[0]],
-            2
-        ));
-        check!(g, format!("upsample_nearest {tag}"), tol, [x.clone()], [], |b, x, p| {
-            ops::upsample_nearest(b, &x[0], 2)
-        });
-        // Round trip through the other float dtype: both sides round identically.
-        let other = if dt == DType::F32 && g.supports(DType::F16) {
-            DType::F16
-        } else {
-            DType::F32
-        };
-        check!(
-            g,
-            format!("cast {tag} via {other:?}"),
-            tol,
-            [x.clone()],
-            [(other == DType::F16) as usize],
-            |b, x, p| {
-                let mid = ops::cast(b, &x[0], if p[0] == 1 { DType::F16 } else { DType::F32 })?;
-                ops::cast(b, &mid, x[0].dtype())
-            }
-        );
-        // Rotary embedding with Wan's 3D tables: 2 frames x 3 x 4 tokens, 2 heads of 24.
-        let (cos, sin) = ops::rope3d_tables(2, 3, 4, 24, 10000.0).expect("tables");
-        let q = random(&[2, 24, 2, 24], dt, 1.0, seed + 5);
-        check!(g, format!("rope {tag}"), tol, [q, cos, sin], [], |b, x, p| ops::rope(
-            b, &x[0], &x[1], &x[2]
+            [UnaryOp::Silu, UnaryOp::GeluTanh, UnaryOp::GeluErf, UnaryOp::Tanh, UnaryOp::Sigmoid][p[0]]
         ));
     }
+    check!(g, format!("scale {tag}"), tol, [x.clone()], [], |b, x, p| ops::scale(
+        b, &x[0], -0.75, 0.5
+    ));
+    let y = random(&[5, 1, 9], dt, 1.0, seed + 1);
+    check!(g, format!("add broadcast {tag}"), tol, [x.clone(), y.clone()], [], |b, x, p| {
+        ops::add(b, &x[0], &x[1])
+    });
+    check!(
+        g,
+        format!("add_scaled broadcast first {tag}"),
+        tol,
+        [y.clone(), x.clone()],
+        [],
+        |b, x, p| ops::add_scaled(b, &x[0], &x[1], 0.3, -1.7)
+    );
+    check!(g, format!("mul broadcast {tag}"), tol, [x.clone(), y.clone()], [], |b, x, p| {
+        ops::mul(b, &x[0], &x[1])
+    });
+    let (sc, sh) = (random(&[3, 1, 1, 9], dt, 1.0, seed + 2), random(&[3, 1, 1, 9], dt, 1.0, seed + 3));
+    check!(g, format!("modulate {tag}"), tol, [x.clone(), sc.clone(), sh], [], |b, x, p| {
+        ops::modulate(b, &x[0], &x[1], &x[2])
+    });
+    check!(g, format!("gated_add {tag}"), tol, [x.clone(), x.clone(), sc], [], |b, x, p| {
+        ops::gated_add(b, &x[0], &x[1], &x[2])
+    });
+    check!(g, format!("permute {tag}"), tol, [x.clone()], [], |b, x, p| ops::permute(
+        b,
+        &x[0],
+        &[2, 0, 3, 1]
+    ));
+    check!(g, format!("slice {tag}"), tol, [x.clone()], [], |b, x, p| ops::slice(
+        b, &x[0], 2, 2, 4
+    ));
+    let z = random(&[3, 5, 4, 9], dt, 1.0, seed + 4);
+    check!(g, format!("concat {tag}"), tol, [x.clone(), z], [], |b, x, p| ops::concat(
+        b,
+        &[&x[0], &x[1], &x[0]],
+        2
+    ));
+    check!(g, format!("upsample_nearest {tag}"), tol, [x.clone()], [], |b, x, p| {
+        ops::upsample_nearest(b, &x[0], 2)
+    });
+    // Round trip through the other float dtype: both sides round identically.
+    let other = if dt == DType::F32 && g.supports(DType::F16) {
+        DType::F16
+    } else {
+        DType::F32
+    };
+    check!(
+        g,
+        format!("cast {tag} via {other:?}"),
+        tol,
+        [x.clone()],
+        [(other == DType::F16) as usize],
+        |b, x, p| {
+            let mid = ops::cast(b, &x[0], if p[0] == 1 { DType::F16 } else { DType::F32 })?;
+            ops::cast(b, &mid, x[0].dtype())
+        }
+    );
+    // Rotary embedding with Wan's 3D tables: 2 frames x 3 x 4 tokens, 2 heads of 24.
+    let (cos, sin) = ops::rope3d_tables(2, 3, 4, 24, 10000.0).expect("tables");
+    let q = random(&[2, 24, 2, 24], dt, 1.0, seed + 5);
+    check!(g, format!("rope {tag}"), tol, [q, cos, sin], [], |b, x, p| ops::rope(
+        b, &x[0], &x[1], &x[2]
+    ));
 }
 
 /// WebGPU's default limits, every kernel on tensors over 128 MiB (the size at which browser
@@ -514,5 +560,62 @@ fn timestep_embedding_matches_formula() {
             v[12 + i],
             arg.sin()
         );
+    }
+}
+
+/// The flash kernel over many key tiles with ragged tails, in both half dtypes and at the
+/// head sizes of Wan (128) and the text encoders (64).
+#[test]
+fn cuda_flash_attention_long_sequence_matches_reference() {
+    let Some(c) = cuda() else { return };
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    for (dt, tag) in [(DType::BF16, "bf16"), (DType::F16, "f16")] {
+        for d in [64, 128] {
+            let inputs = [
+                random(&[1, 2, 131, d], dt, 1.0, seed),
+                random(&[1, 2, 4133, d], dt, 1.0, seed + 1),
+                random(&[1, 2, 4133, d], dt, 1.0, seed + 2),
+            ];
+            check!(c, format!("cuda attention {tag} kv 4133 d{d}"), BF16_TOL, inputs, [d], |b, x, p| {
+                ops::attention(b, &x[0], &x[1], &x[2], 1.0 / (p[0] as f32).sqrt())
+            });
+        }
+    }
+}
+
+/// After one pass of a repeated workload the arena serves every allocation: a denoising
+/// loop asks the driver for memory only during its first step.
+#[test]
+fn cuda_repeated_work_allocates_only_once() {
+    let Some(c) = cuda() else { return };
+    let x = c.upload(&random(&[2, 77, 96], DType::BF16, 1.0, 1)).unwrap();
+    let w = c.upload(&random(&[96, 96], DType::BF16, 1.0, 2)).unwrap();
+    let step = || {
+        let h = ops::linear(c, &x, &w, None).unwrap();
+        let h = ops::layer_norm(c, &h, None, None, 1e-6).unwrap();
+        let q = h.reshape(&[2, 77, 2, 48]).unwrap();
+        let q = ops::permute(c, &q, &[0, 2, 1, 3]).unwrap();
+        let o = ops::attention(c, &q, &q, &q, 0.1).unwrap();
+        pollster::block_on(c.read(&ops::silu(c, &o).unwrap())).unwrap();
+    };
+    step();
+    let after_first = c.memory().driver_allocations;
+    step();
+    step();
+    assert_eq!(c.memory().driver_allocations, after_first, "{:?}", c.memory());
+}
+
+/// Without the CUDA libraries (every CI machine) creating the backend is an error that names
+/// what is missing, never a panic; with them it must succeed.
+#[test]
+fn cuda_backend_reports_missing_libraries() {
+    match CudaBackend::new(&sdlite_runtime::CudaOptions::default()) {
+        Ok(b) => assert!(b.name().starts_with("cuda: ")),
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!("{msg}");
+            assert!(msg.contains("CUDA") || msg.contains("libcuda"), "{msg}");
+        }
     }
 }

@@ -1,10 +1,12 @@
-//! Shared helpers for the cross-backend tests: seeded random inputs, the wgpu backends under
-//! test, and a comparison of one op body on the CPU reference and on wgpu.
+//! Shared helpers for the cross-backend tests: seeded random inputs, the wgpu and CUDA
+//! backends under test, and a comparison of one op body on the CPU reference and on a device.
 
 use std::sync::OnceLock;
 
 use rand::{Rng, SeedableRng};
-use sdlite_runtime::{Backend, CpuBackend, DType, HostData, HostTensor, Result, Tensor, WgpuBackend, WgpuOptions};
+use sdlite_runtime::{
+    Backend, CpuBackend, CudaBackend, CudaOptions, DType, HostData, HostTensor, Result, Tensor, WgpuBackend, WgpuOptions,
+};
 
 /// Uniform random values in [-scale, scale), stored as `dtype`.
 pub fn random(shape: &[usize], dtype: DType, scale: f32, seed: u64) -> HostTensor {
@@ -76,47 +78,80 @@ pub fn gpu_default_limits() -> Option<&'static WgpuBackend> {
     .as_ref()
 }
 
-/// Largest absolute difference divided by the largest reference magnitude: the error
-/// relative to the tensor's scale. NaN or infinity anywhere counts as infinite error.
+/// The CUDA device with every new buffer poisoned (NaN bytes), or none on a machine without
+/// CUDA, which is every CI machine; with SDLITE_REQUIRE_CUDA=1 (the GPU machine) a missing
+/// device is a failure instead.
+pub fn cuda() -> Option<&'static CudaBackend> {
+    static B: OnceLock<Option<CudaBackend>> = OnceLock::new();
+    B.get_or_init(|| {
+        match CudaBackend::new(&CudaOptions {
+            poison: true,
+            ..Default::default()
+        }) {
+            Ok(b) => {
+                eprintln!("testing on {}", b.name());
+                Some(b)
+            }
+            Err(e) if std::env::var_os("SDLITE_REQUIRE_CUDA").is_some() => panic!("SDLITE_REQUIRE_CUDA is set but: {e}"),
+            Err(e) => {
+                eprintln!("no CUDA device ({e}): CUDA cases not run");
+                None
+            }
+        }
+    })
+    .as_ref()
+}
+
+/// A backend under test, and which operand sizes it can run without splitting.
+pub trait TestDevice: Backend + Sized {
+    /// Whether an operand range of `elems` f32 elements that a kernel cannot split (a weight
+    /// matrix, one head's keys, one query tile) fits one dispatch.
+    fn fits(&self, _elems: usize) -> bool {
+        true
+    }
+}
+
+/// wgpu: always at real binding sizes, but not always with 4 KiB chunks.
+impl TestDevice for WgpuBackend {
+    fn fits(&self, elems: usize) -> bool {
+        elems <= self.chunk_bytes() as usize / 4
+    }
+}
+
+impl TestDevice for CudaBackend {}
+
+/// See `HostTensor::relative_error`; shapes must agree.
 pub fn relative_error(got: &HostTensor, want: &HostTensor) -> f32 {
     assert_eq!(got.shape, want.shape, "shapes differ");
-    let (g, w) = (got.to_f32(), want.to_f32());
-    let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
-    let mut worst = 0f32;
-    for (a, b) in g.iter().zip(&w) {
-        if !a.is_finite() || !b.is_finite() {
-            return f32::INFINITY;
-        }
-        worst = worst.max((a - b).abs());
-    }
-    worst / scale
+    got.relative_error(want)
 }
 
 pub type Body<B> = fn(&B, &[Tensor<B>], &[usize]) -> Result<Tensor<B>>;
 
 /// Runs one op body on the CPU reference and on `gpu` with the same inputs and asserts the
 /// relative error is at most `tol`. Returns the error.
-pub fn compare(
-    gpu: &WgpuBackend,
+pub fn compare<G: Backend>(
+    gpu: &G,
     name: &str,
     tol: f32,
     inputs: &[HostTensor],
     params: &[usize],
     cpu_body: Body<CpuBackend>,
-    gpu_body: Body<WgpuBackend>,
+    gpu_body: Body<G>,
 ) -> f32 {
     let cpu = CpuBackend;
     let xs: Vec<_> = inputs.iter().map(|h| cpu.upload(h).expect("cpu upload")).collect();
     let want = cpu_body(&cpu, &xs, params).unwrap_or_else(|e| panic!("{name}: cpu failed: {e}"));
     let want = pollster::block_on(cpu.read(&want)).expect("cpu read");
     let gs: Vec<_> = inputs.iter().map(|h| gpu.upload(h).expect("gpu upload")).collect();
-    let got = gpu_body(gpu, &gs, params).unwrap_or_else(|e| panic!("{name}: wgpu failed: {e}"));
-    let got = pollster::block_on(gpu.read(&got)).unwrap_or_else(|e| panic!("{name}: wgpu read failed: {e}"));
+    let got = gpu_body(gpu, &gs, params).unwrap_or_else(|e| panic!("{name}: {} failed: {e}", gpu.name()));
+    let got = pollster::block_on(gpu.read(&got)).unwrap_or_else(|e| panic!("{name}: {} read failed: {e}", gpu.name()));
     let err = relative_error(&got, &want);
     eprintln!("{name}: relative error {err:.2e} (tolerance {tol:.0e})");
     assert!(
         err <= tol,
-        "{name}: wgpu differs from the CPU reference: relative error {err:e} > {tol:e}"
+        "{name}: {} differs from the CPU reference: relative error {err:e} > {tol:e}",
+        gpu.name()
     );
     err
 }
@@ -134,14 +169,6 @@ macro_rules! check {
         ) -> sdlite_runtime::Result<sdlite_runtime::Tensor<B>> {
             $body
         }
-        $crate::compare(
-            $gpu,
-            &$name,
-            $tol,
-            &$inputs,
-            &$params,
-            body::<sdlite_runtime::CpuBackend>,
-            body::<sdlite_runtime::WgpuBackend>,
-        )
+        $crate::compare($gpu, &$name, $tol, &$inputs, &$params, body::<sdlite_runtime::CpuBackend>, body)
     }};
 }

@@ -18,7 +18,7 @@ use sdlite_runtime::models::wan::{Wan, WanRequest};
 use sdlite_runtime::models::Phase;
 use sdlite_runtime::source::{DirSource, Source};
 use sdlite_runtime::weights::Weights;
-use sdlite_runtime::{Backend, CpuBackend, DType, Error};
+use sdlite_runtime::{Backend, CpuBackend, CudaBackend, CudaOptions, DType, Error};
 
 use crate::remote::{package, report, OffloadArgs};
 use crate::DeviceArgs;
@@ -71,7 +71,8 @@ pub struct GenArgs {
     shift: Option<f64>,
     #[arg(long, value_enum, default_value_t = BackendKind::Wgpu)]
     backend: BackendKind,
-    /// Run in f16 on GPUs that support it (faster, less memory); f32 otherwise.
+    /// Half precision (faster, less memory): f16 on wgpu adapters with shader-f16, bf16 on
+    /// CUDA; f32 otherwise.
     #[arg(long)]
     half: bool,
     /// Output PNG; defaults to sdlite-SEED.png.
@@ -93,6 +94,8 @@ pub enum PredictionArg {
 pub enum BackendKind {
     Cpu,
     Wgpu,
+    /// Our CUDA kernels (NVIDIA GPUs with the driver and CUDA 13 libraries).
+    Cuda,
 }
 
 pub fn run(args: GenArgs) -> Result<()> {
@@ -109,6 +112,11 @@ pub fn run(args: GenArgs) -> Result<()> {
                 DType::F32
             };
             generate(&g, dtype, &args)
+        }
+        BackendKind::Cuda => {
+            let c = CudaBackend::new(&CudaOptions::default())?;
+            let dtype = if args.half { c.half_dtype() } else { DType::F32 };
+            generate(&c, dtype, &args)
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The `sdlite` command: generation, adapter information and the kernel benchmark.
 
+mod bench_cuda;
 mod gen;
 mod remote;
 
@@ -47,6 +48,22 @@ enum Command {
         /// Use f16 activations and weights (when the adapter has shader-f16).
         #[arg(long)]
         half: bool,
+    },
+    /// Time the CUDA backend against diffusers on the GPU machine: run
+    /// `tests/reference/bench_cuda.py DIR` there first (it writes the weights, inputs, outputs
+    /// and diffusers' timings), then this on the same DIR.
+    BenchCuda {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Timed runs per case (after two warm-up runs); the median is reported.
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Comma-separated cases to run (default: every case in DIR).
+        #[arg(long)]
+        only: Option<String>,
+        /// Also print where the time goes, per primitive (synchronises after each: slower).
+        #[arg(long)]
+        profile: bool,
     },
     /// Print the GPU adapter and the limits sdlite runs under.
     Info {
@@ -110,6 +127,7 @@ fn main() -> Result<()> {
             half,
         } => bench_wan_vae(&device.open()?, frames, width, height, half),
         Command::Info { device } => info(&device.open()?),
+        Command::BenchCuda { dir, iters, only, profile } => bench_cuda::bench_cuda(&dir, iters, only.as_deref(), profile),
         Command::Bench {
             device,
             quick,

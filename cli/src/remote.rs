@@ -14,7 +14,7 @@ use sdlite_remote::protocol::{DenoiserKind, ErrorCode, JobMode, ModelHash};
 use sdlite_remote::tls::{hex, load_or_create_token, Identity, Trust};
 use sdlite_remote::worker::{start_worker, WorkerOptions};
 use sdlite_remote::WorkerAddress;
-use sdlite_runtime::{CpuBackend, DType, HostTensor};
+use sdlite_runtime::{CpuBackend, CudaBackend, CudaOptions, DType, HostTensor};
 
 use crate::gen::BackendKind;
 use crate::DeviceArgs;
@@ -79,6 +79,11 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             Ok(match backend {
                 BackendKind::Cpu => Box::new(ModelEngine::new(CpuBackend, store, max_loaded)),
                 BackendKind::Wgpu => Box::new(ModelEngine::new(device.open().map_err(|e| format!("{e:#}"))?, store, max_loaded)),
+                BackendKind::Cuda => Box::new(ModelEngine::new(
+                    CudaBackend::new(&CudaOptions::default()).map_err(|e| e.to_string())?,
+                    store,
+                    max_loaded,
+                )),
             })
         },
         log,

@@ -1,7 +1,7 @@
 //! sdlite's tensor runtime: contiguous tensors, a small closed op set (`ops`) lowered onto a
 //! handful of primitives (`spec`), and backends that implement them: the CPU reference
-//! (`backend::cpu`) and WGSL compute shaders on wgpu (`backend::wgpu`), natively and in the
-//! browser.
+//! (`backend::cpu`), WGSL compute shaders on wgpu (`backend::wgpu`), natively and in the
+//! browser, and CUDA kernels with cuBLASLt for NVIDIA workers (`backend::cuda`).
 
 pub mod backend;
 pub mod error;
@@ -15,6 +15,8 @@ pub mod tensor;
 pub mod weights;
 
 pub use backend::cpu::CpuBackend;
+#[cfg(not(target_arch = "wasm32"))]
+pub use backend::cuda::{CudaBackend, CudaOptions};
 pub use backend::wgpu::{WgpuBackend, WgpuOptions};
 pub use backend::Backend;
 pub use error::{Error, Result};

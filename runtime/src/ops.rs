@@ -1,7 +1,7 @@
 //! The op set models are written in. Each op validates shapes, names the problem when they
 //! do not fit, and lowers onto one backend primitive (see `spec`).
 
-use crate::backend::Backend;
+use crate::backend::{Backend, NormThen};
 use crate::error::{shape_err, Error, Result};
 use crate::spec::{AttentionSpec, ConvSpec, MapOp, MapSpec, MatmulSpec, NormKind, NormSpec, SoftmaxSpec, UnaryOp, View, MAX_RANK};
 use crate::tensor::{contiguous_strides, numel, DType, HostData, HostTensor, Tensor};
@@ -253,6 +253,30 @@ pub fn group_norm<B: Backend>(
     beta: Option<&Tensor<B>>,
     eps: f32,
 ) -> Result<Tensor<B>> {
+    let spec = group_norm_spec(x, groups, gamma, beta, eps)?;
+    b.norm(x, gamma, beta, &spec)
+}
+
+/// `silu(group_norm(x))`, the opening of every resnet block, fused where the backend can.
+pub fn group_norm_silu<B: Backend>(
+    b: &B,
+    x: &Tensor<B>,
+    groups: usize,
+    gamma: Option<&Tensor<B>>,
+    beta: Option<&Tensor<B>>,
+    eps: f32,
+) -> Result<Tensor<B>> {
+    let spec = group_norm_spec(x, groups, gamma, beta, eps)?;
+    b.norm_then(x, gamma, beta, &spec, NormThen::Silu)
+}
+
+fn group_norm_spec<B: Backend>(
+    x: &Tensor<B>,
+    groups: usize,
+    gamma: Option<&Tensor<B>>,
+    beta: Option<&Tensor<B>>,
+    eps: f32,
+) -> Result<NormSpec> {
     let op = "group_norm";
     if x.rank() < 2 {
         return Err(shape_err(op, format!("input must be [n, c, ...], got {:?}", x.shape())));
@@ -268,7 +292,7 @@ pub fn group_norm<B: Backend>(
     }
     let inner = numel(&x.shape()[2..]);
     let cpg = c / groups;
-    let spec = NormSpec {
+    Ok(NormSpec {
         kind: NormKind::MeanVar,
         rows: n * groups,
         row_len: cpg * inner,
@@ -276,8 +300,7 @@ pub fn group_norm<B: Backend>(
         channels_per_group: cpg,
         inner,
         eps,
-    };
-    b.norm(x, gamma, beta, &spec)
+    })
 }
 
 fn last_dim_norm<B: Backend>(
@@ -312,6 +335,26 @@ fn last_dim_norm<B: Backend>(
 /// Layer norm over the last dimension.
 pub fn layer_norm<B: Backend>(b: &B, x: &Tensor<B>, gamma: Option<&Tensor<B>>, beta: Option<&Tensor<B>>, eps: f32) -> Result<Tensor<B>> {
     last_dim_norm(b, "layer_norm", NormKind::MeanVar, x, gamma, beta, eps)
+}
+
+/// adaLN: `layer_norm(x) * (1 + scale) + shift` without affine parameters, for `x [n, s, d]`
+/// and `scale`, `shift` of `n * d` elements (`[n, 1, d]`), fused where the backend can.
+pub fn layer_norm_modulate<B: Backend>(b: &B, x: &Tensor<B>, scale: &Tensor<B>, shift: &Tensor<B>, eps: f32) -> Result<Tensor<B>> {
+    let op = "layer_norm_modulate";
+    expect_rank(op, "x", x, 3)?;
+    let (n, d) = (x.shape()[0], x.shape()[2]);
+    expect_len(op, "scale", scale, n * d)?;
+    expect_len(op, "shift", shift, n * d)?;
+    let spec = NormSpec {
+        kind: NormKind::MeanVar,
+        rows: x.numel() / d.max(1),
+        row_len: d,
+        groups: 1,
+        channels_per_group: d,
+        inner: 1,
+        eps,
+    };
+    b.norm_then(x, None, None, &spec, NormThen::Modulate { scale, shift })
 }
 
 /// RMS norm over the last dimension.
@@ -446,6 +489,11 @@ pub fn mul<B: Backend>(b: &B, x: &Tensor<B>, y: &Tensor<B>) -> Result<Tensor<B>>
 /// adaLN modulation `x * (1 + scale) + shift`, with broadcasting.
 pub fn modulate<B: Backend>(b: &B, x: &Tensor<B>, scale: &Tensor<B>, shift: &Tensor<B>) -> Result<Tensor<B>> {
     elementwise(b, "modulate", MapOp::Modulate, &[x, scale, shift], 1.0, 0.0)
+}
+
+/// Gated residual `x + y * gate`, with broadcasting: one pass instead of a product and a sum.
+pub fn gated_add<B: Backend>(b: &B, x: &Tensor<B>, y: &Tensor<B>, gate: &Tensor<B>) -> Result<Tensor<B>> {
+    elementwise(b, "gated_add", MapOp::GatedAdd, &[x, y, gate], 1.0, 0.0)
 }
 
 pub fn cast<B: Backend>(b: &B, x: &Tensor<B>, dtype: DType) -> Result<Tensor<B>> {

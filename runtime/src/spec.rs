@@ -113,6 +113,8 @@ pub enum MapOp {
     Mul,
     /// adaLN: out = in0 * (1 + in1) + in2
     Modulate,
+    /// Gated residual: out = in0 + in1 * in2
+    GatedAdd,
     /// Rotary embedding of interleaved pairs: each iteration element is a pair starting at
     /// in0's index (x0, x1 at +0, +1), in1 = cos, in2 = sin:
     /// out(+0) = x0*cos - x1*sin, out(+1) = x0*sin + x1*cos.
@@ -124,7 +126,7 @@ impl MapOp {
         match self {
             MapOp::Copy | MapOp::Unary(_) => 1,
             MapOp::AddScaled | MapOp::Mul => 2,
-            MapOp::Modulate | MapOp::Rope => 3,
+            MapOp::Modulate | MapOp::GatedAdd | MapOp::Rope => 3,
         }
     }
 
@@ -182,4 +184,155 @@ pub struct MapSpec {
     pub out: View,
     pub alpha: f32,
     pub beta: f32,
+}
+
+impl MapSpec {
+    /// The same iteration with size-1 dimensions dropped and neighbouring dimensions merged
+    /// wherever every operand steps through the pair as through one dimension (outer stride =
+    /// inner stride x inner size, no upsampling divisor): the elements are visited in the same
+    /// order at the same indices, with fewer index computations per element.
+    pub fn collapsed(&self) -> MapSpec {
+        let views: Vec<&View> = self.inputs.iter().chain(std::iter::once(&self.out)).collect();
+        let mut shape: Vec<usize> = Vec::new();
+        let mut strides: Vec<Vec<usize>> = vec![Vec::new(); views.len()];
+        let mut divs: Vec<Vec<usize>> = vec![Vec::new(); views.len()];
+        for (k, &size) in self.shape.iter().enumerate() {
+            if size == 1 {
+                continue;
+            }
+            let merge = !shape.is_empty()
+                && views
+                    .iter()
+                    .enumerate()
+                    .all(|(i, v)| v.div[k] == 1 && divs[i].last() == Some(&1) && strides[i].last() == Some(&(v.strides[k] * size)));
+            if merge {
+                *shape.last_mut().expect("merge needs a previous dimension") *= size;
+                for (i, v) in views.iter().enumerate() {
+                    *strides[i].last_mut().expect("same length as shape") = v.strides[k];
+                }
+            } else {
+                shape.push(size);
+                for (i, v) in views.iter().enumerate() {
+                    strides[i].push(v.strides[k]);
+                    divs[i].push(v.div[k]);
+                }
+            }
+        }
+        if shape.is_empty() {
+            shape.push(1);
+            for i in 0..views.len() {
+                strides[i].push(0);
+                divs[i].push(1);
+            }
+        }
+        let mut made: Vec<View> = views
+            .iter()
+            .zip(strides.into_iter().zip(divs))
+            .map(|(v, (strides, div))| View {
+                offset: v.offset,
+                strides,
+                div,
+            })
+            .collect();
+        let out = made.pop().expect("the output view");
+        MapSpec {
+            op: self.op,
+            shape,
+            inputs: made,
+            out,
+            alpha: self.alpha,
+            beta: self.beta,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn indices(s: &MapSpec) -> Vec<Vec<usize>> {
+        let total: usize = s.shape.iter().product();
+        let mut c = vec![0usize; s.shape.len()];
+        let mut out = Vec::new();
+        for _ in 0..total {
+            out.push(s.inputs.iter().chain(std::iter::once(&s.out)).map(|v| v.index(&c)).collect());
+            for k in (0..c.len()).rev() {
+                c[k] += 1;
+                if c[k] < s.shape[k] {
+                    break;
+                }
+                c[k] = 0;
+            }
+        }
+        out
+    }
+
+    /// Collapsing keeps every operand's index sequence and merges what it can: a contiguous
+    /// add becomes one dimension; a permute, a broadcast and an upsample keep their structure.
+    #[test]
+    fn collapsing_keeps_every_index() {
+        let contiguous = |shape: &[usize]| {
+            let mut st = vec![1; shape.len()];
+            for i in (0..shape.len().saturating_sub(1)).rev() {
+                st[i] = st[i + 1] * shape[i + 1];
+            }
+            st
+        };
+        let spec = |shape: Vec<usize>, inputs: Vec<View>, out: View| MapSpec {
+            op: MapOp::AddScaled,
+            shape,
+            inputs,
+            out,
+            alpha: 1.0,
+            beta: 1.0,
+        };
+        let shape = vec![2, 1, 3, 4, 5];
+        let cases = [
+            (
+                spec(
+                    shape.clone(),
+                    vec![View::strided(0, contiguous(&shape)), View::strided(0, contiguous(&shape))],
+                    View::strided(0, contiguous(&shape)),
+                ),
+                1,
+            ),
+            // broadcast of a per-channel bias over [2, 1, 3, 4*5]
+            (
+                spec(
+                    shape.clone(),
+                    vec![View::strided(0, contiguous(&shape)), View::strided(0, vec![0, 0, 1, 0, 0])],
+                    View::strided(0, contiguous(&shape)),
+                ),
+                3,
+            ),
+            // permute [2, 3, 4, 5] -> read through swapped strides
+            (
+                spec(
+                    vec![2, 3, 4, 5],
+                    vec![View::strided(7, vec![60, 5, 15, 1])],
+                    View::strided(0, vec![60, 20, 5, 1]),
+                ),
+                4,
+            ),
+            // nearest upsample by 2 on the last two axes
+            (
+                spec(
+                    vec![2, 3, 4, 4],
+                    vec![View {
+                        offset: 0,
+                        strides: vec![12, 4, 2, 1],
+                        div: vec![1, 1, 2, 2],
+                    }],
+                    View::strided(0, vec![48, 16, 4, 1]),
+                ),
+                3,
+            ),
+        ];
+        for (i, (s, rank)) in cases.iter().enumerate() {
+            let c = s.collapsed();
+            assert_eq!(c.shape.iter().product::<usize>(), s.shape.iter().product::<usize>(), "case {i}");
+            assert_eq!(indices(&c), indices(s), "case {i}");
+            assert_eq!(c.shape.len(), *rank, "case {i}: {:?}", c.shape);
+        }
+    }
 }

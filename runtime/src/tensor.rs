@@ -148,6 +148,25 @@ impl HostTensor {
         self.data.to_f32().into_owned()
     }
 
+    /// Largest absolute difference from `want` divided by `want`'s largest magnitude: the
+    /// error relative to the tensor's scale. NaN or infinity anywhere, or differing shapes,
+    /// count as infinite error.
+    pub fn relative_error(&self, want: &HostTensor) -> f32 {
+        if self.shape != want.shape {
+            return f32::INFINITY;
+        }
+        let (g, w) = (self.to_f32(), want.to_f32());
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+        let mut worst = 0f32;
+        for (a, b) in g.iter().zip(&w) {
+            if !a.is_finite() || !b.is_finite() {
+                return f32::INFINITY;
+            }
+            worst = worst.max((a - b).abs());
+        }
+        worst / scale
+    }
+
     pub fn to_dtype(&self, dtype: DType) -> HostTensor {
         HostTensor {
             shape: self.shape.clone(),

@@ -239,6 +239,7 @@ impl Backend for CpuBackend {
                 MapOp::AddScaled => values[o] = s.alpha * at(0, 0) + s.beta * at(1, 0),
                 MapOp::Mul => values[o] = at(0, 0) * at(1, 0),
                 MapOp::Modulate => values[o] = at(0, 0) * (1.0 + at(1, 0)) + at(2, 0),
+                MapOp::GatedAdd => values[o] = at(0, 0) + at(1, 0) * at(2, 0),
                 MapOp::Rope => {
                     let (x0, x1, cs, sn) = (at(0, 0), at(0, 1), at(1, 0), at(2, 0));
                     values[o] = x0 * cs - x1 * sn;

@@ -2,11 +2,24 @@
 //! the wgpu backend runs the same primitives as WGSL compute shaders.
 
 pub mod cpu;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod cuda;
 pub mod wgpu;
 
 use crate::error::Result;
-use crate::spec::{AttentionSpec, ConvSpec, MapSpec, MatmulSpec, NormSpec, SoftmaxSpec};
-use crate::tensor::{DType, HostTensor, Tensor};
+use crate::spec::{AttentionSpec, ConvSpec, MapOp, MapSpec, MatmulSpec, NormSpec, SoftmaxSpec, UnaryOp, View};
+use crate::tensor::{contiguous_strides, DType, HostTensor, Tensor};
+
+/// What a fused normalisation (`Backend::norm_then`) applies after the affine parameters.
+pub enum NormThen<'a, B: Backend + ?Sized> {
+    Silu,
+    /// adaLN modulation `y * (1 + scale) + shift`; `scale` and `shift` hold `[batch, row_len]`
+    /// and the rows of the input are split evenly over the batch.
+    Modulate {
+        scale: &'a Tensor<B>,
+        shift: &'a Tensor<B>,
+    },
+}
 
 /// A device that owns tensor storage and runs the primitive set. Inputs have been
 /// validated by `ops` against the spec; outputs are new contiguous tensors, except `map`,
@@ -36,4 +49,51 @@ pub trait Backend {
     fn softmax(&self, x: &Tensor<Self>, spec: &SoftmaxSpec) -> Result<Tensor<Self>>;
     fn attention(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>, spec: &AttentionSpec) -> Result<Tensor<Self>>;
     fn map(&self, inputs: &[&Tensor<Self>], out: &Tensor<Self>, spec: &MapSpec) -> Result<()>;
+
+    /// `norm` followed by `then`, validated by `ops`. Backends that can fuse the two in one
+    /// pass override it; this composition of the primitives is its specification.
+    fn norm_then(
+        &self,
+        x: &Tensor<Self>,
+        gamma: Option<&Tensor<Self>>,
+        beta: Option<&Tensor<Self>>,
+        spec: &NormSpec,
+        then: NormThen<'_, Self>,
+    ) -> Result<Tensor<Self>>
+    where
+        Self: Sized,
+    {
+        let y = self.norm(x, gamma, beta, spec)?;
+        let out = self.alloc(y.shape(), y.dtype())?;
+        let flat = |shape: &[usize]| View::strided(0, contiguous_strides(shape));
+        let map = match then {
+            NormThen::Silu => {
+                let shape = vec![y.numel()];
+                let spec = MapSpec {
+                    op: MapOp::Unary(UnaryOp::Silu),
+                    inputs: vec![flat(&shape)],
+                    out: flat(&shape),
+                    shape,
+                    alpha: 1.0,
+                    beta: 0.0,
+                };
+                self.map(&[&y], &out, &spec)
+            }
+            NormThen::Modulate { scale, shift } => {
+                let batch = scale.numel() / spec.row_len.max(1);
+                let shape = vec![batch, spec.rows / batch.max(1), spec.row_len];
+                let per_batch = View::strided(0, vec![spec.row_len, 0, 1]);
+                let spec = MapSpec {
+                    op: MapOp::Modulate,
+                    inputs: vec![flat(&shape), per_batch.clone(), per_batch],
+                    out: flat(&shape),
+                    shape,
+                    alpha: 1.0,
+                    beta: 0.0,
+                };
+                self.map(&[&y, scale, shift], &out, &spec)
+            }
+        };
+        map.map(|_| out)
+    }
 }

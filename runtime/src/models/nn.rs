@@ -72,6 +72,11 @@ impl<B: Backend> GroupNorm<B> {
     pub fn forward(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
         ops::group_norm(b, x, self.groups, Some(&self.gamma), Some(&self.beta), self.eps)
     }
+
+    /// `silu(self.forward(x))` in one pass where the backend fuses it.
+    pub fn forward_silu(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
+        ops::group_norm_silu(b, x, self.groups, Some(&self.gamma), Some(&self.beta), self.eps)
+    }
 }
 
 /// Layer norm over the last dimension, with optional affine parameters.
@@ -210,13 +215,13 @@ impl<B: Backend> ResnetBlock<B> {
 
     /// `x [n, c, h, w]`; `temb_act` is SiLU(time embedding) `[n, temb]`, shared by all blocks.
     pub fn forward(&self, b: &B, x: &Tensor<B>, temb_act: Option<&Tensor<B>>) -> Result<Tensor<B>> {
-        let mut h = self.conv1.forward(b, &ops::silu(b, &self.norm1.forward(b, x)?)?)?;
+        let mut h = self.conv1.forward(b, &self.norm1.forward_silu(b, x)?)?;
         if let (Some(proj), Some(t)) = (&self.time_proj, temb_act) {
             let t = proj.forward(b, t)?;
             let (n, c) = (t.shape()[0], t.shape()[1]);
             h = ops::add(b, &h, &t.reshape(&[n, c, 1, 1])?)?;
         }
-        let h = self.conv2.forward(b, &ops::silu(b, &self.norm2.forward(b, &h)?)?)?;
+        let h = self.conv2.forward(b, &self.norm2.forward_silu(b, &h)?)?;
         let x = match &self.shortcut {
             Some(s) => s.forward(b, x)?,
             None => x.clone(),

@@ -173,7 +173,7 @@ impl<B: Backend> VaeDecoder<B> {
                 h = conv.forward(b, &ops::upsample_nearest(b, &h, 2)?)?;
             }
         }
-        self.conv_out.forward(b, &ops::silu(b, &self.norm_out.forward(b, &h)?)?)
+        self.conv_out.forward(b, &self.norm_out.forward_silu(b, &h)?)
     }
 }
 
@@ -238,7 +238,7 @@ impl<B: Backend> VaeEncoder<B> {
         h = self.mid.forward(b, &h)?;
         let moments = self
             .quant
-            .forward(b, &self.conv_out.forward(b, &ops::silu(b, &self.norm_out.forward(b, &h)?)?)?)?;
+            .forward(b, &self.conv_out.forward(b, &self.norm_out.forward_silu(b, &h)?)?)?;
         ops::slice(b, &moments, 1, 0, self.config.latent_channels)
     }
 }

@@ -374,7 +374,7 @@ impl<B: Backend> UNet<B> {
                 h = conv.forward(b, &ops::upsample_nearest(b, &h, 2)?)?;
             }
         }
-        let h = ops::silu(b, &self.norm_out.forward(b, &h)?)?;
+        let h = self.norm_out.forward_silu(b, &h)?;
         self.conv_out.forward(b, &h)
     }
 }

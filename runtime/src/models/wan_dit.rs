@@ -347,17 +347,17 @@ impl<B: Backend> WanDit<B> {
         let part = |i: usize| ops::slice(b, &m, 1, i, 1);
         let (shift, scale, gate) = (part(0)?, part(1)?, part(2)?);
         let (c_shift, c_scale, c_gate) = (part(3)?, part(4)?, part(5)?);
-        let h = ops::modulate(b, &ops::layer_norm(b, &x, None, None, eps)?, &scale, &shift)?;
+        let h = ops::layer_norm_modulate(b, &x, &scale, &shift, eps)?;
         let a = block.self_attn.forward(b, &h, None, Some((&s.rope_cos, &s.rope_sin)))?;
-        let x = ops::add(b, &x, &ops::mul(b, &a, &gate)?)?;
+        let x = ops::gated_add(b, &x, &a, &gate)?;
         let h = match &block.cross_norm {
             Some(norm) => norm.forward(b, &x)?,
             None => x.clone(),
         };
         let x = ops::add(b, &x, &block.cross_attn.forward(b, &h, Some(&s.context), None)?)?;
-        let h = ops::modulate(b, &ops::layer_norm(b, &x, None, None, eps)?, &c_scale, &c_shift)?;
+        let h = ops::layer_norm_modulate(b, &x, &c_scale, &c_shift, eps)?;
         let f = block.ffn_out.forward(b, &ops::gelu_tanh(b, &block.ffn_in.forward(b, &h)?)?)?;
-        ops::add(b, &x, &ops::mul(b, &f, &c_gate)?)
+        ops::gated_add(b, &x, &f, &c_gate)
     }
 
     /// Output modulation, projection and unpatchify: the velocity `[batch, out_channels,
@@ -367,7 +367,7 @@ impl<B: Backend> WanDit<B> {
         let (n, dim) = (s.hidden.shape()[0], c.dim());
         let m = ops::add(b, &self.out_modulation, &s.temb.reshape(&[n, 1, dim])?)?;
         let (shift, scale) = (ops::slice(b, &m, 1, 0, 1)?, ops::slice(b, &m, 1, 1, 1)?);
-        let h = ops::modulate(b, &ops::layer_norm(b, &s.hidden, None, None, c.eps)?, &scale, &shift)?;
+        let h = ops::layer_norm_modulate(b, &s.hidden, &scale, &shift, c.eps)?;
         let out = self.proj_out.forward(b, &h)?;
         let [f, hh, ww] = s.grid;
         let [_, ph, pw] = c.patch_size;

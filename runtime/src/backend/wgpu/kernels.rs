@@ -706,6 +706,7 @@ impl Backend for WgpuBackend {
             MapOp::Mul => (3, 0),
             MapOp::Modulate => (4, 0),
             MapOp::Rope => (5, 0),
+            MapOp::GatedAdd => (6, 0),
         };
         let names = ["in0", "in1", "in2"];
         let mut args: Vec<Arg> = (0..3).map(|i| read(names[i], inputs.get(i).copied())).collect();

@@ -1,0 +1,207 @@
+//! `sdlite bench-cuda`: the CUDA backend against diffusers on the same weights and inputs.
+//! `tests/reference/bench_cuda.py DIR` writes the models, inputs, diffusers' outputs and
+//! timings; this loads the same files, times sdlite's forward the same way (two warm-up
+//! runs, median of the rest, each ended by a device synchronisation) and prints one table
+//! with the ratio and the error against diffusers' output.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use sdlite_runtime::models::unet::UNet;
+use sdlite_runtime::models::wan_dit::WanDit;
+use sdlite_runtime::models::wan_vae::WanVaeDecoder;
+use sdlite_runtime::source::{DirSource, Source};
+use sdlite_runtime::weights::{Params, Weights};
+use sdlite_runtime::{Backend, CudaBackend, CudaOptions, DType, HostTensor, Tensor};
+
+struct Row {
+    name: String,
+    diffusers_s: f64,
+    sdlite_s: f64,
+    diffusers_gib: f64,
+    sdlite_gib: f64,
+    error: f32,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Median seconds of `iters` runs of `f` after two warm-up runs, and the last output.
+fn timed(c: &CudaBackend, iters: usize, mut f: impl FnMut() -> Result<HostTensor>) -> Result<(f64, HostTensor)> {
+    f()?;
+    f()?;
+    let mut times = Vec::new();
+    let mut last = None;
+    for _ in 0..iters.max(1) {
+        let start = Instant::now();
+        let out = f()?;
+        c.synchronize()?;
+        times.push(start.elapsed().as_secs_f64());
+        last = Some(out);
+    }
+    Ok((median(times), last.expect("at least one run")))
+}
+
+fn read(c: &CudaBackend, t: &Tensor<CudaBackend>) -> Result<HostTensor> {
+    Ok(pollster::block_on(c.read(t))?)
+}
+
+/// The two kernels a Wan step is made of, alone at the full-size shapes: self-attention
+/// (32,760 tokens, 12 heads of 128) and the FFN's first GEMM, in TFLOP/s.
+fn kernel_rates(c: &CudaBackend, iters: usize) -> Result<()> {
+    use sdlite_runtime::ops;
+    let random = |shape: &[usize], seed: u64| -> Result<Tensor<CudaBackend>> {
+        let n: usize = shape.iter().product();
+        let mut s = seed;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Ok(c.upload(&HostTensor::from_f32(shape, v)?.to_dtype(DType::BF16))?)
+    };
+    let (s, h, d) = (32760, 12, 128);
+    let q = random(&[1, h, s, d], 1)?;
+    let (secs, _) = timed(c, iters, || {
+        ops::attention(c, &q, &q, &q, 0.088)?;
+        Ok(HostTensor::from_f32(&[0], vec![])?)
+    })?;
+    println!(
+        "attention {s}x{h}x{d} bf16: {:.2} ms, {:.0} TFLOP/s",
+        secs * 1e3,
+        4.0 * (s * s * h * d) as f64 / secs / 1e12
+    );
+    let (x, w) = (random(&[s, 1536], 2)?, random(&[8960, 1536], 3)?);
+    let (secs, _) = timed(c, iters, || {
+        ops::linear(c, &x, &w, None)?;
+        Ok(HostTensor::from_f32(&[0], vec![])?)
+    })?;
+    println!(
+        "linear {s}x1536 -> 8960 bf16: {:.2} ms, {:.0} TFLOP/s",
+        secs * 1e3,
+        2.0 * (s * 1536 * 8960) as f64 / secs / 1e12
+    );
+    Ok(())
+}
+
+pub fn bench_cuda(dir: &Path, iters: usize, only: Option<&str>, profile: bool) -> Result<()> {
+    let c = CudaBackend::new(&CudaOptions {
+        profile,
+        ..Default::default()
+    })?;
+    println!("device: {}", c.name());
+    kernel_rates(&c, iters)?;
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("diffusers.json"))
+            .with_context(|| format!("{}: run tests/reference/bench_cuda.py first", dir.display()))?,
+    )?;
+    let tensors = Weights::open(&dir.join("tensors.safetensors"))?;
+    let host = |name: &str| -> Result<HostTensor> {
+        let shape = tensors
+            .shape(name)
+            .with_context(|| format!("tensors.safetensors has no `{name}`"))?
+            .to_vec();
+        Ok(tensors.load(name, &shape, DType::F32)?)
+    };
+    let source = DirSource(dir.to_path_buf());
+    let mut rows = Vec::new();
+    let cases = ["wan_dit_8190", "wan_dit_32760", "sd_unet_cfg", "wan_vae_decode"];
+    for name in cases
+        .into_iter()
+        .filter(|n| reference.get(n).is_some() && only.is_none_or(|o| o.split(',').any(|x| x == *n)))
+    {
+        let dtype = if name.starts_with("sd_") { DType::F16 } else { DType::BF16 };
+        let input = |i: usize| -> Result<Tensor<CudaBackend>> { Ok(c.upload(&host(&format!("{name}.input{i}"))?.to_dtype(dtype))?) };
+        c.release_cached();
+        let weights = Arc::new(source.weights(name)?);
+        let params = Params::new(&c, &weights, dtype);
+        c.reset_peak();
+        let (seconds, out) = match name {
+            "sd_unet_cfg" => {
+                let unet = UNet::load(&params, source.config(&format!("{name}/config.json"))?)?;
+                let (x, ctx) = (input(0)?, input(2)?);
+                let t = host(&format!("{name}.input1"))?.to_f32();
+                timed(&c, iters, || read(&c, &unet.forward(&c, &x, &t, &ctx)?))?
+            }
+            "wan_vae_decode" => {
+                let vae = WanVaeDecoder::load(&params, source.config(&format!("{name}/config.json"))?)?;
+                let z = input(0)?;
+                let (s, video) = timed(&c, iters.min(2), || Ok(pollster::block_on(vae.decode(&c, &z, |_, _| {}))?))?;
+                (s, keep_frames(&video, &[0, 40, 80])?)
+            }
+            _ => {
+                let dit = WanDit::load(&params, source.config(&format!("{name}/config.json"))?)?;
+                let (x, ctx) = (input(0)?, input(2)?);
+                let t = host(&format!("{name}.input1"))?.to_f32();
+                timed(&c, iters, || read(&c, &dit.forward(&c, &x, &t, &ctx)?))?
+            }
+        };
+        let want = host(&format!("{name}.output"))?;
+        let error = out.to_dtype(DType::F32).relative_error(&want);
+        let r = &reference[name];
+        let row = Row {
+            name: name.to_string(),
+            diffusers_s: r["seconds"].as_f64().unwrap_or(f64::NAN),
+            sdlite_s: seconds,
+            diffusers_gib: r["peak_gib"].as_f64().unwrap_or(f64::NAN),
+            sdlite_gib: c.memory().peak_bytes as f64 / (1u64 << 30) as f64,
+            error,
+        };
+        println!(
+            "{}: sdlite {:.1} ms, diffusers {:.1} ms, error {:.2e}",
+            row.name,
+            row.sdlite_s * 1e3,
+            row.diffusers_s * 1e3,
+            row.error
+        );
+        rows.push(row);
+        if profile {
+            let total: f64 = c.profile().iter().map(|p| p.2).sum();
+            for (what, calls, secs) in c.profile() {
+                println!(
+                    "  {what:<36} {calls:>7} calls {:>9.1} ms {:>5.1}%",
+                    secs * 1e3,
+                    100.0 * secs / total
+                );
+            }
+            c.reset_profile();
+        }
+    }
+    println!("\n| case | diffusers (ms) | sdlite cuda (ms) | speed-up | peak GiB diffusers | peak GiB sdlite | rel. error vs diffusers |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.2}x | {:.2} | {:.2} | {:.1e} |",
+            r.name,
+            r.diffusers_s * 1e3,
+            r.sdlite_s * 1e3,
+            r.diffusers_s / r.sdlite_s,
+            r.diffusers_gib,
+            r.sdlite_gib,
+            r.error
+        );
+    }
+    Ok(())
+}
+
+/// Frames `frames` (on the time axis) of a `[n, c, t, h, w]` video.
+fn keep_frames(video: &HostTensor, frames: &[usize]) -> Result<HostTensor> {
+    let [n, ch, t, h, w] = video.shape[..] else {
+        anyhow::bail!("video of shape {:?}", video.shape)
+    };
+    let v = video.to_f32();
+    let mut out = Vec::with_capacity(n * ch * frames.len() * h * w);
+    for i in 0..n * ch {
+        for &f in frames {
+            anyhow::ensure!(f < t, "frame {f} of {t}");
+            let start = (i * t + f) * h * w;
+            out.extend_from_slice(&v[start..start + h * w]);
+        }
+    }
+    Ok(HostTensor::from_f32(&[n, ch, frames.len(), h, w], out)?)
+}

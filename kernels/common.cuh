@@ -1,0 +1,68 @@
+// common.cuh: what every kernel file starts with (prepended by the runtime before NVRTC
+// compiles it). Storage dtypes and their f32 conversions are written in PTX so that no
+// CUDA header has to be found at run time. Dtype codes match the runtime's `dtype_code`.
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define DT_F32 0
+#define DT_F16 1
+#define DT_BF16 2
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// Element `i` of a buffer of dtype `dt`, as f32.
+__device__ __forceinline__ float load_f32(const void* p, u64 i, int dt) {
+    if (dt == DT_F32) return ((const float*)p)[i];
+    u16 h = ((const u16*)p)[i];
+    return dt == DT_F16 ? f16_to_f32(h) : bf16_to_f32(h);
+}
+
+// Rounds `v` to dtype `dt` (nearest, ties to even) and stores it as element `i`.
+__device__ __forceinline__ void store_f32(void* p, u64 i, int dt, float v) {
+    if (dt == DT_F32) {
+        ((float*)p)[i] = v;
+    } else {
+        ((u16*)p)[i] = dt == DT_F16 ? f32_to_f16(v) : f32_to_bf16(v);
+    }
+}
+
+// Sum over a thread block of up to 1024 threads; every thread gets the total. `scratch`
+// holds 32 values; the call ends with a barrier so it may be reused at once.
+__device__ __forceinline__ double block_sum(double v, double* scratch) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = (blockDim.x + 31) >> 5;
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    double t = lane < warps ? scratch[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+    __syncthreads();
+    return t;
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = (blockDim.x + 31) >> 5;
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = lane < warps ? scratch[lane] : NEG_INF;
+    for (int o = 16; o > 0; o >>= 1) t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, o));
+    __syncthreads();
+    return t;
+}

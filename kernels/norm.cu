@@ -1,0 +1,106 @@
+// norm.cu: the runtime's `norm` and `softmax` primitives (spec.rs, `NormSpec`, `SoftmaxSpec`).
+//
+// norm_partial + norm_apply: layer, RMS and group norm over `rows` contiguous rows of
+// `row_len` elements, then the optional affine parameters (index
+// (row % groups) * channels_per_group + i / inner), and optionally SiLU (the fused group
+// norm + SiLU of the UNet and VAE resnets) or adaLN modulation x*(1+scale)+shift with
+// per-(batch, channel) tensors (the fused norm + modulate of DiT blocks).
+// A row is split into chunks so that a few huge rows (group norm of a video VAE) still fill
+// the GPU: norm_partial writes, per (row, chunk), the sums of (x - x[row, 0]) and its
+// square in f32 (the shift keeps the variance from cancelling); norm_apply first reduces a
+// row's chunks in f64, then normalises its own part of the row. Grids are (rows, chunks).
+// softmax_rows: one block per row, max, f64 sum of exponentials, write.
+// Layout: contiguous rows; any storage dtype, f32 arithmetic. Limits: row_len < 2^32.
+
+#define NORM_MEANVAR 0
+#define NORM_RMS 1
+
+#define EPI_NONE 0
+#define EPI_SILU 1
+#define EPI_MODULATE 2
+
+extern "C" __global__ void norm_partial(const void* x, int dt, u32 row_len, u32 chunk, u32 chunks, int kind, float2* partial) {
+    __shared__ double scratch[32];
+    u32 row = blockIdx.x, c = blockIdx.y;
+    u64 base = (u64)row * row_len;
+    float shift = kind == NORM_MEANVAR ? load_f32(x, base, dt) : 0.0f;
+    u32 lo = c * chunk, hi = min(row_len, lo + chunk);
+    float s = 0.0f, s2 = 0.0f;
+    for (u32 i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        float v = load_f32(x, base + i, dt) - shift;
+        s += v;
+        s2 += v * v;
+    }
+    double ts = block_sum(s, scratch);
+    double ts2 = block_sum(s2, scratch);
+    if (threadIdx.x == 0) partial[(u64)row * chunks + c] = make_float2((float)ts, (float)ts2);
+}
+
+struct NormApply {
+    u32 row_len, chunks, per_block, groups, channels_per_group, inner;
+    int kind, epilogue, x_dtype, out_dtype, gamma_dtype, beta_dtype, mod_dtype;
+    float eps;
+    // Modulation tensors are [batch, row_len] (one row of scale and shift per batch item);
+    // rows_per_batch rows of x share a batch item.
+    u32 rows_per_batch;
+};
+
+extern "C" __global__ void norm_apply(NormApply p, const void* x, void* out, const float2* partial, const void* gamma, const void* beta,
+                                      const void* mod_scale, const void* mod_shift) {
+    __shared__ double scratch[32];
+    __shared__ float stats[2];
+    u32 row = blockIdx.x;
+    u64 base = (u64)row * p.row_len;
+    double s = 0.0, s2 = 0.0;
+    for (u32 c = threadIdx.x; c < p.chunks; c += blockDim.x) {
+        float2 v = partial[(u64)row * p.chunks + c];
+        s += v.x;
+        s2 += v.y;
+    }
+    s = block_sum(s, scratch);
+    s2 = block_sum(s2, scratch);
+    if (threadIdx.x == 0) {
+        double n = (double)p.row_len;
+        if (p.kind == NORM_MEANVAR) {
+            double m = s / n;
+            double var = fmax(s2 / n - m * m, 0.0);
+            stats[0] = (float)(m + (double)load_f32(x, base, p.x_dtype));
+            stats[1] = (float)(1.0 / sqrt(var + (double)p.eps));
+        } else {
+            stats[0] = 0.0f;
+            stats[1] = (float)(1.0 / sqrt(s2 / n + (double)p.eps));
+        }
+    }
+    __syncthreads();
+    float mean = stats[0], rstd = stats[1];
+    u32 lo = blockIdx.y * p.per_block, hi = min(p.row_len, lo + p.per_block);
+    u32 pbase = (row % p.groups) * p.channels_per_group;
+    u64 mbase = (u64)(row / p.rows_per_batch) * p.row_len;
+    for (u32 i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        float y = (load_f32(x, base + i, p.x_dtype) - mean) * rstd;
+        u32 pi = pbase + (p.inner == 1 ? i : i / p.inner);
+        if (gamma) y *= load_f32(gamma, pi, p.gamma_dtype);
+        if (beta) y += load_f32(beta, pi, p.beta_dtype);
+        if (p.epilogue == EPI_SILU) {
+            y = y / (1.0f + expf(-y));
+        } else if (p.epilogue == EPI_MODULATE) {
+            y = y * (1.0f + load_f32(mod_scale, mbase + i, p.mod_dtype)) + load_f32(mod_shift, mbase + i, p.mod_dtype);
+        }
+        store_f32(out, base + i, p.out_dtype, y);
+    }
+}
+
+extern "C" __global__ void softmax_rows(const void* x, void* out, int dt, u32 cols) {
+    __shared__ float fscratch[32];
+    __shared__ double dscratch[32];
+    u64 base = (u64)blockIdx.x * cols;
+    float m = NEG_INF;
+    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, load_f32(x, base + i, dt));
+    m = block_max(m, fscratch);
+    double s = 0.0;
+    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) s += exp((double)(load_f32(x, base + i, dt) - m));
+    s = block_sum(s, dscratch);
+    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) {
+        store_f32(out, base + i, dt, (float)(exp((double)(load_f32(x, base + i, dt) - m)) / s));
+    }
+}

@@ -1,0 +1,956 @@
+//! The CUDA backend: the primitives as our own CUDA C++ kernels (`kernels/`, compiled at run
+//! time with NVRTC) and cuBLASLt GEMMs, for the datacenter worker.
+//!
+//! The CUDA libraries are loaded when a backend is created, not when the program starts, so
+//! one binary runs everywhere: without a driver, `CudaBackend::new` returns an error naming
+//! the missing library and every other backend still works.
+//!
+//! Work is queued on one stream; `read` synchronises. Tensor storage comes from an arena of
+//! recycled buffers (`pool`), so after the first denoising step nothing is allocated.
+//! `CudaOptions::poison` fills every new buffer with NaN bytes so a kernel that leaves an
+//! output element unwritten fails the comparisons in the tests.
+
+mod compile;
+mod gemm;
+mod pool;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+
+use crate::backend::{Backend, NormThen};
+use crate::error::{Error, Result};
+use crate::spec::{AttentionSpec, ConvSpec, MapOp, MapSpec, MatmulSpec, NormKind, NormSpec, SoftmaxSpec, UnaryOp, View};
+use crate::tensor::{numel, DType, HostData, HostTensor, Tensor};
+
+use compile::{Family, FLASH_KEYS_PER_TILE, FLASH_WARPS};
+use gemm::{alignment_of, natural_lda, natural_ldb, Gemm, GemmShape};
+pub use pool::MemoryStats;
+use pool::{rounded, Pool};
+
+pub type CudaTensor = Tensor<CudaBackend>;
+
+/// Column buffers of a convolution are split so that one holds at most this many bytes.
+const IM2COL_BYTES: usize = 256 << 20;
+/// Elements of a row one normalisation block reduces or writes.
+const NORM_CHUNK: usize = 8192;
+/// Flash-attention head sizes compiled (multiples of 16); others round up to the next.
+const FLASH_HEAD_DIMS: [usize; 7] = [32, 48, 64, 80, 96, 128, 160];
+const FLASH_BF16: [&str; 7] = [
+    "flash_attention_bf16_d32",
+    "flash_attention_bf16_d48",
+    "flash_attention_bf16_d64",
+    "flash_attention_bf16_d80",
+    "flash_attention_bf16_d96",
+    "flash_attention_bf16_d128",
+    "flash_attention_bf16_d160",
+];
+const FLASH_F16: [&str; 7] = [
+    "flash_attention_f16_d32",
+    "flash_attention_f16_d48",
+    "flash_attention_f16_d64",
+    "flash_attention_f16_d80",
+    "flash_attention_f16_d96",
+    "flash_attention_f16_d128",
+    "flash_attention_f16_d160",
+];
+
+#[derive(Clone, Debug)]
+pub struct CudaOptions {
+    /// Device ordinal.
+    pub device: usize,
+    /// Fill new buffers with NaN bytes (tests: unwritten outputs then fail).
+    pub poison: bool,
+    /// Most bytes of freed buffers kept for reuse (default 16 GiB: a full-size Wan step's
+    /// activations, so the loop runs without allocating).
+    pub pool_bytes: usize,
+    /// Synchronise after every primitive and add its time to a per-primitive table
+    /// (`CudaBackend::profile`); slows the run, shows where the time goes.
+    pub profile: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        Self {
+            device: 0,
+            poison: false,
+            pool_bytes: 16 << 30,
+            profile: false,
+        }
+    }
+}
+
+fn gpu_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Gpu(format!("CUDA {what}: {e:?}"))
+}
+
+/// Whether the CUDA driver, NVRTC and cuBLASLt libraries can be loaded on this machine.
+pub fn libraries_present() -> std::result::Result<(), String> {
+    // SAFETY: these only try to open the shared libraries.
+    let found = unsafe {
+        [
+            ("libcuda (the NVIDIA driver)", cudarc::driver::sys::is_culib_present()),
+            ("libnvrtc (CUDA runtime compiler)", cudarc::nvrtc::sys::is_culib_present()),
+            ("libcublasLt (CUDA BLAS)", cudarc::cublaslt::sys::is_culib_present()),
+        ]
+    };
+    let missing: Vec<&str> = found.iter().filter(|(_, ok)| !ok).map(|(n, _)| *n).collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} not found; install the NVIDIA driver and CUDA 13 libraries",
+            missing.join(", ")
+        ))
+    }
+}
+
+/// Device memory of one tensor; returns to the arena when the last handle drops.
+pub struct CudaBuffer {
+    ptr: u64,
+    bytes: usize,
+    slice: Option<CudaSlice<u8>>,
+    pool: Arc<Mutex<Pool<CudaSlice<u8>>>>,
+}
+
+impl Drop for CudaBuffer {
+    fn drop(&mut self) {
+        if let (Some(s), Ok(mut pool)) = (self.slice.take(), self.pool.lock()) {
+            drop(pool.give(self.bytes, s));
+        }
+    }
+}
+
+/// Seconds and calls per primitive, when `CudaOptions::profile` is on.
+#[derive(Default)]
+struct Profile {
+    enabled: bool,
+    table: Mutex<HashMap<&'static str, (u64, f64)>>,
+}
+
+/// Times one primitive from its start to the end of its GPU work (when profiling).
+struct ProfileScope<'a> {
+    backend: &'a CudaBackend,
+    name: &'static str,
+    start: std::time::Instant,
+}
+
+impl Drop for ProfileScope<'_> {
+    fn drop(&mut self) {
+        if self.backend.synchronize().is_ok() {
+            let mut t = self.backend.profile.table.lock().expect("profile table");
+            let e = t.entry(self.name).or_default();
+            e.0 += 1;
+            e.1 += self.start.elapsed().as_secs_f64();
+        }
+    }
+}
+
+pub struct CudaBackend {
+    profile: Profile,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    arch: (i32, i32),
+    poison: bool,
+    gemm: Gemm,
+    modules: Mutex<HashMap<Family, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    pool: Arc<Mutex<Pool<CudaSlice<u8>>>>,
+}
+
+fn dtype_code(d: DType) -> u32 {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct MapParams {
+    rank: u32,
+    op: u32,
+    unary: u32,
+    total: u32,
+    alpha: f32,
+    beta: f32,
+    out_dtype: u32,
+    out_offset: u32,
+    in_dtype: [u32; 3],
+    in_offset: [u32; 3],
+    shape: [u32; 6],
+    out_stride: [u32; 6],
+    in_stride: [[u32; 6]; 3],
+    in_div: [[u32; 6]; 3],
+}
+// SAFETY: plain old data laid out like `MapParams` in elementwise.cu.
+unsafe impl DeviceRepr for MapParams {}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct NormApply {
+    row_len: u32,
+    chunks: u32,
+    per_block: u32,
+    groups: u32,
+    channels_per_group: u32,
+    inner: u32,
+    kind: i32,
+    epilogue: i32,
+    x_dtype: i32,
+    out_dtype: i32,
+    gamma_dtype: i32,
+    beta_dtype: i32,
+    mod_dtype: i32,
+    eps: f32,
+    rows_per_batch: u32,
+}
+// SAFETY: plain old data laid out like `NormApply` in norm.cu.
+unsafe impl DeviceRepr for NormApply {}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Im2col {
+    c0: u32,
+    cin_g: u32,
+    ti: u32,
+    hi: u32,
+    wi: u32,
+    kt: u32,
+    kh: u32,
+    kw: u32,
+    st: u32,
+    sh: u32,
+    sw: u32,
+    pt: u32,
+    ph: u32,
+    pw: u32,
+    to: u32,
+    ho: u32,
+    wo: u32,
+    p0: u32,
+    np: u32,
+    x_offset: u64,
+    dtype: i32,
+}
+// SAFETY: plain old data laid out like `Im2col` in conv.cu.
+unsafe impl DeviceRepr for Im2col {}
+
+fn u32_of(v: usize, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::Invalid(format!("CUDA backend: {what} = {v} exceeds the kernels' 32-bit indexing")))
+}
+
+fn grid_for(total: usize, threads: usize) -> u32 {
+    total.div_ceil(threads).clamp(1, 1 << 20) as u32
+}
+
+impl CudaBackend {
+    pub fn new(options: &CudaOptions) -> Result<Self> {
+        libraries_present().map_err(Error::NoAdapter)?;
+        let count = CudaContext::device_count().map_err(|e| Error::NoAdapter(format!("CUDA driver: {e:?}")))?;
+        if options.device >= count.max(0) as usize {
+            return Err(Error::NoAdapter(format!(
+                "CUDA device {} requested, {count} present",
+                options.device
+            )));
+        }
+        let ctx = CudaContext::new(options.device).map_err(|e| Error::Device(format!("CUDA context: {e:?}")))?;
+        // SAFETY: the backend uses one stream, so cross-stream events are not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let arch = ctx.compute_capability().map_err(|e| gpu_err("compute capability", e))?;
+        let stream = ctx.default_stream();
+        let gemm = Gemm::new(stream.clone())?;
+        let name = format!(
+            "cuda: {} (sm_{}{})",
+            ctx.name().unwrap_or_else(|_| "unknown GPU".into()),
+            arch.0,
+            arch.1
+        );
+        Ok(Self {
+            profile: Profile {
+                enabled: options.profile,
+                ..Default::default()
+            },
+            ctx,
+            stream,
+            name,
+            arch,
+            poison: options.poison,
+            gemm,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            pool: Arc::new(Mutex::new(Pool::new(options.pool_bytes))),
+        })
+    }
+
+    pub fn memory(&self) -> MemoryStats {
+        self.pool.lock().map(|p| p.stats()).unwrap_or_default()
+    }
+
+    /// `(primitive, calls, seconds)` so far, slowest first; empty unless profiling.
+    pub fn profile(&self) -> Vec<(&'static str, u64, f64)> {
+        let mut v: Vec<_> = self
+            .profile
+            .table
+            .lock()
+            .expect("profile table")
+            .iter()
+            .map(|(k, &(n, s))| (*k, n, s))
+            .collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
+    }
+
+    pub fn reset_profile(&self) {
+        self.profile.table.lock().expect("profile table").clear();
+    }
+
+    fn scope(&self, name: &'static str) -> Option<ProfileScope<'_>> {
+        self.profile.enabled.then(|| {
+            let _ = self.synchronize();
+            ProfileScope {
+                backend: self,
+                name,
+                start: std::time::Instant::now(),
+            }
+        })
+    }
+
+    /// Starts a new peak-memory measurement from what exists now.
+    pub fn reset_peak(&self) {
+        if let Ok(mut p) = self.pool.lock() {
+            p.reset_peak();
+        }
+    }
+
+    /// Frees every buffer kept for reuse (e.g. between two models).
+    pub fn release_cached(&self) {
+        let released = self.pool.lock().map(|mut p| p.drain()).unwrap_or_default();
+        drop(released);
+    }
+
+    /// Waits for all queued work; kernel faults surface here.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| gpu_err("synchronize", e))
+    }
+
+    fn function(&self, family: Family, name: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().expect("function cache").get(name) {
+            return Ok(f.clone());
+        }
+        let module = {
+            let mut modules = self.modules.lock().expect("module cache");
+            match modules.get(&family) {
+                Some(m) => m.clone(),
+                None => {
+                    let cubin = compile::cubin(family, self.arch)?;
+                    let m = self
+                        .ctx
+                        .load_module(Ptx::from_binary(cubin))
+                        .map_err(|e| gpu_err(&format!("loading {}", family.file()), e))?;
+                    modules.insert(family, m.clone());
+                    m
+                }
+            }
+        };
+        let f = module
+            .load_function(name)
+            .map_err(|e| gpu_err(&format!("kernel {name} in {}", family.file()), e))?;
+        self.functions.lock().expect("function cache").insert(name, f.clone());
+        Ok(f)
+    }
+
+    /// Makes the backend's context current on the calling thread; the raw driver and
+    /// cuBLASLt calls below need it (callers may move between threads).
+    fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))
+    }
+
+    fn buffer(&self, bytes: usize) -> Result<CudaBuffer> {
+        self.bind()?;
+        let bytes = rounded(bytes);
+        let cached = self.pool.lock().expect("cuda pool").take(bytes);
+        let slice = match cached {
+            Some(s) => s,
+            None => {
+                // SAFETY: fresh device memory; every kernel writes before reading (poisoning
+                // below makes that checkable).
+                let fresh = match unsafe { self.stream.alloc::<u8>(bytes) } {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let released = self.pool.lock().expect("cuda pool").drain();
+                        drop(released);
+                        unsafe { self.stream.alloc::<u8>(bytes) }.map_err(|e| {
+                            Error::Gpu(format!(
+                                "out of device memory allocating {bytes} bytes ({e:?}); in use: {:?}",
+                                self.memory()
+                            ))
+                        })?
+                    }
+                };
+                self.pool.lock().expect("cuda pool").created(bytes);
+                fresh
+            }
+        };
+        let ptr = slice.device_ptr(&self.stream).0;
+        if self.poison {
+            // SAFETY: `ptr` addresses `bytes` bytes owned by `slice`.
+            unsafe { drv::memset_d8_async(ptr, 0xff, bytes, self.stream.cu_stream()) }.map_err(|e| gpu_err("poison", e))?;
+        }
+        Ok(CudaBuffer {
+            ptr,
+            bytes,
+            slice: Some(slice),
+            pool: self.pool.clone(),
+        })
+    }
+
+    fn tensor(&self, shape: &[usize], dtype: DType) -> Result<CudaTensor> {
+        let buf = self.buffer(numel(shape) * dtype.size())?;
+        Ok(Tensor::from_storage(Arc::new(buf), shape.to_vec(), dtype))
+    }
+
+    fn ptr(t: &CudaTensor) -> u64 {
+        t.storage().ptr
+    }
+
+    /// `t` in `dtype` (itself when it already is).
+    fn as_dtype(&self, t: &CudaTensor, dtype: DType) -> Result<CudaTensor> {
+        if t.dtype() == dtype {
+            return Ok(t.clone());
+        }
+        let out = self.tensor(t.shape(), dtype)?;
+        let strides = crate::tensor::contiguous_strides(t.shape());
+        let spec = MapSpec {
+            op: MapOp::Copy,
+            shape: t.shape().to_vec(),
+            inputs: vec![View::strided(0, strides.clone())],
+            out: View::strided(0, strides),
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        self.map(&[t], &out, &spec)?;
+        Ok(out)
+    }
+
+    /// `out[.., j] += bias[j]` over the last `inner` elements of each of `channels` rows.
+    fn add_channel_bias(&self, out: &CudaTensor, bias: &CudaTensor, outer: usize, channels: usize, inner: usize) -> Result<()> {
+        let shape = vec![outer, channels, inner];
+        let view = View::strided(0, vec![channels * inner, inner, 1]);
+        let spec = MapSpec {
+            op: MapOp::AddScaled,
+            shape,
+            inputs: vec![view.clone(), View::strided(0, vec![0, 1, 0])],
+            out: view,
+            alpha: 1.0,
+            beta: 1.0,
+        };
+        self.map(&[out, bias], out, &spec)
+    }
+
+    fn gemm(&self, shape: &GemmShape, a: u64, b: u64, c: u64, bias: u64) -> Result<()> {
+        self.bind()?;
+        let s = GemmShape {
+            alignment: alignment_of(&[a, b, c, bias]),
+            ..*shape
+        };
+        self.gemm.run(&s, a, b, c, bias)
+    }
+
+    fn norm_fused(
+        &self,
+        x: &CudaTensor,
+        gamma: Option<&CudaTensor>,
+        beta: Option<&CudaTensor>,
+        s: &NormSpec,
+        then: Option<NormThen<'_, Self>>,
+    ) -> Result<CudaTensor> {
+        let _scope = self.scope(match then {
+            None => "norm",
+            Some(NormThen::Silu) => "norm + silu",
+            Some(NormThen::Modulate { .. }) => "norm + modulate",
+        });
+        let out = self.tensor(x.shape(), x.dtype())?;
+        let chunks = s.row_len.div_ceil(NORM_CHUNK).max(1);
+        if chunks > 65535 {
+            return Err(Error::Invalid(format!(
+                "CUDA norm: rows of {} elements exceed the kernel's limit",
+                s.row_len
+            )));
+        }
+        let partial = self.tensor(&[s.rows, chunks, 2], DType::F32)?;
+        let threads = 256u32;
+        let partial_fn = self.function(Family::Norm, "norm_partial")?;
+        let kind = match s.kind {
+            NormKind::MeanVar => 0i32,
+            NormKind::Rms => 1,
+        };
+        let (row_len, chunk, chunks32) = (u32_of(s.row_len, "row length")?, NORM_CHUNK as u32, chunks as u32);
+        let (xp, pp, dt) = (Self::ptr(x), Self::ptr(&partial), dtype_code(x.dtype()) as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(s.rows, "rows")?, chunks32, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(&partial_fn);
+        l.arg(&xp).arg(&dt).arg(&row_len).arg(&chunk).arg(&chunks32).arg(&kind).arg(&pp);
+        // SAFETY: arguments match norm_partial's signature; buffers hold rows*row_len and rows*chunks*2 elements.
+        unsafe { l.launch(cfg) }.map_err(|e| gpu_err("norm_partial", e))?;
+
+        let shift_cast;
+        let (epilogue, mod_ptrs, mod_dtype, rows_per_batch) = match then {
+            None => (0, (0u64, 0u64), 0, 1),
+            Some(NormThen::Silu) => (1, (0, 0), 0, 1),
+            Some(NormThen::Modulate { scale, shift }) => {
+                let batch = scale.numel() / s.row_len.max(1);
+                shift_cast = self.as_dtype(shift, scale.dtype())?;
+                let per = s.rows / batch.max(1);
+                (
+                    2,
+                    (Self::ptr(scale), Self::ptr(&shift_cast)),
+                    dtype_code(scale.dtype()) as i32,
+                    per.max(1),
+                )
+            }
+        };
+        let p = NormApply {
+            row_len,
+            chunks: chunks32,
+            per_block: NORM_CHUNK as u32,
+            groups: u32_of(s.groups, "groups")?,
+            channels_per_group: u32_of(s.channels_per_group, "channels per group")?,
+            inner: u32_of(s.inner, "inner")?,
+            kind,
+            epilogue,
+            x_dtype: dt,
+            out_dtype: dtype_code(out.dtype()) as i32,
+            gamma_dtype: gamma.map_or(0, |g| dtype_code(g.dtype()) as i32),
+            beta_dtype: beta.map_or(0, |g| dtype_code(g.dtype()) as i32),
+            mod_dtype,
+            eps: s.eps,
+            rows_per_batch: u32_of(rows_per_batch, "rows per batch")?,
+        };
+        let apply = self.function(Family::Norm, "norm_apply")?;
+        let (op, gp, bp) = (Self::ptr(&out), gamma.map_or(0, Self::ptr), beta.map_or(0, Self::ptr));
+        let mut l = self.stream.launch_builder(&apply);
+        l.arg(&p)
+            .arg(&xp)
+            .arg(&op)
+            .arg(&pp)
+            .arg(&gp)
+            .arg(&bp)
+            .arg(&mod_ptrs.0)
+            .arg(&mod_ptrs.1);
+        // SAFETY: arguments match norm_apply's signature; parameter tensors were validated by ops.
+        unsafe { l.launch(cfg) }.map_err(|e| gpu_err("norm_apply", e))?;
+        Ok(out)
+    }
+
+    /// The flash kernel (name, compiled head size) for this attention, if one applies.
+    fn flash_kernel(&self, dtype: DType, s: &AttentionSpec) -> Option<(&'static str, usize)> {
+        let names = match dtype {
+            DType::BF16 => &FLASH_BF16,
+            DType::F16 => &FLASH_F16,
+            DType::F32 => return None,
+        };
+        let fits = s.head_dim.is_multiple_of(8) && s.scale > 0.0 && s.batch_heads <= 65535 && self.arch.0 >= 8;
+        let i = FLASH_HEAD_DIMS.iter().position(|&d| d >= s.head_dim).filter(|_| fits)?;
+        Some((names[i], FLASH_HEAD_DIMS[i]))
+    }
+}
+
+impl Backend for CudaBackend {
+    type Storage = Arc<CudaBuffer>;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn supports(&self, dtype: DType) -> bool {
+        dtype != DType::BF16 || self.arch.0 >= 8
+    }
+
+    fn half_dtype(&self) -> DType {
+        if self.arch.0 >= 8 {
+            DType::BF16
+        } else {
+            DType::F16
+        }
+    }
+
+    fn upload(&self, host: &HostTensor) -> Result<CudaTensor> {
+        let t = self.tensor(&host.shape, host.dtype())?;
+        let bytes = host.data.as_bytes();
+        if !bytes.is_empty() {
+            // SAFETY: the destination holds at least `bytes.len()` bytes; pageable copies
+            // return once the source has been staged, so `host` may go away after.
+            unsafe { drv::memcpy_htod_async(Self::ptr(&t), bytes, self.stream.cu_stream()) }.map_err(|e| gpu_err("upload", e))?;
+        }
+        Ok(t)
+    }
+
+    fn alloc(&self, shape: &[usize], dtype: DType) -> Result<CudaTensor> {
+        self.tensor(shape, dtype)
+    }
+
+    async fn read(&self, t: &CudaTensor) -> Result<HostTensor> {
+        self.bind()?;
+        let mut bytes = vec![0u8; t.numel() * t.dtype().size()];
+        if !bytes.is_empty() {
+            // SAFETY: the source holds at least `bytes.len()` bytes; synchronised below before use.
+            unsafe { drv::memcpy_dtoh_async(&mut bytes[..], Self::ptr(t), self.stream.cu_stream()) }.map_err(|e| gpu_err("read", e))?;
+        }
+        self.synchronize()?;
+        HostTensor::new(t.shape(), HostData::from_bytes(t.dtype(), &bytes))
+    }
+
+    fn matmul(&self, a: &CudaTensor, b: &CudaTensor, bias: Option<&CudaTensor>, s: &MatmulSpec) -> Result<CudaTensor> {
+        let _scope = self.scope("matmul");
+        let dtype = a.dtype();
+        let b = self.as_dtype(b, dtype)?;
+        let out = self.tensor(&[s.batch, s.m, s.n], dtype)?;
+        let fused_bias = bias.filter(|t| t.dtype() == dtype);
+        let shape = GemmShape {
+            dtype,
+            batch: s.batch,
+            m: s.m,
+            n: s.n,
+            k: s.k,
+            trans_a: s.trans_a,
+            trans_b: s.trans_b,
+            a_batch_stride: s.a_batch_stride,
+            b_batch_stride: s.b_batch_stride,
+            lda: natural_lda(s.trans_a, s.m, s.k),
+            ldb: natural_ldb(s.trans_b, s.k, s.n),
+            ldc: s.n,
+            c_batch_stride: s.m * s.n,
+            bias: fused_bias.is_some(),
+            alignment: 256,
+        };
+        let (ap, bp, cp, biasp) = (Self::ptr(a), Self::ptr(&b), Self::ptr(&out), fused_bias.map_or(0, Self::ptr));
+        let broadcast = s.batch > 1 && (s.a_batch_stride == 0 || s.b_batch_stride == 0);
+        if broadcast {
+            // A shared operand: one GEMM per batch item rather than a zero batch stride.
+            let es = dtype.size() as u64;
+            for bi in 0..s.batch as u64 {
+                let one = GemmShape { batch: 1, ..shape };
+                self.gemm(
+                    &one,
+                    ap + bi * (s.a_batch_stride as u64) * es,
+                    bp + bi * (s.b_batch_stride as u64) * es,
+                    cp + bi * (s.m * s.n) as u64 * es,
+                    biasp,
+                )?;
+            }
+        } else {
+            self.gemm(&shape, ap, bp, cp, biasp)?;
+        }
+        if let Some(bias) = bias.filter(|_| fused_bias.is_none()) {
+            self.add_channel_bias(&out, bias, s.batch * s.m, s.n, 1)?;
+        }
+        Ok(out)
+    }
+
+    fn conv(&self, x: &CudaTensor, w: &CudaTensor, bias: Option<&CudaTensor>, s: &ConvSpec) -> Result<CudaTensor> {
+        let _scope = self.scope("conv");
+        let dtype = x.dtype();
+        let w = self.as_dtype(w, dtype)?;
+        let out_dims = s.output();
+        let plane = numel(&out_dims);
+        let in_plane = numel(&s.input);
+        let out = self.tensor(&[s.batch, s.c_out, out_dims[0], out_dims[1], out_dims[2]], dtype)?;
+        let (cin_g, cout_g) = (s.c_in / s.groups, s.c_out / s.groups);
+        let taps = s.kernel_volume();
+        let rows = cin_g * taps;
+        let es = dtype.size() as u64;
+        let pointwise = taps == 1 && s.stride == [1; 3] && s.pad_lo == [0; 3] && s.pad_hi == [0; 3];
+        let chunk = if pointwise {
+            plane
+        } else {
+            let fit = (IM2COL_BYTES / (rows * dtype.size()).max(1)) / 128 * 128;
+            fit.max(128).min(plane)
+        };
+        let col = if pointwise {
+            None
+        } else {
+            Some(self.tensor(&[rows * chunk], dtype)?)
+        };
+        let im2col = if pointwise {
+            None
+        } else {
+            Some(self.function(Family::Conv, "im2col")?)
+        };
+        for bi in 0..s.batch {
+            for g in 0..s.groups {
+                let mut p0 = 0;
+                while p0 < plane {
+                    let np = chunk.min(plane - p0);
+                    let x_off = (bi * s.c_in * in_plane) as u64;
+                    let b_ptr = match (&col, &im2col) {
+                        (Some(col), Some(f)) => {
+                            let p = Im2col {
+                                c0: u32_of(g * cin_g, "channel")?,
+                                cin_g: cin_g as u32,
+                                ti: s.input[0] as u32,
+                                hi: s.input[1] as u32,
+                                wi: s.input[2] as u32,
+                                kt: s.kernel[0] as u32,
+                                kh: s.kernel[1] as u32,
+                                kw: s.kernel[2] as u32,
+                                st: s.stride[0] as u32,
+                                sh: s.stride[1] as u32,
+                                sw: s.stride[2] as u32,
+                                pt: s.pad_lo[0] as u32,
+                                ph: s.pad_lo[1] as u32,
+                                pw: s.pad_lo[2] as u32,
+                                to: out_dims[0] as u32,
+                                ho: out_dims[1] as u32,
+                                wo: out_dims[2] as u32,
+                                p0: u32_of(p0, "output position")?,
+                                np: np as u32,
+                                x_offset: x_off,
+                                dtype: dtype_code(dtype) as i32,
+                            };
+                            u32_of(in_plane * s.c_in, "input size")?;
+                            let total = rows * np;
+                            let (xp, cp) = (Self::ptr(x), Self::ptr(col));
+                            let cfg = LaunchConfig {
+                                grid_dim: (grid_for(total, 256), 1, 1),
+                                block_dim: (256, 1, 1),
+                                shared_mem_bytes: 0,
+                            };
+                            let mut l = self.stream.launch_builder(f);
+                            l.arg(&p).arg(&xp).arg(&cp);
+                            // SAFETY: arguments match im2col's signature; `col` holds rows*chunk elements.
+                            unsafe { l.launch(cfg) }.map_err(|e| gpu_err("im2col", e))?;
+                            cp
+                        }
+                        _ => Self::ptr(x) + (x_off + (g * cin_g * in_plane) as u64) * es,
+                    };
+                    // out[co, p0..p0+np] (ld = plane) = w_g[cout_g, rows] x B[rows, np] (ld = np or plane)
+                    let ldb = if pointwise { plane } else { np };
+                    let shape = GemmShape {
+                        dtype,
+                        batch: 1,
+                        m: cout_g,
+                        n: np,
+                        k: rows,
+                        trans_a: false,
+                        trans_b: false,
+                        a_batch_stride: 0,
+                        b_batch_stride: 0,
+                        lda: rows,
+                        ldb,
+                        ldc: plane,
+                        c_batch_stride: 0,
+                        bias: false,
+                        alignment: 256,
+                    };
+                    let a_ptr = Self::ptr(&w) + (g * cout_g * rows) as u64 * es;
+                    let c_ptr = Self::ptr(&out) + ((bi * s.c_out + g * cout_g) * plane + p0) as u64 * es;
+                    self.gemm(&shape, a_ptr, b_ptr, c_ptr, 0)?;
+                    p0 += np;
+                }
+            }
+        }
+        if let Some(bias) = bias {
+            self.add_channel_bias(&out, bias, s.batch, s.c_out, plane)?;
+        }
+        Ok(out)
+    }
+
+    fn norm(&self, x: &CudaTensor, gamma: Option<&CudaTensor>, beta: Option<&CudaTensor>, s: &NormSpec) -> Result<CudaTensor> {
+        self.norm_fused(x, gamma, beta, s, None)
+    }
+
+    fn norm_then(
+        &self,
+        x: &CudaTensor,
+        gamma: Option<&CudaTensor>,
+        beta: Option<&CudaTensor>,
+        s: &NormSpec,
+        then: NormThen<'_, Self>,
+    ) -> Result<CudaTensor> {
+        self.norm_fused(x, gamma, beta, s, Some(then))
+    }
+
+    fn softmax(&self, x: &CudaTensor, s: &SoftmaxSpec) -> Result<CudaTensor> {
+        let _scope = self.scope("softmax");
+        let out = self.tensor(x.shape(), x.dtype())?;
+        let f = self.function(Family::Norm, "softmax_rows")?;
+        let (xp, op, dt, cols) = (
+            Self::ptr(x),
+            Self::ptr(&out),
+            dtype_code(x.dtype()) as i32,
+            u32_of(s.cols, "columns")?,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(s.rows, "rows")?.max(1), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(&xp).arg(&op).arg(&dt).arg(&cols);
+        // SAFETY: arguments match softmax_rows' signature.
+        unsafe { l.launch(cfg) }.map_err(|e| gpu_err("softmax_rows", e))?;
+        Ok(out)
+    }
+
+    fn attention(&self, q: &CudaTensor, k: &CudaTensor, v: &CudaTensor, s: &AttentionSpec) -> Result<CudaTensor> {
+        let _scope = self.scope("attention");
+        let dtype = q.dtype();
+        let (k, v) = (self.as_dtype(k, dtype)?, self.as_dtype(v, dtype)?);
+        let out = self.tensor(q.shape(), dtype)?;
+        let (qp, kp, vp, op) = (Self::ptr(q), Self::ptr(&k), Self::ptr(&v), Self::ptr(&out));
+        let (q_len, kv_len, head_dim) = (
+            u32_of(s.q_len, "q_len")?,
+            u32_of(s.kv_len, "kv_len")?,
+            u32_of(s.head_dim, "head_dim")?,
+        );
+        if let Some((name, d)) = self.flash_kernel(dtype, s) {
+            let f = self.function(Family::Attention, name)?;
+            let rows = 16 * FLASH_WARPS;
+            let smem = ((rows + 4 * FLASH_KEYS_PER_TILE) * (d + 8) * 2) as u32;
+            f.set_attribute(
+                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| gpu_err("flash attention shared memory", e))?;
+            let scale_log2 = s.scale * std::f32::consts::LOG2_E;
+            let cfg = LaunchConfig {
+                grid_dim: (s.q_len.div_ceil(rows) as u32, s.batch_heads as u32, 1),
+                block_dim: (32 * FLASH_WARPS as u32, 1, 1),
+                shared_mem_bytes: smem,
+            };
+            let mut l = self.stream.launch_builder(&f);
+            l.arg(&qp)
+                .arg(&kp)
+                .arg(&vp)
+                .arg(&op)
+                .arg(&q_len)
+                .arg(&kv_len)
+                .arg(&head_dim)
+                .arg(&scale_log2);
+            // SAFETY: arguments match the flash kernels' signature; tensors are [bh, len, head_dim].
+            unsafe { l.launch(cfg) }.map_err(|e| gpu_err(name, e))?;
+            return Ok(out);
+        }
+        if s.head_dim > 512 {
+            return Err(Error::Invalid(format!("CUDA attention: head_dim {} exceeds 512", s.head_dim)));
+        }
+        let f = self.function(Family::Attention, "attention_rows")?;
+        let rows = s.batch_heads * s.q_len;
+        let (dt, bh, scale) = (dtype_code(dtype) as i32, u32_of(s.batch_heads, "batch_heads")?, s.scale);
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(rows.div_ceil(8).max(1), "attention rows")?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(&qp)
+            .arg(&kp)
+            .arg(&vp)
+            .arg(&op)
+            .arg(&dt)
+            .arg(&bh)
+            .arg(&q_len)
+            .arg(&kv_len)
+            .arg(&head_dim)
+            .arg(&scale);
+        // SAFETY: arguments match attention_rows' signature.
+        unsafe { l.launch(cfg) }.map_err(|e| gpu_err("attention_rows", e))?;
+        Ok(out)
+    }
+
+    fn map(&self, inputs: &[&CudaTensor], out: &CudaTensor, s: &MapSpec) -> Result<()> {
+        let _scope = self.scope(match s.op {
+            MapOp::Copy => "map copy (cast, permute, concat)",
+            MapOp::Unary(_) => "map unary",
+            MapOp::Rope => "map rope",
+            _ => "map binary/ternary",
+        });
+        let s = &s.collapsed();
+        let total = numel(&s.shape);
+        if total == 0 {
+            return Ok(());
+        }
+        let (op, unary) = match s.op {
+            MapOp::Copy => (0, 0),
+            MapOp::Unary(u) => (
+                1,
+                match u {
+                    UnaryOp::Silu => 0,
+                    UnaryOp::GeluTanh => 1,
+                    UnaryOp::GeluErf => 2,
+                    UnaryOp::Tanh => 3,
+                    UnaryOp::Sigmoid => 4,
+                    UnaryOp::Affine => 5,
+                },
+            ),
+            MapOp::AddScaled => (2, 0),
+            MapOp::Mul => (3, 0),
+            MapOp::Modulate => (4, 0),
+            MapOp::Rope => (5, 0),
+            MapOp::GatedAdd => (6, 0),
+        };
+        let check = |v: &View, len: usize, what: &str, extent: usize| -> Result<()> {
+            let start = vec![0; s.shape.len()];
+            let (_, last) = v.span(&start, &s.shape);
+            if last + extent > len || last + extent > u32::MAX as usize {
+                return Err(Error::Invalid(format!("CUDA map: {what} view reaches element {last} of {len}")));
+            }
+            Ok(())
+        };
+        // Rope reads and writes pairs through input 0 and the output.
+        check(&s.out, out.numel(), "output", s.op.extent())?;
+        let mut p = MapParams {
+            rank: s.shape.len() as u32,
+            op,
+            unary,
+            total: u32_of(total, "map size")?,
+            alpha: s.alpha,
+            beta: s.beta,
+            out_dtype: dtype_code(out.dtype()),
+            out_offset: s.out.offset as u32,
+            ..Default::default()
+        };
+        for (k, &d) in s.shape.iter().enumerate() {
+            p.shape[k] = d as u32;
+            p.out_stride[k] = s.out.strides[k] as u32;
+        }
+        let mut ptrs = [Self::ptr(out); 3];
+        for i in 0..3 {
+            p.in_div[i] = [1; 6];
+            p.in_dtype[i] = p.out_dtype;
+        }
+        for (i, (t, v)) in inputs.iter().zip(&s.inputs).enumerate().take(3) {
+            check(v, t.numel(), &format!("input {i}"), if i == 0 { s.op.extent() } else { 1 })?;
+            ptrs[i] = Self::ptr(t);
+            p.in_dtype[i] = dtype_code(t.dtype());
+            p.in_offset[i] = v.offset as u32;
+            for k in 0..s.shape.len() {
+                p.in_stride[i][k] = v.strides[k] as u32;
+                p.in_div[i][k] = v.div[k].max(1) as u32;
+            }
+        }
+        let f = self.function(Family::Elementwise, "map_kernel")?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid_for(total, 256), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let optr = Self::ptr(out);
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(&p).arg(&optr).arg(&ptrs[0]).arg(&ptrs[1]).arg(&ptrs[2]);
+        // SAFETY: arguments match map_kernel's signature; every view was bounds-checked above.
+        unsafe { l.launch(cfg) }.map_err(|e| gpu_err("map_kernel", e))?;
+        Ok(())
+    }
+}

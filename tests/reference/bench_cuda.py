@@ -1,0 +1,125 @@
+"""The baseline for `sdlite bench-cuda`: diffusers (PyTorch SDPA) on the GPU machine, on the
+real architectures with seeded random weights, in the dtypes a user would run them in.
+
+Writes, under OUT_DIR, each model in the diffusers layout (the weights sdlite loads), the
+inputs, diffusers' outputs (for the error figures) and `diffusers.json` with the median
+time of one forward and the peak GPU memory of each case. Then `sdlite bench-cuda --dir
+OUT_DIR` runs the same weights and inputs on sdlite's CUDA backend and prints both.
+
+Usage: python tests/reference/bench_cuda.py OUT_DIR [--iters N]
+"""
+
+import json
+import os
+import sys
+import time
+
+import torch
+from safetensors.torch import save_file
+
+torch.set_grad_enabled(False)
+DEV = "cuda"
+
+
+def median_time(fn, iters):
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def run_case(name, make, inputs, forward, dtype, out, results, tensors, iters, keep=lambda y: y):
+    """Builds the model (seeded), saves it, times `forward(model, *inputs)` and records
+    the output and the peak memory of the timed region (weights included)."""
+    folder = os.path.join(out, name)
+    torch.manual_seed(sum(map(ord, name)))
+    model = make().to(dtype)
+    model.save_pretrained(folder, safe_serialization=True)
+    model = model.to(DEV).eval()
+    dev_inputs = [x.to(DEV) if torch.is_tensor(x) else x for x in inputs]
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    seconds = median_time(lambda: forward(model, *dev_inputs), iters)
+    y = forward(model, *dev_inputs)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    results[name] = {"seconds": seconds, "peak_gib": peak}
+    for i, x in enumerate(inputs):
+        if torch.is_tensor(x):
+            tensors[f"{name}.input{i}"] = x.float().contiguous()
+    tensors[f"{name}.output"] = keep(y).float().cpu().contiguous()
+    print(f"{name}: diffusers {seconds * 1000:.1f} ms, peak {peak:.2f} GiB", flush=True)
+    del model, dev_inputs, y
+    torch.cuda.empty_cache()
+
+
+def main():
+    out = sys.argv[1]
+    iters = int(sys.argv[sys.argv.index("--iters") + 1]) if "--iters" in sys.argv else 5
+    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
+    os.makedirs(out, exist_ok=True)
+    from diffusers import AutoencoderKLWan, UNet2DConditionModel, WanTransformer3DModel
+
+    g = torch.Generator().manual_seed(0)
+    results, tensors = {}, {}
+    bf16, f16 = torch.bfloat16, torch.float16
+
+    def wan_dit():
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=12,
+            attention_head_dim=128,
+            in_channels=16,
+            out_channels=16,
+            text_dim=4096,
+            freq_dim=256,
+            ffn_dim=8960,
+            num_layers=30,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=1e-6,
+        )
+
+    def dit_forward(m, x, t, ctx):
+        return m(x.to(bf16), t, ctx.to(bf16)).sample
+
+    ctx = (torch.randn((1, 512, 4096), generator=g) * 0.1).to(bf16)
+    cases = {
+        "wan_dit_8190": (wan_dit, [torch.randn((1, 16, 21, 30, 52), generator=g).to(bf16), torch.tensor([500.0]), ctx], dit_forward, bf16),
+        "wan_dit_32760": (wan_dit, [torch.randn((1, 16, 21, 60, 104), generator=g).to(bf16), torch.tensor([500.0]), ctx], dit_forward, bf16),
+        "sd_unet_cfg": (
+            lambda: UNet2DConditionModel(cross_attention_dim=768, sample_size=64),
+            [torch.randn((2, 4, 64, 64), generator=g).to(f16), torch.tensor([981.0, 981.0]), (torch.randn((2, 77, 768), generator=g)).to(f16)],
+            lambda m, x, t, c: m(x, t, c).sample,
+            f16,
+        ),
+        # Three output frames (first, middle, last) are kept for the error figure.
+        "wan_vae_decode": (
+            AutoencoderKLWan,
+            [torch.randn((1, 16, 21, 60, 104), generator=g).to(bf16)],
+            lambda m, z: m.decode(z).sample,
+            bf16,
+        ),
+    }
+    for name, (make, inputs, forward, dtype) in cases.items():
+        if only and name not in only:
+            continue
+        keep = (lambda y: y[:, :, [0, 40, 80]]) if name == "wan_vae_decode" else (lambda y: y)
+        run_case(name, make, inputs, forward, dtype, out, results, tensors, iters if name != "wan_vae_decode" else 2, keep)
+    save_file(tensors, os.path.join(out, "tensors.safetensors"))
+    results["gpu"] = torch.cuda.get_device_name()
+    results["torch"] = torch.__version__
+    import diffusers
+
+    results["diffusers"] = diffusers.__version__
+    with open(os.path.join(out, "diffusers.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
