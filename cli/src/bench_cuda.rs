@@ -54,17 +54,7 @@ fn read(c: &CudaBackend, t: &Tensor<CudaBackend>) -> Result<HostTensor> {
 /// (32,760 tokens, 12 heads of 128) and the FFN's first GEMM, in TFLOP/s.
 fn kernel_rates(c: &CudaBackend, iters: usize) -> Result<()> {
     use sdlite_runtime::ops;
-    let random = |shape: &[usize], seed: u64| -> Result<Tensor<CudaBackend>> {
-        let n: usize = shape.iter().product();
-        let mut s = seed;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Ok(c.upload(&HostTensor::from_f32(shape, v)?.to_dtype(DType::BF16))?)
-    };
+    let random = |shape: &[usize], seed: u64| crate::random(c, shape, DType::BF16, seed);
     let (s, h, d) = (32760, 12, 128);
     let q = random(&[1, h, s, d], 1)?;
     let (secs, _) = timed(c, iters, || {

@@ -150,7 +150,8 @@ fn info(g: &WgpuBackend) -> Result<()> {
     Ok(())
 }
 
-fn random(g: &WgpuBackend, shape: &[usize], dtype: DType, seed: u64) -> Result<sdlite_runtime::Tensor<WgpuBackend>> {
+/// Uniform values in [-1, 1) on the device: benchmark inputs.
+fn random<B: Backend>(g: &B, shape: &[usize], dtype: DType, seed: u64) -> Result<sdlite_runtime::Tensor<B>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let n = shape.iter().product();
     let host = HostTensor::new(

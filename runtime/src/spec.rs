@@ -130,6 +130,29 @@ impl MapOp {
         }
     }
 
+    /// `(op, unary)` codes the GPU kernels switch on (elementwise.wgsl, elementwise.cu).
+    pub fn codes(self) -> (u32, u32) {
+        match self {
+            MapOp::Copy => (0, 0),
+            MapOp::Unary(u) => (
+                1,
+                match u {
+                    UnaryOp::Silu => 0,
+                    UnaryOp::GeluTanh => 1,
+                    UnaryOp::GeluErf => 2,
+                    UnaryOp::Tanh => 3,
+                    UnaryOp::Sigmoid => 4,
+                    UnaryOp::Affine => 5,
+                },
+            ),
+            MapOp::AddScaled => (2, 0),
+            MapOp::Mul => (3, 0),
+            MapOp::Modulate => (4, 0),
+            MapOp::Rope => (5, 0),
+            MapOp::GatedAdd => (6, 0),
+        }
+    }
+
     /// Extra elements read or written past each addressed index.
     pub fn extent(self) -> usize {
         if self == MapOp::Rope {

@@ -15,6 +15,7 @@ import sys
 import time
 
 import torch
+from full_configs import wan13b_dit
 from safetensors.torch import save_file
 
 torch.set_grad_enabled(False)
@@ -63,35 +64,19 @@ def main():
     iters = int(sys.argv[sys.argv.index("--iters") + 1]) if "--iters" in sys.argv else 5
     only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
     os.makedirs(out, exist_ok=True)
-    from diffusers import AutoencoderKLWan, UNet2DConditionModel, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, UNet2DConditionModel
 
     g = torch.Generator().manual_seed(0)
     results, tensors = {}, {}
     bf16, f16 = torch.bfloat16, torch.float16
-
-    def wan_dit():
-        return WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=12,
-            attention_head_dim=128,
-            in_channels=16,
-            out_channels=16,
-            text_dim=4096,
-            freq_dim=256,
-            ffn_dim=8960,
-            num_layers=30,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            eps=1e-6,
-        )
 
     def dit_forward(m, x, t, ctx):
         return m(x.to(bf16), t, ctx.to(bf16)).sample
 
     ctx = (torch.randn((1, 512, 4096), generator=g) * 0.1).to(bf16)
     cases = {
-        "wan_dit_8190": (wan_dit, [torch.randn((1, 16, 21, 30, 52), generator=g).to(bf16), torch.tensor([500.0]), ctx], dit_forward, bf16),
-        "wan_dit_32760": (wan_dit, [torch.randn((1, 16, 21, 60, 104), generator=g).to(bf16), torch.tensor([500.0]), ctx], dit_forward, bf16),
+        "wan_dit_8190": (wan13b_dit, [torch.randn((1, 16, 21, 30, 52), generator=g).to(bf16), torch.tensor([500.0]), ctx], dit_forward, bf16),
+        "wan_dit_32760": (wan13b_dit, [torch.randn((1, 16, 21, 60, 104), generator=g).to(bf16), torch.tensor([500.0]), ctx], dit_forward, bf16),
         "sd_unet_cfg": (
             lambda: UNet2DConditionModel(cross_attention_dim=768, sample_size=64),
             [torch.randn((2, 4, 64, 64), generator=g).to(f16), torch.tensor([981.0, 981.0]), (torch.randn((2, 77, 768), generator=g)).to(f16)],

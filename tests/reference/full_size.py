@@ -13,6 +13,7 @@ import sys
 import time
 
 import make_goldens
+from full_configs import wan13b_dit
 import torch
 from safetensors.torch import save_file
 
@@ -74,24 +75,11 @@ def sd(out, goldens, g):
 
 
 def wan(out, goldens, g):
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan
 
     root = os.path.join(out, "wan")
     torch.manual_seed(4)
-    dit = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=12,
-        attention_head_dim=128,
-        in_channels=16,
-        out_channels=16,
-        text_dim=4096,
-        freq_dim=256,
-        ffn_dim=8960,
-        num_layers=30,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=1e-6,
-    )
+    dit = wan13b_dit()
     dit = save_component(dit, os.path.join(root, "transformer"), torch.bfloat16)
     x = torch.randn((1, 16, 5, 30, 52), generator=g)
     ctx = torch.randn((1, 512, 4096), generator=g) * 0.1

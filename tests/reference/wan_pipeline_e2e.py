@@ -13,6 +13,7 @@ import sys
 import time
 
 import torch
+from full_configs import wan13b_dit
 
 torch.set_grad_enabled(False)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -20,7 +21,7 @@ TINY = os.path.join(HERE, "..", "data", "wan-tiny")
 
 
 def build(out):
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan
     from transformers import UMT5Config, UMT5EncoderModel
 
     os.makedirs(out, exist_ok=True)
@@ -47,20 +48,7 @@ def build(out):
         te.to(torch.bfloat16).save_pretrained(os.path.join(out, "text_encoder"), safe_serialization=True)
         del te
         torch.manual_seed(12)
-        dit = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=12,
-            attention_head_dim=128,
-            in_channels=16,
-            out_channels=16,
-            text_dim=4096,
-            freq_dim=256,
-            ffn_dim=8960,
-            num_layers=30,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            eps=1e-6,
-        )
+        dit = wan13b_dit()
         dit.to(torch.bfloat16).save_pretrained(os.path.join(out, "transformer"), safe_serialization=True)
         del dit
         torch.manual_seed(13)

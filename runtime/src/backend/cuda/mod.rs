@@ -25,7 +25,7 @@ use cudarc::nvrtc::Ptx;
 
 use crate::backend::{Backend, NormThen};
 use crate::error::{Error, Result};
-use crate::spec::{AttentionSpec, ConvSpec, MapOp, MapSpec, MatmulSpec, NormKind, NormSpec, SoftmaxSpec, UnaryOp, View};
+use crate::spec::{AttentionSpec, ConvSpec, MapOp, MapSpec, MatmulSpec, NormKind, NormSpec, SoftmaxSpec, View};
 use crate::tensor::{numel, DType, HostData, HostTensor, Tensor};
 
 use compile::{Family, FLASH_KEYS_PER_TILE, FLASH_WARPS};
@@ -421,25 +421,6 @@ impl CudaBackend {
         t.storage().ptr
     }
 
-    /// `t` in `dtype` (itself when it already is).
-    fn as_dtype(&self, t: &CudaTensor, dtype: DType) -> Result<CudaTensor> {
-        if t.dtype() == dtype {
-            return Ok(t.clone());
-        }
-        let out = self.tensor(t.shape(), dtype)?;
-        let strides = crate::tensor::contiguous_strides(t.shape());
-        let spec = MapSpec {
-            op: MapOp::Copy,
-            shape: t.shape().to_vec(),
-            inputs: vec![View::strided(0, strides.clone())],
-            out: View::strided(0, strides),
-            alpha: 1.0,
-            beta: 0.0,
-        };
-        self.map(&[t], &out, &spec)?;
-        Ok(out)
-    }
-
     /// `out[.., j] += bias[j]` over the last `inner` elements of each of `channels` rows.
     fn add_channel_bias(&self, out: &CudaTensor, bias: &CudaTensor, outer: usize, channels: usize, inner: usize) -> Result<()> {
         let shape = vec![outer, channels, inner];
@@ -510,7 +491,7 @@ impl CudaBackend {
             Some(NormThen::Silu) => (1, (0, 0), 0, 1),
             Some(NormThen::Modulate { scale, shift }) => {
                 let batch = scale.numel() / s.row_len.max(1);
-                shift_cast = self.as_dtype(shift, scale.dtype())?;
+                shift_cast = crate::ops::cast(self, shift, scale.dtype())?;
                 let per = s.rows / batch.max(1);
                 (
                     2,
@@ -614,7 +595,7 @@ impl Backend for CudaBackend {
     fn matmul(&self, a: &CudaTensor, b: &CudaTensor, bias: Option<&CudaTensor>, s: &MatmulSpec) -> Result<CudaTensor> {
         let _scope = self.scope("matmul");
         let dtype = a.dtype();
-        let b = self.as_dtype(b, dtype)?;
+        let b = crate::ops::cast(self, b, dtype)?;
         let out = self.tensor(&[s.batch, s.m, s.n], dtype)?;
         let fused_bias = bias.filter(|t| t.dtype() == dtype);
         let shape = GemmShape {
@@ -661,7 +642,7 @@ impl Backend for CudaBackend {
     fn conv(&self, x: &CudaTensor, w: &CudaTensor, bias: Option<&CudaTensor>, s: &ConvSpec) -> Result<CudaTensor> {
         let _scope = self.scope("conv");
         let dtype = x.dtype();
-        let w = self.as_dtype(w, dtype)?;
+        let w = crate::ops::cast(self, w, dtype)?;
         let out_dims = s.output();
         let plane = numel(&out_dims);
         let in_plane = numel(&s.input);
@@ -687,6 +668,7 @@ impl Backend for CudaBackend {
         } else {
             Some(self.function(Family::Conv, "im2col")?)
         };
+        u32_of(in_plane * s.c_in, "input size")?;
         for bi in 0..s.batch {
             for g in 0..s.groups {
                 let mut p0 = 0;
@@ -718,7 +700,6 @@ impl Backend for CudaBackend {
                                 x_offset: x_off,
                                 dtype: dtype_code(dtype) as i32,
                             };
-                            u32_of(in_plane * s.c_in, "input size")?;
                             let total = rows * np;
                             let (xp, cp) = (Self::ptr(x), Self::ptr(col));
                             let cfg = LaunchConfig {
@@ -806,7 +787,7 @@ impl Backend for CudaBackend {
     fn attention(&self, q: &CudaTensor, k: &CudaTensor, v: &CudaTensor, s: &AttentionSpec) -> Result<CudaTensor> {
         let _scope = self.scope("attention");
         let dtype = q.dtype();
-        let (k, v) = (self.as_dtype(k, dtype)?, self.as_dtype(v, dtype)?);
+        let (k, v) = (crate::ops::cast(self, k, dtype)?, crate::ops::cast(self, v, dtype)?);
         let out = self.tensor(q.shape(), dtype)?;
         let (qp, kp, vp, op) = (Self::ptr(q), Self::ptr(&k), Self::ptr(&v), Self::ptr(&out));
         let (q_len, kv_len, head_dim) = (
@@ -881,25 +862,7 @@ impl Backend for CudaBackend {
         if total == 0 {
             return Ok(());
         }
-        let (op, unary) = match s.op {
-            MapOp::Copy => (0, 0),
-            MapOp::Unary(u) => (
-                1,
-                match u {
-                    UnaryOp::Silu => 0,
-                    UnaryOp::GeluTanh => 1,
-                    UnaryOp::GeluErf => 2,
-                    UnaryOp::Tanh => 3,
-                    UnaryOp::Sigmoid => 4,
-                    UnaryOp::Affine => 5,
-                },
-            ),
-            MapOp::AddScaled => (2, 0),
-            MapOp::Mul => (3, 0),
-            MapOp::Modulate => (4, 0),
-            MapOp::Rope => (5, 0),
-            MapOp::GatedAdd => (6, 0),
-        };
+        let (op, unary) = s.op.codes();
         let check = |v: &View, len: usize, what: &str, extent: usize| -> Result<()> {
             let start = vec![0; s.shape.len()];
             let (_, last) = v.span(&start, &s.shape);

@@ -7,7 +7,7 @@ use super::plan::{grid_1d, split_boxes, split_ranges, window, IterBox, MAX_GRID}
 use super::{GpuStorage, WgpuBackend, WgpuTensor};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::spec::{AttentionSpec, ConvSpec, MapOp, MapSpec, MatmulSpec, NormKind, NormSpec, SoftmaxSpec, UnaryOp, MAX_RANK};
+use crate::spec::{AttentionSpec, ConvSpec, MapSpec, MatmulSpec, NormKind, NormSpec, SoftmaxSpec, MAX_RANK};
 use crate::tensor::{DType, HostTensor};
 
 const GEMM: &str = include_str!("../../../../shaders/gemm.wgsl");
@@ -689,25 +689,7 @@ impl Backend for WgpuBackend {
         if s.shape.iter().product::<usize>() == 0 {
             return Ok(());
         }
-        let (op_code, unary_code) = match s.op {
-            MapOp::Copy => (0, 0),
-            MapOp::Unary(u) => (
-                1,
-                match u {
-                    UnaryOp::Silu => 0,
-                    UnaryOp::GeluTanh => 1,
-                    UnaryOp::GeluErf => 2,
-                    UnaryOp::Tanh => 3,
-                    UnaryOp::Sigmoid => 4,
-                    UnaryOp::Affine => 5,
-                },
-            ),
-            MapOp::AddScaled => (2, 0),
-            MapOp::Mul => (3, 0),
-            MapOp::Modulate => (4, 0),
-            MapOp::Rope => (5, 0),
-            MapOp::GatedAdd => (6, 0),
-        };
+        let (op_code, unary_code) = s.op.codes();
         let names = ["in0", "in1", "in2"];
         let mut args: Vec<Arg> = (0..3).map(|i| read(names[i], inputs.get(i).copied())).collect();
         args.push(write("out", out));
