@@ -1,18 +1,33 @@
 // attention.cu: the runtime's `attention` primitive (spec.rs, `AttentionSpec`):
 // out = softmax(scale * q k^T) v for q [batch_heads, q_len, head_dim] and k, v
-// [batch_heads, kv_len, head_dim], contiguous, no mask.
+// [batch_heads, kv_len, head_dim], contiguous, no mask. Three kernels; the runtime picks.
 //
-// flash_attention_{bf16,f16}_d{D}: FlashAttention-2 style, no score matrix in memory.
+// flash_attention_sm90_{bf16,f16}_d{64,128} (Hopper, compiled only for sm_90a):
+// FlashAttention-3 style on warpgroup MMAs. A block of two warpgroups owns 128 query rows
+// (64 each) and walks the keys in tiles of 128. K and V tiles are double-buffered in shared
+// memory, loaded by cp.async straight into the 128-byte swizzled layout wgmma reads (Q and
+// K as K-major operands; V read MN-major, so one tile layout serves all three), with
+// mbarriers marking a buffer full (copies landed) and empty (both warpgroups' MMAs on it
+// retired), so the warpgroups never wait on a block-wide barrier in the loop. Per tile a
+// warpgroup issues S = Q K^T (`wgmma.mma_async` m64n128k16, both operands in shared
+// memory) together with O += P V for the previous tile (P from registers: the accumulator
+// layout of S is the A-fragment layout of P), runs the online softmax of S while P V is
+// still in flight, then rescales O. The two warpgroups take turns issuing their MMAs
+// (named barriers), so one's softmax overlaps the other's tensor-core work.
+// Limits: head_dim exactly 64 or 128.
+//
+// flash_attention_{bf16,f16}_d{D} (sm_80 or newer): FlashAttention-2 style on warp MMAs.
 // A block of WARPS warps owns 16*WARPS query rows (16 per warp, Q kept in registers) and
-// walks the keys in tiles of FA_BN (set by the runtime), double-buffered in shared memory with cp.async. Per tile
-// each warp computes S = Q K^T with mma.sync.m16n8k16 (bf16 or f16 in, f32 accumulate,
-// operands fetched with ldmatrix, V with ldmatrix.trans), updates the running row max and
-// sum (online softmax in base 2), rounds P to the input dtype in registers (the
-// accumulator layout of two n8 tiles is the A layout of one k16 step) and accumulates
-// O += P V with mma.sync. Shared rows are padded by 16 bytes so ldmatrix is free of bank
-// conflicts. Tail keys are masked to -inf and tail rows/columns are zero-filled.
-// Limits: head_dim a multiple of 8, at most D (the instantiation, a multiple of 16 up to
-// 160); sm_80 or newer (cp.async, bf16 mma). Lengths up to 2^31.
+// walks the keys in tiles of FA_BN (set by the runtime), double-buffered in shared memory
+// with cp.async. Per tile each warp computes S = Q K^T with mma.sync.m16n8k16 (operands
+// fetched with ldmatrix, V with ldmatrix.trans), updates the online softmax and
+// accumulates O += P V with mma.sync. Shared rows are padded by 16 bytes so ldmatrix is
+// free of bank conflicts. Limits: head_dim a multiple of 8, at most D (a multiple of 16 up
+// to 160).
+//
+// Both flash kernels: bf16 or f16 in, f32 accumulate, online softmax in base 2, no score
+// matrix in memory; tail keys are masked to -inf, tail rows and columns zero-filled.
+// Lengths up to 2^31.
 //
 // attention_rows: any dtype and head_dim <= 512, one warp per query row, f32 throughout.
 // The fallback for f32 and odd head sizes; slow, exact to f32 rounding.
@@ -39,8 +54,9 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
+// d[0..4] += a b for one m16n8k16 tile.
 template <bool BF16>
-__device__ __forceinline__ void mma16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+__device__ __forceinline__ void mma16816(float* d, const u32 (&a)[4], u32 b0, u32 b1) {
     if (BF16) {
         asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -68,6 +84,90 @@ __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
+}
+
+// Both flash kernels keep scores and outputs in the MMA accumulator layout: a warp holds
+// 16 rows; for n8 tile t, elements 4t + 2r and 4t + 2r + 1 of a thread's array are row
+// (lane / 4 + 8r), columns 8t + 2 (lane % 4) + {0, 1}. Each thread thus owns two rows and
+// shares them with the three other lanes of its quad.
+
+// One key tile of the online softmax: masks keys past `kv_len` (the tile starts at key
+// `key0`), turns scores `s` into unnormalised probabilities against the running row maxima,
+// updates the running sums and returns in `alpha` the factor by which outputs accumulated
+// so far must be rescaled (`rescale`; split off so the Hopper kernel can apply it once its
+// in-flight MMA into the outputs has finished).
+template <int BN>
+__device__ __forceinline__ void online_softmax(float (&s)[BN / 2], float (&row_max)[2], float (&row_sum)[2], float (&alpha)[2], u32 key0,
+                                               u32 kv_len, float scale_log2, int lane) {
+    if (key0 + BN > kv_len) {
+#pragma unroll
+        for (int t = 0; t < BN / 8; ++t) {
+            u32 col = key0 + t * 8 + 2 * (lane & 3);
+            if (col >= kv_len) s[4 * t] = s[4 * t + 2] = NEG_INF;
+            if (col + 1 >= kv_len) s[4 * t + 1] = s[4 * t + 3] = NEG_INF;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = NEG_INF;
+#pragma unroll
+        for (int t = 0; t < BN / 8; ++t) mx = fmaxf(mx, fmaxf(s[4 * t + 2 * r], s[4 * t + 2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        float m_new = fmaxf(row_max[r], mx * scale_log2);
+        alpha[r] = fast_exp2(row_max[r] - m_new);
+        row_max[r] = m_new;
+        float sum = 0.0f;
+#pragma unroll
+        for (int t = 0; t < BN / 8; ++t) {
+            s[4 * t + 2 * r] = fast_exp2(s[4 * t + 2 * r] * scale_log2 - m_new);
+            s[4 * t + 2 * r + 1] = fast_exp2(s[4 * t + 2 * r + 1] * scale_log2 - m_new);
+            sum += s[4 * t + 2 * r] + s[4 * t + 2 * r + 1];
+        }
+        row_sum[r] = row_sum[r] * alpha[r] + sum;
+    }
+}
+
+template <int D>
+__device__ __forceinline__ void rescale(float (&o)[D / 2], const float (&alpha)[2]) {
+#pragma unroll
+    for (int t = 0; t < D / 8; ++t) {
+        o[4 * t] *= alpha[0];
+        o[4 * t + 1] *= alpha[0];
+        o[4 * t + 2] *= alpha[1];
+        o[4 * t + 3] *= alpha[1];
+    }
+}
+
+// Probabilities of keys 16kk..16kk+15 as the A fragment of a k16 MMA step: the accumulator
+// layout of two n8 tiles is the A layout of one k16 step.
+template <bool BF16>
+__device__ __forceinline__ void probabilities(u32 (&a)[4], const float* s, int kk) {
+    a[0] = pack2<BF16>(s[8 * kk], s[8 * kk + 1]);
+    a[1] = pack2<BF16>(s[8 * kk + 2], s[8 * kk + 3]);
+    a[2] = pack2<BF16>(s[8 * kk + 4], s[8 * kk + 5]);
+    a[3] = pack2<BF16>(s[8 * kk + 6], s[8 * kk + 7]);
+}
+
+// Normalises and stores a warp's 16 output rows starting at query row `row0` (columns
+// past `head_dim`, the padding of a kernel compiled for a larger D, are dropped).
+template <int D, bool BF16>
+__device__ __forceinline__ void store_rows(const float (&o)[D / 2], float (&row_sum)[2], u16* out, u64 bh, u32 row0, u32 q_len,
+                                           u32 head_dim, int lane) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+        u32 row = row0 + (lane >> 2) + 8 * r;
+        if (row >= q_len) continue;
+        float inv = 1.0f / row_sum[r];
+        u32* dst = (u32*)(out + (bh * q_len + row) * head_dim);
+#pragma unroll
+        for (int t = 0; t < D / 8; ++t) {
+            u32 col = t * 8 + 2 * (lane & 3);
+            if (col < head_dim) dst[col / 2] = pack2<BF16>(o[4 * t + 2 * r] * inv, o[4 * t + 2 * r + 1] * inv);
+        }
+    }
 }
 
 // Copies rows [row0, row0 + rows) of a [len, head_dim] matrix into shared rows of STRIDE
@@ -112,9 +212,9 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
         ldmatrix_x4(qf[kk], smem_addr(qs + (warp * 16 + (lane & 15)) * STRIDE + kk * 16 + (lane >> 4) * 8));
     }
 
-    float o[D / 8][4];
+    float o[D / 2];
 #pragma unroll
-    for (int t = 0; t < D / 8; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
     float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.0f, 0.0f};
 
     const u32 tiles = (kv_len + BN - 1) / BN;
@@ -132,9 +232,9 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
         const u16* kt = ks + buf * BN * STRIDE;
         const u16* vt = vs + buf * BN * STRIDE;
 
-        float s[BN / 8][4];
+        float s[BN / 2];
 #pragma unroll
-        for (int t = 0; t < BN / 8; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.0f;
+        for (int i = 0; i < BN / 2; ++i) s[i] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
@@ -142,75 +242,32 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
                 u32 b[4];
                 int mi = lane >> 3;
                 ldmatrix_x4(b, smem_addr(kt + (np * 16 + (mi >> 1) * 8 + (lane & 7)) * STRIDE + kk * 16 + (mi & 1) * 8));
-                mma16816<BF16>(s[2 * np], qf[kk], b[0], b[1]);
-                mma16816<BF16>(s[2 * np + 1], qf[kk], b[2], b[3]);
+                mma16816<BF16>(&s[8 * np], qf[kk], b[0], b[1]);
+                mma16816<BF16>(&s[8 * np + 4], qf[kk], b[2], b[3]);
             }
         }
 
-        if ((j + 1) * BN > kv_len) {
-#pragma unroll
-            for (int t = 0; t < BN / 8; ++t) {
-                u32 col = j * BN + t * 8 + 2 * (lane & 3);
-                if (col >= kv_len) s[t][0] = s[t][2] = NEG_INF;
-                if (col + 1 >= kv_len) s[t][1] = s[t][3] = NEG_INF;
-            }
-        }
-
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = NEG_INF;
-#pragma unroll
-            for (int t = 0; t < BN / 8; ++t) mx = fmaxf(mx, fmaxf(s[t][2 * r], s[t][2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            float m_new = fmaxf(row_max[r], mx * scale_log2);
-            float alpha = fast_exp2(row_max[r] - m_new);
-            row_max[r] = m_new;
-            float sum = 0.0f;
-#pragma unroll
-            for (int t = 0; t < BN / 8; ++t) {
-                s[t][2 * r] = fast_exp2(s[t][2 * r] * scale_log2 - m_new);
-                s[t][2 * r + 1] = fast_exp2(s[t][2 * r + 1] * scale_log2 - m_new);
-                sum += s[t][2 * r] + s[t][2 * r + 1];
-            }
-            row_sum[r] = row_sum[r] * alpha + sum;
-#pragma unroll
-            for (int t = 0; t < D / 8; ++t) {
-                o[t][2 * r] *= alpha;
-                o[t][2 * r + 1] *= alpha;
-            }
-        }
+        float alpha[2];
+        online_softmax<BN>(s, row_max, row_sum, alpha, j * BN, kv_len, scale_log2, lane);
+        rescale<D>(o, alpha);
 
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            u32 a[4] = {pack2<BF16>(s[2 * kk][0], s[2 * kk][1]), pack2<BF16>(s[2 * kk][2], s[2 * kk][3]),
-                        pack2<BF16>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<BF16>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            u32 a[4];
+            probabilities<BF16>(a, s, kk);
 #pragma unroll
             for (int dp = 0; dp < D / 16; ++dp) {
                 u32 b[4];
                 int mi = lane >> 3;
                 ldmatrix_x4_trans(b, smem_addr(vt + (kk * 16 + (mi & 1) * 8 + (lane & 7)) * STRIDE + dp * 16 + (mi >> 1) * 8));
-                mma16816<BF16>(o[2 * dp], a, b[0], b[1]);
-                mma16816<BF16>(o[2 * dp + 1], a, b[2], b[3]);
+                mma16816<BF16>(&o[8 * dp], a, b[0], b[1]);
+                mma16816<BF16>(&o[8 * dp + 4], a, b[2], b[3]);
             }
         }
         __syncthreads();
     }
 
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
-        u32 row = q0 + warp * 16 + (lane >> 2) + 8 * r;
-        if (row >= q_len) continue;
-        float inv = 1.0f / row_sum[r];
-        u32* dst = (u32*)(out + (bh * q_len + row) * head_dim);
-#pragma unroll
-        for (int t = 0; t < D / 8; ++t) {
-            u32 col = t * 8 + 2 * (lane & 3);
-            if (col < head_dim) dst[col / 2] = pack2<BF16>(o[t][2 * r] * inv, o[t][2 * r + 1] * inv);
-        }
-    }
+    store_rows<D, BF16>(o, row_sum, out, bh, q0 + warp * 16, q_len, head_dim, lane);
 }
 
 #define FLASH_INSTANCE(D, WARPS)                                                                                                        \
@@ -232,6 +289,273 @@ FLASH_INSTANCE(80, FA_WARPS)
 FLASH_INSTANCE(96, FA_WARPS)
 FLASH_INSTANCE(128, FA_WARPS)
 FLASH_INSTANCE(160, FA_WARPS)
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// Shared-memory matrix descriptor for wgmma (PTX ISA, "Matrix Descriptor Format"): start
+// address, leading and stride byte offsets (in 16-byte units) and the 128-byte swizzle
+// mode. For a K-major operand the stride offset steps between 8-row groups (the leading
+// offset is unused); for an MN-major one the leading offset steps between 64-element
+// column blocks and the stride offset between 8-row groups along K.
+__device__ __forceinline__ u64 wg_desc(u32 addr, u32 lead, u32 stride) {
+    return (u64)((addr & 0x3FFFF) >> 4) | (u64)((lead >> 4) & 0x3FFF) << 16 | (u64)((stride >> 4) & 0x3FFF) << 32 | 1ull << 62;
+}
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+// Waits until at most N committed groups of this warpgroup's MMAs are in flight.
+template <int N>
+__device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+// Makes cp.async's writes to shared memory visible to wgmma's (async proxy) reads.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// Keeps the compiler from touching accumulators across an asynchronous MMA: every use
+// after the wait depends on this.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+#define WG_ACC64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define WG_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WG_OUT8(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define WG_OUT32(d) WG_OUT8(d, 0), WG_OUT8(d, 8), WG_OUT8(d, 16), WG_OUT8(d, 24)
+#define WG_OUT64(d) WG_OUT32(d), WG_OUT8(d, 32), WG_OUT8(d, 40), WG_OUT8(d, 48), WG_OUT8(d, 56)
+
+// s (+)= Q K^T for a 64 x N x 16 step, both operands K-major in shared memory;
+// `accumulate` 0 overwrites s.
+#define WG_QK(SHAPE, ACC, OUT, A, B, SC)                                                          \
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, " SC ", 0;\n"                                   \
+                 "wgmma.mma_async.sync.aligned." SHAPE " " ACC ", " A ", " B ", p, 1, 1, 0, 0; }" \
+                 : OUT(s)                                                                         \
+                 : "l"(a), "l"(b), "r"(accumulate))
+template <int N, bool BF16>
+__device__ __forceinline__ void wgmma_qk(float (&s)[N / 2], u64 a, u64 b, int accumulate) {
+    if constexpr (N == 128 && BF16) {
+        WG_QK("m64n128k16.f32.bf16.bf16", WG_ACC64, WG_OUT64, "%64", "%65", "%66");
+    } else if constexpr (N == 128) {
+        WG_QK("m64n128k16.f32.f16.f16", WG_ACC64, WG_OUT64, "%64", "%65", "%66");
+    } else if constexpr (BF16) {
+        WG_QK("m64n64k16.f32.bf16.bf16", WG_ACC32, WG_OUT32, "%32", "%33", "%34");
+    } else {
+        WG_QK("m64n64k16.f32.f16.f16", WG_ACC32, WG_OUT32, "%32", "%33", "%34");
+    }
+}
+
+// o += P V for a 64 x D x 16 step: P from registers, V MN-major in shared memory.
+#define WG_PV(SHAPE, ACC, OUT, A, B, ONE)                                                        \
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, " ONE ", 0;\n"                                 \
+                 "wgmma.mma_async.sync.aligned." SHAPE " " ACC ", " A ", " B ", p, 1, 1, 1; }"  \
+                 : OUT(o)                                                                        \
+                 : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(b), "r"(1))
+template <int D, bool BF16>
+__device__ __forceinline__ void wgmma_pv(float (&o)[D / 2], const u32 (&p)[4], u64 b) {
+    if constexpr (D == 128 && BF16) {
+        WG_PV("m64n128k16.f32.bf16.bf16", WG_ACC64, WG_OUT64, "{%64, %65, %66, %67}", "%68", "%69");
+    } else if constexpr (D == 128) {
+        WG_PV("m64n128k16.f32.f16.f16", WG_ACC64, WG_OUT64, "{%64, %65, %66, %67}", "%68", "%69");
+    } else if constexpr (BF16) {
+        WG_PV("m64n64k16.f32.bf16.bf16", WG_ACC32, WG_OUT32, "{%32, %33, %34, %35}", "%36", "%37");
+    } else {
+        WG_PV("m64n64k16.f32.f16.f16", WG_ACC32, WG_OUT32, "{%32, %33, %34, %35}", "%36", "%37");
+    }
+}
+
+// Copies rows [row0, row0 + ROWS) of a [len, D] matrix into shared memory at `dst` (1024-byte
+// aligned) in wgmma's 128-byte swizzled layout: D / 64 column blocks of ROWS rows x 128
+// bytes, the 16-byte chunk c of row r stored at chunk c ^ (r % 8). Rows past `len` are
+// zero-filled.
+template <int D, int ROWS, int THREADS>
+__device__ __forceinline__ void load_swizzled(u32 dst, const u16* src, u32 row0, u32 len) {
+    constexpr int CHUNKS = D / 8;
+#pragma unroll
+    for (int i = threadIdx.x; i < ROWS * CHUNKS; i += THREADS) {
+        int r = i / CHUNKS, c = i % CHUNKS;
+        bool valid = row0 + r < len;
+        const u16* g = valid ? src + (u64)(row0 + r) * D + c * 8 : src;
+        cp_async16(dst + (c >> 3) * (ROWS * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4), g, valid);
+    }
+}
+
+// mbarriers (shared-memory arrive/wait barriers with a phase bit) and named barriers.
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) { asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count)); }
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("{ .reg .b64 state; mbarrier.arrive.shared::cta.b64 state, [%0]; }" ::"r"(bar) : "memory");
+}
+// One arrival on `bar` once all of this thread's earlier cp.async copies have landed.
+__device__ __forceinline__ void mbar_arrive_after_copies(u32 bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile(
+        "{ .reg .pred done;\n"
+        "WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT;\n"
+        "}" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+__device__ __forceinline__ void named_sync(u32 id, u32 threads) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory"); }
+__device__ __forceinline__ void named_arrive(u32 id, u32 threads) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory"); }
+
+template <int D, bool BF16>
+__device__ void flash_attention_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+                                     u16* __restrict__ out, u32 q_len, u32 kv_len, float scale_log2) {
+    constexpr int BM = 128, BN = 128, THREADS = 256;
+    constexpr u32 Q_BYTES = BM * D * 2, TILE_BYTES = BN * D * 2;
+    extern __shared__ __align__(16) unsigned char smem_bytes[];
+    // full[0..2]: K tile in buffer 0/1 landed; full[2..4]: V; empty[..]: both warpgroups
+    // done reading that buffer. Every thread loads part of every tile and arrives on each.
+    __shared__ __align__(8) u64 barriers[8];
+    // The swizzle pattern is a function of the address, so tiles start on 1024-byte
+    // boundaries (the launch reserves 1 KiB for this). K tile j lives in buffer j % 2 of
+    // `ks`, V tile j in buffer j % 2 of `vs`.
+    const u32 qs = (smem_addr(smem_bytes) + 1023) & ~1023u, ks = qs + Q_BYTES, vs = ks + 2 * TILE_BYTES;
+    const u32 full = smem_addr(barriers), empty = full + 32;
+
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const u64 bh = blockIdx.y;
+    const u32 q0 = blockIdx.x * BM;
+    const u16* kb = k + bh * kv_len * D;
+    const u16* vb = v + bh * kv_len * D;
+    const u32 tiles = (kv_len + BN - 1) / BN;
+    // This warpgroup's 64 query rows within each 64-column block of Q.
+    const u32 qw = qs + wg * 64 * 128;
+
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < 8; ++i) mbar_init(full + 8 * i, THREADS);
+    }
+    __syncthreads();
+
+    // Barrier of the K (kind 0) or V (kind 1) buffer holding tile j, and the phase parity
+    // of its use by tile j.
+    auto bar = [](u32 base, int kind, u32 j) { return base + 16 * kind + 8 * (j & 1); };
+    auto parity = [](u32 j) { return (j >> 1) & 1; };
+    // Loads K or V tile j once both warpgroups released the tile two before it.
+    auto load = [&](int kind, u32 j) {
+        if (j >= tiles) return;
+        if (j >= 2) mbar_wait(bar(empty, kind, j), parity(j - 2));
+        load_swizzled<D, BN, THREADS>((kind ? vs : ks) + (j & 1) * TILE_BYTES, kind ? vb : kb, j * BN, kv_len);
+        mbar_arrive_after_copies(bar(full, kind, j));
+    };
+    auto acquire = [&](int kind, u32 j) {
+        mbar_wait(bar(full, kind, j), parity(j));
+        fence_async_smem();
+    };
+    // The two warpgroups take turns issuing MMAs (named barriers 1 and 2), so one's
+    // softmax runs while the other's MMAs occupy the tensor cores.
+    auto my_turn = [&] { named_sync(1 + wg, THREADS); };
+    auto your_turn = [&] { named_arrive(2 - wg, THREADS); };
+
+    float o[D / 2], alpha[2];
+    float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+    // P of the previous key tile, as A fragments.
+    u32 p[BN / 16][4];
+
+    // S = Q K_j^T into `s`, issued asynchronously.
+    auto issue_scores = [&](float (&s)[BN / 2], u32 j) {
+        const u32 kt = ks + (j & 1) * TILE_BYTES;
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            // k16 step kk: column block kk / 4, 32 bytes further per step inside a block.
+            const u32 block = kk >> 2, col = (kk & 3) * 32;
+            wgmma_qk<BN, BF16>(s, wg_desc(qw + block * BM * 128 + col, 16, 1024), wg_desc(kt + block * BN * 128 + col, 16, 1024), kk > 0);
+        }
+        wg_commit();
+    };
+    // O += P_{j-1} V_{j-1}, issued asynchronously.
+    auto issue_values = [&](u32 j) {
+        const u32 vt = vs + ((j - 1) & 1) * TILE_BYTES;
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) wgmma_pv<D, BF16>(o, p[kk], wg_desc(vt + kk * 16 * 128, BN * 128, 1024));
+        wg_commit();
+    };
+    auto keep_probabilities = [&](const float (&s)[BN / 2]) {
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) probabilities<BF16>(p[kk], s, kk);
+    };
+
+    load_swizzled<D, BM, THREADS>(qs, q + bh * q_len * D, q0, q_len);
+    cp_async_commit();
+    load(0, 0);
+    load(0, 1);
+    load(1, 0);
+    cp_async_wait<0>();
+    fence_async_smem();
+    __syncthreads();
+    if (wg == 1) your_turn();
+    {
+        float s[BN / 2];
+        acquire(0, 0);
+        my_turn();
+        issue_scores(s, 0);
+        your_turn();
+        wg_wait<0>();
+        fence_regs(s);
+        mbar_arrive(bar(empty, 0, 0));
+        online_softmax<BN>(s, row_max, row_sum, alpha, 0, kv_len, scale_log2, lane);
+        keep_probabilities(s);
+    }
+
+    // Step j overlaps the softmax of key tile j (CUDA cores) with O += P_{j-1} V_{j-1}
+    // (tensor cores) and, across warpgroups, with the other's MMAs. K_{j+1} and V_j load
+    // meanwhile. No branch may separate an MMA from its wait (ptxas would serialise the
+    // MMAs), hence the last tile's P V after the loop.
+    for (u32 j = 1; j < tiles; ++j) {
+        float s[BN / 2];
+        acquire(0, j);
+        acquire(1, j - 1);
+        my_turn();
+        issue_scores(s, j);
+        issue_values(j);
+        your_turn();
+        load(0, j + 1);
+        load(1, j);
+        wg_wait<1>();
+        fence_regs(s);
+        mbar_arrive(bar(empty, 0, j));
+        online_softmax<BN>(s, row_max, row_sum, alpha, j * BN, kv_len, scale_log2, lane);
+        wg_wait<0>();
+        fence_regs(o);
+        mbar_arrive(bar(empty, 1, j - 1));
+        rescale<D>(o, alpha);
+        keep_probabilities(s);
+    }
+    acquire(1, tiles - 1);
+    my_turn();
+    issue_values(tiles);
+    your_turn();
+    wg_wait<0>();
+    fence_regs(o);
+    // Warpgroup 1 signalled once more than warpgroup 0 waited.
+    if (wg == 0) my_turn();
+
+    store_rows<D, BF16>(o, row_sum, out, bh, q0 + wg * 64 + warp * 16, q_len, D, lane);
+}
+
+// Same signature as the sm_80 kernels; head_dim must equal D.
+#define FLASH_SM90_INSTANCE(D)                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256, 1) flash_attention_sm90_bf16_d##D(const u16* q, const u16* k, const u16* v, \
+                                                                                          u16* out, u32 q_len, u32 kv_len,     \
+                                                                                          u32 head_dim, float scale_log2) {    \
+        flash_attention_sm90<D, true>(q, k, v, out, q_len, kv_len, scale_log2);                                                 \
+    }                                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256, 1) flash_attention_sm90_f16_d##D(const u16* q, const u16* k, const u16* v,  \
+                                                                                         u16* out, u32 q_len, u32 kv_len,      \
+                                                                                         u32 head_dim, float scale_log2) {     \
+        flash_attention_sm90<D, false>(q, k, v, out, q_len, kv_len, scale_log2);                                                \
+    }
+
+FLASH_SM90_INSTANCE(64)
+FLASH_SM90_INSTANCE(128)
+
+#endif
 
 extern "C" __global__ void attention_rows(const void* q, const void* k, const void* v, void* out, int dt, u32 batch_heads, u32 q_len,
                                           u32 kv_len, u32 head_dim, float scale) {

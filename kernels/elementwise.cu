@@ -11,6 +11,10 @@
 // thread per iteration element, grid-stride loop. The runtime merges dimensions first
 // (`MapSpec::collapsed`), so a contiguous op runs at rank 1: the index arithmetic (integer
 // division per dimension) would otherwise bound these memory-bound kernels.
+// Vector path (`vec`, set by the runtime): when the innermost dimension is a multiple of 8,
+// every 16-bit operand is contiguous along it (stride 1, offsets and other strides
+// multiples of 8) and the others broadcast it (stride 0), one thread handles 8 elements
+// with 16-byte loads and stores. Not for rope.
 
 #define OP_COPY 0
 #define OP_UNARY 1
@@ -28,7 +32,7 @@
 #define U_AFFINE 5
 
 struct MapParams {
-    u32 rank, op, unary, total;
+    u32 rank, op, unary, total, vec;
     float alpha, beta;
     u32 out_dtype, out_offset;
     u32 in_dtype[3], in_offset[3];
@@ -49,41 +53,94 @@ __device__ __forceinline__ float apply_unary(u32 u, float x, float alpha, float 
     }
 }
 
+// Element offsets of iteration element `e` in the output and the three inputs.
+__device__ __forceinline__ void locate(const MapParams& p, u32 e, u32& o, u32 (&idx)[3]) {
+    u32 rest = e;
+    o = p.out_offset;
+    idx[0] = p.in_offset[0];
+    idx[1] = p.in_offset[1];
+    idx[2] = p.in_offset[2];
+    for (int k = (int)p.rank - 1; k >= 0; --k) {
+        u32 c = rest % p.shape[k];
+        rest /= p.shape[k];
+        o += c * p.out_stride[k];
+        for (int i = 0; i < 3; ++i) {
+            u32 d = p.in_div[i][k];
+            idx[i] += (d == 1 ? c : c / d) * p.in_stride[i][k];
+        }
+    }
+}
+
+// Every op but rope, on one element's input values.
+__device__ __forceinline__ float apply_op(const MapParams& p, float a, float b, float c) {
+    switch (p.op) {
+        case OP_COPY: return a;
+        case OP_UNARY: return apply_unary(p.unary, a, p.alpha, p.beta);
+        case OP_ADD_SCALED: return p.alpha * a + p.beta * b;
+        case OP_MUL: return a * b;
+        case OP_MODULATE: return a * (1.0f + b) + c;
+        default: return a + b * c;
+    }
+}
+
+// How many inputs the op reads.
+__device__ __forceinline__ int arity(u32 op) { return op == OP_COPY || op == OP_UNARY ? 1 : op == OP_MODULATE || op == OP_GATED_ADD ? 3 : 2; }
+
+__device__ __forceinline__ float half_to_f32(u32 bits, int dt) { return dt == DT_F16 ? f16_to_f32((u16)bits) : bf16_to_f32((u16)bits); }
+
+__device__ void map_vec8(const MapParams& p, void* out, const void* const (&ins)[3]) {
+    const int n = arity(p.op);
+    const u32 last = p.rank - 1;
+    for (u32 v = blockIdx.x * blockDim.x + threadIdx.x; v < p.total / 8; v += gridDim.x * blockDim.x) {
+        u32 o, idx[3];
+        locate(p, v * 8, o, idx);
+        float x[3][8];
+        for (int i = 0; i < n; ++i) {
+            if (p.in_stride[i][last] == 0) {
+                float b = load_f32(ins[i], idx[i], p.in_dtype[i]);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) x[i][j] = b;
+            } else {
+                uint4 w = ((const uint4*)ins[i])[idx[i] / 8];
+                u32 words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+                for (int j = 0; j < 8; ++j) x[i][j] = half_to_f32(words[j / 2] >> (16 * (j & 1)), p.in_dtype[i]);
+            }
+        }
+        u32 words[4];
+#pragma unroll
+        for (int j = 0; j < 8; j += 2) {
+            float r0 = apply_op(p, x[0][j], n > 1 ? x[1][j] : 0.0f, n > 2 ? x[2][j] : 0.0f);
+            float r1 = apply_op(p, x[0][j + 1], n > 1 ? x[1][j + 1] : 0.0f, n > 2 ? x[2][j + 1] : 0.0f);
+            u32 lo = p.out_dtype == DT_F16 ? f32_to_f16(r0) : f32_to_bf16(r0);
+            u32 hi = p.out_dtype == DT_F16 ? f32_to_f16(r1) : f32_to_bf16(r1);
+            words[j / 2] = lo | (hi << 16);
+        }
+        ((uint4*)out)[o / 8] = make_uint4(words[0], words[1], words[2], words[3]);
+    }
+}
+
 extern "C" __global__ void map_kernel(MapParams p, void* out, const void* in0, const void* in1, const void* in2) {
-    const void* ins[3] = {in0, in1, in2};
+    const void* const ins[3] = {in0, in1, in2};
+    if (p.vec) {
+        map_vec8(p, out, ins);
+        return;
+    }
     for (u32 e = blockIdx.x * blockDim.x + threadIdx.x; e < p.total; e += gridDim.x * blockDim.x) {
-        u32 rest = e, o = p.out_offset;
-        u32 idx[3] = {p.in_offset[0], p.in_offset[1], p.in_offset[2]};
-        for (int k = (int)p.rank - 1; k >= 0; --k) {
-            u32 c = rest % p.shape[k];
-            rest /= p.shape[k];
-            o += c * p.out_stride[k];
-            for (int i = 0; i < 3; ++i) {
-                u32 d = p.in_div[i][k];
-                idx[i] += (d == 1 ? c : c / d) * p.in_stride[i][k];
-            }
-        }
+        u32 o, idx[3];
+        locate(p, e, o, idx);
         float a = load_f32(ins[0], idx[0], p.in_dtype[0]);
-        float r;
-        switch (p.op) {
-            case OP_COPY: r = a; break;
-            case OP_UNARY: r = apply_unary(p.unary, a, p.alpha, p.beta); break;
-            case OP_ADD_SCALED: r = p.alpha * a + p.beta * load_f32(ins[1], idx[1], p.in_dtype[1]); break;
-            case OP_MUL: r = a * load_f32(ins[1], idx[1], p.in_dtype[1]); break;
-            case OP_MODULATE:
-                r = a * (1.0f + load_f32(ins[1], idx[1], p.in_dtype[1])) + load_f32(ins[2], idx[2], p.in_dtype[2]);
-                break;
-            case OP_GATED_ADD:
-                r = a + load_f32(ins[1], idx[1], p.in_dtype[1]) * load_f32(ins[2], idx[2], p.in_dtype[2]);
-                break;
-            default: {
-                float x1 = load_f32(ins[0], idx[0] + 1, p.in_dtype[0]);
-                float cs = load_f32(ins[1], idx[1], p.in_dtype[1]);
-                float sn = load_f32(ins[2], idx[2], p.in_dtype[2]);
-                store_f32(out, o + 1, p.out_dtype, a * sn + x1 * cs);
-                r = a * cs - x1 * sn;
-            }
+        if (p.op == OP_ROPE) {
+            float x1 = load_f32(ins[0], idx[0] + 1, p.in_dtype[0]);
+            float cs = load_f32(ins[1], idx[1], p.in_dtype[1]);
+            float sn = load_f32(ins[2], idx[2], p.in_dtype[2]);
+            store_f32(out, o + 1, p.out_dtype, a * sn + x1 * cs);
+            store_f32(out, o, p.out_dtype, a * cs - x1 * sn);
+            continue;
         }
-        store_f32(out, o, p.out_dtype, r);
+        const int n = arity(p.op);
+        float b = n > 1 ? load_f32(ins[1], idx[1], p.in_dtype[1]) : 0.0f;
+        float c = n > 2 ? load_f32(ins[2], idx[2], p.in_dtype[2]) : 0.0f;
+        store_f32(out, o, p.out_dtype, apply_op(p, a, b, c));
     }
 }

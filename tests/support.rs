@@ -83,23 +83,32 @@ pub fn gpu_default_limits() -> Option<&'static WgpuBackend> {
 /// device is a failure instead.
 pub fn cuda() -> Option<&'static CudaBackend> {
     static B: OnceLock<Option<CudaBackend>> = OnceLock::new();
-    B.get_or_init(|| {
-        match CudaBackend::new(&CudaOptions {
-            poison: true,
-            ..Default::default()
-        }) {
-            Ok(b) => {
-                eprintln!("testing on {}", b.name());
-                Some(b)
-            }
-            Err(e) if std::env::var_os("SDLITE_REQUIRE_CUDA").is_some() => panic!("SDLITE_REQUIRE_CUDA is set but: {e}"),
-            Err(e) => {
-                eprintln!("no CUDA device ({e}): CUDA cases not run");
-                None
-            }
+    B.get_or_init(|| open_cuda(true)).as_ref()
+}
+
+/// The same device running the portable sm_80 attention kernel even on Hopper, so that
+/// kernel stays tested there too.
+pub fn cuda_portable_attention() -> Option<&'static CudaBackend> {
+    static B: OnceLock<Option<CudaBackend>> = OnceLock::new();
+    B.get_or_init(|| open_cuda(false)).as_ref()
+}
+
+fn open_cuda(hopper_attention: bool) -> Option<CudaBackend> {
+    match CudaBackend::new(&CudaOptions {
+        poison: true,
+        hopper_attention,
+        ..Default::default()
+    }) {
+        Ok(b) => {
+            eprintln!("testing on {} (Hopper attention {hopper_attention})", b.name());
+            Some(b)
         }
-    })
-    .as_ref()
+        Err(e) if std::env::var_os("SDLITE_REQUIRE_CUDA").is_some() => panic!("SDLITE_REQUIRE_CUDA is set but: {e}"),
+        Err(e) => {
+            eprintln!("no CUDA device ({e}): CUDA cases not run");
+            None
+        }
+    }
 }
 
 /// A backend under test, and which operand sizes it can run without splitting.

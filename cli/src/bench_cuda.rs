@@ -51,21 +51,30 @@ fn read(c: &CudaBackend, t: &Tensor<CudaBackend>) -> Result<HostTensor> {
 }
 
 /// The two kernels a Wan step is made of, alone at the full-size shapes: self-attention
-/// (32,760 tokens, 12 heads of 128) and the FFN's first GEMM, in TFLOP/s.
+/// (32,760 tokens, 12 heads of 128; also through the portable sm_80 kernel when the device
+/// has a Hopper one) and the FFN's first GEMM, in TFLOP/s.
 fn kernel_rates(c: &CudaBackend, iters: usize) -> Result<()> {
     use sdlite_runtime::ops;
     let random = |shape: &[usize], seed: u64| crate::random(c, shape, DType::BF16, seed);
     let (s, h, d) = (32760, 12, 128);
     let q = random(&[1, h, s, d], 1)?;
-    let (secs, _) = timed(c, iters, || {
-        ops::attention(c, &q, &q, &q, 0.088)?;
-        Ok(HostTensor::from_f32(&[0], vec![])?)
+    let portable = CudaBackend::new(&CudaOptions {
+        hopper_attention: false,
+        ..Default::default()
     })?;
-    println!(
-        "attention {s}x{h}x{d} bf16: {:.2} ms, {:.0} TFLOP/s",
-        secs * 1e3,
-        4.0 * (s * s * h * d) as f64 / secs / 1e12
-    );
+    let qp = crate::random(&portable, &[1, h, s, d], DType::BF16, 1)?;
+    for (b, q, kernel) in [(c, &q, "default kernel"), (&portable, &qp, "portable sm_80 kernel")] {
+        let (secs, _) = timed(b, iters, || {
+            ops::attention(b, q, q, q, 0.088)?;
+            Ok(HostTensor::from_f32(&[0], vec![])?)
+        })?;
+        println!(
+            "attention {s}x{h}x{d} bf16 ({kernel}): {:.2} ms, {:.0} TFLOP/s",
+            secs * 1e3,
+            4.0 * (s * s * h * d) as f64 / secs / 1e12
+        );
+    }
+    drop((qp, portable));
     let (x, w) = (random(&[s, 1536], 2)?, random(&[8960, 1536], 3)?);
     let (secs, _) = timed(c, iters, || {
         ops::linear(c, &x, &w, None)?;

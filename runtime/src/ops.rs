@@ -390,6 +390,9 @@ pub fn attention<B: Backend>(b: &B, q: &Tensor<B>, k: &Tensor<B>, v: &Tensor<B>,
             format!("q {qs:?}, k {ks:?}, v {vs:?} disagree (expected [b, h, s, d] with equal b, h, d)"),
         ));
     }
+    if ks[2] == 0 && q.numel() > 0 {
+        return Err(shape_err(op, format!("k {ks:?} has no keys: softmax over an empty sequence")));
+    }
     let spec = AttentionSpec {
         batch_heads: qs[0] * qs[1],
         q_len: qs[2],

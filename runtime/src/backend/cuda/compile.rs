@@ -52,9 +52,12 @@ impl Family {
         format!("{COMMON}\n#line 1 \"{}\"\n{}", self.file(), self.body())
     }
 
+    /// NVRTC options for a device of compute capability `arch`. Hopper compiles as sm_90a,
+    /// which enables the warpgroup instructions the attention file uses there.
     pub fn options(self, arch: (i32, i32)) -> Vec<String> {
+        let suffix = if arch == (9, 0) { "a" } else { "" };
         vec![
-            format!("--gpu-architecture=sm_{}{}", arch.0, arch.1),
+            format!("--gpu-architecture=sm_{}{}{suffix}", arch.0, arch.1),
             "--std=c++17".into(),
             format!("-DFA_WARPS={FLASH_WARPS}"),
             format!("-DFA_BN={FLASH_KEYS_PER_TILE}"),
@@ -207,7 +210,8 @@ mod tests {
             let s = f.source();
             assert!(s.starts_with(COMMON));
             assert!(s.contains(&format!("#line 1 \"{}\"", f.file())));
-            assert!(f.options((9, 0)).contains(&"--gpu-architecture=sm_90".to_string()));
+            assert!(f.options((9, 0)).contains(&"--gpu-architecture=sm_90a".to_string()));
+            assert!(f.options((8, 9)).contains(&"--gpu-architecture=sm_89".to_string()));
         }
     }
 }

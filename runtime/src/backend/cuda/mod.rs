@@ -59,6 +59,20 @@ const FLASH_F16: [&str; 7] = [
     "flash_attention_f16_d128",
     "flash_attention_f16_d160",
 ];
+/// The Hopper (wgmma) flash kernels: head sizes 64 and 128 exactly, 128 query rows and 128
+/// keys per tile, two warpgroups.
+const FLASH_SM90_BF16: [(usize, &str); 2] = [(64, "flash_attention_sm90_bf16_d64"), (128, "flash_attention_sm90_bf16_d128")];
+const FLASH_SM90_F16: [(usize, &str); 2] = [(64, "flash_attention_sm90_f16_d64"), (128, "flash_attention_sm90_f16_d128")];
+const FLASH_SM90_ROWS: usize = 128;
+const FLASH_SM90_KEYS: usize = 128;
+
+/// One flash-attention launch shape: kernel, query rows per block, threads, shared bytes.
+struct FlashKernel {
+    name: &'static str,
+    rows: usize,
+    threads: u32,
+    smem: u32,
+}
 
 #[derive(Clone, Debug)]
 pub struct CudaOptions {
@@ -72,6 +86,9 @@ pub struct CudaOptions {
     /// Synchronise after every primitive and add its time to a per-primitive table
     /// (`CudaBackend::profile`); slows the run, shows where the time goes.
     pub profile: bool,
+    /// Use the Hopper (wgmma) attention kernel on sm_90 devices; off runs the portable
+    /// sm_80 kernel there too (tests and comparisons).
+    pub hopper_attention: bool,
 }
 
 impl Default for CudaOptions {
@@ -81,6 +98,7 @@ impl Default for CudaOptions {
             poison: false,
             pool_bytes: 16 << 30,
             profile: false,
+            hopper_attention: true,
         }
     }
 }
@@ -158,6 +176,7 @@ pub struct CudaBackend {
     name: String,
     arch: (i32, i32),
     poison: bool,
+    hopper_attention: bool,
     gemm: Gemm,
     modules: Mutex<HashMap<Family, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
@@ -179,6 +198,7 @@ struct MapParams {
     op: u32,
     unary: u32,
     total: u32,
+    vec: u32,
     alpha: f32,
     beta: f32,
     out_dtype: u32,
@@ -247,6 +267,23 @@ fn u32_of(v: usize, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::Invalid(format!("CUDA backend: {what} = {v} exceeds the kernels' 32-bit indexing")))
 }
 
+/// Whether `map_kernel` may take its 8-wide path (see elementwise.cu): innermost dimension a
+/// multiple of 8 that every 16-bit operand walks contiguously from an aligned start and
+/// every other operand broadcasts.
+fn vectorizable(s: &MapSpec, out_dtype: DType, inputs: &[&CudaTensor]) -> bool {
+    let Some(last) = s.shape.len().checked_sub(1) else { return false };
+    let aligned = |v: &View| v.offset % 8 == 0 && v.strides[..last].iter().all(|st| st % 8 == 0);
+    s.op != MapOp::Rope
+        && s.shape[last] % 8 == 0
+        && out_dtype.size() == 2
+        && s.out.strides[last] == 1
+        && aligned(&s.out)
+        && inputs
+            .iter()
+            .zip(&s.inputs)
+            .all(|(t, v)| v.div[last] <= 1 && (v.strides[last] == 0 || (v.strides[last] == 1 && t.dtype().size() == 2 && aligned(v))))
+}
+
 fn grid_for(total: usize, threads: usize) -> u32 {
     total.div_ceil(threads).clamp(1, 1 << 20) as u32
 }
@@ -283,6 +320,7 @@ impl CudaBackend {
             name,
             arch,
             poison: options.poison,
+            hopper_attention: options.hopper_attention,
             gemm,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
@@ -363,6 +401,22 @@ impl CudaBackend {
         let f = module
             .load_function(name)
             .map_err(|e| gpu_err(&format!("kernel {name} in {}", family.file()), e))?;
+        if family == Family::Attention {
+            // The flash kernels' tiles exceed the default 48 KiB; allowing the device's
+            // opt-in maximum (less the kernel's static shared memory) once covers every launch.
+            let optin = self
+                .ctx
+                .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+                .map_err(|e| gpu_err("shared memory limit", e))?;
+            let fixed = f
+                .get_attribute(drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                .map_err(|e| gpu_err(&format!("{name} static shared memory"), e))?;
+            f.set_attribute(
+                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                optin - fixed,
+            )
+            .map_err(|e| gpu_err(&format!("{name} shared memory"), e))?;
+        }
         self.functions.lock().expect("function cache").insert(name, f.clone());
         Ok(f)
     }
@@ -534,16 +588,34 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// The flash kernel (name, compiled head size) for this attention, if one applies.
-    fn flash_kernel(&self, dtype: DType, s: &AttentionSpec) -> Option<(&'static str, usize)> {
-        let names = match dtype {
-            DType::BF16 => &FLASH_BF16,
-            DType::F16 => &FLASH_F16,
+    /// The flash kernel for this attention, if one applies: the Hopper kernel on sm_90 for
+    /// head sizes 64 and 128, else the sm_80 kernel compiled for the next head size up.
+    fn flash_kernel(&self, dtype: DType, s: &AttentionSpec) -> Option<FlashKernel> {
+        let (names, sm90) = match dtype {
+            DType::BF16 => (&FLASH_BF16, &FLASH_SM90_BF16),
+            DType::F16 => (&FLASH_F16, &FLASH_SM90_F16),
             DType::F32 => return None,
         };
-        let fits = s.head_dim.is_multiple_of(8) && s.scale > 0.0 && s.batch_heads <= 65535 && self.arch.0 >= 8;
-        let i = FLASH_HEAD_DIMS.iter().position(|&d| d >= s.head_dim).filter(|_| fits)?;
-        Some((names[i], FLASH_HEAD_DIMS[i]))
+        if !(s.head_dim.is_multiple_of(8) && s.scale > 0.0 && s.batch_heads <= 65535 && self.arch.0 >= 8) {
+            return None;
+        }
+        if self.hopper_attention && self.arch == (9, 0) {
+            if let Some(&(d, name)) = sm90.iter().find(|(d, _)| *d == s.head_dim) {
+                return Some(FlashKernel {
+                    name,
+                    rows: FLASH_SM90_ROWS,
+                    threads: 256,
+                    smem: ((FLASH_SM90_ROWS + 4 * FLASH_SM90_KEYS) * d * 2 + 1024) as u32,
+                });
+            }
+        }
+        let i = FLASH_HEAD_DIMS.iter().position(|&d| d >= s.head_dim)?;
+        Some(FlashKernel {
+            name: names[i],
+            rows: 16 * FLASH_WARPS,
+            threads: 32 * FLASH_WARPS as u32,
+            smem: ((16 * FLASH_WARPS + 4 * FLASH_KEYS_PER_TILE) * (FLASH_HEAD_DIMS[i] + 8) * 2) as u32,
+        })
     }
 }
 
@@ -795,20 +867,20 @@ impl Backend for CudaBackend {
             u32_of(s.kv_len, "kv_len")?,
             u32_of(s.head_dim, "head_dim")?,
         );
-        if let Some((name, d)) = self.flash_kernel(dtype, s) {
-            let f = self.function(Family::Attention, name)?;
-            let rows = 16 * FLASH_WARPS;
-            let smem = ((rows + 4 * FLASH_KEYS_PER_TILE) * (d + 8) * 2) as u32;
-            f.set_attribute(
-                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(|e| gpu_err("flash attention shared memory", e))?;
+        if out.numel() == 0 {
+            return Ok(out);
+        }
+        if let Some(fk) = self.flash_kernel(dtype, s) {
+            let f = self.function(Family::Attention, fk.name)?;
             let scale_log2 = s.scale * std::f32::consts::LOG2_E;
             let cfg = LaunchConfig {
-                grid_dim: (s.q_len.div_ceil(rows) as u32, s.batch_heads as u32, 1),
-                block_dim: (32 * FLASH_WARPS as u32, 1, 1),
-                shared_mem_bytes: smem,
+                grid_dim: (
+                    u32_of(s.q_len.div_ceil(fk.rows), "attention query blocks")?,
+                    s.batch_heads as u32,
+                    1,
+                ),
+                block_dim: (fk.threads, 1, 1),
+                shared_mem_bytes: fk.smem,
             };
             let mut l = self.stream.launch_builder(&f);
             l.arg(&qp)
@@ -819,8 +891,8 @@ impl Backend for CudaBackend {
                 .arg(&kv_len)
                 .arg(&head_dim)
                 .arg(&scale_log2);
-            // SAFETY: arguments match the flash kernels' signature; tensors are [bh, len, head_dim].
-            unsafe { l.launch(cfg) }.map_err(|e| gpu_err(name, e))?;
+            // SAFETY: arguments match the flash kernels' signatures; tensors are [bh, len, head_dim].
+            unsafe { l.launch(cfg) }.map_err(|e| gpu_err(fk.name, e))?;
             return Ok(out);
         }
         if s.head_dim > 512 {
@@ -903,9 +975,10 @@ impl Backend for CudaBackend {
                 p.in_div[i][k] = v.div[k].max(1) as u32;
             }
         }
+        p.vec = vectorizable(s, out.dtype(), inputs) as u32;
         let f = self.function(Family::Elementwise, "map_kernel")?;
         let cfg = LaunchConfig {
-            grid_dim: (grid_for(total, 256), 1, 1),
+            grid_dim: (grid_for(if p.vec == 1 { total / 8 } else { total }, 256), 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
