@@ -9,6 +9,10 @@
 // the GPU: norm_partial writes, per (row, chunk), the sums of (x - x[row, 0]) and its
 // square in f32 (the shift keeps the variance from cancelling); norm_apply first reduces a
 // row's chunks in f64, then normalises its own part of the row. Grids are (rows, chunks).
+// norm_rows: the same for rows of at most NORM_ROW_MAX elements in one pass, one warp per
+// row (8 rows per block of 256): the whole row's statistics stay in registers, and the
+// second read of x hits the cache. The many short rows of a transformer (q/k RMS norm,
+// adaLN layer norm) take this path.
 // softmax_rows: one block per row, max, f64 sum of exponentials, write.
 // Layout: contiguous rows; any storage dtype, f32 arithmetic. Limits: row_len < 2^32.
 
@@ -45,12 +49,43 @@ struct NormApply {
     u32 rows_per_batch;
 };
 
+// Mean (0 for RMS) and reciprocal standard deviation of a row of `n` elements from the sums
+// of (x - shift) and its square; `shift` is x[row, 0] for layer/group norm, else 0.
+__device__ __forceinline__ void norm_stats(int kind, double n, double s, double s2, float shift, float eps, float& mean, float& rstd) {
+    if (kind == NORM_MEANVAR) {
+        double m = s / n;
+        double var = fmax(s2 / n - m * m, 0.0);
+        mean = (float)(m + (double)shift);
+        rstd = (float)(1.0 / sqrt(var + (double)eps));
+    } else {
+        mean = 0.0f;
+        rstd = (float)(1.0 / sqrt(s2 / n + (double)eps));
+    }
+}
+
+// Normalises, applies the affine parameters and the epilogue to element i of `row`, and
+// stores it.
+__device__ __forceinline__ void norm_store(const NormApply& p, const void* x, void* out, const void* gamma, const void* beta,
+                                           const void* mod_scale, const void* mod_shift, u32 row, u32 i, float mean, float rstd) {
+    const u64 base = (u64)row * p.row_len;
+    float y = (load_f32(x, base + i, p.x_dtype) - mean) * rstd;
+    u32 pi = (row % p.groups) * p.channels_per_group + (p.inner == 1 ? i : i / p.inner);
+    if (gamma) y *= load_f32(gamma, pi, p.gamma_dtype);
+    if (beta) y += load_f32(beta, pi, p.beta_dtype);
+    if (p.epilogue == EPI_SILU) {
+        y = y / (1.0f + expf(-y));
+    } else if (p.epilogue == EPI_MODULATE) {
+        u64 m = (u64)(row / p.rows_per_batch) * p.row_len + i;
+        y = y * (1.0f + load_f32(mod_scale, m, p.mod_dtype)) + load_f32(mod_shift, m, p.mod_dtype);
+    }
+    store_f32(out, base + i, p.out_dtype, y);
+}
+
 extern "C" __global__ void norm_apply(NormApply p, const void* x, void* out, const float2* partial, const void* gamma, const void* beta,
                                       const void* mod_scale, const void* mod_shift) {
     __shared__ double scratch[32];
     __shared__ float stats[2];
     u32 row = blockIdx.x;
-    u64 base = (u64)row * p.row_len;
     double s = 0.0, s2 = 0.0;
     for (u32 c = threadIdx.x; c < p.chunks; c += blockDim.x) {
         float2 v = partial[(u64)row * p.chunks + c];
@@ -60,34 +95,35 @@ extern "C" __global__ void norm_apply(NormApply p, const void* x, void* out, con
     s = block_sum(s, scratch);
     s2 = block_sum(s2, scratch);
     if (threadIdx.x == 0) {
-        double n = (double)p.row_len;
-        if (p.kind == NORM_MEANVAR) {
-            double m = s / n;
-            double var = fmax(s2 / n - m * m, 0.0);
-            stats[0] = (float)(m + (double)load_f32(x, base, p.x_dtype));
-            stats[1] = (float)(1.0 / sqrt(var + (double)p.eps));
-        } else {
-            stats[0] = 0.0f;
-            stats[1] = (float)(1.0 / sqrt(s2 / n + (double)p.eps));
-        }
+        float shift = p.kind == NORM_MEANVAR ? load_f32(x, (u64)row * p.row_len, p.x_dtype) : 0.0f;
+        norm_stats(p.kind, (double)p.row_len, s, s2, shift, p.eps, stats[0], stats[1]);
     }
     __syncthreads();
     float mean = stats[0], rstd = stats[1];
     u32 lo = blockIdx.y * p.per_block, hi = min(p.row_len, lo + p.per_block);
-    u32 pbase = (row % p.groups) * p.channels_per_group;
-    u64 mbase = (u64)(row / p.rows_per_batch) * p.row_len;
-    for (u32 i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-        float y = (load_f32(x, base + i, p.x_dtype) - mean) * rstd;
-        u32 pi = pbase + (p.inner == 1 ? i : i / p.inner);
-        if (gamma) y *= load_f32(gamma, pi, p.gamma_dtype);
-        if (beta) y += load_f32(beta, pi, p.beta_dtype);
-        if (p.epilogue == EPI_SILU) {
-            y = y / (1.0f + expf(-y));
-        } else if (p.epilogue == EPI_MODULATE) {
-            y = y * (1.0f + load_f32(mod_scale, mbase + i, p.mod_dtype)) + load_f32(mod_shift, mbase + i, p.mod_dtype);
-        }
-        store_f32(out, base + i, p.out_dtype, y);
+    for (u32 i = lo + threadIdx.x; i < hi; i += blockDim.x) norm_store(p, x, out, gamma, beta, mod_scale, mod_shift, row, i, mean, rstd);
+}
+
+extern "C" __global__ void norm_rows(NormApply p, u32 rows, const void* x, void* out, const void* gamma, const void* beta, const void* mod_scale,
+                                     const void* mod_shift) {
+    const u32 row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const u64 base = (u64)row * p.row_len;
+    const float shift = p.kind == NORM_MEANVAR ? load_f32(x, base, p.x_dtype) : 0.0f;
+    float s = 0.0f, s2 = 0.0f;
+    for (u32 i = lane; i < p.row_len; i += 32) {
+        float v = load_f32(x, base + i, p.x_dtype) - shift;
+        s += v;
+        s2 += v * v;
     }
+    double ds = s, ds2 = s2;
+    for (int o = 16; o > 0; o >>= 1) {
+        ds += __shfl_xor_sync(0xffffffffu, ds, o);
+        ds2 += __shfl_xor_sync(0xffffffffu, ds2, o);
+    }
+    float mean, rstd;
+    norm_stats(p.kind, (double)p.row_len, ds, ds2, shift, p.eps, mean, rstd);
+    for (u32 i = lane; i < p.row_len; i += 32) norm_store(p, x, out, gamma, beta, mod_scale, mod_shift, row, i, mean, rstd);
 }
 
 extern "C" __global__ void softmax_rows(const void* x, void* out, int dt, u32 cols) {

@@ -601,7 +601,7 @@ fn cuda_flash_attention_long_sequence_matches_reference() {
                     BF16_TOL,
                     inputs,
                     [d],
-                    |b, x, p| { ops::attention(b, &x[0], &x[1], &x[2], 1.0 / (p[0] as f32).sqrt()) }
+                    |b, x, p| ops::attention(b, &x[0], &x[1], &x[2], 1.0 / (p[0] as f32).sqrt())
                 );
             }
         }

@@ -39,6 +39,8 @@ pub type CudaTensor = Tensor<CudaBackend>;
 const IM2COL_BYTES: usize = 256 << 20;
 /// Elements of a row one normalisation block reduces or writes.
 const NORM_CHUNK: usize = 8192;
+/// Longest row the one-pass, warp-per-row normalisation takes (`norm_rows`).
+const NORM_ROW_MAX: usize = 4096;
 /// Flash-attention head sizes compiled (multiples of 16); others round up to the next.
 const FLASH_HEAD_DIMS: [usize; 7] = [32, 48, 64, 80, 96, 128, 160];
 const FLASH_BF16: [&str; 7] = [
@@ -513,6 +515,9 @@ impl CudaBackend {
             Some(NormThen::Modulate { .. }) => "norm + modulate",
         });
         let out = self.tensor(x.shape(), x.dtype())?;
+        if out.numel() == 0 {
+            return Ok(out);
+        }
         let chunks = s.row_len.div_ceil(NORM_CHUNK).max(1);
         if chunks > 65535 {
             return Err(Error::Invalid(format!(
@@ -520,25 +525,12 @@ impl CudaBackend {
                 s.row_len
             )));
         }
-        let partial = self.tensor(&[s.rows, chunks, 2], DType::F32)?;
-        let threads = 256u32;
-        let partial_fn = self.function(Family::Norm, "norm_partial")?;
         let kind = match s.kind {
             NormKind::MeanVar => 0i32,
             NormKind::Rms => 1,
         };
-        let (row_len, chunk, chunks32) = (u32_of(s.row_len, "row length")?, NORM_CHUNK as u32, chunks as u32);
-        let (xp, pp, dt) = (Self::ptr(x), Self::ptr(&partial), dtype_code(x.dtype()) as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (u32_of(s.rows, "rows")?, chunks32, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut l = self.stream.launch_builder(&partial_fn);
-        l.arg(&xp).arg(&dt).arg(&row_len).arg(&chunk).arg(&chunks32).arg(&kind).arg(&pp);
-        // SAFETY: arguments match norm_partial's signature; buffers hold rows*row_len and rows*chunks*2 elements.
-        unsafe { l.launch(cfg) }.map_err(|e| gpu_err("norm_partial", e))?;
-
+        let (row_len, rows) = (u32_of(s.row_len, "row length")?, u32_of(s.rows, "rows")?);
+        let (xp, dt) = (Self::ptr(x), dtype_code(x.dtype()) as i32);
         let shift_cast;
         let (epilogue, mod_ptrs, mod_dtype, rows_per_batch) = match then {
             None => (0, (0u64, 0u64), 0, 1),
@@ -557,7 +549,7 @@ impl CudaBackend {
         };
         let p = NormApply {
             row_len,
-            chunks: chunks32,
+            chunks: chunks as u32,
             per_block: NORM_CHUNK as u32,
             groups: u32_of(s.groups, "groups")?,
             channels_per_group: u32_of(s.channels_per_group, "channels per group")?,
@@ -572,8 +564,46 @@ impl CudaBackend {
             eps: s.eps,
             rows_per_batch: u32_of(rows_per_batch, "rows per batch")?,
         };
-        let apply = self.function(Family::Norm, "norm_apply")?;
         let (op, gp, bp) = (Self::ptr(&out), gamma.map_or(0, Self::ptr), beta.map_or(0, Self::ptr));
+        if s.row_len <= NORM_ROW_MAX {
+            let f = self.function(Family::Norm, "norm_rows")?;
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(8), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut l = self.stream.launch_builder(&f);
+            l.arg(&p)
+                .arg(&rows)
+                .arg(&xp)
+                .arg(&op)
+                .arg(&gp)
+                .arg(&bp)
+                .arg(&mod_ptrs.0)
+                .arg(&mod_ptrs.1);
+            // SAFETY: arguments match norm_rows' signature; parameter tensors were validated by ops.
+            unsafe { l.launch(cfg) }.map_err(|e| gpu_err("norm_rows", e))?;
+            return Ok(out);
+        }
+        let partial = self.tensor(&[s.rows, chunks, 2], DType::F32)?;
+        let pp = Self::ptr(&partial);
+        let cfg = LaunchConfig {
+            grid_dim: (rows, chunks as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let partial_fn = self.function(Family::Norm, "norm_partial")?;
+        let mut l = self.stream.launch_builder(&partial_fn);
+        l.arg(&xp)
+            .arg(&dt)
+            .arg(&row_len)
+            .arg(&p.per_block)
+            .arg(&p.chunks)
+            .arg(&kind)
+            .arg(&pp);
+        // SAFETY: arguments match norm_partial's signature; buffers hold rows*row_len and rows*chunks*2 elements.
+        unsafe { l.launch(cfg) }.map_err(|e| gpu_err("norm_partial", e))?;
+        let apply = self.function(Family::Norm, "norm_apply")?;
         let mut l = self.stream.launch_builder(&apply);
         l.arg(&p)
             .arg(&xp)
