@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: every crate's tests (wgpu kernels against the CPU reference, on the local
-# adapter: lavapipe where there is no GPU), then the wasm32 build of the runtime.
+# The test command: the browser demo's wasm32 build, then every crate's tests (wgpu kernels
+# against the CPU reference on the local adapter: lavapipe where there is no GPU; the demo
+# page in headless Chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # lavapipe warns about this when it is unset; harmless, but keep the log clean.
@@ -12,6 +13,5 @@ if ls target/nvrtc/libnvrtc.so.* >/dev/null 2>&1; then
     export LD_LIBRARY_PATH="$PWD/target/nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     export SDLITE_REQUIRE_NVRTC=1
 fi
+bash scripts/build-web.sh --locked
 cargo test --workspace --locked
-bash scripts/build-wasm.sh --locked
-echo "wasm32 build of sdlite-runtime: ok"

@@ -316,13 +316,6 @@ fn explain(e: Error) -> anyhow::Error {
     }
 }
 
-/// `[3, h, w]` values in [0, 1] as interleaved 8-bit RGB.
-fn to_rgb8(chw: &[f32], plane: usize) -> Vec<u8> {
-    (0..plane)
-        .flat_map(|i| (0..3).map(move |c| (chw[c * plane + i] * 255.0).round().clamp(0.0, 255.0) as u8))
-        .collect()
-}
-
 /// Frame `f` `[3, h, w]` of a video `[3, frames, h, w]`.
 fn frame_chw(video: &[f32], frames: usize, f: usize, plane: usize) -> Vec<f32> {
     (0..3)
@@ -343,7 +336,7 @@ fn encoder(path: &Path, width: usize, height: usize, parameters: &str) -> Result
 pub fn write_png(path: &Path, chw: &[f32], width: usize, height: usize, parameters: &str) -> Result<()> {
     encoder(path, width, height, parameters)?
         .write_header()?
-        .write_image_data(&to_rgb8(chw, width * height))?;
+        .write_image_data(&sdlite_runtime::image::rgb8(chw, width * height))?;
     Ok(())
 }
 
@@ -355,7 +348,7 @@ fn write_apng(path: &Path, video: &[f32], frames: usize, width: usize, height: u
     let mut writer = enc.write_header()?;
     let plane = width * height;
     for f in 0..frames {
-        writer.write_image_data(&to_rgb8(&frame_chw(video, frames, f, plane), plane))?;
+        writer.write_image_data(&sdlite_runtime::image::rgb8(&frame_chw(video, frames, f, plane), plane))?;
     }
     writer.finish()?;
     Ok(())

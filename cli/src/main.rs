@@ -1,8 +1,10 @@
-//! The `sdlite` command: generation, adapter information and the kernel benchmark.
+//! The `sdlite` command: generation, workers, the browser demo server, adapter information
+//! and the benchmarks.
 
 mod bench_cuda;
 mod gen;
 mod remote;
+mod serve;
 
 use std::time::Instant;
 
@@ -24,6 +26,9 @@ enum Command {
     Gen(Box<gen::GenArgs>),
     /// Serve denoiser steps to `sdlite gen --worker` clients over QUIC.
     Worker(Box<remote::WorkerArgs>),
+    /// Serve the browser demo page and model folders over HTTP (build the page with
+    /// scripts/build-web.sh first).
+    Serve(serve::ServeArgs),
     /// Bytes on the wire and overhead per step of offloading full-size Wan2.1-1.3B at
     /// 81x480x832 over loopback, against a worker with a given compute time per step.
     BenchOffload {
@@ -118,6 +123,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Gen(args) => gen::run(*args),
         Command::Worker(args) => remote::worker(*args),
+        Command::Serve(args) => serve::run(args),
         Command::BenchOffload { step_ms, steps } => remote::bench_offload(step_ms, steps),
         Command::BenchWanVae {
             device,

@@ -1,20 +1,12 @@
 //! `sdlite gen` end to end on the tiny test checkpoints (Stable Diffusion and Wan), on the
 //! CPU reference and on wgpu (lavapipe in CI), plus the errors a user sees for bad requests.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/sd-tiny")
-}
-
-fn sdlite(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sdlite"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("sdlite runs")
-}
+use common::{model, read_png, sdlite};
 
 fn gen(backend: &str, out: &Path, seed: &str) -> Output {
     let model = model();
@@ -33,23 +25,6 @@ fn gen(backend: &str, out: &Path, seed: &str) -> Output {
         "--out",
         out.to_str().unwrap(),
     ])
-}
-
-/// The PNG's size, pixels and `parameters` text.
-fn read_png(path: &Path) -> (u32, u32, Vec<u8>, String) {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).expect("png exists")));
-    let mut reader = decoder.read_info().expect("valid png");
-    let mut buf = vec![0; reader.output_buffer_size().expect("size")];
-    let info = reader.next_frame(&mut buf).expect("one frame");
-    let text = reader
-        .info()
-        .uncompressed_latin1_text
-        .iter()
-        .find(|t| t.keyword == "parameters")
-        .map(|t| t.text.clone())
-        .unwrap_or_default();
-    buf.truncate(info.buffer_size());
-    (info.width, info.height, buf, text)
 }
 
 fn temp(name: &str) -> PathBuf {

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod image;
 pub mod models;
 pub mod noise;
 pub mod ops;

@@ -1,0 +1,186 @@
+//! The browser demo in real headless Chromium (WebGPU on SwiftShader), served by `sdlite
+//! serve`: the tiny checkpoint generates in the tab a picture equal to `sdlite gen --backend
+//! wgpu`'s, cancel stops a run, a second visit loads the model from Cache Storage, and a
+//! browser without WebGPU gets a message. Needs the built page (scripts/build-web.sh),
+//! Debian's `chromium` and `npm ci` in tests/web; scripts/test.sh provides all three. Without
+//! them the test is skipped, except under CI=true where that is a failure.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use common::{model, read_png, sdlite};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// What is missing to run the browser test, if anything.
+fn missing() -> Option<String> {
+    let root = root();
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    [
+        (root.join("target/web/site/index.html"), "the built page: run scripts/build-web.sh"),
+        (PathBuf::from(chromium), "chromium: apt-get install chromium"),
+        (
+            root.join("tests/web/node_modules/playwright-core"),
+            "playwright-core: (cd tests/web && npm ci)",
+        ),
+    ]
+    .into_iter()
+    .find(|(p, _)| !p.exists())
+    .map(|(_, what)| what.to_string())
+}
+
+/// Kills the server when the test ends, however it ends.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `sdlite serve` on a free loopback port; returns it and its URL.
+fn serve() -> (Server, String) {
+    let root = root();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sdlite"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--site"])
+        .arg(root.join("target/web/site"))
+        .arg("--models")
+        .arg(root.join("tests/data"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sdlite serve starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("serve prints its address");
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in `{line}`"))
+        .to_string();
+    (Server(child), url)
+}
+
+#[test]
+fn the_page_generates_like_the_native_backend() {
+    if let Some(what) = missing() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI=true but the browser test cannot run: missing {what}"
+        );
+        eprintln!("browser test skipped: missing {what}");
+        return;
+    }
+    let out = root().join("target/web-test");
+    std::fs::create_dir_all(&out).unwrap();
+
+    let native = out.join("native.png");
+    let model = model();
+    let gen = sdlite(&[
+        "gen",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red star on a yellow background",
+        "--steps",
+        "4",
+        "--cfg-scale",
+        "5",
+        "--seed",
+        "7",
+        "--sampler",
+        "euler",
+        "--backend",
+        "wgpu",
+        "--out",
+        native.to_str().unwrap(),
+    ]);
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    let (w, h, rgb, _) = read_png(&native);
+
+    let (_server, url) = serve();
+    let request = serde_json::json!({
+        "model": "sd-tiny",
+        "form": {"prompt": "a red star on a yellow background", "steps": 4, "guidance": 5, "seed": 7, "width": 0, "height": 0},
+        "sampler": "euler",
+        "cancelSteps": 40,
+    });
+    let run = Command::new("node")
+        .current_dir(root().join("tests/web"))
+        .args(["page.mjs", &url, out.to_str().unwrap(), &request.to_string()])
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "page driver failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("driver prints JSON");
+    eprintln!("adapter: {}", report["adapter"]);
+    eprintln!(
+        "screenshots: {} and {}",
+        out.join("page.png").display(),
+        out.join("no-webgpu.png").display()
+    );
+    eprintln!(
+        "page load to first step {:.1} s, to the picture {:.1} s",
+        report["msToFirstStep"].as_f64().unwrap_or(f64::NAN) / 1e3,
+        report["msLoadToResult"].as_f64().unwrap_or(f64::NAN) / 1e3
+    );
+
+    // The same model, request and shaders on another WebGPU implementation: the picture
+    // must match the native backend's to within one level per channel.
+    let result = &report["result"];
+    assert_eq!(result["error"], serde_json::Value::Null, "generation failed in the page: {report}");
+    assert_eq!(
+        (result["width"].as_u64(), result["height"].as_u64()),
+        (Some(w as u64), Some(h as u64))
+    );
+    let rgba = decode_base64(result["rgba"].as_str().expect("pixels"));
+    let worst = rgb
+        .chunks_exact(3)
+        .zip(rgba.chunks_exact(4))
+        .flat_map(|(n, b)| (0..3).map(move |c| n[c].abs_diff(b[c])))
+        .max()
+        .expect("pixels");
+    eprintln!("largest pixel difference to the native wgpu backend: {worst}");
+    assert!(worst <= 1, "browser and native pictures differ by up to {worst} levels");
+    assert_eq!(report["downloadVisible"], true, "no download link: {report}");
+
+    assert_eq!(report["cancel"]["error"], "cancelled", "cancel did not stop the run: {report}");
+    assert_eq!(report["cancel"]["finished"], false);
+
+    let files = report["firstLoad"]["cached"].as_u64().unwrap_or(0) + report["firstLoad"]["fetched"].as_u64().unwrap_or(0);
+    assert!(files > 0);
+    assert_eq!(report["secondLoad"]["fetched"], 0, "the second visit downloaded again: {report}");
+    assert_eq!(report["secondLoad"]["cached"].as_u64(), Some(files));
+
+    let plain = &report["withoutWebgpu"];
+    assert_eq!(plain["ready"], "no-webgpu", "{report}");
+    assert!(plain["message"].as_str().unwrap_or("").contains("WebGPU"), "{report}");
+}
+
+fn decode_base64(s: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    } as u32;
+    let bytes: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &c)| acc | value(c) << (18 - 6 * i));
+        out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    out
+}

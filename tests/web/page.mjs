@@ -1,0 +1,103 @@
+// Drives the demo page served by `sdlite serve` in Debian's headless Chromium (WebGPU on
+// SwiftShader): generate, screenshot, cancel, reload from Cache Storage, and the message
+// without WebGPU. Prints one JSON object on stdout; cli/tests/web.rs checks it.
+//
+// usage: node page.mjs URL OUT_DIR REQUEST_JSON
+import { chromium } from 'playwright-core';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+const [url, outDir, requestJson] = process.argv.slice(2);
+const request = JSON.parse(requestJson);
+const FLAGS = ['--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'];
+const report = { log: [] };
+const TIMEOUT = 300_000;
+
+async function launch(webgpu) {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: webgpu ? [...FLAGS, '--enable-unsafe-webgpu'] : [...FLAGS, '--disable-features=WebGPU'],
+  });
+}
+
+// The page loads the first served model by itself; load the requested one once that is done.
+async function load(page) {
+  await page.waitForFunction(() => window.sdlite.model || !window.sdlite.models.length, null, { timeout: TIMEOUT });
+  if (await page.evaluate((name) => window.sdlite.model?.name === name, request.model)) return;
+  await page.selectOption('#model', request.model);
+  await page.click('#load');
+  await page.waitForFunction((name) => window.sdlite.model?.name === name, request.model, { timeout: TIMEOUT });
+}
+
+async function fill(page, req) {
+  for (const [id, value] of Object.entries(req)) await page.fill(`#${id}`, String(value));
+}
+
+const browser = await launch(true);
+try {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  page.on('console', (m) => report.log.push(`${m.type()}: ${m.text()}`));
+  page.on('pageerror', (e) => report.log.push(`pageerror: ${e.message}`));
+  const loadStart = Date.now();
+  await page.goto(url);
+  await page.waitForFunction(() => window.sdlite?.ready, null, { timeout: TIMEOUT });
+  report.ready = await page.evaluate(() => window.sdlite.ready);
+  report.adapter = await page.textContent('#adapter');
+  if (report.ready !== 'ok') throw new Error(`page not ready: ${report.ready}: ${await page.textContent('#fatal')}`);
+  await load(page);
+  report.firstLoad = await page.evaluate(() => window.sdlite.loadStats);
+
+  // Generate and read the pixels back.
+  await fill(page, request.form);
+  await page.selectOption('#sampler', request.sampler);
+  await page.click('#generate');
+  await page.waitForFunction(() => window.sdlite.result || window.sdlite.lastError, null, { timeout: TIMEOUT });
+  const result = await page.evaluate(() => {
+    const r = window.sdlite.result;
+    return r ? { width: r.width, height: r.height, rgba: btoa(String.fromCharCode(...r.rgba)) } : { error: window.sdlite.lastError };
+  });
+  report.result = result;
+  report.msToFirstStep = await page.evaluate(() => window.sdlite.firstStepMs);
+  report.msLoadToResult = Date.now() - loadStart;
+  report.progressText = await page.textContent('#progress');
+  report.downloadVisible = await page.isVisible('#download');
+  report.screenshot = join(outDir, 'page.png');
+  await page.screenshot({ path: report.screenshot, fullPage: true });
+
+  // Cancel a longer run after its first step.
+  await page.evaluate(() => { window.sdlite.result = undefined; window.sdlite.lastError = undefined; });
+  await page.fill('#steps', String(request.cancelSteps));
+  await page.click('#generate');
+  await page.waitForFunction(() => /step [1-9]/.test(document.getElementById('progress').textContent), null, { timeout: TIMEOUT });
+  await page.click('#cancel');
+  await page.waitForFunction(() => window.sdlite.result || window.sdlite.lastError, null, { timeout: TIMEOUT });
+  report.cancel = await page.evaluate(() => ({ error: window.sdlite.lastError ?? null, finished: !!window.sdlite.result, text: document.getElementById('progress').textContent }));
+
+  // A second visit loads the model from Cache Storage.
+  await page.reload();
+  await page.waitForFunction(() => window.sdlite?.ready, null, { timeout: TIMEOUT });
+  await load(page);
+  report.secondLoad = await page.evaluate(() => window.sdlite.loadStats);
+} finally {
+  await browser.close();
+}
+
+// Without WebGPU the page says so instead of failing silently.
+const plain = await launch(false);
+try {
+  const page = await plain.newPage();
+  await page.goto(url);
+  await page.waitForFunction(() => window.sdlite?.ready, null, { timeout: TIMEOUT });
+  report.withoutWebgpu = {
+    ready: await page.evaluate(() => window.sdlite.ready),
+    message: (await page.isVisible('#fatal')) ? await page.textContent('#fatal') : null,
+  };
+  await page.screenshot({ path: join(outDir, 'no-webgpu.png') });
+} finally {
+  await plain.close();
+}
+
+writeFileSync(join(outDir, 'report.json'), JSON.stringify(report, null, 1));
+console.log(JSON.stringify(report));

@@ -1,0 +1,186 @@
+// The demo page: loads a model (from this server, kept in Cache Storage, or from a folder the
+// user picks), generates through sdlite's wasm module on WebGPU and shows progress, latent
+// previews and the result. Everything that computes lives in the wasm module (web/src/lib.rs).
+import init, { Studio, Request } from './pkg/sdlite_web.js';
+
+const $ = (id) => document.getElementById(id);
+const CACHE = 'sdlite-models-v1';
+let studio = null;
+let running = false;
+let loading = false;
+
+function fatal(message) {
+  $('fatal').textContent = message;
+  $('fatal').hidden = false;
+  $('app').hidden = true;
+  $('adapter').textContent = '';
+}
+
+function showError(message) {
+  $('error').textContent = message;
+  $('error').hidden = !message;
+}
+
+function draw(picture, canvas) {
+  canvas.width = picture.width;
+  canvas.height = picture.height;
+  const rgba = picture.rgba;
+  canvas.getContext('2d').putImageData(new ImageData(new Uint8ClampedArray(rgba.buffer, rgba.byteOffset, rgba.length), picture.width, picture.height), 0, 0);
+  return rgba;
+}
+
+// A served model file's bytes, from Cache Storage when this version was fetched before.
+async function cachedBytes(url, stats) {
+  const cache = 'caches' in self ? await caches.open(CACHE) : null;
+  let response = cache ? await cache.match(url) : undefined;
+  if (response) {
+    stats.cached += 1;
+  } else {
+    response = await fetch(url);
+    if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+    if (cache) await cache.put(url, response.clone());
+    stats.fetched += 1;
+  }
+  return new Uint8Array(await response.arrayBuffer());
+}
+
+function loaded(name, native, detail) {
+  $('model-status').textContent = `${name} loaded (native size ${native}×${native}; ${detail})`;
+  $('generate').disabled = false;
+  window.sdlite.model = { name, native, detail };
+}
+
+async function loadServed() {
+  const name = $('model').value;
+  const entry = window.sdlite.models.find((m) => m.name === name);
+  if (!entry || loading || running) return;
+  loading = true;
+  $('load').disabled = true;
+  showError('');
+  $('model-status').textContent = `loading ${name}…`;
+  const stats = { cached: 0, fetched: 0 };
+  try {
+    const paths = [];
+    const contents = [];
+    for (const f of entry.files) {
+      paths.push(f.path);
+      contents.push(await cachedBytes(`models/${name}/${f.path}?v=${encodeURIComponent(f.version)}`, stats));
+    }
+    const native = studio.load(paths, contents);
+    loaded(name, native, `${stats.fetched} files downloaded, ${stats.cached} from the browser cache`);
+    window.sdlite.loadStats = stats;
+  } catch (e) {
+    $('model-status').textContent = 'no model loaded';
+    showError(`Could not load ${name}: ${e.message ?? e}`);
+  } finally {
+    loading = false;
+    $('load').disabled = false;
+  }
+}
+
+async function loadPicked(files) {
+  showError('');
+  $('model-status').textContent = 'reading the folder…';
+  try {
+    const list = [...files];
+    const contents = await Promise.all(list.map(async (f) => new Uint8Array(await f.arrayBuffer())));
+    const native = studio.load(list.map((f) => f.webkitRelativePath || f.name), contents);
+    loaded(list[0]?.webkitRelativePath.split('/')[0] || 'picked folder', native, `${list.length} files from disk`);
+  } catch (e) {
+    $('model-status').textContent = 'no model loaded';
+    showError(`Could not load that folder: ${e.message ?? e}`);
+  }
+}
+
+async function generate() {
+  if (running) return;
+  running = true;
+  showError('');
+  $('generate').disabled = true;
+  $('cancel').disabled = false;
+  $('download').hidden = true;
+  const req = new Request($('prompt').value);
+  req.negative_prompt = $('negative').value;
+  req.steps = Number($('steps').value);
+  req.guidance = Number($('guidance').value);
+  req.seed = Number($('seed').value);
+  req.width = Number($('width').value);
+  req.height = Number($('height').value);
+  req.sampler = $('sampler').value;
+  req.preview_every = Math.max(1, Math.round(req.steps / 5));
+  const started = performance.now();
+  let denoiseStart = null;
+  const progress = (phase, done, total, preview) => {
+    const now = performance.now();
+    if (phase === 'denoise' && done === 0) denoiseStart = now;
+    if (phase === 'denoise' && done > 0 && window.sdlite.firstStepMs === undefined) window.sdlite.firstStepMs = now - window.sdlite.pageStart;
+    if (preview) draw(preview, $('preview'));
+    if (phase === 'denoise' && denoiseStart !== null && done > 0) {
+      const rate = done / ((now - denoiseStart) / 1000);
+      const eta = (total - done) / rate;
+      $('progress').textContent = `step ${done}/${total} · ${rate.toFixed(2)} it/s · ETA ${eta.toFixed(1)} s`;
+      $('bar').value = done / total;
+    } else if (phase === 'encode') {
+      $('progress').textContent = 'encoding the prompt…';
+    } else if (phase === 'decode' && done === 0) {
+      $('progress').textContent = 'decoding the image…';
+    }
+  };
+  try {
+    const picture = await studio.generate(req, progress);
+    const rgba = draw(picture, $('result'));
+    window.sdlite.result = { width: picture.width, height: picture.height, rgba };
+    const secs = (performance.now() - started) / 1000;
+    $('progress').textContent = `done in ${secs.toFixed(1)} s`;
+    $('result-caption').textContent = `${picture.width}×${picture.height}, seed ${req.seed}`;
+    $('result').toBlob((blob) => {
+      $('download').href = URL.createObjectURL(blob);
+      $('download').hidden = false;
+    }, 'image/png');
+  } catch (e) {
+    const message = e.message ?? String(e);
+    $('progress').textContent = message === 'cancelled' ? 'cancelled' : '';
+    if (message !== 'cancelled') showError(message);
+    window.sdlite.lastError = message;
+  } finally {
+    running = false;
+    $('generate').disabled = false;
+    $('cancel').disabled = true;
+    $('bar').value = 0;
+  }
+}
+
+async function main() {
+  window.sdlite = { pageStart: performance.now(), models: [] };
+  const adapter = 'gpu' in navigator ? await navigator.gpu.requestAdapter().catch(() => null) : null;
+  if (!adapter) {
+    fatal('This browser has WebGPU turned off or does not offer it, and sdlite needs it to run models in the tab. Use a recent Chrome, Edge or Safari (or Firefox with WebGPU enabled), and open the page over https or from localhost.');
+    window.sdlite.ready = 'no-webgpu';
+    return;
+  }
+  await init();
+  try {
+    studio = await Studio.open();
+  } catch (e) {
+    fatal(`WebGPU is present but no usable adapter could be opened: ${e.message ?? e}`);
+    window.sdlite.ready = 'no-adapter';
+    return;
+  }
+  $('adapter').textContent = `WebGPU adapter: ${studio.adapter}`;
+  $('app').hidden = false;
+  try {
+    const index = await (await fetch('models/index.json')).json();
+    window.sdlite.models = index.models;
+  } catch {
+    window.sdlite.models = [];
+  }
+  for (const m of window.sdlite.models) $('model').add(new Option(m.name, m.name));
+  $('load').onclick = loadServed;
+  $('folder').onchange = (e) => loadPicked(e.target.files);
+  $('generate').onclick = generate;
+  $('cancel').onclick = () => studio.cancel();
+  window.sdlite.ready = 'ok';
+  if (window.sdlite.models.length) await loadServed();
+}
+
+main();
