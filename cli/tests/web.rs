@@ -1,7 +1,7 @@
 //! The browser demo in real headless Chromium (WebGPU on SwiftShader), served by `sdlite
 //! serve`: the tiny checkpoint generates in the tab a picture equal to `sdlite gen --backend
-//! wgpu`'s, cancel stops a run, a second visit loads the model from Cache Storage, and a
-//! browser without WebGPU gets a message. Needs the built page (scripts/build-web.sh),
+//! wgpu`'s, cancel stops a run, a second visit loads the model from Cache Storage, a
+//! damaged checkpoint and a browser without WebGPU get messages. Needs the built page (scripts/build-web.sh),
 //! Debian's `chromium` and `npm ci` in tests/web; scripts/test.sh provides all three. Without
 //! them the test is skipped, except under CI=true where that is a failure.
 
@@ -44,14 +44,40 @@ impl Drop for Server {
     }
 }
 
+/// The models the page is offered: the tiny checkpoint, and a copy whose UNet weights are cut
+/// short.
+fn models(dir: &std::path::Path) -> PathBuf {
+    let models = dir.join("models");
+    let _ = std::fs::remove_dir_all(&models);
+    for name in ["sd-tiny", "broken-sd"] {
+        copy_dir(&model(), &models.join(name));
+    }
+    let unet = models.join("broken-sd/unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&unet).unwrap();
+    std::fs::write(&unet, &bytes[..bytes.len() / 2]).unwrap();
+    models
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
 /// `sdlite serve` on a free loopback port; returns it and its URL.
-fn serve() -> (Server, String) {
+fn serve(models: &std::path::Path) -> (Server, String) {
     let root = root();
     let mut child = Command::new(env!("CARGO_BIN_EXE_sdlite"))
         .args(["serve", "--listen", "127.0.0.1:0", "--site"])
         .arg(root.join("target/web/site"))
         .arg("--models")
-        .arg(root.join("tests/data"))
+        .arg(models)
         .stdout(Stdio::piped())
         .spawn()
         .expect("sdlite serve starts");
@@ -104,12 +130,13 @@ fn the_page_generates_like_the_native_backend() {
     assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
     let (w, h, rgb, _) = read_png(&native);
 
-    let (_server, url) = serve();
+    let (_server, url) = serve(&models(&out));
     let request = serde_json::json!({
         "model": "sd-tiny",
         "form": {"prompt": "a red star on a yellow background", "steps": 4, "guidance": 5, "seed": 7, "width": 0, "height": 0},
         "sampler": "euler",
         "cancelSteps": 40,
+        "broken": "broken-sd",
     });
     let run = Command::new("node")
         .current_dir(root().join("tests/web"))
@@ -161,6 +188,9 @@ fn the_page_generates_like_the_native_backend() {
     assert!(files > 0);
     assert_eq!(report["secondLoad"]["fetched"], 0, "the second visit downloaded again: {report}");
     assert_eq!(report["secondLoad"]["cached"].as_u64(), Some(files));
+
+    let broken = report["broken"].as_str().unwrap_or("");
+    assert!(broken.contains("broken-sd") && broken.contains("unet"), "damaged checkpoint message: {broken}");
 
     let plain = &report["withoutWebgpu"];
     assert_eq!(plain["ready"], "no-webgpu", "{report}");

@@ -11,7 +11,7 @@ const [url, outDir, requestJson] = process.argv.slice(2);
 const request = JSON.parse(requestJson);
 const FLAGS = ['--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'];
 const report = { log: [] };
-const TIMEOUT = 300_000;
+const TIMEOUT = Number(process.env.PAGE_TIMEOUT_MS || 300_000);
 
 async function launch(webgpu) {
   return chromium.launch({
@@ -23,7 +23,7 @@ async function launch(webgpu) {
 
 // The page loads the first served model by itself; load the requested one once that is done.
 async function load(page) {
-  await page.waitForFunction(() => window.sdlite.model || !window.sdlite.models.length, null, { timeout: TIMEOUT });
+  await page.waitForFunction(() => window.sdlite.loadAttempts || !window.sdlite.models.length, null, { timeout: TIMEOUT });
   if (await page.evaluate((name) => window.sdlite.model?.name === name, request.model)) return;
   await page.selectOption('#model', request.model);
   await page.click('#load');
@@ -80,6 +80,12 @@ try {
   await page.waitForFunction(() => window.sdlite?.ready, null, { timeout: TIMEOUT });
   await load(page);
   report.secondLoad = await page.evaluate(() => window.sdlite.loadStats);
+
+  // A damaged checkpoint gets a message naming the problem.
+  await page.selectOption('#model', request.broken);
+  await page.click('#load');
+  await page.waitForSelector('#error:not([hidden])', { timeout: TIMEOUT });
+  report.broken = await page.textContent('#error');
 } finally {
   await browser.close();
 }

@@ -75,6 +75,7 @@ async function loadServed() {
   } finally {
     loading = false;
     $('load').disabled = false;
+    window.sdlite.loadAttempts = (window.sdlite.loadAttempts ?? 0) + 1;
   }
 }
 
