@@ -216,7 +216,7 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
         }
         .map_err(explain)?;
         let params = describe(sampler_name, req.cfg_scale, req.width, req.height);
-        write_png(&path, &out.image.to_f32(), req.width, req.height, &params)?;
+        write_png(&path, &out.image.to_f32(), 1, req.width, req.height, 1, &params)?;
     } else if class.starts_with("Wan") {
         let sampler_name = args.sampler.as_deref().unwrap_or("unipc");
         let sampler = FlowSampler::parse(sampler_name)?;
@@ -261,12 +261,12 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
             req.frames
         );
         let video = out.video.to_f32();
-        write_apng(&path, &video, req.frames, req.width, req.height, args.fps, &params)?;
+        write_png(&path, &video, req.frames, req.width, req.height, args.fps, &params)?;
         if let Some(dir) = &args.frames_dir {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             for f in 0..req.frames {
-                let frame = frame_chw(&video, req.frames, f, req.width * req.height);
-                write_png(&dir.join(format!("frame-{f:04}.png")), &frame, req.width, req.height, &params)?;
+                let frame = sdlite_runtime::image::frame_planes(&video, req.frames, f, req.width * req.height);
+                write_png(&dir.join(format!("frame-{f:04}.png")), &frame, 1, req.width, req.height, 1, &params)?;
             }
         }
     } else {
@@ -316,40 +316,9 @@ fn explain(e: Error) -> anyhow::Error {
     }
 }
 
-/// Frame `f` `[3, h, w]` of a video `[3, frames, h, w]`.
-fn frame_chw(video: &[f32], frames: usize, f: usize, plane: usize) -> Vec<f32> {
-    (0..3)
-        .flat_map(|c| video[(c * frames + f) * plane..][..plane].iter().copied())
-        .collect()
-}
-
-fn encoder(path: &Path, width: usize, height: usize, parameters: &str) -> Result<png::Encoder<'static, std::io::BufWriter<std::fs::File>>> {
-    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    enc.add_text_chunk("parameters".into(), parameters.into())?;
-    Ok(enc)
-}
-
-/// Writes `[3, h, w]` values in [0, 1] as an 8-bit RGB PNG with `parameters` in a text chunk.
-pub fn write_png(path: &Path, chw: &[f32], width: usize, height: usize, parameters: &str) -> Result<()> {
-    encoder(path, width, height, parameters)?
-        .write_header()?
-        .write_image_data(&sdlite_runtime::image::rgb8(chw, width * height))?;
-    Ok(())
-}
-
-/// Writes a video `[3, frames, h, w]` in [0, 1] as an animated PNG that loops at `fps`.
-fn write_apng(path: &Path, video: &[f32], frames: usize, width: usize, height: usize, fps: u16, parameters: &str) -> Result<()> {
-    let mut enc = encoder(path, width, height, parameters)?;
-    enc.set_animated(frames as u32, 0)?;
-    enc.set_frame_delay(1, fps.max(1))?;
-    let mut writer = enc.write_header()?;
-    let plane = width * height;
-    for f in 0..frames {
-        writer.write_image_data(&sdlite_runtime::image::rgb8(&frame_chw(video, frames, f, plane), plane))?;
-    }
-    writer.finish()?;
-    Ok(())
+/// Writes a video `[3, frames, h, w]` in [0, 1] (one frame: a picture) as a PNG, animated
+/// at `fps` when it has several frames, with `parameters` in a text chunk.
+pub fn write_png(path: &Path, video: &[f32], frames: usize, width: usize, height: usize, fps: u16, parameters: &str) -> Result<()> {
+    let bytes = sdlite_runtime::image::png(video, frames, width, height, fps, parameters)?;
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
 }

@@ -1,6 +1,6 @@
 //! The browser demo in real headless Chromium (WebGPU on SwiftShader), served by `sdlite
-//! serve`: the tiny checkpoint generates in the tab a picture equal to `sdlite gen --backend
-//! wgpu`'s, cancel stops a run, a second visit loads the model from Cache Storage, a
+//! serve`: the tiny checkpoints generate in the tab a picture (SD) and a video (Wan) equal
+//! to `sdlite gen --backend wgpu`'s, cancel stops a run, a second visit loads the model from Cache Storage, a
 //! damaged checkpoint and a browser without WebGPU get messages. Needs the built page (scripts/build-web.sh),
 //! Debian's `chromium` and `npm ci` in tests/web; scripts/test.sh provides all three. Without
 //! them the test is skipped, except under CI=true where that is a failure.
@@ -15,6 +15,10 @@ use common::{model, read_png, sdlite};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn wan_model() -> PathBuf {
+    root().join("tests/data/wan-tiny")
 }
 
 /// What is missing to run the browser test, if anything.
@@ -52,6 +56,7 @@ fn models(dir: &std::path::Path) -> PathBuf {
     for name in ["sd-tiny", "broken-sd"] {
         copy_dir(&model(), &models.join(name));
     }
+    copy_dir(&wan_model(), &models.join("wan-tiny"));
     let unet = models.join("broken-sd/unet/diffusion_pytorch_model.safetensors");
     let bytes = std::fs::read(&unet).unwrap();
     std::fs::write(&unet, &bytes[..bytes.len() / 2]).unwrap();
@@ -129,6 +134,35 @@ fn the_page_generates_like_the_native_backend() {
     ]);
     assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
     let (w, h, rgb, _) = read_png(&native);
+    let frames_dir = out.join("native-frames");
+    let _ = std::fs::remove_dir_all(&frames_dir);
+    let wan = wan_model();
+    let gen = sdlite(&[
+        "gen",
+        "--model",
+        wan.to_str().unwrap(),
+        "--prompt",
+        "a green square moving right",
+        "--steps",
+        "3",
+        "--cfg-scale",
+        "5",
+        "--seed",
+        "7",
+        "--width",
+        "48",
+        "--height",
+        "32",
+        "--frames",
+        "9",
+        "--backend",
+        "wgpu",
+        "--out",
+        out.join("native-video.png").to_str().unwrap(),
+        "--frames-dir",
+        frames_dir.to_str().unwrap(),
+    ]);
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
 
     let (_server, url) = serve(&models(&out));
     let request = serde_json::json!({
@@ -137,6 +171,11 @@ fn the_page_generates_like_the_native_backend() {
         "sampler": "euler",
         "cancelSteps": 40,
         "broken": "broken-sd",
+        "wan": {
+            "model": "wan-tiny",
+            "form": {"prompt": "a green square moving right", "steps": 3, "guidance": 5, "seed": 7, "width": 48, "height": 32, "frames": 9},
+            "sampler": "unipc",
+        },
     });
     let run = Command::new("node")
         .current_dir(root().join("tests/web"))
@@ -170,15 +209,28 @@ fn the_page_generates_like_the_native_backend() {
         (result["width"].as_u64(), result["height"].as_u64()),
         (Some(w as u64), Some(h as u64))
     );
-    let rgba = decode_base64(result["rgba"].as_str().expect("pixels"));
-    let worst = rgb
-        .chunks_exact(3)
-        .zip(rgba.chunks_exact(4))
-        .flat_map(|(n, b)| (0..3).map(move |c| n[c].abs_diff(b[c])))
-        .max()
-        .expect("pixels");
-    eprintln!("largest pixel difference to the native wgpu backend: {worst}");
+    let worst = largest_difference(&rgb, &result["frames"][0]);
+    eprintln!("largest pixel difference to the native wgpu backend: picture {worst}");
     assert!(worst <= 1, "browser and native pictures differ by up to {worst} levels");
+
+    let video = &report["video"];
+    assert_eq!(
+        video["error"],
+        serde_json::Value::Null,
+        "video generation failed in the page: {report}"
+    );
+    assert_eq!(video["frames"].as_array().map(Vec::len), Some(9));
+    assert_eq!(report["videoVisible"], true);
+    let worst = (0..9)
+        .map(|f| {
+            let (fw, fh, frame, _) = read_png(&frames_dir.join(format!("frame-{f:04}.png")));
+            assert_eq!((fw, fh), (48, 32));
+            largest_difference(&frame, &video["frames"][f])
+        })
+        .max()
+        .unwrap();
+    eprintln!("largest pixel difference to the native wgpu backend: video {worst}");
+    assert!(worst <= 1, "browser and native videos differ by up to {worst} levels");
     assert_eq!(report["downloadVisible"], true, "no download link: {report}");
 
     assert_eq!(report["cancel"]["error"], "cancelled", "cancel did not stop the run: {report}");
@@ -190,11 +242,26 @@ fn the_page_generates_like_the_native_backend() {
     assert_eq!(report["secondLoad"]["cached"].as_u64(), Some(files));
 
     let broken = report["broken"].as_str().unwrap_or("");
-    assert!(broken.contains("broken-sd") && broken.contains("unet"), "damaged checkpoint message: {broken}");
+    assert!(
+        broken.contains("broken-sd") && broken.contains("unet"),
+        "damaged checkpoint message: {broken}"
+    );
 
     let plain = &report["withoutWebgpu"];
     assert_eq!(plain["ready"], "no-webgpu", "{report}");
     assert!(plain["message"].as_str().unwrap_or("").contains("WebGPU"), "{report}");
+}
+
+/// The largest difference of one channel between native RGB pixels and the page's RGBA
+/// (base64 JSON string).
+fn largest_difference(rgb: &[u8], page: &serde_json::Value) -> u8 {
+    let rgba = decode_base64(page.as_str().expect("base64 pixels"));
+    assert_eq!(rgb.len() / 3, rgba.len() / 4, "pixel counts differ");
+    rgb.chunks_exact(3)
+        .zip(rgba.chunks_exact(4))
+        .flat_map(|(n, b)| (0..3).map(move |c| n[c].abs_diff(b[c])))
+        .max()
+        .expect("pixels")
 }
 
 fn decode_base64(s: &str) -> Vec<u8> {

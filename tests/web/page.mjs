@@ -22,12 +22,26 @@ async function launch(webgpu) {
 }
 
 // The page loads the first served model by itself; load the requested one once that is done.
-async function load(page) {
+async function load(page, name = request.model) {
   await page.waitForFunction(() => window.sdlite.loadAttempts || !window.sdlite.models.length, null, { timeout: TIMEOUT });
-  if (await page.evaluate((name) => window.sdlite.model?.name === name, request.model)) return;
-  await page.selectOption('#model', request.model);
+  if (await page.evaluate((n) => window.sdlite.model?.name === n, name)) return;
+  await page.selectOption('#model', name);
   await page.click('#load');
-  await page.waitForFunction((name) => window.sdlite.model?.name === name, request.model, { timeout: TIMEOUT });
+  await page.waitForFunction((n) => window.sdlite.model?.name === n, name, { timeout: TIMEOUT });
+}
+
+// Fills the form, generates, and returns the frames' pixels (base64 RGBA) or the error.
+async function generate(page, form, sampler) {
+  await page.evaluate(() => { window.sdlite.result = undefined; window.sdlite.lastError = undefined; });
+  await fill(page, form);
+  await page.selectOption('#sampler', sampler);
+  await page.click('#generate');
+  await page.waitForFunction(() => window.sdlite.result || window.sdlite.lastError, null, { timeout: TIMEOUT });
+  return page.evaluate(() => {
+    const r = window.sdlite.result;
+    const b64 = (a) => btoa(Array.from(a, (c) => String.fromCharCode(c)).join(''));
+    return r ? { width: r.width, height: r.height, frames: r.frames.map(b64) } : { error: window.sdlite.lastError };
+  });
 }
 
 async function fill(page, req) {
@@ -49,16 +63,8 @@ try {
   await load(page);
   report.firstLoad = await page.evaluate(() => window.sdlite.loadStats);
 
-  // Generate and read the pixels back.
-  await fill(page, request.form);
-  await page.selectOption('#sampler', request.sampler);
-  await page.click('#generate');
-  await page.waitForFunction(() => window.sdlite.result || window.sdlite.lastError, null, { timeout: TIMEOUT });
-  const result = await page.evaluate(() => {
-    const r = window.sdlite.result;
-    return r ? { width: r.width, height: r.height, rgba: btoa(String.fromCharCode(...r.rgba)) } : { error: window.sdlite.lastError };
-  });
-  report.result = result;
+  // Generate a picture and read the pixels back.
+  report.result = await generate(page, request.form, request.sampler);
   report.msToFirstStep = await page.evaluate(() => window.sdlite.firstStepMs);
   report.msLoadToResult = Date.now() - loadStart;
   report.progressText = await page.textContent('#progress');
@@ -80,6 +86,12 @@ try {
   await page.waitForFunction(() => window.sdlite?.ready, null, { timeout: TIMEOUT });
   await load(page);
   report.secondLoad = await page.evaluate(() => window.sdlite.loadStats);
+
+  // A video with the Wan model.
+  await load(page, request.wan.model);
+  report.video = await generate(page, request.wan.form, request.wan.sampler);
+  report.videoVisible = await page.isVisible('#video');
+  await page.screenshot({ path: join(outDir, 'video.png'), fullPage: true });
 
   // A damaged checkpoint gets a message naming the problem.
   await page.selectOption('#model', request.broken);

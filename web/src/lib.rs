@@ -1,19 +1,23 @@
-//! sdlite in the browser: the runtime's Stable Diffusion pipeline on WebGPU (wgpu's `webgpu`
-//! backend), driven by the demo page in `www/`. Nothing here computes: ops and models are the
-//! runtime's, so the tab's pictures are the native wgpu backend's.
+//! sdlite in the browser: the runtime's Stable Diffusion and Wan2.1 pipelines on WebGPU
+//! (wgpu's `webgpu` backend), driven by the demo page in `www/`. Nothing here computes: ops
+//! and models are the runtime's, so the tab's pictures and videos are the native wgpu
+//! backend's.
 //!
 //! JS sees one object, `Studio`: `Studio.open()` takes the WebGPU adapter, `load(paths,
-//! contents)` a diffusers folder's files, `generate(request, onProgress)` returns a Promise
-//! of a `Picture`, and `cancel()` stops the running generation at its next step.
+//! contents)` a diffusers folder's files (returning a `ModelInfo`), `generate(request,
+//! onProgress)` returns a Promise of an `Output` (a picture, or a video's frames), and
+//! `cancel()` stops the running generation at its next step.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use sdlite_runtime::models::denoiser::{Denoiser, LocalDenoiser};
+use sdlite_runtime::models::flow_schedulers::FlowSampler;
 use sdlite_runtime::models::schedulers::Sampler;
 use sdlite_runtime::models::sd::{SdRequest, StableDiffusion};
+use sdlite_runtime::models::wan::{Wan, WanRequest};
 use sdlite_runtime::models::Phase;
-use sdlite_runtime::source::MemorySource;
+use sdlite_runtime::source::{MemorySource, Source};
 use sdlite_runtime::{image, Backend, DType, Error, HostTensor, Result, Tensor, WgpuBackend, WgpuOptions};
 use wasm_bindgen::prelude::*;
 
@@ -37,19 +41,25 @@ pub fn folder_files(files: Vec<(String, Vec<u8>)>) -> Result<MemorySource> {
     Ok(source)
 }
 
-/// A look at a latent `[1, c, h, w]` while it is denoised: its first three channels as RGBA,
-/// each stretched over its own range (the VAE would cost a full decode per preview).
+/// A look at a latent `[1, c, h, w]` (or a video's `[1, c, t, h, w]`, its first frame) while
+/// it is denoised: its first three channels as RGBA, each stretched over its own range (the
+/// VAE would cost a full decode per preview).
 pub fn latent_preview(latent: &HostTensor) -> Result<Picture> {
     let s = &latent.shape;
-    if s.len() != 4 || s[1] < 3 {
-        return Err(Error::Invalid(format!("latent preview: shape {s:?} is not [1, c >= 3, h, w]")));
+    let frames = match s.len() {
+        4 => 1,
+        5 => s[2],
+        _ => 0,
+    };
+    if frames == 0 || s[0] != 1 || s[1] < 3 {
+        return Err(Error::Invalid(format!("latent preview: shape {s:?} is not [1, c >= 3, (t,) h, w]")));
     }
-    let (h, w) = (s[2], s[3]);
+    let (h, w) = (s[s.len() - 2], s[s.len() - 1]);
     let plane = h * w;
     let values = latent.to_f32();
     let mut chw = Vec::with_capacity(3 * plane);
     for c in 0..3 {
-        let ch = &values[c * plane..(c + 1) * plane];
+        let ch = &values[c * frames * plane..][..plane];
         let (lo, hi) = ch
             .iter()
             .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, u), &v| (l.min(v), u.max(v)));
@@ -76,12 +86,6 @@ impl Picture {
             rgba,
         }
     }
-
-    /// The pipeline's `[3, h, w]` image in [0, 1].
-    fn from_planes(image: &HostTensor) -> Self {
-        let (h, w) = (image.shape[1], image.shape[2]);
-        Self::from_rgb(w, h, &image::rgb8(&image.to_f32(), w * h))
-    }
 }
 
 #[wasm_bindgen]
@@ -102,20 +106,141 @@ impl Picture {
     }
 }
 
-/// What to generate; the page fills it from its form. Defaults follow `sdlite gen`.
+/// A generation's result: a video `[3, frames, h, w]` in [0, 1] (a picture is one frame),
+/// as frames to draw and as the PNG (animated for videos) `sdlite gen` would write.
+#[wasm_bindgen]
+pub struct Output {
+    video: Vec<f32>,
+    frames: usize,
+    width: usize,
+    height: usize,
+    fps: u16,
+    parameters: String,
+}
+
+#[wasm_bindgen]
+impl Output {
+    #[wasm_bindgen(getter)]
+    pub fn width(&self) -> u32 {
+        self.width as u32
+    }
+
+    #[wasm_bindgen(getter)]
+    pub fn height(&self) -> u32 {
+        self.height as u32
+    }
+
+    #[wasm_bindgen(getter)]
+    pub fn frames(&self) -> u32 {
+        self.frames as u32
+    }
+
+    /// Frame `i` (0 for a picture).
+    pub fn frame(&self, i: u32) -> std::result::Result<Picture, JsError> {
+        let i = i as usize;
+        if i >= self.frames {
+            return Err(JsError::new(&format!("frame {i} of {}", self.frames)));
+        }
+        let plane = self.width * self.height;
+        let chw = image::frame_planes(&self.video, self.frames, i, plane);
+        Ok(Picture::from_rgb(self.width, self.height, &image::rgb8(&chw, plane)))
+    }
+
+    /// The PNG file: a picture, or a looping animated PNG that browsers play.
+    pub fn png(&self) -> std::result::Result<Vec<u8>, JsError> {
+        image::png(&self.video, self.frames, self.width, self.height, self.fps, &self.parameters).map_err(js_err)
+    }
+}
+
+/// What a loaded model is and the size it generates by default.
+#[wasm_bindgen]
+pub struct ModelInfo {
+    kind: &'static str,
+    width: u32,
+    height: u32,
+    frames: u32,
+}
+
+#[wasm_bindgen]
+impl ModelInfo {
+    /// `"sd"` (pictures) or `"wan"` (videos).
+    #[wasm_bindgen(getter)]
+    pub fn kind(&self) -> String {
+        self.kind.into()
+    }
+
+    #[wasm_bindgen(getter)]
+    pub fn width(&self) -> u32 {
+        self.width
+    }
+
+    #[wasm_bindgen(getter)]
+    pub fn height(&self) -> u32 {
+        self.height
+    }
+
+    /// 1 for picture models.
+    #[wasm_bindgen(getter)]
+    pub fn frames(&self) -> u32 {
+        self.frames
+    }
+
+    /// The samplers this model takes, the default first.
+    #[wasm_bindgen(getter)]
+    pub fn samplers(&self) -> Vec<String> {
+        let names: &[&str] = if self.kind == "wan" {
+            &["unipc", "flow_euler"]
+        } else {
+            &["dpmpp_2m", "euler_a", "euler", "ddim"]
+        };
+        names.iter().map(|s| s.to_string()).collect()
+    }
+}
+
+enum Model {
+    Sd(Rc<StableDiffusion<WgpuBackend>>),
+    Wan(Rc<Wan<WgpuBackend>>),
+}
+
+impl Model {
+    fn info(&self) -> ModelInfo {
+        match self {
+            Model::Sd(sd) => {
+                let native = (sd.unet.config.sample_size * sd.vae_decoder.config.scale_factor()) as u32;
+                ModelInfo {
+                    kind: "sd",
+                    width: native,
+                    height: native,
+                    frames: 1,
+                }
+            }
+            // The reference pipeline's defaults.
+            Model::Wan(_) => ModelInfo {
+                kind: "wan",
+                width: 832,
+                height: 480,
+                frames: 81,
+            },
+        }
+    }
+}
+
+/// What to generate; the page fills it from its form. Zero sizes and an empty sampler take
+/// the model's defaults; guidance follows `sdlite gen` (7.5, 5 for Wan) unless set.
 #[wasm_bindgen(getter_with_clone)]
 #[derive(Clone)]
 pub struct Request {
     pub prompt: String,
     pub negative_prompt: String,
     pub steps: u32,
+    /// Negative: the model's default.
     pub guidance: f32,
     /// A whole number below 2^53 (what a JS number holds exactly).
     pub seed: f64,
-    /// 0: the model's native size.
     pub width: u32,
     pub height: u32,
-    /// `ddim`, `euler`, `euler_a` or `dpmpp_2m`.
+    /// Video length for Wan: 1 + 4k.
+    pub frames: u32,
     pub sampler: String,
     /// Steps between two latent previews; 0 for none.
     pub preview_every: u32,
@@ -129,33 +254,92 @@ impl Request {
             prompt,
             negative_prompt: String::new(),
             steps: 25,
-            guidance: 7.5,
+            guidance: -1.0,
             seed: 0.0,
             width: 0,
             height: 0,
-            sampler: "dpmpp_2m".into(),
+            frames: 0,
+            sampler: String::new(),
             preview_every: 5,
         }
     }
 }
 
 impl Request {
-    fn to_sd(&self, native: usize) -> Result<SdRequest> {
+    fn seed(&self) -> Result<u64> {
         if !(self.seed >= 0.0 && self.seed.fract() == 0.0 && self.seed < 9007199254740992.0) {
             return Err(Error::Invalid(format!("seed {} is not a whole number in 0..2^53", self.seed)));
         }
-        let size = |v: u32| if v == 0 { native } else { v as usize };
+        Ok(self.seed as u64)
+    }
+
+    fn or(v: u32, default: u32) -> usize {
+        if v == 0 {
+            default as usize
+        } else {
+            v as usize
+        }
+    }
+
+    fn guidance(&self, default: f32) -> f32 {
+        if self.guidance < 0.0 {
+            default
+        } else {
+            self.guidance
+        }
+    }
+
+    fn sampler<'a>(&'a self, default: &'a str) -> &'a str {
+        if self.sampler.is_empty() {
+            default
+        } else {
+            &self.sampler
+        }
+    }
+
+    fn to_sd(&self, info: &ModelInfo) -> Result<SdRequest> {
         Ok(SdRequest {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             steps: self.steps as usize,
-            cfg_scale: self.guidance,
-            seed: self.seed as u64,
-            width: size(self.width),
-            height: size(self.height),
-            sampler: Sampler::parse(&self.sampler)?,
+            cfg_scale: self.guidance(7.5),
+            seed: self.seed()?,
+            width: Self::or(self.width, info.width),
+            height: Self::or(self.height, info.height),
+            sampler: Sampler::parse(self.sampler("dpmpp_2m"))?,
             init_latent: None,
         })
+    }
+
+    fn to_wan(&self, info: &ModelInfo) -> Result<WanRequest> {
+        Ok(WanRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            steps: self.steps as usize,
+            cfg_scale: self.guidance(5.0),
+            seed: self.seed()?,
+            width: Self::or(self.width, info.width),
+            height: Self::or(self.height, info.height),
+            frames: Self::or(self.frames, info.frames),
+            sampler: FlowSampler::parse(self.sampler("unipc"))?,
+            shift: None,
+            init_latent: None,
+        })
+    }
+
+    /// The `parameters` text `sdlite gen` writes into its PNGs.
+    fn describe(&self, sampler: &str, guidance: f32, width: usize, height: usize, frames: usize) -> Result<String> {
+        let mut text = format!(
+            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {sampler}, CFG scale: {guidance}, Seed: {}, Size: {width}x{height}, Backend: browser WebGPU",
+            self.prompt,
+            self.negative_prompt,
+            self.steps,
+            self.seed()?
+        );
+        if frames > 1 {
+            text += &format!(", Frames: {frames}");
+        }
+        Ok(text)
     }
 }
 
@@ -166,6 +350,17 @@ struct Watched<'a, D> {
     cancelled: &'a Cell<bool>,
     every: usize,
     preview: &'a dyn Fn(usize, Picture),
+}
+
+impl<'a, D> Watched<'a, D> {
+    fn new(inner: D, cancelled: &'a Cell<bool>, every: usize, preview: &'a dyn Fn(usize, Picture)) -> Self {
+        Self {
+            inner,
+            cancelled,
+            every,
+            preview,
+        }
+    }
 }
 
 impl<B: Backend, D: Denoiser<B>> Denoiser<B> for Watched<'_, D> {
@@ -186,7 +381,7 @@ impl<B: Backend, D: Denoiser<B>> Denoiser<B> for Watched<'_, D> {
 
 struct Inner {
     backend: WgpuBackend,
-    model: RefCell<Option<Rc<StableDiffusion<WgpuBackend>>>>,
+    model: RefCell<Option<Rc<Model>>>,
     cancelled: Cell<bool>,
     busy: Cell<bool>,
 }
@@ -240,9 +435,9 @@ impl Studio {
         self.inner.backend.name()
     }
 
-    /// Loads a Stable Diffusion diffusers folder from its files (`paths[i]` holds
-    /// `contents[i]`, a Uint8Array); returns the model's native image size in pixels.
-    pub fn load(&self, paths: Vec<String>, contents: js_sys::Array) -> std::result::Result<u32, JsError> {
+    /// Loads a diffusers folder (Stable Diffusion 1.x/2.x or Wan2.1) from its files
+    /// (`paths[i]` holds `contents[i]`, a Uint8Array).
+    pub fn load(&self, paths: Vec<String>, contents: js_sys::Array) -> std::result::Result<ModelInfo, JsError> {
         if self.inner.busy.get() {
             return Err(JsError::new("a generation is running; cancel it first"));
         }
@@ -260,10 +455,16 @@ impl Studio {
             })
             .collect::<std::result::Result<Vec<_>, JsError>>()?;
         let source = folder_files(files).map_err(js_err)?;
-        let sd = StableDiffusion::load(&self.inner.backend, &source, DType::F32).map_err(js_err)?;
-        let native = sd.unet.config.sample_size * sd.vae_decoder.config.scale_factor();
-        *self.inner.model.borrow_mut() = Some(Rc::new(sd));
-        Ok(native as u32)
+        let index: serde_json::Value = source.config("model_index.json").map_err(js_err)?;
+        let b = &self.inner.backend;
+        let model = if index["_class_name"].as_str().is_some_and(|c| c.starts_with("Wan")) {
+            Model::Wan(Rc::new(Wan::load(b, &source, DType::F32).map_err(js_err)?))
+        } else {
+            Model::Sd(Rc::new(StableDiffusion::load(b, &source, DType::F32).map_err(js_err)?))
+        };
+        let info = model.info();
+        *self.inner.model.borrow_mut() = Some(Rc::new(model));
+        Ok(info)
     }
 
     /// Stops the running generation before its next step (its Promise rejects with
@@ -272,40 +473,64 @@ impl Studio {
         self.inner.cancelled.set(true);
     }
 
-    /// Generates one picture. `on_progress(phase, done, total, preview)` is called as the
-    /// work advances: phase "encode", "denoise" or "decode"; `preview` a `Picture` of the
-    /// latent every `request.preview_every` steps, else undefined.
+    /// Generates a picture (SD) or a video (Wan). `on_progress(phase, done, total, preview)`
+    /// is called as the work advances: phase "encode", "denoise" or "decode" (frames, for
+    /// videos); `preview` a `Picture` of the latent every `request.preview_every` steps, else
+    /// undefined.
     pub fn generate(&self, request: &Request, on_progress: js_sys::Function) -> js_sys::Promise {
         let inner = self.inner.clone();
         let request = request.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let sd = inner.model.borrow().clone().ok_or_else(|| JsError::new("load a model first"))?;
+            let model = inner.model.borrow().clone().ok_or_else(|| JsError::new("load a model first"))?;
             if inner.busy.replace(true) {
                 return Err(JsError::new("a generation is already running").into());
             }
             let _busy = Busy(&inner.busy);
             inner.cancelled.set(false);
-            let native = sd.unet.config.sample_size * sd.vae_decoder.config.scale_factor();
-            let req = request.to_sd(native).map_err(js_err)?;
             let report = |phase: &str, done: usize, total: usize, preview: JsValue| {
                 let args = js_sys::Array::of4(&phase.into(), &(done as u32).into(), &(total as u32).into(), &preview);
                 // A throwing callback must not abort the generation.
                 let _ = on_progress.apply(&JsValue::NULL, &args);
             };
-            let total_steps = req.steps;
-            let preview = |step: usize, picture: Picture| report("denoise", step, total_steps, picture.into());
-            let mut denoiser = Watched {
-                inner: LocalDenoiser::new(&sd.unet, sd.dtype),
-                cancelled: &inner.cancelled,
-                every: request.preview_every as usize,
-                preview: &preview,
-            };
+            let steps = request.steps as usize;
+            let preview = |step: usize, picture: Picture| report("denoise", step, steps, picture.into());
             let mut progress = |phase: Phase, done: usize, total: usize| report(phase_name(phase), done, total, JsValue::UNDEFINED);
-            let out = sd
-                .generate_with(&inner.backend, &req, &mut denoiser, &mut progress)
-                .await
-                .map_err(js_err)?;
-            Ok(Picture::from_planes(&out.image).into())
+            let every = request.preview_every as usize;
+            let info = model.info();
+            let b = &inner.backend;
+            let output = match &*model {
+                Model::Sd(sd) => {
+                    let req = request.to_sd(&info).map_err(js_err)?;
+                    let mut denoiser = Watched::new(LocalDenoiser::new(&sd.unet, sd.dtype), &inner.cancelled, every, &preview);
+                    let out = sd.generate_with(b, &req, &mut denoiser, &mut progress).await.map_err(js_err)?;
+                    Output {
+                        video: out.image.to_f32(),
+                        frames: 1,
+                        width: req.width,
+                        height: req.height,
+                        fps: 1,
+                        parameters: request
+                            .describe(request.sampler("dpmpp_2m"), req.cfg_scale, req.width, req.height, 1)
+                            .map_err(js_err)?,
+                    }
+                }
+                Model::Wan(wan) => {
+                    let req = request.to_wan(&info).map_err(js_err)?;
+                    let mut denoiser = Watched::new(LocalDenoiser::new(&wan.transformer, wan.dtype), &inner.cancelled, every, &preview);
+                    let out = wan.generate_with(b, &req, &mut denoiser, &mut progress).await.map_err(js_err)?;
+                    Output {
+                        video: out.video.to_f32(),
+                        frames: req.frames,
+                        width: req.width,
+                        height: req.height,
+                        fps: 16,
+                        parameters: request
+                            .describe(request.sampler("unipc"), req.cfg_scale, req.width, req.height, req.frames)
+                            .map_err(js_err)?,
+                    }
+                }
+            };
+            Ok(output.into())
         })
     }
 }
@@ -345,20 +570,39 @@ mod tests {
         assert_eq!((p.width, p.height), (2, 1));
         assert_eq!(p.rgba, vec![0, 0, 0, 255, 255, 255, 255, 255]);
         assert!(latent_preview(&HostTensor::from_f32(&[1, 2, 1, 1], vec![0.0, 1.0]).unwrap()).is_err());
+        // A video latent [1, 3, 2 frames, 1, 1]: the first frame's values.
+        let v = HostTensor::from_f32(&[1, 3, 2, 1, 1], vec![1.0, 5.0, 2.0, 6.0, 3.0, 7.0]).unwrap();
+        assert_eq!(latent_preview(&v).unwrap().rgba.len(), 4);
     }
 
     #[test]
-    fn requests_take_the_native_size_and_refuse_bad_seeds() {
+    fn requests_take_the_model_defaults_and_refuse_bad_seeds() {
+        let sd = ModelInfo {
+            kind: "sd",
+            width: 64,
+            height: 64,
+            frames: 1,
+        };
         let mut r = Request::new("a red star".into());
         r.seed = 42.0;
-        let sd = r.to_sd(64).unwrap();
-        assert_eq!((sd.width, sd.height, sd.seed, sd.steps), (64, 64, 42, 25));
+        let q = r.to_sd(&sd).unwrap();
+        assert_eq!((q.width, q.height, q.seed, q.steps, q.cfg_scale), (64, 64, 42, 25, 7.5));
         r.width = 32;
-        assert_eq!(r.to_sd(64).unwrap().width, 32);
+        assert_eq!(r.to_sd(&sd).unwrap().width, 32);
+        let wan = ModelInfo {
+            kind: "wan",
+            width: 832,
+            height: 480,
+            frames: 81,
+        };
+        let w = r.to_wan(&wan).unwrap();
+        assert_eq!((w.width, w.height, w.frames, w.cfg_scale), (32, 480, 81, 5.0));
+        assert_eq!(wan.samplers()[0], "unipc");
         r.seed = 1.5;
-        assert!(r.to_sd(64).unwrap_err().to_string().contains("seed"));
+        assert!(r.to_sd(&sd).unwrap_err().to_string().contains("seed"));
         r.seed = 3.0;
         r.sampler = "plms".into();
-        assert!(r.to_sd(64).unwrap_err().to_string().contains("plms"));
+        assert!(r.to_sd(&sd).unwrap_err().to_string().contains("plms"));
+        assert!(r.to_wan(&wan).unwrap_err().to_string().contains("plms"));
     }
 }

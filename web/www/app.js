@@ -44,10 +44,17 @@ async function cachedBytes(url, stats) {
   return new Uint8Array(await response.arrayBuffer());
 }
 
-function loaded(name, native, detail) {
-  $('model-status').textContent = `${name} loaded (native size ${native}×${native}; ${detail})`;
+const SAMPLER_NAMES = { dpmpp_2m: 'DPM++ 2M', euler_a: 'Euler a', euler: 'Euler', ddim: 'DDIM', unipc: 'UniPC', flow_euler: 'Flow Euler' };
+
+function loaded(name, info, detail) {
+  const video = info.kind === 'wan';
+  const size = `${info.width}×${info.height}${video ? `, ${info.frames} frames` : ''}`;
+  $('model-status').textContent = `${name} loaded (${video ? 'Wan2.1 video' : 'Stable Diffusion'}, default ${size}; ${detail})`;
+  $('sampler').replaceChildren(...info.samplers.map((s) => new Option(SAMPLER_NAMES[s] ?? s, s)));
+  $('guidance').value = video ? 5 : 7.5;
+  $('frames-label').hidden = !video;
   $('generate').disabled = false;
-  window.sdlite.model = { name, native, detail };
+  window.sdlite.model = { name, kind: info.kind, detail };
 }
 
 async function loadServed() {
@@ -66,8 +73,8 @@ async function loadServed() {
       paths.push(f.path);
       contents.push(await cachedBytes(`models/${name}/${f.path}?v=${encodeURIComponent(f.version)}`, stats));
     }
-    const native = studio.load(paths, contents);
-    loaded(name, native, `${stats.fetched} files downloaded, ${stats.cached} from the browser cache`);
+    const info = studio.load(paths, contents);
+    loaded(name, info, `${stats.fetched} files downloaded, ${stats.cached} from the browser cache`);
     window.sdlite.loadStats = stats;
   } catch (e) {
     $('model-status').textContent = 'no model loaded';
@@ -85,8 +92,8 @@ async function loadPicked(files) {
   try {
     const list = [...files];
     const contents = await Promise.all(list.map(async (f) => new Uint8Array(await f.arrayBuffer())));
-    const native = studio.load(list.map((f) => f.webkitRelativePath || f.name), contents);
-    loaded(list[0]?.webkitRelativePath.split('/')[0] || 'picked folder', native, `${list.length} files from disk`);
+    const info = studio.load(list.map((f) => f.webkitRelativePath || f.name), contents);
+    loaded(list[0]?.webkitRelativePath.split('/')[0] || 'picked folder', info, `${list.length} files from disk`);
   } catch (e) {
     $('model-status').textContent = 'no model loaded';
     showError(`Could not load that folder: ${e.message ?? e}`);
@@ -107,6 +114,7 @@ async function generate() {
   req.seed = Number($('seed').value);
   req.width = Number($('width').value);
   req.height = Number($('height').value);
+  req.frames = window.sdlite.model?.kind === 'wan' ? Number($('frames').value) : 0;
   req.sampler = $('sampler').value;
   req.preview_every = Math.max(1, Math.round(req.steps / 5));
   const started = performance.now();
@@ -123,21 +131,29 @@ async function generate() {
       $('bar').value = done / total;
     } else if (phase === 'encode') {
       $('progress').textContent = 'encoding the prompt…';
-    } else if (phase === 'decode' && done === 0) {
-      $('progress').textContent = 'decoding the image…';
+    } else if (phase === 'decode') {
+      $('progress').textContent = total > 1 ? `decoding frame ${done}/${total}…` : 'decoding the image…';
     }
   };
   try {
-    const picture = await studio.generate(req, progress);
-    const rgba = draw(picture, $('result'));
-    window.sdlite.result = { width: picture.width, height: picture.height, rgba };
+    const output = await studio.generate(req, progress);
+    const frames = [];
+    for (let i = 0; i < output.frames; i++) frames.push(output.frame(i).rgba);
+    draw(output.frame(0), $('result'));
+    window.sdlite.result = { width: output.width, height: output.height, frames };
+    const png = new Blob([output.png()], { type: 'image/png' });
+    const url = URL.createObjectURL(png);
+    const video = output.frames > 1;
+    $('video').hidden = !video;
+    $('result').hidden = video;
+    if (video) $('video').src = url;
+    $('download').href = url;
+    $('download').download = video ? 'sdlite-video.png' : 'sdlite.png';
+    $('download-note').textContent = video ? '(an animated PNG: browsers play it)' : '';
+    $('download').hidden = false;
     const secs = (performance.now() - started) / 1000;
     $('progress').textContent = `done in ${secs.toFixed(1)} s`;
-    $('result-caption').textContent = `${picture.width}×${picture.height}, seed ${req.seed}`;
-    $('result').toBlob((blob) => {
-      $('download').href = URL.createObjectURL(blob);
-      $('download').hidden = false;
-    }, 'image/png');
+    $('result-caption').textContent = `${output.width}×${output.height}${video ? `, ${output.frames} frames` : ''}, seed ${req.seed}`;
   } catch (e) {
     const message = e.message ?? String(e);
     $('progress').textContent = message === 'cancelled' ? 'cancelled' : '';
