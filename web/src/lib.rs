@@ -72,9 +72,12 @@ pub fn latent_preview(latent: &HostTensor) -> Result<Picture> {
 /// An image as the page draws it: RGBA rows, top first.
 #[wasm_bindgen]
 pub struct Picture {
-    width: u32,
-    height: u32,
-    rgba: Vec<u8>,
+    #[wasm_bindgen(readonly)]
+    pub width: u32,
+    #[wasm_bindgen(readonly)]
+    pub height: u32,
+    #[wasm_bindgen(readonly, getter_with_clone)]
+    pub rgba: Vec<u8>,
 }
 
 impl Picture {
@@ -88,103 +91,57 @@ impl Picture {
     }
 }
 
-#[wasm_bindgen]
-impl Picture {
-    #[wasm_bindgen(getter)]
-    pub fn width(&self) -> u32 {
-        self.width
-    }
-
-    #[wasm_bindgen(getter)]
-    pub fn height(&self) -> u32 {
-        self.height
-    }
-
-    #[wasm_bindgen(getter)]
-    pub fn rgba(&self) -> Vec<u8> {
-        self.rgba.clone()
-    }
-}
-
 /// A generation's result: a video `[3, frames, h, w]` in [0, 1] (a picture is one frame),
 /// as frames to draw and as the PNG (animated for videos) `sdlite gen` would write.
 #[wasm_bindgen]
 pub struct Output {
     video: Vec<f32>,
-    frames: usize,
-    width: usize,
-    height: usize,
+    #[wasm_bindgen(readonly)]
+    pub frames: u32,
+    #[wasm_bindgen(readonly)]
+    pub width: u32,
+    #[wasm_bindgen(readonly)]
+    pub height: u32,
     fps: u16,
     parameters: String,
 }
 
 #[wasm_bindgen]
 impl Output {
-    #[wasm_bindgen(getter)]
-    pub fn width(&self) -> u32 {
-        self.width as u32
-    }
-
-    #[wasm_bindgen(getter)]
-    pub fn height(&self) -> u32 {
-        self.height as u32
-    }
-
-    #[wasm_bindgen(getter)]
-    pub fn frames(&self) -> u32 {
-        self.frames as u32
-    }
-
     /// Frame `i` (0 for a picture).
     pub fn frame(&self, i: u32) -> std::result::Result<Picture, JsError> {
-        let i = i as usize;
         if i >= self.frames {
             return Err(JsError::new(&format!("frame {i} of {}", self.frames)));
         }
-        let plane = self.width * self.height;
-        let chw = image::frame_planes(&self.video, self.frames, i, plane);
-        Ok(Picture::from_rgb(self.width, self.height, &image::rgb8(&chw, plane)))
+        let (w, h) = (self.width as usize, self.height as usize);
+        let chw = image::frame_planes(&self.video, self.frames as usize, i as usize, w * h);
+        Ok(Picture::from_rgb(w, h, &image::rgb8(&chw, w * h)))
     }
 
     /// The PNG file: a picture, or a looping animated PNG that browsers play.
     pub fn png(&self) -> std::result::Result<Vec<u8>, JsError> {
-        image::png(&self.video, self.frames, self.width, self.height, self.fps, &self.parameters).map_err(js_err)
+        let (frames, w, h) = (self.frames as usize, self.width as usize, self.height as usize);
+        image::png(&self.video, frames, w, h, self.fps, &self.parameters).map_err(js_err)
     }
 }
 
 /// What a loaded model is and the size it generates by default.
 #[wasm_bindgen]
 pub struct ModelInfo {
-    kind: &'static str,
-    width: u32,
-    height: u32,
-    frames: u32,
+    /// `"sd"` (pictures) or `"wan"` (videos).
+    #[wasm_bindgen(readonly, getter_with_clone)]
+    pub kind: String,
+    #[wasm_bindgen(readonly)]
+    pub width: u32,
+    #[wasm_bindgen(readonly)]
+    pub height: u32,
+    /// 1 for picture models.
+    #[wasm_bindgen(readonly)]
+    pub frames: u32,
 }
 
 #[wasm_bindgen]
 impl ModelInfo {
-    /// `"sd"` (pictures) or `"wan"` (videos).
-    #[wasm_bindgen(getter)]
-    pub fn kind(&self) -> String {
-        self.kind.into()
-    }
-
-    #[wasm_bindgen(getter)]
-    pub fn width(&self) -> u32 {
-        self.width
-    }
-
-    #[wasm_bindgen(getter)]
-    pub fn height(&self) -> u32 {
-        self.height
-    }
-
-    /// 1 for picture models.
-    #[wasm_bindgen(getter)]
-    pub fn frames(&self) -> u32 {
-        self.frames
-    }
-
     /// The samplers this model takes, the default first.
     #[wasm_bindgen(getter)]
     pub fn samplers(&self) -> Vec<String> {
@@ -208,7 +165,7 @@ impl Model {
             Model::Sd(sd) => {
                 let native = (sd.unet.config.sample_size * sd.vae_decoder.config.scale_factor()) as u32;
                 ModelInfo {
-                    kind: "sd",
+                    kind: "sd".into(),
                     width: native,
                     height: native,
                     frames: 1,
@@ -216,7 +173,7 @@ impl Model {
             }
             // The reference pipeline's defaults.
             Model::Wan(_) => ModelInfo {
-                kind: "wan",
+                kind: "wan".into(),
                 width: 832,
                 height: 480,
                 frames: 81,
@@ -506,8 +463,8 @@ impl Studio {
                     Output {
                         video: out.image.to_f32(),
                         frames: 1,
-                        width: req.width,
-                        height: req.height,
+                        width: req.width as u32,
+                        height: req.height as u32,
                         fps: 1,
                         parameters: request
                             .describe(request.sampler("dpmpp_2m"), req.cfg_scale, req.width, req.height, 1)
@@ -520,9 +477,9 @@ impl Studio {
                     let out = wan.generate_with(b, &req, &mut denoiser, &mut progress).await.map_err(js_err)?;
                     Output {
                         video: out.video.to_f32(),
-                        frames: req.frames,
-                        width: req.width,
-                        height: req.height,
+                        frames: req.frames as u32,
+                        width: req.width as u32,
+                        height: req.height as u32,
                         fps: 16,
                         parameters: request
                             .describe(request.sampler("unipc"), req.cfg_scale, req.width, req.height, req.frames)
@@ -578,7 +535,7 @@ mod tests {
     #[test]
     fn requests_take_the_model_defaults_and_refuse_bad_seeds() {
         let sd = ModelInfo {
-            kind: "sd",
+            kind: "sd".into(),
             width: 64,
             height: 64,
             frames: 1,
@@ -590,7 +547,7 @@ mod tests {
         r.width = 32;
         assert_eq!(r.to_sd(&sd).unwrap().width, 32);
         let wan = ModelInfo {
-            kind: "wan",
+            kind: "wan".into(),
             width: 832,
             height: 480,
             frames: 81,
