@@ -136,15 +136,22 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
             .map_or(0, |d| d.as_nanos() as u64 % 1_000_000_007)
     });
     let path = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("sdlite-{seed}.png")));
-    let describe = |sampler: &str, cfg: f32, w: usize, h: usize| {
-        format!(
-            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {sampler}, CFG scale: {cfg}, Seed: {seed}, Size: {w}x{h}, Model: {}, Backend: {}",
-            args.prompt,
-            args.negative_prompt,
-            args.steps,
-            args.model.display(),
-            b.name()
-        )
+    let (model_name, backend_name) = (args.model.display().to_string(), b.name());
+    let describe = |sampler: &str, cfg_scale: f32, width: usize, height: usize, frames: Option<usize>| {
+        sdlite_runtime::image::Parameters {
+            prompt: &args.prompt,
+            negative_prompt: &args.negative_prompt,
+            steps: args.steps,
+            sampler,
+            cfg_scale,
+            seed,
+            width,
+            height,
+            frames,
+            model: &model_name,
+            backend: &backend_name,
+        }
+        .to_string()
     };
     if class.starts_with("StableDiffusion") {
         let sampler_name = args.sampler.as_deref().unwrap_or("dpmpp_2m");
@@ -215,7 +222,7 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
             }
         }
         .map_err(explain)?;
-        let params = describe(sampler_name, req.cfg_scale, req.width, req.height);
+        let params = describe(sampler_name, req.cfg_scale, req.width, req.height, None);
         write_png(&path, &out.image.to_f32(), 1, req.width, req.height, 1, &params)?;
     } else if class.starts_with("Wan") {
         let sampler_name = args.sampler.as_deref().unwrap_or("unipc");
@@ -255,11 +262,7 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
             }
         }
         .map_err(explain)?;
-        let params = format!(
-            "{}, Frames: {}",
-            describe(sampler_name, req.cfg_scale, req.width, req.height),
-            req.frames
-        );
+        let params = describe(sampler_name, req.cfg_scale, req.width, req.height, Some(req.frames));
         let video = out.video.to_f32();
         write_png(&path, &video, req.frames, req.width, req.height, args.fps, &params)?;
         if let Some(dir) = &args.frames_dir {

@@ -19,6 +19,46 @@ pub fn frame_planes(video: &[f32], frames: usize, f: usize, plane: usize) -> Vec
         .collect()
 }
 
+/// What produced a picture, for the `parameters` text chunk of its PNG (the convention
+/// image tools read: prompt, then a line of settings).
+pub struct Parameters<'a> {
+    pub prompt: &'a str,
+    pub negative_prompt: &'a str,
+    pub steps: usize,
+    pub sampler: &'a str,
+    pub cfg_scale: f32,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    /// Video length; none for a picture.
+    pub frames: Option<usize>,
+    pub model: &'a str,
+    pub backend: &'a str,
+}
+
+impl std::fmt::Display for Parameters<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Backend: {}",
+            self.prompt,
+            self.negative_prompt,
+            self.steps,
+            self.sampler,
+            self.cfg_scale,
+            self.seed,
+            self.width,
+            self.height,
+            self.model,
+            self.backend
+        )?;
+        if let Some(frames) = self.frames {
+            write!(f, ", Frames: {frames}")?;
+        }
+        Ok(())
+    }
+}
+
 fn png_err(e: png::EncodingError) -> Error {
     Error::Invalid(format!("PNG encoding: {e}"))
 }
@@ -68,6 +108,29 @@ mod tests {
         // [3 channels, 2 frames, 1 pixel]: frame 1 is every channel's second value.
         let video = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0];
         assert_eq!(frame_planes(&video, 2, 1, 1), vec![1.0, 3.0, 5.0]);
+    }
+
+    #[test]
+    fn parameters_read_like_other_tools_write_them() {
+        let mut p = Parameters {
+            prompt: "a red star",
+            negative_prompt: "",
+            steps: 4,
+            sampler: "euler",
+            cfg_scale: 7.5,
+            seed: 7,
+            width: 64,
+            height: 32,
+            frames: None,
+            model: "sd-tiny",
+            backend: "cpu",
+        };
+        assert_eq!(
+            p.to_string(),
+            "a red star\nNegative prompt: \nSteps: 4, Sampler: euler, CFG scale: 7.5, Seed: 7, Size: 64x32, Model: sd-tiny, Backend: cpu"
+        );
+        p.frames = Some(9);
+        assert!(p.to_string().ends_with("Backend: cpu, Frames: 9"));
     }
 
     #[test]

@@ -284,19 +284,22 @@ impl Request {
         })
     }
 
-    /// The `parameters` text `sdlite gen` writes into its PNGs.
-    fn describe(&self, sampler: &str, guidance: f32, width: usize, height: usize, frames: usize) -> Result<String> {
-        let mut text = format!(
-            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {sampler}, CFG scale: {guidance}, Seed: {}, Size: {width}x{height}, Backend: browser WebGPU",
-            self.prompt,
-            self.negative_prompt,
-            self.steps,
-            self.seed()?
-        );
-        if frames > 1 {
-            text += &format!(", Frames: {frames}");
+    /// The `parameters` text of the PNG, as `sdlite gen` writes it.
+    fn describe(&self, model: &str, sampler: &str, cfg_scale: f32, width: usize, height: usize, frames: Option<usize>) -> Result<String> {
+        Ok(image::Parameters {
+            prompt: &self.prompt,
+            negative_prompt: &self.negative_prompt,
+            steps: self.steps as usize,
+            sampler,
+            cfg_scale,
+            seed: self.seed()?,
+            width,
+            height,
+            frames,
+            model,
+            backend: "browser WebGPU",
         }
-        Ok(text)
+        .to_string())
     }
 }
 
@@ -336,9 +339,15 @@ impl<B: Backend, D: Denoiser<B>> Denoiser<B> for Watched<'_, D> {
     }
 }
 
+/// A loaded model and the name the page gave it (written into the PNGs' parameters).
+struct Loaded {
+    name: String,
+    model: Model,
+}
+
 struct Inner {
     backend: WgpuBackend,
-    model: RefCell<Option<Rc<Model>>>,
+    model: RefCell<Option<Rc<Loaded>>>,
     cancelled: Cell<bool>,
     busy: Cell<bool>,
 }
@@ -393,8 +402,8 @@ impl Studio {
     }
 
     /// Loads a diffusers folder (Stable Diffusion 1.x/2.x or Wan2.1) from its files
-    /// (`paths[i]` holds `contents[i]`, a Uint8Array).
-    pub fn load(&self, paths: Vec<String>, contents: js_sys::Array) -> std::result::Result<ModelInfo, JsError> {
+    /// (`paths[i]` holds `contents[i]`, a Uint8Array); `name` labels its outputs.
+    pub fn load(&self, name: String, paths: Vec<String>, contents: js_sys::Array) -> std::result::Result<ModelInfo, JsError> {
         if self.inner.busy.get() {
             return Err(JsError::new("a generation is running; cancel it first"));
         }
@@ -420,7 +429,7 @@ impl Studio {
             Model::Sd(Rc::new(StableDiffusion::load(b, &source, DType::F32).map_err(js_err)?))
         };
         let info = model.info();
-        *self.inner.model.borrow_mut() = Some(Rc::new(model));
+        *self.inner.model.borrow_mut() = Some(Rc::new(Loaded { name, model }));
         Ok(info)
     }
 
@@ -438,7 +447,7 @@ impl Studio {
         let inner = self.inner.clone();
         let request = request.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let model = inner.model.borrow().clone().ok_or_else(|| JsError::new("load a model first"))?;
+            let loaded = inner.model.borrow().clone().ok_or_else(|| JsError::new("load a model first"))?;
             if inner.busy.replace(true) {
                 return Err(JsError::new("a generation is already running").into());
             }
@@ -453,9 +462,9 @@ impl Studio {
             let preview = |step: usize, picture: Picture| report("denoise", step, steps, picture.into());
             let mut progress = |phase: Phase, done: usize, total: usize| report(phase_name(phase), done, total, JsValue::UNDEFINED);
             let every = request.preview_every as usize;
-            let info = model.info();
+            let info = loaded.model.info();
             let b = &inner.backend;
-            let output = match &*model {
+            let output = match &loaded.model {
                 Model::Sd(sd) => {
                     let req = request.to_sd(&info).map_err(js_err)?;
                     let mut denoiser = Watched::new(LocalDenoiser::new(&sd.unet, sd.dtype), &inner.cancelled, every, &preview);
@@ -467,7 +476,14 @@ impl Studio {
                         height: req.height as u32,
                         fps: 1,
                         parameters: request
-                            .describe(request.sampler("dpmpp_2m"), req.cfg_scale, req.width, req.height, 1)
+                            .describe(
+                                &loaded.name,
+                                request.sampler("dpmpp_2m"),
+                                req.cfg_scale,
+                                req.width,
+                                req.height,
+                                None,
+                            )
                             .map_err(js_err)?,
                     }
                 }
@@ -482,7 +498,14 @@ impl Studio {
                         height: req.height as u32,
                         fps: 16,
                         parameters: request
-                            .describe(request.sampler("unipc"), req.cfg_scale, req.width, req.height, req.frames)
+                            .describe(
+                                &loaded.name,
+                                request.sampler("unipc"),
+                                req.cfg_scale,
+                                req.width,
+                                req.height,
+                                Some(req.frames),
+                            )
                             .map_err(js_err)?,
                     }
                 }

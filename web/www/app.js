@@ -73,7 +73,7 @@ async function loadServed() {
       paths.push(f.path);
       contents.push(await cachedBytes(`models/${name}/${f.path}?v=${encodeURIComponent(f.version)}`, stats));
     }
-    const info = studio.load(paths, contents);
+    const info = studio.load(name, paths, contents);
     loaded(name, info, `${stats.fetched} files downloaded, ${stats.cached} from the browser cache`);
     window.sdlite.loadStats = stats;
   } catch (e) {
@@ -92,8 +92,9 @@ async function loadPicked(files) {
   try {
     const list = [...files];
     const contents = await Promise.all(list.map(async (f) => new Uint8Array(await f.arrayBuffer())));
-    const info = studio.load(list.map((f) => f.webkitRelativePath || f.name), contents);
-    loaded(list[0]?.webkitRelativePath.split('/')[0] || 'picked folder', info, `${list.length} files from disk`);
+    const name = list[0]?.webkitRelativePath.split('/')[0] || 'picked folder';
+    const info = studio.load(name, list.map((f) => f.webkitRelativePath || f.name), contents);
+    loaded(name, info, `${list.length} files from disk`);
   } catch (e) {
     $('model-status').textContent = 'no model loaded';
     showError(`Could not load that folder: ${e.message ?? e}`);
