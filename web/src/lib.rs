@@ -3,7 +3,7 @@
 //! and models are the runtime's, so the tab's pictures and videos are the native wgpu
 //! backend's.
 //!
-//! JS sees one object, `Studio`: `Studio.open()` takes the WebGPU adapter, `load(paths,
+//! JS sees one object, `Studio`: `Studio.open()` takes the WebGPU adapter, `load(name, paths,
 //! contents)` a diffusers folder's files (returning a `ModelInfo`), `generate(request,
 //! onProgress)` returns a Promise of an `Output` (a picture, or a video's frames), and
 //! `cancel()` stops the running generation at its next step.
