@@ -1,4 +1,5 @@
-//! Remote offload on loopback: workers and clients in one process, over real QUIC with TLS.
+//! Remote offload on loopback: workers and clients in one process, over real QUIC with TLS
+//! (and WebTransport, the browser's way in, with the page's denoiser).
 //! Offloaded output must equal the local run's on the same backend kind, through worker
 //! deaths, and bad peers and bad frames must be refused while good ones keep being served.
 
@@ -7,14 +8,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use sdlite_remote::channel::Channel;
+use sdlite_remote::channel_denoiser::{ChannelDenoiser, ChannelStats};
 use sdlite_remote::client::{ClientOptions, WorkerLink};
 use sdlite_remote::engine::ModelEngine;
-use sdlite_remote::frame::{read_frame, write_frame, TensorRef};
+use sdlite_remote::frame::{read_frame, write_frame, Frame, TensorRef};
 use sdlite_remote::model_id::{DenoiserPackage, ModelStore};
 use sdlite_remote::offload::{OffloadDenoiser, Pool};
 use sdlite_remote::protocol::{Envelope, ErrorCode, JobMode, ModelHash, Request, Response, PROTOCOL_VERSION};
 use sdlite_remote::tls::{Identity, LinkOptions};
-use sdlite_remote::worker::{start_worker, RunningWorker, WorkerOptions};
+use sdlite_remote::worker::{start_worker, RunningWorker, WorkerOptions, WEBTRANSPORT_PATH};
 use sdlite_remote::{Error, WorkerAddress};
 use sdlite_runtime::models::flow_schedulers::FlowSampler;
 use sdlite_runtime::models::schedulers::Sampler;
@@ -65,6 +68,10 @@ struct TestWorker {
 }
 
 fn start(models: &Path, token: &str) -> TestWorker {
+    start_with(models, token, |_| {})
+}
+
+fn start_with(models: &Path, token: &str, configure: impl FnOnce(&mut WorkerOptions)) -> TestWorker {
     let store = ModelStore::scan(models, &mut |p, r| {
         eprintln!("worker model {}: {:?}", p.display(), r.map(|m| m.hash))
     })
@@ -72,6 +79,7 @@ fn start(models: &Path, token: &str) -> TestWorker {
     let identity = Identity::generate(&["localhost".into()]).unwrap();
     let mut options = WorkerOptions::new(token.into());
     options.link = link_options();
+    configure(&mut options);
     let running = runtime()
         .block_on(start_worker(
             "127.0.0.1:0".parse().unwrap(),
@@ -404,4 +412,119 @@ fn bad_frames_get_protocol_errors_and_the_worker_keeps_serving() {
         let again = WorkerLink::connect(&w.address, &client_options(TOKEN)).await.unwrap();
         assert_eq!(again.echo(&ctx).await.map(|_| ()).ok(), Some(()));
     });
+}
+
+/// What the page does, natively: a WebTransport session pinned by certificate hash (with the
+/// browser's rules for such certificates, which wtransport's client enforces too), one
+/// bidirectional stream per request.
+struct WebTransportLink {
+    connection: wtransport::Connection,
+    token: String,
+}
+
+impl WebTransportLink {
+    async fn connect(w: &TestWorker, path: &str, token: &str) -> Result<Self, String> {
+        let wt = w.running.webtransport.as_ref().expect("WebTransport enabled");
+        let hash = *wt.fingerprint.lock().unwrap();
+        let config = wtransport::ClientConfig::builder()
+            .with_bind_default()
+            .with_server_certificate_hashes([wtransport::tls::Sha256Digest::new(hash)])
+            .build();
+        let url = format!("https://127.0.0.1:{}{path}", wt.local_addr.port());
+        let endpoint = wtransport::Endpoint::client(config).map_err(|e| e.to_string())?;
+        let connection = endpoint.connect(url).await.map_err(|e| e.to_string())?;
+        Ok(Self {
+            connection,
+            token: token.into(),
+        })
+    }
+}
+
+impl Channel for WebTransportLink {
+    fn label(&self) -> String {
+        "webtransport".into()
+    }
+
+    fn token(&self) -> &str {
+        &self.token
+    }
+
+    async fn exchange(&self, envelope: &Envelope, tensors: &[TensorRef<'_>]) -> sdlite_remote::Result<Frame<Response>> {
+        let gone = |e: String| Error::Connection {
+            worker: self.label(),
+            detail: e,
+        };
+        let opening = self.connection.open_bi().await.map_err(|e| gone(e.to_string()))?;
+        let (mut send, mut recv) = opening.await.map_err(|e| gone(e.to_string()))?;
+        write_frame(&mut send, envelope, tensors).await?;
+        // Like the page: end the request without waiting for acknowledgements (the worker
+        // answers as soon as it has read the frame and may stop the stream before the FIN).
+        let _ = send.quic_stream_mut().finish();
+        read_frame(&mut recv, 1 << 30).await
+    }
+}
+
+/// SD with the page's denoiser over `link`; `on_step` runs after each denoising step.
+fn sd_over_channel(link: WebTransportLink, on_step: &mut dyn FnMut(usize)) -> (HostTensor, ChannelStats, Vec<String>) {
+    let sd = sd();
+    let package = DenoiserPackage::from_pipeline(&data().join("sd-tiny")).unwrap();
+    let lines = std::sync::Mutex::new(vec![]);
+    let log = |l: String| lines.lock().unwrap().push(l);
+    let mut d = ChannelDenoiser::new(Some((link, &package)), &sd.unet, DType::F32, &log);
+    let image = runtime().block_on(async {
+        let out = sd
+            .generate_with(&CpuBackend, &sd_request(), &mut d, &mut |phase, done, _| {
+                if phase == Phase::Denoise && done > 0 {
+                    on_step(done)
+                }
+            })
+            .await
+            .unwrap();
+        d.finish().await;
+        out.image
+    });
+    let stats = d.stats.clone();
+    drop(d);
+    (image, stats, lines.into_inner().unwrap())
+}
+
+#[test]
+fn browser_sessions_over_webtransport_upload_step_and_fall_back() {
+    let w = start_with(&models_dir(false), TOKEN, |o| {
+        o.webtransport = Some("127.0.0.1:0".parse().unwrap());
+    });
+    let local = sd_local();
+
+    let err = runtime()
+        .block_on(WebTransportLink::connect(&w, "/elsewhere", TOKEN))
+        .err()
+        .expect("only the sdlite path is served");
+    assert!(err.contains("rejected"), "{err}");
+
+    // A wrong token: the worker refuses the job and the steps run here.
+    let link = runtime()
+        .block_on(WebTransportLink::connect(&w, WEBTRANSPORT_PATH, "wrong"))
+        .unwrap();
+    let (image, stats, log) = sd_over_channel(link, &mut |_| {});
+    assert_eq!(image, local);
+    assert_eq!((stats.remote_steps, stats.local_steps), (0, 4), "{log:?}");
+    assert!(stats.failure.unwrap_or_default().contains("Unauthorized"), "{log:?}");
+
+    // The worker lacks the model: it is uploaded, then every step runs there.
+    let link = runtime().block_on(WebTransportLink::connect(&w, WEBTRANSPORT_PATH, TOKEN)).unwrap();
+    let (image, stats, log) = sd_over_channel(link, &mut |_| {});
+    assert_eq!(image, local, "the worker's image differs from the local one");
+    assert_eq!((stats.remote_steps, stats.local_steps), (4, 0), "{log:?}");
+    assert!(log.iter().any(|l| l.contains("uploading")), "{log:?}");
+
+    // The worker dies after step 2: the rest runs here, to the same image.
+    let link = runtime().block_on(WebTransportLink::connect(&w, WEBTRANSPORT_PATH, TOKEN)).unwrap();
+    let (image, stats, log) = sd_over_channel(link, &mut |step| {
+        if step == 2 {
+            w.running.close();
+        }
+    });
+    assert_eq!(image, local);
+    assert_eq!((stats.remote_steps, stats.local_steps), (2, 2), "{log:?}");
+    assert!(log.iter().any(|l| l.contains("failed at step 3")), "{log:?}");
 }

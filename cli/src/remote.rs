@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use sdlite_remote::channel::Channel;
 use sdlite_remote::client::{ClientOptions, WorkerLink};
 use sdlite_remote::engine::{Engine, Failure, ModelEngine};
 use sdlite_remote::model_id::{DenoiserPackage, ModelStore};
 use sdlite_remote::offload::{OffloadMode, OffloadStats, Pool};
 use sdlite_remote::protocol::{DenoiserKind, ErrorCode, JobMode, ModelHash};
 use sdlite_remote::tls::{hex, load_or_create_token, Identity, Trust};
-use sdlite_remote::worker::{start_worker, WorkerOptions};
+use sdlite_remote::worker::{start_worker, WorkerOptions, WEBTRANSPORT_PATH};
 use sdlite_remote::WorkerAddress;
 use sdlite_runtime::{CpuBackend, CudaBackend, CudaOptions, DType, HostTensor};
 
@@ -38,6 +39,10 @@ pub struct WorkerArgs {
     /// Host names for the certificate made on first start.
     #[arg(long = "host-name", default_values_t = ["localhost".to_string()])]
     host_names: Vec<String>,
+    /// Also accept browsers (the demo page) over WebTransport on this address and UDP port, with
+    /// a short-lived certificate made at start and renewed every 12 days (its hash is printed).
+    #[arg(long)]
+    webtransport: Option<SocketAddr>,
     /// Denoisers kept loaded at once.
     #[arg(long, default_value_t = 2)]
     max_loaded: usize,
@@ -70,7 +75,8 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let log: Arc<dyn Fn(String) + Send + Sync> = Arc::new(|line| eprintln!("{line}"));
     let (backend, device, max_loaded) = (args.backend, args.device, args.max_loaded);
-    let options = WorkerOptions::new(token);
+    let mut options = WorkerOptions::new(token);
+    options.webtransport = args.webtransport;
     let running = runtime.block_on(start_worker(
         args.listen,
         &identity,
@@ -95,6 +101,14 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         "clients: sdlite gen --worker quic://HOST:{port}#sha256={} --token TOKEN ...",
         hex(&running.fingerprint)
     );
+    if let Some(wt) = &running.webtransport {
+        let hash = hex(&*wt.fingerprint.lock().expect("fingerprint"));
+        println!("webtransport https://{}{WEBTRANSPORT_PATH} sha256={hash}", wt.local_addr);
+        println!(
+            "browsers: worker https://HOST:{}{WEBTRANSPORT_PATH}, certificate sha256={hash}, and the token",
+            wt.local_addr.port()
+        );
+    }
     runtime.block_on(async {
         let _ = tokio::signal::ctrl_c().await;
     });

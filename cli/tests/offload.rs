@@ -2,10 +2,12 @@
 //! mid-job, and client and worker on two network namespaces joined by a veth pair, with delay
 //! and loss added where `tc netem` is available. Every offloaded image must equal the local one.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
+
+use common::Logged;
 
 const TOKEN: &str = "cli-test-token";
 
@@ -21,18 +23,9 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 struct Worker {
-    child: Child,
+    process: Logged,
     port: u16,
     fingerprint: String,
-    /// The worker's log lines (stderr), as they come.
-    log: mpsc::Receiver<String>,
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Starts `sdlite worker` (inside `netns` when given) serving the tiny SD pipeline.
@@ -62,29 +55,10 @@ fn start_worker(dir: &Path, listen: &str, netns: Option<&str>) -> Worker {
             c
         }
     };
-    let mut child = cmd
-        .env("SDLITE_TOKEN", TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("sdlite worker starts");
-    // Both pipes are drained for the worker's whole life: a closed pipe would kill it.
-    let (tx, log) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let (out_tx, out_lines) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = out_tx.send(line);
-        }
-    });
+    cmd.env("SDLITE_TOKEN", TOKEN);
+    let process = Logged::spawn(cmd);
     let (mut port, mut fingerprint) = (None, None);
-    for line in out_lines.iter() {
+    for line in process.stdout.iter() {
         if let Some(rest) = line.strip_prefix("listening on ") {
             port = rest
                 .split_whitespace()
@@ -98,10 +72,9 @@ fn start_worker(dir: &Path, listen: &str, netns: Option<&str>) -> Worker {
         }
     }
     Worker {
-        child,
+        process,
         port: port.expect("the worker prints its port"),
         fingerprint: fingerprint.expect("the worker prints its fingerprint"),
-        log,
     }
 }
 
@@ -168,10 +141,10 @@ fn worker_killed_mid_job_the_job_finishes_on_another_with_the_same_image() {
         .unwrap();
     // Kill the worker that took the job once it has it (a step of the tiny model takes
     // ~0.2 s, so this lands inside the job, in a step or between steps).
-    let opened = a.log.iter().find(|l| l.contains("opened"));
+    let opened = a.process.stderr.iter().find(|l| l.contains("opened"));
     assert!(opened.is_some(), "worker a never opened the job");
     std::thread::sleep(std::time::Duration::from_millis(300));
-    a.child.kill().unwrap();
+    a.process.child.kill().unwrap();
     let result = client.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(result.status.success(), "{stderr}");

@@ -1,17 +1,18 @@
 //! The browser demo in real headless Chromium (WebGPU on SwiftShader), served by `sdlite
 //! serve`: the tiny checkpoints generate in the tab a picture (SD) and a video (Wan) equal
-//! to `sdlite gen --backend wgpu`'s, cancel stops a run, a second visit loads the model from Cache Storage, a
+//! to `sdlite gen --backend wgpu`'s, the picture again with the denoiser on a loopback
+//! `sdlite worker` over WebTransport (uploading the model to it) and once more with that
+//! worker killed mid-job (the page finishes on WebGPU), cancel stops a run, a second visit loads the model from Cache Storage, a
 //! damaged checkpoint and a browser without WebGPU get messages. Needs the built page (scripts/build-web.sh),
 //! Debian's `chromium` and `npm ci` in tests/web; scripts/test.sh provides all three. Without
 //! them the test is skipped, except under CI=true where that is a failure.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-use common::{model, read_png, sdlite};
+use common::{model, read_png, sdlite, Logged};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -36,16 +37,6 @@ fn missing() -> Option<String> {
     .into_iter()
     .find(|(p, _)| !p.exists())
     .map(|(_, what)| what.to_string())
-}
-
-/// Kills the server when the test ends, however it ends.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The models the page is offered: the tiny checkpoint, and a copy whose UNet weights are cut
@@ -76,26 +67,44 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 }
 
 /// `sdlite serve` on a free loopback port; returns it and its URL.
-fn serve(models: &std::path::Path) -> (Server, String) {
-    let root = root();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sdlite"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--site"])
-        .arg(root.join("target/web/site"))
+fn serve(models: &std::path::Path) -> (Logged, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sdlite"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--site"])
+        .arg(root().join("target/web/site"))
         .arg("--models")
-        .arg(models)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("sdlite serve starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("serve prints its address");
+        .arg(models);
+    let server = Logged::spawn(cmd);
+    let line = server.stdout.recv().expect("serve prints its address");
     let url = line
         .split_whitespace()
         .find(|w| w.starts_with("http://"))
         .unwrap_or_else(|| panic!("no URL in `{line}`"))
         .to_string();
-    (Server(child), url)
+    (server, url)
+}
+
+const WORKER_TOKEN: &str = "web-test-token";
+
+/// `sdlite worker` (CPU, no models: the page uploads its own) accepting WebTransport on a free
+/// loopback port; returns it, its session URL and certificate hash.
+fn worker(dir: &std::path::Path) -> (Logged, String, String) {
+    let models = dir.join("worker-models");
+    let _ = std::fs::remove_dir_all(&models);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sdlite"));
+    cmd.args(["worker", "--backend", "cpu", "--listen", "127.0.0.1:0"])
+        .args(["--webtransport", "127.0.0.1:0", "--models"])
+        .arg(&models)
+        .env("SDLITE_TOKEN", WORKER_TOKEN);
+    let worker = Logged::spawn(cmd);
+    let line = worker
+        .stdout
+        .iter()
+        .find(|l| l.starts_with("webtransport "))
+        .expect("the worker prints its WebTransport address");
+    let mut words = line.split_whitespace().skip(1);
+    let url = words.next().expect("URL").to_string();
+    let hash = words.next().and_then(|h| h.strip_prefix("sha256=")).expect("sha256=").to_string();
+    (worker, url, hash)
 }
 
 #[test]
@@ -165,11 +174,13 @@ fn the_page_generates_like_the_native_backend() {
     assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
 
     let (_server, url) = serve(&models(&out));
+    let (worker, worker_url, worker_hash) = worker(&out);
     let request = serde_json::json!({
         "model": "sd-tiny",
         "form": {"prompt": "a red star on a yellow background", "steps": 4, "guidance": 5, "seed": 7, "width": 0, "height": 0},
         "sampler": "euler",
         "cancelSteps": 40,
+        "worker": {"url": worker_url, "sha256": worker_hash, "token": WORKER_TOKEN, "pid": worker.child.id()},
         "broken": "broken-sd",
         "wan": {
             "model": "wan-tiny",
@@ -191,8 +202,9 @@ fn the_page_generates_like_the_native_backend() {
     let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("driver prints JSON");
     eprintln!("adapter: {}", report["adapter"]);
     eprintln!(
-        "screenshots: {} and {}",
+        "screenshots: {}, {} and {}",
         out.join("page.png").display(),
+        out.join("worker.png").display(),
         out.join("no-webgpu.png").display()
     );
     eprintln!(
@@ -212,6 +224,37 @@ fn the_page_generates_like_the_native_backend() {
     let worst = largest_difference(&rgb, &result["frames"][0]);
     eprintln!("largest pixel difference to the native wgpu backend: picture {worst}");
     assert!(worst <= 1, "browser and native pictures differ by up to {worst} levels");
+
+    // On the worker: every step there, the same picture (its CPU backend and the page's
+    // WebGPU agree to rounding); then killed mid-job: two steps there, the rest here.
+    let remote = &report["remote"];
+    assert_eq!(remote["error"], serde_json::Value::Null, "offloaded generation failed: {report}");
+    assert_eq!(
+        (remote["remoteSteps"].as_u64(), remote["localSteps"].as_u64()),
+        (Some(4), Some(0)),
+        "{report}"
+    );
+    let worst = largest_difference(&rgb, &remote["frames"][0]);
+    eprintln!("largest pixel difference to the native wgpu backend: on the worker {worst}");
+    assert!(worst <= 1, "the worker's picture differs by up to {worst} levels");
+    let log = report["workerLog"].to_string();
+    assert!(log.contains("uploading"), "the page should have sent the model: {log}");
+    let fallback = &report["fallback"];
+    assert_eq!(
+        fallback["error"],
+        serde_json::Value::Null,
+        "generation with a dying worker failed: {report}"
+    );
+    assert_eq!(
+        (fallback["remoteSteps"].as_u64(), fallback["localSteps"].as_u64()),
+        (Some(2), Some(2)),
+        "{report}"
+    );
+    assert!(fallback["workerFailure"].is_string(), "{report}");
+    assert!(log.contains("failed at step 3"), "{log}");
+    let worst = largest_difference(&rgb, &fallback["frames"][0]);
+    eprintln!("largest pixel difference to the native wgpu backend: worker killed mid-job {worst}");
+    assert!(worst <= 1, "the picture after the worker's death differs by up to {worst} levels");
 
     let video = &report["video"];
     assert_eq!(

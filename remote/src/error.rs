@@ -40,6 +40,7 @@ pub(crate) fn frame_err(code: ErrorCode, detail: impl Into<String>) -> Error {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) fn io_err(path: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.to_string();
     move |source| Error::Io { path, source }

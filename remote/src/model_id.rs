@@ -4,17 +4,19 @@
 //! folder holding the same weights have the same hash, and an upload can be checked tensor by
 //! tensor as it arrives.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+#[cfg(not(target_arch = "wasm32"))]
+use std::path::Path;
 
 use sdlite_runtime::models::unet::UNetConfig;
 use sdlite_runtime::models::wan_dit::{with_diffusers_names, WanDitConfig};
-use sdlite_runtime::source::{DirSource, Source};
+#[cfg(not(target_arch = "wasm32"))]
+use sdlite_runtime::source::DirSource;
+use sdlite_runtime::source::Source;
 use sdlite_runtime::weights::Weights;
 use sdlite_runtime::DType;
 use sha2::{Digest, Sha256};
 
-use crate::error::{io_err, Error, Result};
+use crate::error::{Error, Result};
 use crate::frame::wire_dtype;
 use crate::protocol::{DenoiserKind, ModelHash, WireDType};
 
@@ -103,8 +105,13 @@ impl DenoiserPackage {
 
     /// The denoiser of a diffusers pipeline folder: `unet/` (Stable Diffusion) or
     /// `transformer/` (Wan2.1).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn from_pipeline(dir: &Path) -> Result<Self> {
-        let source = DirSource(dir.to_path_buf());
+        Self::from_source(&DirSource(dir.to_path_buf()))
+    }
+
+    /// The denoiser of a diffusers pipeline from any source (a folder, files in memory).
+    pub fn from_source(source: &impl Source) -> Result<Self> {
         let (kind, component) = if source.exists("unet/config.json") {
             (DenoiserKind::Unet, "unet")
         } else if source.exists("transformer/config.json") {
@@ -112,7 +119,7 @@ impl DenoiserPackage {
         } else {
             return Err(Error::Runtime(sdlite_runtime::Error::Invalid(format!(
                 "{}: no unet/ or transformer/ folder with a config.json",
-                dir.display()
+                source.label()
             ))));
         };
         let config_path = format!("{component}/config.json");
@@ -124,7 +131,7 @@ impl DenoiserPackage {
         Self::new(
             kind,
             &source.text(&config_path)?,
-            &format!("{}/{config_path}", dir.display()),
+            &format!("{}/{config_path}", source.label()),
             weights,
         )
     }
@@ -145,99 +152,115 @@ pub fn sorted_names(weights: &Weights) -> Vec<&str> {
     names
 }
 
-/// The file an upload's config is kept in, beside `model.safetensors`.
-pub const UPLOAD_MANIFEST: &str = "denoiser.json";
+#[cfg(not(target_arch = "wasm32"))]
+pub use store::{ModelStore, UPLOAD_MANIFEST};
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Manifest {
-    kind: DenoiserKind,
-    config: String,
-}
+/// The worker's models on disk.
+#[cfg(not(target_arch = "wasm32"))]
+mod store {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
 
-/// The denoisers a worker can serve: diffusers pipeline folders under its models folder, and
-/// models clients uploaded (kept as `<hash>/model.safetensors` + `denoiser.json`).
-pub struct ModelStore {
-    pub dir: PathBuf,
-    models: HashMap<ModelHash, DenoiserPackage>,
-}
+    use sdlite_runtime::weights::Weights;
 
-impl ModelStore {
-    /// Hashes every model under `dir`; `report(path, hash)` for each, folders that hold no
-    /// model skipped, folders that fail reported as errors.
-    pub fn scan(dir: &Path, report: &mut dyn FnMut(&Path, std::result::Result<&DenoiserPackage, &Error>)) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir.display()))?;
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(io_err(dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir())
-            .collect();
-        entries.sort();
-        let mut models = HashMap::new();
-        for path in entries {
-            let found = if path.join("model_index.json").is_file() {
-                DenoiserPackage::from_pipeline(&path)
-            } else if path.join(UPLOAD_MANIFEST).is_file() {
-                Self::open_upload(&path)
-            } else {
-                continue;
-            };
-            report(&path, found.as_ref());
-            if let Ok(p) = found {
-                models.insert(p.hash, p);
-            }
-        }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            models,
-        })
-    }
+    use super::{DenoiserPackage, ModelHash};
+    use crate::error::{io_err, Error, Result};
+    use crate::protocol::DenoiserKind;
 
-    fn open_upload(path: &Path) -> Result<DenoiserPackage> {
-        let manifest_path = path.join(UPLOAD_MANIFEST);
-        let text = std::fs::read_to_string(&manifest_path).map_err(io_err(manifest_path.display()))?;
-        let m: Manifest = serde_json::from_str(&text).map_err(|e| sdlite_runtime::Error::Config {
-            file: manifest_path.display().to_string(),
-            detail: e.to_string(),
-        })?;
-        let weights = Weights::open(&path.join("model.safetensors"))?;
-        DenoiserPackage::new(m.kind, &m.config, &manifest_path.display().to_string(), weights)
-    }
+    /// The file an upload's config is kept in, beside `model.safetensors`.
+    pub const UPLOAD_MANIFEST: &str = "denoiser.json";
 
-    pub fn get(&self, hash: &ModelHash) -> Option<&DenoiserPackage> {
-        self.models.get(hash)
-    }
-
-    pub fn hashes(&self) -> impl Iterator<Item = &ModelHash> {
-        self.models.keys()
-    }
-
-    /// Keeps an uploaded model (already checked against its hash) on disk and serves it.
-    pub fn add_upload(
-        &mut self,
-        hash: ModelHash,
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Manifest {
         kind: DenoiserKind,
-        config: &str,
-        tensors: &[(String, sdlite_runtime::HostTensor)],
-    ) -> Result<()> {
-        let dir = self.dir.join(hash.to_string());
-        std::fs::create_dir_all(&dir).map_err(io_err(dir.display()))?;
-        sdlite_runtime::weights::write_safetensors(&dir.join("model.safetensors"), tensors)?;
-        let manifest = serde_json::to_string(&Manifest {
-            kind,
-            config: config.to_string(),
-        })
-        .expect("manifest serializes");
-        let manifest_path = dir.join(UPLOAD_MANIFEST);
-        std::fs::write(&manifest_path, manifest).map_err(io_err(manifest_path.display()))?;
-        let package = Self::open_upload(&dir)?;
-        if package.hash != hash {
-            return Err(Error::Runtime(sdlite_runtime::Error::Invalid(format!(
-                "{}: stored upload hashes to {}, not {hash}",
-                dir.display(),
-                package.hash
-            ))));
+        config: String,
+    }
+
+    /// The denoisers a worker can serve: diffusers pipeline folders under its models folder, and
+    /// models clients uploaded (kept as `<hash>/model.safetensors` + `denoiser.json`).
+    pub struct ModelStore {
+        pub dir: PathBuf,
+        models: HashMap<ModelHash, DenoiserPackage>,
+    }
+
+    impl ModelStore {
+        /// Hashes every model under `dir`; `report(path, hash)` for each, folders that hold no
+        /// model skipped, folders that fail reported as errors.
+        pub fn scan(dir: &Path, report: &mut dyn FnMut(&Path, std::result::Result<&DenoiserPackage, &Error>)) -> Result<Self> {
+            std::fs::create_dir_all(dir).map_err(io_err(dir.display()))?;
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(io_err(dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_dir())
+                .collect();
+            entries.sort();
+            let mut models = HashMap::new();
+            for path in entries {
+                let found = if path.join("model_index.json").is_file() {
+                    DenoiserPackage::from_pipeline(&path)
+                } else if path.join(UPLOAD_MANIFEST).is_file() {
+                    Self::open_upload(&path)
+                } else {
+                    continue;
+                };
+                report(&path, found.as_ref());
+                if let Ok(p) = found {
+                    models.insert(p.hash, p);
+                }
+            }
+            Ok(Self {
+                dir: dir.to_path_buf(),
+                models,
+            })
         }
-        self.models.insert(hash, package);
-        Ok(())
+
+        fn open_upload(path: &Path) -> Result<DenoiserPackage> {
+            let manifest_path = path.join(UPLOAD_MANIFEST);
+            let text = std::fs::read_to_string(&manifest_path).map_err(io_err(manifest_path.display()))?;
+            let m: Manifest = serde_json::from_str(&text).map_err(|e| sdlite_runtime::Error::Config {
+                file: manifest_path.display().to_string(),
+                detail: e.to_string(),
+            })?;
+            let weights = Weights::open(&path.join("model.safetensors"))?;
+            DenoiserPackage::new(m.kind, &m.config, &manifest_path.display().to_string(), weights)
+        }
+
+        pub fn get(&self, hash: &ModelHash) -> Option<&DenoiserPackage> {
+            self.models.get(hash)
+        }
+
+        pub fn hashes(&self) -> impl Iterator<Item = &ModelHash> {
+            self.models.keys()
+        }
+
+        /// Keeps an uploaded model (already checked against its hash) on disk and serves it.
+        pub fn add_upload(
+            &mut self,
+            hash: ModelHash,
+            kind: DenoiserKind,
+            config: &str,
+            tensors: &[(String, sdlite_runtime::HostTensor)],
+        ) -> Result<()> {
+            let dir = self.dir.join(hash.to_string());
+            std::fs::create_dir_all(&dir).map_err(io_err(dir.display()))?;
+            sdlite_runtime::weights::write_safetensors(&dir.join("model.safetensors"), tensors)?;
+            let manifest = serde_json::to_string(&Manifest {
+                kind,
+                config: config.to_string(),
+            })
+            .expect("manifest serializes");
+            let manifest_path = dir.join(UPLOAD_MANIFEST);
+            std::fs::write(&manifest_path, manifest).map_err(io_err(manifest_path.display()))?;
+            let package = Self::open_upload(&dir)?;
+            if package.hash != hash {
+                return Err(Error::Runtime(sdlite_runtime::Error::Invalid(format!(
+                    "{}: stored upload hashes to {}, not {hash}",
+                    dir.display(),
+                    package.hash
+                ))));
+            }
+            self.models.insert(hash, package);
+            Ok(())
+        }
     }
 }

@@ -21,10 +21,11 @@ use sdlite_runtime::models::wan_dit::WanDit;
 use sdlite_runtime::{Backend, DType, HostData, HostTensor, Tensor};
 
 use crate::address::WorkerAddress;
+use crate::channel::Channel;
 use crate::client::{ClientOptions, WorkerLink};
 use crate::error::{Error, Result};
 use crate::model_id::DenoiserPackage;
-use crate::protocol::{ErrorCode, JobMode};
+use crate::protocol::JobMode;
 
 /// `--offload`: where the denoiser runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -310,27 +311,23 @@ impl<B: Backend, M: DenoiserModel<B> + ?Sized> OffloadDenoiser<'_, B, M> {
 
     /// Opens the job on a worker, sending the weights first when it lacks them.
     fn open(&mut self, link: &WorkerLink, mode: JobMode, context: &HostTensor, cfg_scale: f32) -> Result<u64> {
-        let (hash, dtype) = (self.package.hash, self.dtype);
-        let opened = self.pool.block_on(link.open_job(hash, mode, dtype, cfg_scale, context));
-        match opened {
-            Err(Error::Refused {
-                code: ErrorCode::UnknownModel,
-                ..
-            }) if self.upload => {
-                let gib = self.package.weight_bytes() as f64 / (1u64 << 30) as f64;
-                self.log(format!("{} lacks model {hash}: uploading {gib:.2} GiB once", link.address.label()));
-                let mut last = Instant::now();
-                let log = self.pool.log.clone();
-                self.pool.block_on(link.upload(self.package, &mut |sent, total| {
-                    if last.elapsed() > Duration::from_secs(5) {
-                        last = Instant::now();
-                        log(format!("upload: {:.0}%", 100.0 * sent as f64 / total.max(1) as f64));
-                    }
-                }))?;
-                self.pool.block_on(link.open_job(hash, mode, dtype, cfg_scale, context))
+        let (package, dtype, upload) = (self.package, self.dtype, self.upload);
+        let log = self.pool.log.clone();
+        let label = link.address.label();
+        let mut announced = false;
+        let mut last = Instant::now();
+        let mut progress = |sent: u64, total: u64| {
+            if !std::mem::replace(&mut announced, true) {
+                let gib = total as f64 / (1u64 << 30) as f64;
+                log(format!("{label} lacks model {}: uploading {gib:.2} GiB once", package.hash));
             }
-            other => other,
-        }
+            if last.elapsed() > Duration::from_secs(5) {
+                last = Instant::now();
+                log(format!("upload: {:.0}%", 100.0 * sent as f64 / total.max(1) as f64));
+            }
+        };
+        self.pool
+            .block_on(link.open_job_or_upload(package, mode, dtype, cfg_scale, context, upload, &mut progress))
     }
 
     /// Places the job on workers; false when no worker would take it.

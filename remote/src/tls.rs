@@ -71,6 +71,22 @@ impl Identity {
         })
     }
 
+    /// A fresh self-signed certificate that browsers accept by hash (`serverCertificateHashes`):
+    /// ECDSA P-256, valid for less than two weeks, starting an hour ago so that a client whose
+    /// clock is a little behind still takes it.
+    pub fn short_lived(names: &[String]) -> Result<Self> {
+        let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(tls_err)?;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(13);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(tls_err)?;
+        let cert = params.self_signed(&key).map_err(tls_err)?;
+        Ok(Self {
+            cert: cert.der().clone(),
+            key: key.serialize_der().into(),
+        })
+    }
+
     pub fn fingerprint(&self) -> [u8; 32] {
         fingerprint(&self.cert)
     }
@@ -107,7 +123,7 @@ impl Default for LinkOptions {
     }
 }
 
-fn transport(link: &LinkOptions) -> Result<Arc<quinn::TransportConfig>> {
+fn transport(link: &LinkOptions) -> Result<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     // Probe for datagrams up to loopback's and jumbo-frame networks' size: latents are megabytes,
     // and per-packet work, not bandwidth, bounds QUIC's throughput on fast links.
@@ -121,20 +137,38 @@ fn transport(link: &LinkOptions) -> Result<Arc<quinn::TransportConfig>> {
         .stream_receive_window((64u32 << 20).into())
         .receive_window((256u32 << 20).into())
         .send_window(256 << 20);
-    Ok(Arc::new(t))
+    Ok(t)
 }
 
-pub fn server_config(identity: &Identity, link: &LinkOptions) -> Result<quinn::ServerConfig> {
+fn server_tls(identity: &Identity, alpn: &[u8]) -> Result<rustls::ServerConfig> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
         .with_no_client_auth()
         .with_single_cert(vec![identity.cert.clone()], PrivateKeyDer::Pkcs8(identity.key.clone_key()))
         .map_err(tls_err)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
+}
+
+pub fn server_config(identity: &Identity, link: &LinkOptions) -> Result<quinn::ServerConfig> {
+    let tls = server_tls(identity, ALPN)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).map_err(tls_err)?));
-    config.transport_config(transport(link)?);
+    config.transport_config(Arc::new(transport(link)?));
     Ok(config)
+}
+
+/// The WebTransport (HTTP/3) endpoint's settings: the QUIC endpoint's transport, plus the
+/// unidirectional streams HTTP/3 itself uses.
+pub fn webtransport_config(listen: std::net::SocketAddr, identity: &Identity, link: &LinkOptions) -> Result<wtransport::ServerConfig> {
+    let tls = server_tls(identity, wtransport::tls::WEBTRANSPORT_ALPN)?;
+    let mut transport = transport(link)?;
+    // HTTP/3 needs unidirectional streams for its control and QPACK streams.
+    transport.max_concurrent_uni_streams(16u32.into());
+    Ok(wtransport::ServerConfig::builder()
+        .with_bind_address(listen)
+        .with_custom_tls_and_transport(tls, transport)
+        .build())
 }
 
 /// How a client decides to trust a worker.
@@ -178,7 +212,7 @@ pub fn client_config(trust: &Trust, link: &LinkOptions) -> Result<quinn::ClientC
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).map_err(tls_err)?));
-    config.transport_config(transport(link)?);
+    config.transport_config(Arc::new(transport(link)?));
     Ok(config)
 }
 

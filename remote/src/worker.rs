@@ -1,5 +1,8 @@
-//! The worker: a QUIC endpoint that answers one request per bidirectional stream and runs the
-//! compute on one thread that owns the engine (and so the device). Requests wait in a bounded
+//! The worker: a QUIC endpoint (and, for browsers, a WebTransport one) that answers one request
+//! per bidirectional stream and runs the compute on one thread that owns the engine (and so the
+//! device). Both endpoints speak the same frames with the same token rule; a WebTransport
+//! stream is a QUIC stream behind an HTTP/3 session, so past the session handshake one code
+//! path serves both. Requests wait in a bounded
 //! queue for that thread, so a busy worker slows its clients down instead of buffering without
 //! end; QUIC's per-connection stream limit bounds what each client can have in flight.
 //!
@@ -10,7 +13,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sdlite_runtime::HostTensor;
 use tokio::sync::{mpsc, oneshot};
@@ -20,7 +23,14 @@ use crate::error::{Error, Result};
 use crate::frame::{read_frame, runtime_dtype, write_frame, Frame, TensorRef, DEFAULT_MAX_FRAME_BYTES};
 use crate::model_id::{canonical_config, ModelHasher};
 use crate::protocol::{DenoiserKind, Envelope, ErrorCode, ModelHash, Request, Response, PROTOCOL_VERSION};
-use crate::tls::{server_config, Identity, LinkOptions};
+use crate::tls::{server_config, webtransport_config, Identity, LinkOptions};
+
+/// The path of the WebTransport session URL: `https://HOST:PORT/sdlite`.
+pub const WEBTRANSPORT_PATH: &str = "/sdlite";
+
+/// How long the WebTransport certificate is used before a fresh one replaces it: browsers pin
+/// certificates by hash only when they are valid for two weeks at most.
+pub const WEBTRANSPORT_RENEWAL: Duration = Duration::from_secs(12 * 24 * 3600);
 
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
@@ -33,6 +43,8 @@ pub struct WorkerOptions {
     pub queue: usize,
     pub link: LinkOptions,
     pub name: String,
+    /// Where to accept WebTransport sessions (browsers), if anywhere.
+    pub webtransport: Option<SocketAddr>,
 }
 
 impl WorkerOptions {
@@ -44,6 +56,7 @@ impl WorkerOptions {
             queue: 16,
             link: LinkOptions::default(),
             name: "sdlite worker".into(),
+            webtransport: None,
         }
     }
 }
@@ -72,11 +85,26 @@ pub struct RunningWorker {
     pub local_addr: SocketAddr,
     pub fingerprint: [u8; 32],
     pub backend: String,
+    pub webtransport: Option<RunningWebTransport>,
+}
+
+/// The WebTransport endpoint: browsers connect to `https://HOST:PORT/sdlite` pinning
+/// `fingerprint` (`serverCertificateHashes`), which changes when the certificate is renewed.
+pub struct RunningWebTransport {
+    pub local_addr: SocketAddr,
+    pub fingerprint: Arc<Mutex<[u8; 32]>>,
+    endpoint: Arc<wtransport::Endpoint<wtransport::endpoint::endpoint_side::Server>>,
+    tasks: Vec<tokio::task::AbortHandle>,
 }
 
 impl RunningWorker {
     /// Closes every connection at once (clients see the worker gone) and stops accepting.
     pub fn close(&self) {
+        if let Some(wt) = &self.webtransport {
+            // The accept loop must stop first: wtransport's accept panics on a closed endpoint.
+            wt.tasks.iter().for_each(|t| t.abort());
+            wt.endpoint.close(0u32.into(), b"worker shutting down");
+        }
         self.endpoint.close(0u32.into(), b"worker shutting down");
     }
 }
@@ -128,6 +156,10 @@ pub async fn start_worker<E: Engine>(
         backend: backend.clone(),
         log,
     });
+    let webtransport = match shared.options.webtransport {
+        Some(addr) => Some(start_webtransport(addr, shared.clone()).await?),
+        None => None,
+    };
     let accept = endpoint.clone();
     tokio::spawn(async move {
         while let Some(incoming) = accept.accept().await {
@@ -135,7 +167,7 @@ pub async fn start_worker<E: Engine>(
             tokio::spawn(async move {
                 let peer = incoming.remote_address();
                 match incoming.await {
-                    Ok(conn) => serve_connection(conn, shared).await,
+                    Ok(conn) => serve_connection(Session::Quic(conn), shared).await,
                     Err(e) => (shared.log)(format!("{peer}: handshake failed: {e}")),
                 }
             });
@@ -146,7 +178,112 @@ pub async fn start_worker<E: Engine>(
         endpoint,
         local_addr,
         backend,
+        webtransport,
     })
+}
+
+/// Listens for WebTransport sessions on `addr` with a fresh short-lived certificate, renewed
+/// every `WEBTRANSPORT_RENEWAL` (existing sessions keep theirs).
+async fn start_webtransport<E: Engine>(addr: SocketAddr, shared: Arc<Shared<E>>) -> Result<RunningWebTransport> {
+    let link = shared.options.link;
+    let identity = Identity::short_lived(&["localhost".to_string()])?;
+    let endpoint = wtransport::Endpoint::server(webtransport_config(addr, &identity, &link)?).map_err(|e| Error::Connection {
+        worker: addr.to_string(),
+        detail: format!("cannot listen for WebTransport: {e}"),
+    })?;
+    let endpoint = Arc::new(endpoint);
+    let local_addr = endpoint.local_addr().map_err(crate::error::io_err(addr))?;
+    let fingerprint = Arc::new(Mutex::new(identity.fingerprint()));
+    let renew = {
+        let (endpoint, fingerprint, log) = (endpoint.clone(), fingerprint.clone(), shared.log.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(WEBTRANSPORT_RENEWAL).await;
+                let renewed = Identity::short_lived(&["localhost".to_string()])
+                    .and_then(|id| Ok((webtransport_config(local_addr, &id, &link)?, id.fingerprint())));
+                match renewed {
+                    Ok((config, hash)) => match endpoint.reload_config(config, false) {
+                        Ok(()) => {
+                            *fingerprint.lock().expect("fingerprint") = hash;
+                            log(format!("WebTransport certificate renewed: sha256={}", crate::tls::hex(&hash)));
+                        }
+                        Err(e) => log(format!("WebTransport certificate renewal failed: {e}")),
+                    },
+                    Err(e) => log(format!("WebTransport certificate renewal failed: {e}")),
+                }
+            }
+        })
+    };
+    let accept = {
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move {
+            loop {
+                let incoming = endpoint.accept().await;
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let peer = incoming.remote_address();
+                    let request = match incoming.await {
+                        Ok(r) => r,
+                        Err(e) => return (shared.log)(format!("{peer}: WebTransport handshake failed: {e}")),
+                    };
+                    if request.path().split('?').next() != Some(WEBTRANSPORT_PATH) {
+                        (shared.log)(format!("{peer}: no WebTransport service at {}", request.path()));
+                        return request.not_found().await;
+                    }
+                    match request.accept().await {
+                        Ok(conn) => serve_connection(Session::WebTransport(conn), shared).await,
+                        Err(e) => (shared.log)(format!("{peer}: WebTransport session failed: {e}")),
+                    }
+                });
+            }
+        })
+    };
+    Ok(RunningWebTransport {
+        local_addr,
+        fingerprint,
+        endpoint,
+        tasks: vec![renew.abort_handle(), accept.abort_handle()],
+    })
+}
+
+/// A client's connection: native QUIC, or a browser's WebTransport session.
+enum Session {
+    Quic(quinn::Connection),
+    WebTransport(wtransport::Connection),
+}
+
+/// One request's stream pair.
+enum Streams {
+    Quic(quinn::SendStream, quinn::RecvStream),
+    WebTransport(wtransport::SendStream, wtransport::RecvStream),
+}
+
+impl Session {
+    /// The QUIC connection underneath, for the peer's address and whether it is still open.
+    fn quic(&self) -> &quinn::Connection {
+        match self {
+            Session::Quic(c) => c,
+            Session::WebTransport(c) => c.quic_connection(),
+        }
+    }
+
+    async fn accept(&self) -> Option<Streams> {
+        match self {
+            Session::Quic(c) => c.accept_bi().await.ok().map(|(s, r)| Streams::Quic(s, r)),
+            Session::WebTransport(c) => c.accept_bi().await.ok().map(|(s, r)| Streams::WebTransport(s, r)),
+        }
+    }
+}
+
+impl Streams {
+    /// The QUIC streams underneath: past the WebTransport stream header (which wtransport has
+    /// read or written by now) the bytes are the same frames as on a native stream.
+    fn quic(&mut self) -> (&mut quinn::SendStream, &mut quinn::RecvStream) {
+        match self {
+            Streams::Quic(s, r) => (s, r),
+            Streams::WebTransport(s, r) => (s.quic_stream_mut(), r.quic_stream_mut()),
+        }
+    }
 }
 
 struct Shared<E> {
@@ -172,12 +309,15 @@ struct ConnState {
     upload: Option<Staging>,
 }
 
-async fn serve_connection<E: Engine>(conn: quinn::Connection, shared: Arc<Shared<E>>) {
-    let peer = conn.remote_address();
+async fn serve_connection<E: Engine>(session: Session, shared: Arc<Shared<E>>) {
+    let peer = session.quic().remote_address();
     let state = Arc::new(Mutex::new(ConnState::default()));
-    while let Ok((send, recv)) = conn.accept_bi().await {
-        let (shared, state, conn) = (shared.clone(), state.clone(), conn.clone());
-        tokio::spawn(async move { handle_stream(send, recv, &shared, &state, &conn).await });
+    while let Some(mut streams) = session.accept().await {
+        let (shared, state, conn) = (shared.clone(), state.clone(), session.quic().clone());
+        tokio::spawn(async move {
+            let (send, recv) = streams.quic();
+            handle_stream(send, recv, &shared, &state, &conn).await
+        });
     }
     let jobs: Vec<u64> = state.lock().expect("connection state").jobs.drain().collect();
     if !jobs.is_empty() {
@@ -205,13 +345,13 @@ impl Answer {
 }
 
 async fn handle_stream<E: Engine>(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
     shared: &Shared<E>,
     state: &Mutex<ConnState>,
     conn: &quinn::Connection,
 ) {
-    let answer = match read_frame::<_, Envelope>(&mut recv, shared.options.max_frame_bytes).await {
+    let answer = match read_frame::<_, Envelope>(recv, shared.options.max_frame_bytes).await {
         Ok(frame) => dispatch(frame, shared, state, conn).await,
         Err(Error::Frame { code, detail }) => {
             (shared.log)(format!("{}: refused a frame: {code}: {detail}", conn.remote_address()));
@@ -221,7 +361,7 @@ async fn handle_stream<E: Engine>(
         Err(e) => Answer::failed((ErrorCode::Malformed, e.to_string())),
     };
     let refs: Vec<TensorRef> = answer.tensors.iter().map(TensorRef::from).collect();
-    if write_frame(&mut send, &answer.response, &refs).await.is_ok() {
+    if write_frame(send, &answer.response, &refs).await.is_ok() {
         let _ = send.finish();
     }
 }

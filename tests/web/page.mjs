@@ -1,6 +1,6 @@
 // Drives the demo page served by `sdlite serve` in Debian's headless Chromium (WebGPU on
-// SwiftShader): generate, screenshot, cancel, reload from Cache Storage, and the message
-// without WebGPU. Prints one JSON object on stdout; cli/tests/web.rs checks it.
+// SwiftShader): generate, generate on a worker over WebTransport (and survive its death
+// mid-job), screenshot, cancel, reload from Cache Storage, and the message without WebGPU. Prints one JSON object on stdout; cli/tests/web.rs checks it.
 //
 // usage: node page.mjs URL OUT_DIR REQUEST_JSON
 import { chromium } from 'playwright-core';
@@ -9,7 +9,7 @@ import { join } from 'node:path';
 
 const [url, outDir, requestJson] = process.argv.slice(2);
 const request = JSON.parse(requestJson);
-const FLAGS = ['--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'];
+const FLAGS = ['--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'];
 const report = { log: [] };
 const TIMEOUT = Number(process.env.PAGE_TIMEOUT_MS || 300_000);
 
@@ -40,7 +40,9 @@ async function generate(page, form, sampler) {
   return page.evaluate(() => {
     const r = window.sdlite.result;
     const b64 = (a) => btoa(Array.from(a, (c) => String.fromCharCode(c)).join(''));
-    return r ? { width: r.width, height: r.height, frames: r.frames.map(b64) } : { error: window.sdlite.lastError };
+    return r
+      ? { width: r.width, height: r.height, frames: r.frames.map(b64), remoteSteps: r.remoteSteps, localSteps: r.localSteps, workerFailure: r.workerFailure }
+      : { error: window.sdlite.lastError };
   });
 }
 
@@ -71,6 +73,29 @@ try {
   report.downloadVisible = await page.isVisible('#download');
   report.screenshot = join(outDir, 'page.png');
   await page.screenshot({ path: report.screenshot, fullPage: true });
+
+  // The same request with the denoiser on a loopback worker over WebTransport: first whole,
+  // then with the worker killed as the page opens its stream for step 3 (the stream count is
+  // Hello, OpenJob, step 1, step 2, step 3), so the rest must run here.
+  if (request.worker) {
+    await fill(page, { 'worker-url': request.worker.url, 'worker-hash': request.worker.sha256, 'worker-token': request.worker.token });
+    report.remote = await generate(page, request.form, request.sampler);
+    await page.exposeFunction('sdliteTestKillWorker', () => process.kill(request.worker.pid, 'SIGKILL'));
+    await page.evaluate(() => {
+      const open = WebTransport.prototype.createBidirectionalStream;
+      let streams = 0;
+      WebTransport.prototype.createBidirectionalStream = async function (...args) {
+        streams += 1;
+        if (streams === 5) await window.sdliteTestKillWorker();
+        return open.apply(this, args);
+      };
+    });
+    report.fallback = await generate(page, request.form, request.sampler);
+    report.workerLog = await page.evaluate(() => window.sdlite.workerLog);
+    report.workerStatus = await page.textContent('#worker-status');
+    await page.screenshot({ path: join(outDir, 'worker.png'), fullPage: true });
+    await fill(page, { 'worker-url': '' });
+  }
 
   // Cancel a longer run after its first step.
   await page.evaluate(() => { window.sdlite.result = undefined; window.sdlite.lastError = undefined; });

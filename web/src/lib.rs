@@ -5,13 +5,22 @@
 //!
 //! JS sees one object, `Studio`: `Studio.open()` takes the WebGPU adapter, `load(name, paths,
 //! contents)` a diffusers folder's files (returning a `ModelInfo`), `generate(request,
-//! onProgress)` returns a Promise of an `Output` (a picture, or a video's frames), and
+//! onProgress, worker)` returns a Promise of an `Output` (a picture, or a video's frames), and
 //! `cancel()` stops the running generation at its next step.
+//!
+//! With a `worker` (the page's WebTransport link to `sdlite worker --webtransport`), the
+//! denoiser's steps run there in the same wire format as `sdlite gen --worker`; if the worker
+//! fails mid-job the remaining steps run here on WebGPU.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::rc::Rc;
 
-use sdlite_runtime::models::denoiser::{Denoiser, LocalDenoiser};
+use sdlite_remote::channel::Channel;
+use sdlite_remote::channel_denoiser::{ChannelDenoiser, ChannelStats};
+use sdlite_remote::frame::{read_frame, write_frame, Frame, TensorRef, DEFAULT_MAX_FRAME_BYTES};
+use sdlite_remote::model_id::DenoiserPackage;
+use sdlite_remote::protocol::{Envelope, Response};
+use sdlite_runtime::models::denoiser::Denoiser;
 use sdlite_runtime::models::flow_schedulers::FlowSampler;
 use sdlite_runtime::models::schedulers::Sampler;
 use sdlite_runtime::models::sd::{SdRequest, StableDiffusion};
@@ -104,6 +113,7 @@ pub struct Output {
     pub height: u32,
     fps: u16,
     parameters: String,
+    stats: ChannelStats,
 }
 
 #[wasm_bindgen]
@@ -116,6 +126,24 @@ impl Output {
         let (w, h) = (self.width as usize, self.height as usize);
         let chw = image::frame_planes(&self.video, self.frames as usize, i as usize, w * h);
         Ok(Picture::from_rgb(w, h, &image::rgb8(&chw, w * h)))
+    }
+
+    /// Denoising steps the worker ran.
+    #[wasm_bindgen(getter, js_name = remoteSteps)]
+    pub fn remote_steps(&self) -> u32 {
+        self.stats.remote_steps as u32
+    }
+
+    /// Denoising steps run here.
+    #[wasm_bindgen(getter, js_name = localSteps)]
+    pub fn local_steps(&self) -> u32 {
+        self.stats.local_steps as u32
+    }
+
+    /// Why the worker was given up, if it was.
+    #[wasm_bindgen(getter, js_name = workerFailure)]
+    pub fn worker_failure(&self) -> Option<String> {
+        self.stats.failure.clone()
     }
 
     /// The PNG file: a picture, or a looping animated PNG that browsers play.
@@ -343,6 +371,86 @@ impl<B: Backend, D: Denoiser<B>> Denoiser<B> for Watched<'_, D> {
 struct Loaded {
     name: String,
     model: Model,
+    /// The denoiser's files, hashed (and sent, if a worker lacks them) on first offload.
+    denoiser_files: MemorySource,
+    package: OnceCell<DenoiserPackage>,
+}
+
+impl Loaded {
+    fn package(&self) -> Result<&DenoiserPackage> {
+        if let Some(p) = self.package.get() {
+            return Ok(p);
+        }
+        let made = DenoiserPackage::from_source(&self.denoiser_files).map_err(|e| Error::Invalid(e.to_string()))?;
+        Ok(self.package.get_or_init(|| made))
+    }
+}
+
+#[wasm_bindgen]
+extern "C" {
+    /// The page's link to a worker (app.js `WorkerTransport`): `exchange(frame)` sends one
+    /// request frame on a fresh WebTransport stream and resolves to the answer frame.
+    pub type WorkerTransport;
+
+    #[wasm_bindgen(method, catch)]
+    async fn exchange(this: &WorkerTransport, frame: js_sys::Uint8Array) -> std::result::Result<JsValue, JsValue>;
+
+    #[wasm_bindgen(method, getter)]
+    fn url(this: &WorkerTransport) -> String;
+
+    #[wasm_bindgen(method, getter)]
+    fn token(this: &WorkerTransport) -> String;
+}
+
+/// A JavaScript exception's message (`WebTransportError: Connection lost.`).
+fn js_message(e: &JsValue) -> String {
+    e.dyn_ref::<js_sys::Error>()
+        .map(|e| String::from(e.message()))
+        .or_else(|| e.as_string())
+        .unwrap_or_else(|| format!("{e:?}"))
+}
+
+/// The protocol's requests over the page's transport: frames are encoded and decoded here by
+/// the same code as natively, JavaScript only moves bytes.
+struct JsChannel {
+    transport: WorkerTransport,
+    url: String,
+    token: String,
+}
+
+impl JsChannel {
+    fn new(transport: WorkerTransport) -> Self {
+        Self {
+            url: transport.url(),
+            token: transport.token(),
+            transport,
+        }
+    }
+}
+
+impl Channel for JsChannel {
+    fn label(&self) -> String {
+        self.url.clone()
+    }
+
+    fn token(&self) -> &str {
+        &self.token
+    }
+
+    async fn exchange(&self, envelope: &Envelope, tensors: &[TensorRef<'_>]) -> sdlite_remote::Result<Frame<Response>> {
+        let mut frame = vec![];
+        write_frame(&mut frame, envelope, tensors).await?;
+        let answer = self
+            .transport
+            .exchange(js_sys::Uint8Array::from(frame.as_slice()))
+            .await
+            .map_err(|e| sdlite_remote::Error::Connection {
+                worker: self.url.clone(),
+                detail: js_message(&e),
+            })?;
+        let bytes = js_sys::Uint8Array::new(&answer).to_vec();
+        read_frame(&mut bytes.as_slice(), DEFAULT_MAX_FRAME_BYTES).await
+    }
 }
 
 struct Inner {
@@ -420,7 +528,7 @@ impl Studio {
                 Ok((p, bytes.to_vec()))
             })
             .collect::<std::result::Result<Vec<_>, JsError>>()?;
-        let source = folder_files(files).map_err(js_err)?;
+        let mut source = folder_files(files).map_err(js_err)?;
         let index: serde_json::Value = source.config("model_index.json").map_err(js_err)?;
         let b = &self.inner.backend;
         let model = if index["_class_name"].as_str().is_some_and(|c| c.starts_with("Wan")) {
@@ -429,7 +537,16 @@ impl Studio {
             Model::Sd(Rc::new(StableDiffusion::load(b, &source, DType::F32).map_err(js_err)?))
         };
         let info = model.info();
-        *self.inner.model.borrow_mut() = Some(Rc::new(Loaded { name, model }));
+        let component = if info.kind == "wan" { "transformer/" } else { "unet/" };
+        let denoiser_files = MemorySource {
+            files: source.files.drain().filter(|(p, _)| p.starts_with(component)).collect(),
+        };
+        *self.inner.model.borrow_mut() = Some(Rc::new(Loaded {
+            name,
+            model,
+            denoiser_files,
+            package: OnceCell::new(),
+        }));
         Ok(info)
     }
 
@@ -442,8 +559,9 @@ impl Studio {
     /// Generates a picture (SD) or a video (Wan). `on_progress(phase, done, total, preview)`
     /// is called as the work advances: phase "encode", "denoise" or "decode" (frames, for
     /// videos); `preview` a `Picture` of the latent every `request.preview_every` steps, else
-    /// undefined.
-    pub fn generate(&self, request: &Request, on_progress: js_sys::Function) -> js_sys::Promise {
+    /// undefined; phase "worker" carries a line about the worker (connected, uploading,
+    /// failed) as `preview`. With `worker` the denoiser runs there (see the module's docs).
+    pub fn generate(&self, request: &Request, on_progress: js_sys::Function, worker: Option<WorkerTransport>) -> js_sys::Promise {
         let inner = self.inner.clone();
         let request = request.clone();
         wasm_bindgen_futures::future_to_promise(async move {
@@ -461,20 +579,33 @@ impl Studio {
             let steps = request.steps as usize;
             let preview = |step: usize, picture: Picture| report("denoise", step, steps, picture.into());
             let mut progress = |phase: Phase, done: usize, total: usize| report(phase_name(phase), done, total, JsValue::UNDEFINED);
+            let log = |line: String| report("worker", 0, 0, line.into());
             let every = request.preview_every as usize;
             let info = loaded.model.info();
             let b = &inner.backend;
+            let remote = match worker {
+                Some(t) => Some((JsChannel::new(t), loaded.package().map_err(js_err)?)),
+                None => None,
+            };
             let output = match &loaded.model {
                 Model::Sd(sd) => {
                     let req = request.to_sd(&info).map_err(js_err)?;
-                    let mut denoiser = Watched::new(LocalDenoiser::new(&sd.unet, sd.dtype), &inner.cancelled, every, &preview);
-                    let out = sd.generate_with(b, &req, &mut denoiser, &mut progress).await.map_err(js_err)?;
+                    let mut denoiser = Watched::new(
+                        ChannelDenoiser::new(remote, &sd.unet, sd.dtype, &log),
+                        &inner.cancelled,
+                        every,
+                        &preview,
+                    );
+                    let out = sd.generate_with(b, &req, &mut denoiser, &mut progress).await;
+                    denoiser.inner.finish().await;
+                    let out = out.map_err(js_err)?;
                     Output {
                         video: out.image.to_f32(),
                         frames: 1,
                         width: req.width as u32,
                         height: req.height as u32,
                         fps: 1,
+                        stats: denoiser.inner.stats,
                         parameters: request
                             .describe(
                                 &loaded.name,
@@ -489,14 +620,22 @@ impl Studio {
                 }
                 Model::Wan(wan) => {
                     let req = request.to_wan(&info).map_err(js_err)?;
-                    let mut denoiser = Watched::new(LocalDenoiser::new(&wan.transformer, wan.dtype), &inner.cancelled, every, &preview);
-                    let out = wan.generate_with(b, &req, &mut denoiser, &mut progress).await.map_err(js_err)?;
+                    let mut denoiser = Watched::new(
+                        ChannelDenoiser::new(remote, &wan.transformer, wan.dtype, &log),
+                        &inner.cancelled,
+                        every,
+                        &preview,
+                    );
+                    let out = wan.generate_with(b, &req, &mut denoiser, &mut progress).await;
+                    denoiser.inner.finish().await;
+                    let out = out.map_err(js_err)?;
                     Output {
                         video: out.video.to_f32(),
                         frames: req.frames as u32,
                         width: req.width as u32,
                         height: req.height as u32,
                         fps: 16,
+                        stats: denoiser.inner.stats,
                         parameters: request
                             .describe(
                                 &loaded.name,

@@ -1,6 +1,8 @@
 // The demo page: loads a model (from this server, kept in Cache Storage, or from a folder the
 // user picks), generates through sdlite's wasm module on WebGPU and shows progress, latent
-// previews and the result. Everything that computes lives in the wasm module (web/src/lib.rs).
+// previews and the result, optionally with the denoiser on a worker reached over WebTransport.
+// Everything that computes, and the wire format, lives in the wasm module (web/src/lib.rs);
+// WorkerTransport below only moves bytes.
 import init, { Studio, Request } from './pkg/sdlite_web.js';
 
 const $ = (id) => document.getElementById(id);
@@ -101,6 +103,81 @@ async function loadPicked(files) {
   }
 }
 
+// The link to `sdlite worker --webtransport`: one session, one bidirectional stream per request
+// (a request frame out, the answer frame back), the certificate pinned by its SHA-256 when given.
+class WorkerTransport {
+  constructor(url, hash, token) {
+    this.url = url;
+    this.hash = hash;
+    this.token = token;
+    this.session = null;
+    this.closed = false;
+  }
+
+  async open() {
+    if (!('WebTransport' in window)) throw new Error('this browser does not offer WebTransport');
+    const options = {};
+    if (this.hash) {
+      const hex = this.hash.replace(/^sha256=/i, '').replace(/[^0-9a-f]/gi, '');
+      if (hex.length !== 64) throw new Error('the certificate sha256 must be 64 hex digits');
+      const value = new Uint8Array(hex.match(/../g).map((b) => parseInt(b, 16)));
+      options.serverCertificateHashes = [{ algorithm: 'sha-256', value }];
+    }
+    this.session = new WebTransport(this.url, options);
+    this.session.closed.then(() => { this.closed = true; }, () => { this.closed = true; });
+    await this.session.ready;
+  }
+
+  async exchange(frame) {
+    const stream = await this.session.createBidirectionalStream();
+    const writer = stream.writable.getWriter();
+    // The worker answers once it has read the frame and may stop the stream before our FIN
+    // is acknowledged: a late write error is no failure, a dead session fails the read.
+    writer.write(frame).then(() => writer.close()).catch(() => {});
+    const reader = stream.readable.getReader();
+    const chunks = [];
+    let length = 0;
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      chunks.push(value);
+      length += value.length;
+    }
+    const answer = new Uint8Array(length);
+    let at = 0;
+    for (const c of chunks) {
+      answer.set(c, at);
+      at += c.length;
+    }
+    return answer;
+  }
+}
+
+let worker = null;
+
+// The worker the form names, connected (kept between generations while its session lives), or
+// null for none; a worker that cannot be reached is reported and the run stays here.
+async function connectWorker() {
+  const [url, hash, token] = ['worker-url', 'worker-hash', 'worker-token'].map((id) => $(id).value.trim());
+  if (!url) return null;
+  if (worker && !worker.closed && worker.url === url && worker.hash === hash && worker.token === token) return worker;
+  const candidate = new WorkerTransport(url, hash, token);
+  $('worker-status').textContent = `connecting to ${url}…`;
+  try {
+    await candidate.open();
+    worker = candidate;
+    return worker;
+  } catch (e) {
+    workerLine(`cannot reach the worker (${e.message ?? e}); generating here`);
+    return null;
+  }
+}
+
+function workerLine(line) {
+  $('worker-status').textContent = line;
+  window.sdlite.workerLog.push(line);
+}
+
 async function generate() {
   if (running) return;
   running = true;
@@ -122,6 +199,7 @@ async function generate() {
   let denoiseStart = null;
   const progress = (phase, done, total, preview) => {
     const now = performance.now();
+    if (phase === 'worker') return workerLine(preview);
     if (phase === 'denoise' && done === 0) denoiseStart = now;
     if (phase === 'denoise' && done > 0 && window.sdlite.firstStepMs === undefined) window.sdlite.firstStepMs = now - window.sdlite.pageStart;
     if (preview) draw(preview, $('preview'));
@@ -137,11 +215,11 @@ async function generate() {
     }
   };
   try {
-    const output = await studio.generate(req, progress);
+    const output = await studio.generate(req, progress, await connectWorker());
     const frames = [];
     for (let i = 0; i < output.frames; i++) frames.push(output.frame(i).rgba);
     draw(output.frame(0), $('result'));
-    window.sdlite.result = { width: output.width, height: output.height, frames };
+    window.sdlite.result = { width: output.width, height: output.height, frames, remoteSteps: output.remoteSteps, localSteps: output.localSteps, workerFailure: output.workerFailure ?? null };
     const png = new Blob([output.png()], { type: 'image/png' });
     const url = URL.createObjectURL(png);
     const video = output.frames > 1;
@@ -153,7 +231,8 @@ async function generate() {
     $('download-note').textContent = video ? '(an animated PNG: browsers play it)' : '';
     $('download').hidden = false;
     const secs = (performance.now() - started) / 1000;
-    $('progress').textContent = `done in ${secs.toFixed(1)} s`;
+    const where = output.remoteSteps ? ` (${output.remoteSteps} steps on the worker, ${output.localSteps} here)` : '';
+    $('progress').textContent = `done in ${secs.toFixed(1)} s${where}`;
     $('result-caption').textContent = `${output.width}×${output.height}${video ? `, ${output.frames} frames` : ''}, seed ${req.seed}`;
   } catch (e) {
     const message = e.message ?? String(e);
@@ -169,7 +248,7 @@ async function generate() {
 }
 
 async function main() {
-  window.sdlite = { pageStart: performance.now(), models: [] };
+  window.sdlite = { pageStart: performance.now(), models: [], workerLog: [] };
   const adapter = 'gpu' in navigator ? await navigator.gpu.requestAdapter().catch(() => null) : null;
   if (!adapter) {
     fatal('This browser has WebGPU turned off or does not offer it, and sdlite needs it to run models in the tab. Use a recent Chrome, Edge or Safari (or Firefox with WebGPU enabled), and open the page over https or from localhost.');
