@@ -53,7 +53,9 @@ fn read(c: &CudaBackend, t: &Tensor<CudaBackend>) -> Result<HostTensor> {
 /// The two kernels a Wan step is made of, alone at the full-size shapes: self-attention
 /// (32,760 tokens, 12 heads of 128; also through the portable sm_80 kernel when the device
 /// has a Hopper one) and the FFN's first GEMM, in TFLOP/s.
-fn kernel_rates(c: &CudaBackend, iters: usize) -> Result<()> {
+/// Our attention kernels and the FFN GEMM at full Wan size; `sdpa_seconds` is PyTorch SDPA on
+/// the same attention shape, timed by bench_cuda.py in the same machine session.
+fn kernel_rates(c: &CudaBackend, iters: usize, sdpa_seconds: Option<f64>) -> Result<()> {
     use sdlite_runtime::ops;
     let random = |shape: &[usize], seed: u64| crate::random(c, shape, DType::BF16, seed);
     let (s, h, d) = (32760, 12, 128);
@@ -70,6 +72,13 @@ fn kernel_rates(c: &CudaBackend, iters: usize) -> Result<()> {
         })?;
         println!(
             "attention {s}x{h}x{d} bf16 ({kernel}): {:.2} ms, {:.0} TFLOP/s",
+            secs * 1e3,
+            4.0 * (s * s * h * d) as f64 / secs / 1e12
+        );
+    }
+    if let Some(secs) = sdpa_seconds {
+        println!(
+            "attention {s}x{h}x{d} bf16 (torch SDPA, from diffusers.json): {:.2} ms, {:.0} TFLOP/s",
             secs * 1e3,
             4.0 * (s * s * h * d) as f64 / secs / 1e12
         );
@@ -94,11 +103,11 @@ pub fn bench_cuda(dir: &Path, iters: usize, only: Option<&str>, profile: bool) -
         ..Default::default()
     })?;
     println!("device: {}", c.name());
-    kernel_rates(&c, iters)?;
     let reference: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("diffusers.json"))
             .with_context(|| format!("{}: run tests/reference/bench_cuda.py first", dir.display()))?,
     )?;
+    kernel_rates(&c, iters, reference["sdpa_attention_32760"]["seconds"].as_f64())?;
     let tensors = Weights::open(&dir.join("tensors.safetensors"))?;
     let host = |name: &str| -> Result<HostTensor> {
         let shape = tensors

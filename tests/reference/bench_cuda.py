@@ -3,7 +3,8 @@ real architectures with seeded random weights, in the dtypes a user would run th
 
 Writes, under OUT_DIR, each model in the diffusers layout (the weights sdlite loads), the
 inputs, diffusers' outputs (for the error figures) and `diffusers.json` with the median
-time of one forward and the peak GPU memory of each case. Then `sdlite bench-cuda --dir
+time of one forward and the peak GPU memory of each case, and of PyTorch SDPA on one
+full-size Wan attention (32,760 tokens x 12 heads x 128). Then `sdlite bench-cuda --dir
 OUT_DIR` runs the same weights and inputs on sdlite's CUDA backend and prints both.
 
 Usage: python tests/reference/bench_cuda.py OUT_DIR [--iters N]
@@ -91,6 +92,13 @@ def main():
             bf16,
         ),
     }
+    # The attention of one Wan DiT layer at 81x480x832 alone: PyTorch's SDPA, which
+    # `sdlite bench-cuda` prints beside its own kernels.
+    q = torch.randn((1, 12, 32760, 128), generator=g).to(bf16).to(DEV)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    results["sdpa_attention_32760"] = {"seconds": median_time(lambda: sdpa(q, q, q), iters)}
+    print(f"attention 32760x12x128 bf16: torch SDPA {results['sdpa_attention_32760']['seconds'] * 1000:.2f} ms", flush=True)
+    del q
     for name, (make, inputs, forward, dtype) in cases.items():
         if only and name not in only:
             continue

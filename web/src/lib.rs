@@ -469,6 +469,23 @@ impl Drop for Busy<'_> {
     }
 }
 
+/// WebGPU says only "Out of Memory" when the adapter cannot hold a generation's tensors (every
+/// kernel runs within WebGPU's default limits, so memory is the limit a model and size can
+/// hit): say which size was too large and what to do instead.
+fn explain_memory(e: Error, width: usize, height: usize, frames: usize) -> Error {
+    match e {
+        Error::Gpu(m) if m.contains("Out of Memory") => {
+            let frames = if frames > 1 { format!(", {frames} frames") } else { String::new() };
+            Error::Gpu(format!(
+                "this GPU does not have the memory for this model at {width}×{height}{frames} ({m}): \
+                 choose a smaller size{}, or generate on a worker",
+                if frames.is_empty() { "" } else { " or fewer frames" }
+            ))
+        }
+        e => e,
+    }
+}
+
 fn js_err(e: Error) -> JsError {
     JsError::new(&e.to_string())
 }
@@ -598,7 +615,7 @@ impl Studio {
                     );
                     let out = sd.generate_with(b, &req, &mut denoiser, &mut progress).await;
                     denoiser.inner.finish().await;
-                    let out = out.map_err(js_err)?;
+                    let out = out.map_err(|e| js_err(explain_memory(e, req.width, req.height, 1)))?;
                     Output {
                         video: out.image.to_f32(),
                         frames: 1,
@@ -628,7 +645,7 @@ impl Studio {
                     );
                     let out = wan.generate_with(b, &req, &mut denoiser, &mut progress).await;
                     denoiser.inner.finish().await;
-                    let out = out.map_err(js_err)?;
+                    let out = out.map_err(|e| js_err(explain_memory(e, req.width, req.height, req.frames)))?;
                     Output {
                         video: out.video.to_f32(),
                         frames: req.frames as u32,
@@ -679,6 +696,19 @@ mod tests {
         // A file merely ending in the name is no model index.
         let err = folder_files(vec![("old_model_index.json".into(), vec![])]).err().unwrap();
         assert!(err.to_string().contains("model_index.json"), "{err}");
+    }
+
+    #[test]
+    fn out_of_memory_names_the_size_and_the_ways_out() {
+        let e = explain_memory(Error::Gpu("Out of Memory".into()), 832, 480, 81).to_string();
+        assert!(
+            e.contains("832×480, 81 frames") && e.contains("fewer frames") && e.contains("worker"),
+            "{e}"
+        );
+        let e = explain_memory(Error::Gpu("Out of Memory".into()), 512, 512, 1).to_string();
+        assert!(e.contains("512×512 (") && !e.contains("frames"), "{e}");
+        let other = explain_memory(Error::Gpu("Validation".into()), 512, 512, 1).to_string();
+        assert!(!other.contains("memory"), "{other}");
     }
 
     #[test]
