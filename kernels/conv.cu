@@ -1,14 +1,207 @@
-// conv.cu: the gather half of the runtime's `conv` primitive (spec.rs, `ConvSpec`); the
-// product itself is a cuBLASLt GEMM issued by the runtime.
+// conv.cu: the runtime's `conv` primitive (spec.rs, `ConvSpec`); the runtime picks the
+// kernel.
 //
-// im2col: for one batch item and one group, writes the column matrix
-// col[ci * K + kk][p - p0] for input channels ci < cin_g, kernel taps kk < K = kt*kh*kw
-// (row-major over t, y, x) and output positions p in [p0, p0 + np) (row-major over the
-// output's t, y, x), reading x[batch][c0 + ci][it][iy][ix] or zero where the tap falls in
-// the padding. The GEMM w[c_out_g, cin_g*K] x col then yields output rows of the chunk.
-// Chunking over p bounds the column buffer for video-sized inputs.
+// conv_igemm_{bf16,f16}_m{64,96,128} (sm_80 or newer): implicit-GEMM convolution on warp
+// MMAs. The product out[co][p] = sum over taps and input channels of w[co][tap][ci] *
+// x[ci][shifted p] is a GEMM whose B operand is gathered straight from the input while tiles
+// are loaded, so no column matrix is ever written. A K tile is one tap and BK input
+// channels, which makes its padding test and source offset one computation per output
+// position rather than one per element; the taps of a channel block come one after the
+// other, so their gathers, shifted copies of one small input window, hit the L1 cache. A block of 8 warps (2 along the output
+// channels, 4 along positions) owns BM = 32*MT output channels x 128 positions; each warp
+// 16*MT x 32, with mma.sync m16n8k16 (bf16/f16 in, f32 accumulate). Per K tile (32
+// channels) the weights come by cp.async (16-byte rows when c_in % 8 == 0, else element by
+// element), the input by coalesced 2-byte loads held in registers while the previous tile
+// is multiplied, both double-buffered in shared memory with rows padded by 16 bytes so
+// ldmatrix (.trans for the position-major B tile) is free of bank conflicts. Bias is added
+// in the epilogue. MT = 2, 3, 4 (BM 64, 96, 128) lets 96- and 192-channel layers fill their
+// tiles. Grid: (position tiles, channel tiles, batch items x groups).
+// Layout: x [batch][groups][cin][ti][hi][wi], w [groups][cout][kt*kh*kw][cin] (the runtime
+// permutes the weights), out [batch][groups][cout][n = to*ho*wo], all contiguous, 16-bit;
+// bias [groups][cout], any dtype, or none; cin and cout per group.
+// Limits: 32-bit offsets within one batch item and group; positions < 2^31.
+//
+// im2col: any dtype and device; the gather half of a column-matrix convolution whose
+// product is a cuBLASLt GEMM issued by the runtime. Writes col[ci * K + kk][p - p0] for
+// input channels ci < cin_g, kernel taps kk < K = kt*kh*kw (row-major over t, y, x) and
+// output positions p in [p0, p0 + np) (row-major over the output's t, y, x), reading
+// x[batch][c0 + ci][it][iy][ix] or zero where the tap falls in the padding. The GEMM
+// w[c_out_g, cin_g*K] x col then yields output rows of the chunk; chunking over p bounds
+// the column buffer for video-sized inputs.
 // Layout: x is NCTHW contiguous; col is row-major [cin_g*K, np], same dtype as x.
 // Limits: 32-bit indices within one batch item; one thread per column element.
+
+struct ConvGemm {
+    u32 cin, cout, groups, ti, hi, wi, kt, kh, kw, st, sh, sw, pt, ph, pw, ho, wo, n;
+    int bias_dtype;  // -1: no bias
+};
+
+#if __CUDA_ARCH__ >= 800
+
+#define IG_BN 128
+#define IG_BK 32
+#define IG_A_STRIDE (IG_BK + 8)
+#define IG_B_STRIDE (IG_BN + 8)
+#define IG_THREADS 256
+// Input rows one thread gathers per K tile: its column, every other channel of the tile.
+#define IG_B_ROWS (IG_BK * IG_BN / IG_THREADS)
+
+template <int MT, bool BF16>
+__device__ void conv_igemm(const ConvGemm& p, const u16* __restrict__ x, const u16* __restrict__ w, const void* __restrict__ bias,
+                           u16* __restrict__ out) {
+    constexpr int BM = 32 * MT;
+    __shared__ __align__(16) u16 as[2][BM * IG_A_STRIDE];
+    __shared__ __align__(16) u16 bs[2][IG_BK * IG_B_STRIDE];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int warp_m = warp >> 2, warp_n = warp & 3;
+    const u32 n0 = blockIdx.x * IG_BN, m0 = blockIdx.y * BM;
+    const u32 taps = p.kt * p.kh * p.kw, plane = p.ti * p.hi * p.wi;
+    const u32 chunks = (p.cin + IG_BK - 1) / IG_BK, tiles = taps * chunks;
+    const u32 group = blockIdx.z % p.groups;
+    x += (u64)blockIdx.z * p.cin * plane;
+    out += (u64)blockIdx.z * p.cout * p.n;
+    w += (u64)group * p.cout * taps * p.cin;
+    const u32 bias0 = group * p.cout;
+
+    // The output position this thread gathers input for, as the corner of its receptive field.
+    const int col = tid & (IG_BN - 1), row0 = tid / IG_BN;
+    const u32 n = n0 + col;
+    const bool n_ok = n < p.n;
+    int bt = 0, by = 0, bx = 0;
+    if (n_ok) {
+        const u32 ox = n % p.wo, oy = (n / p.wo) % p.ho, ot = n / (p.wo * p.ho);
+        bt = (int)(ot * p.st) - (int)p.pt;
+        by = (int)(oy * p.sh) - (int)p.ph;
+        bx = (int)(ox * p.sw) - (int)p.pw;
+    }
+    u16 staged[IG_B_ROWS];
+
+    auto gather = [&](u32 j) {
+        const u32 tap = j % taps, c0 = (j / taps) * IG_BK;
+        const int dx = tap % p.kw, dy = (tap / p.kw) % p.kh, dt = tap / (p.kw * p.kh);
+        const int it = bt + dt, iy = by + dy, ix = bx + dx;
+        const bool ok = n_ok && it >= 0 && it < (int)p.ti && iy >= 0 && iy < (int)p.hi && ix >= 0 && ix < (int)p.wi;
+        const u16* src = x + (ok ? ((u32)it * p.hi + (u32)iy) * p.wi + (u32)ix : 0);
+#pragma unroll
+        for (int i = 0; i < IG_B_ROWS; ++i) {
+            const u32 ci = c0 + row0 + 2 * i;
+            staged[i] = ok && ci < p.cin ? src[ci * plane] : (u16)0;
+        }
+    };
+    auto store_b = [&](int buf) {
+#pragma unroll
+        for (int i = 0; i < IG_B_ROWS; ++i) bs[buf][(row0 + 2 * i) * IG_B_STRIDE + col] = staged[i];
+    };
+    auto load_a = [&](u32 j, int buf) {
+        const u32 tap = j % taps, c0 = (j / taps) * IG_BK;
+        if ((p.cin & 7) == 0) {
+            for (int c = tid; c < BM * IG_BK / 8; c += IG_THREADS) {
+                const int r = c / (IG_BK / 8), q = c % (IG_BK / 8);
+                const u32 m = m0 + r, ci = c0 + q * 8;
+                const bool ok = m < p.cout && ci < p.cin;
+                const u16* g = ok ? w + ((u64)m * taps + tap) * p.cin + ci : w;
+                cp_async16(smem_addr(&as[buf][r * IG_A_STRIDE + q * 8]), g, ok);
+            }
+        } else {
+            for (int e = tid; e < BM * IG_BK; e += IG_THREADS) {
+                const int r = e / IG_BK, c = e % IG_BK;
+                const u32 m = m0 + r, ci = c0 + c;
+                as[buf][r * IG_A_STRIDE + c] = m < p.cout && ci < p.cin ? w[((u64)m * taps + tap) * p.cin + ci] : (u16)0;
+            }
+        }
+    };
+
+    float acc[MT][4][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int t = 0; t < 4; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][t][e] = 0.0f;
+
+    load_a(0, 0);
+    cp_async_commit();
+    gather(0);
+    store_b(0);
+    cp_async_wait<0>();
+    __syncthreads();
+    for (u32 j = 0; j < tiles; ++j) {
+        const int buf = j & 1;
+        const bool more = j + 1 < tiles;
+        if (more) {
+            load_a(j + 1, buf ^ 1);
+            cp_async_commit();
+            gather(j + 1);
+        }
+        const u16* at = as[buf];
+        const u16* bt_ = bs[buf];
+#pragma unroll
+        for (int ks = 0; ks < IG_BK / 16; ++ks) {
+            u32 a[MT][4];
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                ldmatrix_x4(a[i], smem_addr(at + (warp_m * 16 * MT + i * 16 + (lane & 15)) * IG_A_STRIDE + ks * 16 + (lane >> 4) * 8));
+            }
+#pragma unroll
+            for (int np = 0; np < 2; ++np) {
+                u32 b[4];
+                const int mi = lane >> 3;
+                ldmatrix_x4_trans(b, smem_addr(bt_ + (ks * 16 + (mi & 1) * 8 + (lane & 7)) * IG_B_STRIDE + warp_n * 32 + np * 16 + (mi >> 1) * 8));
+#pragma unroll
+                for (int i = 0; i < MT; ++i) {
+                    mma16816<BF16>(acc[i][2 * np], a[i], b[0], b[1]);
+                    mma16816<BF16>(acc[i][2 * np + 1], a[i], b[2], b[3]);
+                }
+            }
+        }
+        if (more) {
+            store_b(buf ^ 1);
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+    }
+
+    // Accumulator layout: for m16 tile i and n8 tile t, elements 2r and 2r + 1 are output
+    // channel lane / 4 + 8r, positions 2 (lane % 4) + {0, 1}.
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const u32 m = m0 + warp_m * 16 * MT + i * 16 + (lane >> 2) + 8 * r;
+            if (m >= p.cout) continue;
+            const float b = p.bias_dtype >= 0 ? load_f32(bias, bias0 + m, p.bias_dtype) : 0.0f;
+            u16* row = out + m * p.n;
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                const u32 c = n0 + warp_n * 32 + t * 8 + 2 * (lane & 3);
+                const float v0 = acc[i][t][2 * r] + b, v1 = acc[i][t][2 * r + 1] + b;
+                if (c + 1 < p.n && (p.n & 1) == 0) {
+                    *(u32*)(row + c) = pack2<BF16>(v0, v1);
+                } else {
+                    const int dt = BF16 ? DT_BF16 : DT_F16;
+                    if (c < p.n) store_f32(row, c, dt, v0);
+                    if (c + 1 < p.n) store_f32(row, c + 1, dt, v1);
+                }
+            }
+        }
+    }
+}
+
+#define CONV_IGEMM(MT)                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(IG_THREADS, 2)                                                                    \
+        conv_igemm_bf16_m##MT(ConvGemm p, const u16* x, const u16* w, const void* bias, u16* out) {                                \
+        conv_igemm<MT / 32, true>(p, x, w, bias, out);                                                                             \
+    }                                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(IG_THREADS, 2)                                                                    \
+        conv_igemm_f16_m##MT(ConvGemm p, const u16* x, const u16* w, const void* bias, u16* out) {                                 \
+        conv_igemm<MT / 32, false>(p, x, w, bias, out);                                                                            \
+    }
+
+CONV_IGEMM(64)
+CONV_IGEMM(96)
+CONV_IGEMM(128)
+
+#endif
 
 struct Im2col {
     u32 c0, cin_g, ti, hi, wi, kt, kh, kw, st, sh, sw, pt, ph, pw, to, ho, wo, p0, np;

@@ -15,6 +15,12 @@
 // every 16-bit operand is contiguous along it (stride 1, offsets and other strides
 // multiples of 8) and the others broadcast it (stride 0), one thread handles 8 elements
 // with 16-byte loads and stores. Not for rope.
+//
+// transpose: the copies that swap the last two dimensions of a contiguous tensor (the
+// runtime recognises them among permutes): out[b][c][r] = x[b][r][c] for x [batch][rows]
+// [cols], through a 32x33 shared tile per block of 32x8 threads so that both the reads and
+// the writes are whole lines; casts on the way. Grid: (tiles, batch).
+// Limits: 32-bit element offsets; batch <= 65535.
 
 #define OP_COPY 0
 #define OP_UNARY 1
@@ -142,5 +148,21 @@ extern "C" __global__ void map_kernel(MapParams p, void* out, const void* in0, c
         float b = n > 1 ? load_f32(ins[1], idx[1], p.in_dtype[1]) : 0.0f;
         float c = n > 2 ? load_f32(ins[2], idx[2], p.in_dtype[2]) : 0.0f;
         store_f32(out, o, p.out_dtype, apply_op(p, a, b, c));
+    }
+}
+
+extern "C" __global__ void transpose(const void* x, void* out, u32 x_dt, u32 out_dt, u32 x_offset, u32 out_offset, u32 rows, u32 cols) {
+    __shared__ float tile[32][33];
+    const u32 col_tiles = (cols + 31) / 32;
+    const u32 c0 = (blockIdx.x % col_tiles) * 32, r0 = (blockIdx.x / col_tiles) * 32;
+    const u32 base = blockIdx.y * rows * cols;
+    for (u32 j = threadIdx.y; j < 32; j += 8) {
+        const u32 r = r0 + j, c = c0 + threadIdx.x;
+        if (r < rows && c < cols) tile[j][threadIdx.x] = load_f32(x, x_offset + base + r * cols + c, x_dt);
+    }
+    __syncthreads();
+    for (u32 j = threadIdx.y; j < 32; j += 8) {
+        const u32 c = c0 + j, r = r0 + threadIdx.x;
+        if (r < rows && c < cols) store_f32(out, out_offset + base + c * rows + r, out_dt, tile[threadIdx.x][j]);
     }
 }

@@ -13,8 +13,9 @@
 // row (8 rows per block of 256): the whole row's statistics stay in registers, and the
 // second read of x hits the cache. The many short rows of a transformer (q/k RMS norm,
 // adaLN layer norm) take this path.
-// softmax_rows: one block per row, max, f64 sum of exponentials, write.
-// Layout: contiguous rows; any storage dtype, f32 arithmetic. Limits: row_len < 2^32.
+// softmax_rows: softmax(scale * row), one block per row: max, f64 sum of exponentials,
+// write (in its own dtype: attention writes 16-bit probabilities from f32 scores).
+// Layout: contiguous rows; any storage dtypes, f32 arithmetic. Limits: row_len < 2^32.
 
 #define NORM_MEANVAR 0
 #define NORM_RMS 1
@@ -126,17 +127,17 @@ extern "C" __global__ void norm_rows(NormApply p, u32 rows, const void* x, void*
     for (u32 i = lane; i < p.row_len; i += 32) norm_store(p, x, out, gamma, beta, mod_scale, mod_shift, row, i, mean, rstd);
 }
 
-extern "C" __global__ void softmax_rows(const void* x, void* out, int dt, u32 cols) {
+extern "C" __global__ void softmax_rows(const void* x, void* out, int x_dt, int out_dt, u32 cols, float scale) {
     __shared__ float fscratch[32];
     __shared__ double dscratch[32];
     u64 base = (u64)blockIdx.x * cols;
     float m = NEG_INF;
-    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, load_f32(x, base + i, dt));
+    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, scale * load_f32(x, base + i, x_dt));
     m = block_max(m, fscratch);
     double s = 0.0;
-    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) s += exp((double)(load_f32(x, base + i, dt) - m));
+    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) s += exp((double)(scale * load_f32(x, base + i, x_dt) - m));
     s = block_sum(s, dscratch);
     for (u32 i = threadIdx.x; i < cols; i += blockDim.x) {
-        store_f32(out, base + i, dt, (float)(exp((double)(load_f32(x, base + i, dt) - m)) / s));
+        store_f32(out, base + i, out_dt, (float)(exp((double)(scale * load_f32(x, base + i, x_dt) - m)) / s));
     }
 }

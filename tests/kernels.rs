@@ -14,7 +14,9 @@
 
 use sdlite_runtime::spec::UnaryOp;
 use sdlite_runtime::{ops, Backend, CudaBackend, DType, WgpuBackend};
-use sdlite_tests::{check, cuda, cuda_portable_attention, fresh_seed, gpu, gpu_default_limits, gpu_tiny_chunks, random, TestDevice};
+use sdlite_tests::{
+    check, cuda, cuda_implicit_gemm, cuda_portable_attention, fresh_seed, gpu, gpu_default_limits, gpu_tiny_chunks, random, TestDevice,
+};
 
 const F32_TOL: f32 = 1e-5;
 const F16_TOL: f32 = 1e-2;
@@ -116,6 +118,11 @@ fn matmul_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64)
 #[test]
 fn conv_matches_reference() {
     on_every_device!(conv_cases);
+    if let Some(c) = cuda_implicit_gemm() {
+        let seed = fresh_seed();
+        conv_cases(c, DType::F16, F16_TOL, "cuda f16 implicit-gemm", seed);
+        conv_cases(c, DType::BF16, BF16_TOL, "cuda bf16 implicit-gemm", seed);
+    }
 }
 
 fn conv_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
@@ -126,10 +133,18 @@ fn conv_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
         (1, 8, 10, 10, 8, 1, 1, 0, 1),
         (1, 5, 12, 7, 3, 4, 2, 0, 1),
         (1, 6, 9, 9, 10, 3, 1, 1, 1),
+        // Channel counts the 16-bit CUDA convolutions load as 16-byte rows: a tile row of
+        // channels half used, output channels short of a tile, an odd number of positions.
+        (1, 16, 19, 23, 40, 3, 1, 1, 1),
+        // Groups of 32 input and 48 output channels, stride 2.
+        (2, 64, 12, 20, 96, 3, 2, 1, 2),
     ]
     .iter()
     .enumerate()
     {
+        if !g.fits(co * ci / gr * k * k) {
+            continue;
+        }
         let s = seed + 10 * i as u64;
         let inputs = [
             random(&[n, ci, h, w], dt, 1.0, s),
@@ -161,6 +176,17 @@ fn conv_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
         [1, 1, 1],
         [1, 1, 1]
     ));
+    // A Wan VAE layer in small: 48 channels in (a second, partial channel tile), 96 out.
+    let inputs = [
+        random(&[1, 48, 3, 24, 40], dt, 1.0, seed + 5),
+        random(&[96, 48, 3, 3, 3], dt, 0.1, seed + 6),
+        random(&[96], dt, 1.0, seed + 7),
+    ];
+    if g.fits(96 * 48 * 27) {
+        check!(g, format!("causal_conv3d {tag} 48 -> 96 channels"), tol, inputs, [], |b, x, p| {
+            ops::causal_conv3d(b, &x[0], &x[1], Some(&x[2]), [1, 1, 1], [1, 1, 1])
+        });
+    }
     let inputs = [
         random(&[2, 3, 4, 6, 6], dt, 1.0, seed + 3),
         random(&[5, 3, 3, 1, 1], dt, 0.5, seed + 4),
@@ -392,6 +418,15 @@ fn elementwise_width_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str,
     check!(g, format!("slice {tag}"), tol, [x.clone()], [], |b, x, p| ops::slice(
         b, &x[0], 2, 2, 4
     ));
+    // Channels-first to channels-last and back, as the Wan VAE's channel norms permute:
+    // sizes off the 32-element tiles of CUDA's transpose.
+    let video = random(&[2, 40, 3, 7, 11], dt, 1.0, seed + 4);
+    check!(g, format!("permute channels last {tag}"), tol, [video.clone()], [], |b, x, p| {
+        ops::permute(b, &x[0], &[0, 2, 3, 4, 1])
+    });
+    check!(g, format!("permute channels first {tag}"), tol, [video], [], |b, x, p| {
+        ops::permute(b, &x[0].reshape(&[2, 3, 7, 11, 40])?, &[0, 4, 1, 2, 3])
+    });
     let z = random(&[3, 5, 4, w], dt, 1.0, seed + 4);
     check!(g, format!("concat {tag}"), tol, [x.clone(), z], [], |b, x, p| ops::concat(
         b,

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use rand::{Rng, SeedableRng};
 use sdlite_runtime::{
-    Backend, CpuBackend, CudaBackend, CudaOptions, DType, HostData, HostTensor, Result, Tensor, WgpuBackend, WgpuOptions,
+    Backend, ConvKernel, CpuBackend, CudaBackend, CudaOptions, DType, HostData, HostTensor, Result, Tensor, WgpuBackend, WgpuOptions,
 };
 
 /// Uniform random values in [-scale, scale), stored as `dtype`.
@@ -93,10 +93,22 @@ pub fn cuda_portable_attention() -> Option<&'static CudaBackend> {
     B.get_or_init(|| open_cuda(false)).as_ref()
 }
 
+/// The same device convolving every 16-bit case through its implicit-GEMM kernel, which by
+/// default it keeps for convolutions larger than test sizes.
+pub fn cuda_implicit_gemm() -> Option<&'static CudaBackend> {
+    static B: OnceLock<Option<CudaBackend>> = OnceLock::new();
+    B.get_or_init(|| open_cuda_with(true, ConvKernel::ImplicitGemm)).as_ref()
+}
+
 fn open_cuda(hopper_attention: bool) -> Option<CudaBackend> {
+    open_cuda_with(hopper_attention, ConvKernel::Auto)
+}
+
+fn open_cuda_with(hopper_attention: bool, conv: ConvKernel) -> Option<CudaBackend> {
     match CudaBackend::new(&CudaOptions {
         poison: true,
         hopper_attention,
+        conv,
         ..Default::default()
     }) {
         Ok(b) => {

@@ -14,7 +14,7 @@ use sdlite_runtime::models::wan_dit::WanDit;
 use sdlite_runtime::models::wan_vae::WanVaeDecoder;
 use sdlite_runtime::source::{DirSource, Source};
 use sdlite_runtime::weights::{Params, Weights};
-use sdlite_runtime::{Backend, CudaBackend, CudaOptions, DType, HostTensor, Tensor};
+use sdlite_runtime::{Backend, ConvKernel, CudaBackend, CudaOptions, DType, HostTensor, Tensor};
 
 struct Row {
     name: String,
@@ -50,12 +50,13 @@ fn read(c: &CudaBackend, t: &Tensor<CudaBackend>) -> Result<HostTensor> {
     Ok(pollster::block_on(c.read(t))?)
 }
 
-/// The two kernels a Wan step is made of, alone at the full-size shapes: self-attention
-/// (32,760 tokens, 12 heads of 128; also through the portable sm_80 kernel when the device
-/// has a Hopper one) and the FFN's first GEMM, in TFLOP/s.
-/// Our attention kernels and the FFN GEMM at full Wan size; `sdpa_seconds` is PyTorch SDPA on
-/// the same attention shape, timed by bench_cuda.py in the same machine session.
-fn kernel_rates(c: &CudaBackend, iters: usize, sdpa_seconds: Option<f64>) -> Result<()> {
+/// The kernels the benchmarked models spend their time in, alone at full size, in TFLOP/s:
+/// Wan self-attention (32,760 tokens, 12 heads of 128; also through the portable sm_80
+/// kernel), the Wan FFN's first GEMM and one frame of the Wan VAE's convolutions. Beside
+/// them, PyTorch on the same shapes as `tests/reference/bench_cuda.py` timed them in the
+/// same machine session (`reference`, its diffusers.json).
+fn kernel_rates(c: &CudaBackend, iters: usize, reference: &serde_json::Value) -> Result<()> {
+    let sdpa_seconds = reference["sdpa_attention_32760"]["seconds"].as_f64();
     use sdlite_runtime::ops;
     let random = |shape: &[usize], seed: u64| crate::random(c, shape, DType::BF16, seed);
     let (s, h, d) = (32760, 12, 128);
@@ -94,6 +95,30 @@ fn kernel_rates(c: &CudaBackend, iters: usize, sdpa_seconds: Option<f64>) -> Res
         secs * 1e3,
         2.0 * (s * 1536 * 8960) as f64 / secs / 1e12
     );
+    let columns = CudaBackend::new(&CudaOptions {
+        conv: ConvKernel::Columns,
+        ..Default::default()
+    })?;
+    for (channels, h, w) in [(96, 480, 832), (384, 120, 208)] {
+        let flops = 2.0 * (channels * channels * 27 * h * w) as f64;
+        let name = format!("conv3d {channels} channels 3x{h}x{w} -> 1 frame bf16");
+        for (b, kernel) in [(c, "default kernel"), (&columns, "im2col + cuBLASLt")] {
+            let x = crate::random(b, &[1, channels, 3, h, w], DType::BF16, 4)?;
+            let k = crate::random(b, &[channels, channels, 3, 3, 3], DType::BF16, 5)?;
+            let (secs, _) = timed(b, iters, || {
+                ops::conv3d(b, &x, &k, None, [1; 3], [0, 1, 1], [0, 1, 1], 1)?;
+                Ok(HostTensor::from_f32(&[0], vec![])?)
+            })?;
+            println!("{name} ({kernel}): {:.2} ms, {:.0} TFLOP/s", secs * 1e3, flops / secs / 1e12);
+        }
+        if let Some(t) = reference[format!("conv3d_{channels}_{h}x{w}")]["seconds"].as_f64() {
+            println!(
+                "{name} (torch cuDNN, from diffusers.json): {:.2} ms, {:.0} TFLOP/s",
+                t * 1e3,
+                flops / t / 1e12
+            );
+        }
+    }
     Ok(())
 }
 
@@ -107,7 +132,7 @@ pub fn bench_cuda(dir: &Path, iters: usize, only: Option<&str>, profile: bool) -
         &std::fs::read_to_string(dir.join("diffusers.json"))
             .with_context(|| format!("{}: run tests/reference/bench_cuda.py first", dir.display()))?,
     )?;
-    kernel_rates(&c, iters, reference["sdpa_attention_32760"]["seconds"].as_f64())?;
+    kernel_rates(&c, iters, &reference)?;
     let tensors = Weights::open(&dir.join("tensors.safetensors"))?;
     let host = |name: &str| -> Result<HostTensor> {
         let shape = tensors
@@ -124,11 +149,18 @@ pub fn bench_cuda(dir: &Path, iters: usize, only: Option<&str>, profile: bool) -
         .filter(|n| reference.get(n).is_some() && only.is_none_or(|o| o.split(',').any(|x| x == *n)))
     {
         let dtype = if name.starts_with("sd_") { DType::F16 } else { DType::BF16 };
+        // The VAE decode takes seconds: two timed runs are enough.
+        let iters = if name == "wan_vae_decode" {
+            iters.clamp(1, 2)
+        } else {
+            iters.max(1)
+        };
         let input = |i: usize| -> Result<Tensor<CudaBackend>> { Ok(c.upload(&host(&format!("{name}.input{i}"))?.to_dtype(dtype))?) };
         c.release_cached();
         let weights = Arc::new(source.weights(name)?);
         let params = Params::new(&c, &weights, dtype);
         c.reset_peak();
+        c.reset_profile();
         let (seconds, out) = match name {
             "sd_unet_cfg" => {
                 let unet = UNet::load(&params, source.config(&format!("{name}/config.json"))?)?;
@@ -139,7 +171,7 @@ pub fn bench_cuda(dir: &Path, iters: usize, only: Option<&str>, profile: bool) -
             "wan_vae_decode" => {
                 let vae = WanVaeDecoder::load(&params, source.config(&format!("{name}/config.json"))?)?;
                 let z = input(0)?;
-                let (s, video) = timed(&c, iters.min(2), || Ok(pollster::block_on(vae.decode(&c, &z, |_, _| {}))?))?;
+                let (s, video) = timed(&c, iters, || Ok(pollster::block_on(vae.decode(&c, &z, |_, _| {}))?))?;
                 (s, keep_frames(&video, &[0, 40, 80])?)
             }
             _ => {
@@ -169,11 +201,15 @@ pub fn bench_cuda(dir: &Path, iters: usize, only: Option<&str>, profile: bool) -
         );
         rows.push(row);
         if profile {
-            let total: f64 = c.profile().iter().map(|p| p.2).sum();
-            for (what, calls, secs) in c.profile() {
+            // Per forward: the table covers timed's two warm-up runs and the timed ones.
+            let runs = (iters + 2) as f64;
+            let table = c.profile();
+            let total: f64 = table.iter().map(|p| p.2).sum();
+            for (what, calls, secs) in table {
                 println!(
-                    "  {what:<36} {calls:>7} calls {:>9.1} ms {:>5.1}%",
-                    secs * 1e3,
+                    "  {what:<36} {:>7.0} calls {:>9.1} ms {:>5.1}%",
+                    calls as f64 / runs,
+                    secs * 1e3 / runs,
                     100.0 * secs / total
                 );
             }

@@ -17,7 +17,7 @@ pub mod weights;
 
 pub use backend::cpu::CpuBackend;
 #[cfg(not(target_arch = "wasm32"))]
-pub use backend::cuda::{CudaBackend, CudaOptions};
+pub use backend::cuda::{ConvKernel, CudaBackend, CudaOptions};
 pub use backend::wgpu::{WgpuBackend, WgpuOptions};
 pub use backend::Backend;
 pub use error::{Error, Result};

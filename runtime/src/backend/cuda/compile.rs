@@ -10,6 +10,7 @@ use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
 use crate::error::{Error, Result};
 
 const COMMON: &str = include_str!("../../../../kernels/common.cuh");
+const MMA: &str = include_str!("../../../../kernels/mma.cuh");
 
 /// One kernel file and the macros it is compiled with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -47,9 +48,14 @@ impl Family {
         }
     }
 
-    /// The translation unit NVRTC sees: the shared prelude, then the family's file.
+    /// The translation unit NVRTC sees: the shared prelude, the tensor-core helpers for the
+    /// families that use them, then the family's file.
     pub fn source(self) -> String {
-        format!("{COMMON}\n#line 1 \"{}\"\n{}", self.file(), self.body())
+        let mma = match self {
+            Family::Attention | Family::Conv => MMA,
+            Family::Elementwise | Family::Norm => "",
+        };
+        format!("{COMMON}\n{mma}\n#line 1 \"{}\"\n{}", self.file(), self.body())
     }
 
     /// NVRTC options for a device of compute capability `arch`. Hopper compiles as sm_90a,

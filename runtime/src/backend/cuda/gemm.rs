@@ -24,7 +24,9 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 /// One GEMM in the runtime's row-major terms: `C[bi] (ldc) = op(A[bi]) op(B[bi]) (+ bias)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct GemmShape {
+    /// Storage of A and B; C is `c_dtype` (f32 for attention scores from 16-bit operands).
     pub dtype: DType,
+    pub c_dtype: DType,
     pub batch: usize,
     pub m: usize,
     pub n: usize,
@@ -216,7 +218,7 @@ impl Gemm {
             .map_err(|e| lt_err("descriptor", e))?;
         let a = layout(s.dtype, cm.a_rows, cm.a_cols, cm.lda, s.batch, s.b_batch_stride)?;
         let b = layout(s.dtype, cm.b_rows, cm.b_cols, cm.ldb, s.batch, s.a_batch_stride)?;
-        let c = layout(s.dtype, cm.m, cm.n, cm.ldc, s.batch, s.c_batch_stride)?;
+        let c = layout(s.c_dtype, cm.m, cm.n, cm.ldc, s.batch, s.c_batch_stride)?;
         let mut plan = Plan {
             desc,
             layouts: [a, b, c],
@@ -320,6 +322,7 @@ mod tests {
     fn shape(trans_a: bool, trans_b: bool) -> GemmShape {
         GemmShape {
             dtype: DType::BF16,
+            c_dtype: DType::BF16,
             batch: 1,
             m: 3,
             n: 5,

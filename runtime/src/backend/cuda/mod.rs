@@ -15,18 +15,19 @@ mod gemm;
 mod pool;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg,
+    result as drv, sys as drv_sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 
 use crate::backend::{Backend, NormThen};
 use crate::error::{Error, Result};
 use crate::spec::{AttentionSpec, ConvSpec, MapOp, MapSpec, MatmulSpec, NormKind, NormSpec, SoftmaxSpec, View};
-use crate::tensor::{numel, DType, HostData, HostTensor, Tensor};
+use crate::tensor::{contiguous_strides, numel, DType, HostData, HostTensor, Tensor};
 
 use compile::{Family, FLASH_KEYS_PER_TILE, FLASH_WARPS};
 use gemm::{alignment_of, natural_lda, natural_ldb, Gemm, GemmShape};
@@ -35,8 +36,9 @@ use pool::{rounded, Pool};
 
 pub type CudaTensor = Tensor<CudaBackend>;
 
-/// Column buffers of a convolution are split so that one holds at most this many bytes.
-const IM2COL_BYTES: usize = 256 << 20;
+/// Scratch matrices (a convolution's column buffer, a block of attention scores) are split
+/// so that one holds at most this many bytes.
+const SCRATCH_BYTES: usize = 256 << 20;
 /// Elements of a row one normalisation block reduces or writes.
 const NORM_CHUNK: usize = 8192;
 /// Longest row the one-pass, warp-per-row normalisation takes (`norm_rows`).
@@ -68,6 +70,16 @@ const FLASH_SM90_F16: [(usize, &str); 2] = [(64, "flash_attention_sm90_f16_d64")
 const FLASH_SM90_ROWS: usize = 128;
 const FLASH_SM90_KEYS: usize = 128;
 
+/// The implicit-GEMM convolution kernels by output channels per block (conv.cu), and the
+/// output positions each block covers.
+const CONV_IGEMM_BF16: &[(usize, &str)] = &[
+    (64, "conv_igemm_bf16_m64"),
+    (96, "conv_igemm_bf16_m96"),
+    (128, "conv_igemm_bf16_m128"),
+];
+const CONV_IGEMM_F16: &[(usize, &str)] = &[(64, "conv_igemm_f16_m64"), (96, "conv_igemm_f16_m96"), (128, "conv_igemm_f16_m128")];
+const CONV_IGEMM_POSITIONS: usize = 128;
+
 /// One flash-attention launch shape: kernel, query rows per block, threads, shared bytes.
 struct FlashKernel {
     name: &'static str,
@@ -91,6 +103,21 @@ pub struct CudaOptions {
     /// Use the Hopper (wgmma) attention kernel on sm_90 devices; off runs the portable
     /// sm_80 kernel there too (tests and comparisons).
     pub hopper_attention: bool,
+    /// How 16-bit convolutions are computed (tests and comparisons force one way).
+    pub conv: ConvKernel,
+}
+
+/// The two ways the CUDA backend convolves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConvKernel {
+    /// The implicit GEMM where the column matrix would outgrow the L2 cache
+    /// (`implicit_gemm_pays`), column matrices elsewhere.
+    #[default]
+    Auto,
+    /// The implicit-GEMM kernel for every 16-bit convolution the device can run it for.
+    ImplicitGemm,
+    /// im2col column matrices and cuBLASLt GEMMs throughout.
+    Columns,
 }
 
 impl Default for CudaOptions {
@@ -101,6 +128,7 @@ impl Default for CudaOptions {
             pool_bytes: 16 << 30,
             profile: false,
             hopper_attention: true,
+            conv: ConvKernel::Auto,
         }
     }
 }
@@ -146,27 +174,31 @@ impl Drop for CudaBuffer {
     }
 }
 
-/// Seconds and calls per primitive, when `CudaOptions::profile` is on.
+/// Seconds and calls per primitive, when `CudaOptions::profile` is on. Each outermost
+/// primitive is bracketed by two timing events on the stream, so the GPU runs undisturbed
+/// (no synchronisation per primitive) and nested primitives (a cast inside a matmul) count
+/// towards the one that called them. Events are resolved when the table is read.
 #[derive(Default)]
 struct Profile {
     enabled: bool,
+    depth: AtomicUsize,
+    pending: Mutex<Vec<(&'static str, CudaEvent, CudaEvent)>>,
     table: Mutex<HashMap<&'static str, (u64, f64)>>,
 }
 
-/// Times one primitive from its start to the end of its GPU work (when profiling).
+/// Times one primitive's GPU work (when profiling); `start` is absent for nested ones.
 struct ProfileScope<'a> {
     backend: &'a CudaBackend,
     name: &'static str,
-    start: std::time::Instant,
+    start: Option<CudaEvent>,
 }
 
 impl Drop for ProfileScope<'_> {
     fn drop(&mut self) {
-        if self.backend.synchronize().is_ok() {
-            let mut t = self.backend.profile.table.lock().expect("profile table");
-            let e = t.entry(self.name).or_default();
-            e.0 += 1;
-            e.1 += self.start.elapsed().as_secs_f64();
+        let profile = &self.backend.profile;
+        profile.depth.fetch_sub(1, Ordering::Relaxed);
+        if let (Some(start), Ok(end)) = (self.start.take(), self.backend.timing_event()) {
+            profile.pending.lock().expect("profile events").push((self.name, start, end));
         }
     }
 }
@@ -177,8 +209,11 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     name: String,
     arch: (i32, i32),
+    /// Bytes of L2 cache: convolutions whose column matrix would not fit take the implicit GEMM.
+    l2_bytes: usize,
     poison: bool,
     hopper_attention: bool,
+    conv_kernel: ConvKernel,
     gemm: Gemm,
     modules: Mutex<HashMap<Family, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
@@ -265,6 +300,32 @@ struct Im2col {
 // SAFETY: plain old data laid out like `Im2col` in conv.cu.
 unsafe impl DeviceRepr for Im2col {}
 
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ConvGemm {
+    cin: u32,
+    cout: u32,
+    groups: u32,
+    ti: u32,
+    hi: u32,
+    wi: u32,
+    kt: u32,
+    kh: u32,
+    kw: u32,
+    st: u32,
+    sh: u32,
+    sw: u32,
+    pt: u32,
+    ph: u32,
+    pw: u32,
+    ho: u32,
+    wo: u32,
+    n: u32,
+    bias_dtype: i32,
+}
+// SAFETY: plain old data laid out like `ConvGemm` in conv.cu.
+unsafe impl DeviceRepr for ConvGemm {}
+
 fn u32_of(v: usize, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::Invalid(format!("CUDA backend: {what} = {v} exceeds the kernels' 32-bit indexing")))
 }
@@ -286,6 +347,44 @@ fn vectorizable(s: &MapSpec, out_dtype: DType, inputs: &[&CudaTensor]) -> bool {
             .all(|(t, v)| v.div[last] <= 1 && (v.strides[last] == 0 || (v.strides[last] == 1 && t.dtype().size() == 2 && aligned(v))))
 }
 
+/// A copy that transposes the last two dimensions of a contiguous input, as (batch, input
+/// rows, input columns): a permute such as channels-first to channels-last. The generic map
+/// would read such an input with a stride between neighbouring threads; `transpose` goes
+/// through shared-memory tiles so both sides are read and written in whole lines.
+fn transposition(s: &MapSpec) -> Option<(usize, usize, usize)> {
+    let ([input], MapOp::Copy) = (&s.inputs[..], s.op) else {
+        return None;
+    };
+    let r = s.shape.len();
+    if !(2..=3).contains(&r) || s.out.strides != contiguous_strides(&s.shape) || input.div.iter().chain(&s.out.div).any(|&d| d != 1) {
+        return None;
+    }
+    let (x, y) = (s.shape[r - 2], s.shape[r - 1]);
+    let batch = if r == 3 { s.shape[0] } else { 1 };
+    let transposed = input.strides[r - 2] == 1 && input.strides[r - 1] == x && (r == 2 || input.strides[0] == x * y);
+    (transposed && batch <= 65535).then_some((batch, y, x))
+}
+
+/// Whether a convolution should skip the column matrix: when that matrix (one batch item and
+/// group) would not fit in the L2 cache, writing and re-reading it through memory costs more
+/// than gathering inside the GEMM (the Wan VAE at video sizes: up to 2 GB a frame). Smaller
+/// ones (the SD UNet's) stay with im2col and cuBLASLt, which splits long reductions over
+/// few output tiles better than one block per tile can.
+fn implicit_gemm_pays(s: &ConvSpec, dtype: DType, l2_bytes: usize) -> bool {
+    let columns = s.c_in / s.groups * s.kernel_volume() * numel(&s.output());
+    columns * dtype.size() > l2_bytes
+}
+
+/// Output channels per implicit-GEMM block for `channels` output channels (per group): of
+/// 64, 96 and 128, the tile that pads them least, ties to the larger (which reuses each
+/// gathered input for more channels).
+fn conv_tile_rows(channels: usize) -> usize {
+    [128, 96, 64]
+        .into_iter()
+        .min_by_key(|rows| channels.div_ceil(*rows) * rows)
+        .unwrap_or(64)
+}
+
 fn grid_for(total: usize, threads: usize) -> u32 {
     total.div_ceil(threads).clamp(1, 1 << 20) as u32
 }
@@ -304,6 +403,10 @@ impl CudaBackend {
         // SAFETY: the backend uses one stream, so cross-stream events are not needed.
         unsafe { ctx.disable_event_tracking() };
         let arch = ctx.compute_capability().map_err(|e| gpu_err("compute capability", e))?;
+        let l2_bytes = ctx
+            .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+            .map_err(|e| gpu_err("L2 cache size", e))?
+            .max(0) as usize;
         let stream = ctx.default_stream();
         let gemm = Gemm::new(stream.clone())?;
         let name = format!(
@@ -321,8 +424,10 @@ impl CudaBackend {
             stream,
             name,
             arch,
+            l2_bytes,
             poison: options.poison,
             hopper_attention: options.hopper_attention,
+            conv_kernel: options.conv,
             gemm,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
@@ -335,30 +440,40 @@ impl CudaBackend {
     }
 
     /// `(primitive, calls, seconds)` so far, slowest first; empty unless profiling.
+    /// Calls and GPU seconds per primitive since the last reset, longest first.
     pub fn profile(&self) -> Vec<(&'static str, u64, f64)> {
-        let mut v: Vec<_> = self
-            .profile
-            .table
-            .lock()
-            .expect("profile table")
-            .iter()
-            .map(|(k, &(n, s))| (*k, n, s))
-            .collect();
+        let pending = std::mem::take(&mut *self.profile.pending.lock().expect("profile events"));
+        let mut table = self.profile.table.lock().expect("profile table");
+        for (name, start, end) in pending {
+            if let Ok(ms) = start.elapsed_ms(&end) {
+                let e = table.entry(name).or_default();
+                e.0 += 1;
+                e.1 += ms as f64 / 1e3;
+            }
+        }
+        let mut v: Vec<_> = table.iter().map(|(k, &(n, s))| (*k, n, s)).collect();
         v.sort_by(|a, b| b.2.total_cmp(&a.2));
         v
     }
 
     pub fn reset_profile(&self) {
+        self.profile.pending.lock().expect("profile events").clear();
         self.profile.table.lock().expect("profile table").clear();
+    }
+
+    fn timing_event(&self) -> Result<CudaEvent> {
+        self.stream
+            .record_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| gpu_err("profile event", e))
     }
 
     fn scope(&self, name: &'static str) -> Option<ProfileScope<'_>> {
         self.profile.enabled.then(|| {
-            let _ = self.synchronize();
+            let outermost = self.profile.depth.fetch_add(1, Ordering::Relaxed) == 0;
             ProfileScope {
                 backend: self,
                 name,
-                start: std::time::Instant::now(),
+                start: outermost.then(|| self.timing_event().ok()).flatten(),
             }
         })
     }
@@ -618,6 +733,301 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// The implicit-GEMM kernel for a 16-bit convolution on sm_80 or newer, and its output
+    /// channels per block, if this backend's `ConvKernel` choice takes it for `s`.
+    fn conv_igemm_kernel(&self, dtype: DType, s: &ConvSpec) -> Option<(&'static str, usize)> {
+        let names = match dtype {
+            DType::BF16 => CONV_IGEMM_BF16,
+            DType::F16 => CONV_IGEMM_F16,
+            DType::F32 => return None,
+        };
+        let (cout_g, plane) = (s.c_out / s.groups, numel(&s.output()));
+        let wanted = match self.conv_kernel {
+            ConvKernel::Auto => implicit_gemm_pays(s, dtype, self.l2_bytes),
+            ConvKernel::ImplicitGemm => true,
+            ConvKernel::Columns => false,
+        };
+        if !wanted || self.arch.0 < 8 || cout_g * plane >= 1 << 32 || plane >= 1 << 31 {
+            return None;
+        }
+        let rows = conv_tile_rows(cout_g);
+        names.iter().find(|(r, _)| *r == rows).map(|&(_, name)| (name, rows))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn conv_igemm(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        s: &ConvSpec,
+        out: &CudaTensor,
+        name: &'static str,
+        rows: usize,
+    ) -> Result<()> {
+        // The kernel reads weights tap-major: [c_out, kt, kh, kw, c_in / groups].
+        let w = crate::ops::permute(self, w, &[0, 2, 3, 4, 1])?;
+        let f = self.function(Family::Conv, name)?;
+        let out_dims = s.output();
+        let (plane, in_plane) = (numel(&out_dims), numel(&s.input));
+        let (cin_g, cout_g) = (s.c_in / s.groups, s.c_out / s.groups);
+        let p = ConvGemm {
+            cin: cin_g as u32,
+            cout: cout_g as u32,
+            groups: s.groups as u32,
+            ti: s.input[0] as u32,
+            hi: s.input[1] as u32,
+            wi: s.input[2] as u32,
+            kt: s.kernel[0] as u32,
+            kh: s.kernel[1] as u32,
+            kw: s.kernel[2] as u32,
+            st: s.stride[0] as u32,
+            sh: s.stride[1] as u32,
+            sw: s.stride[2] as u32,
+            pt: s.pad_lo[0] as u32,
+            ph: s.pad_lo[1] as u32,
+            pw: s.pad_lo[2] as u32,
+            ho: out_dims[1] as u32,
+            wo: out_dims[2] as u32,
+            n: plane as u32,
+            bias_dtype: bias.map_or(-1, |b| dtype_code(b.dtype()) as i32),
+        };
+        u32_of(in_plane * cin_g, "input size")?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32_of(plane.div_ceil(CONV_IGEMM_POSITIONS), "positions")?,
+                u32_of(cout_g.div_ceil(rows), "channels")?,
+                u32_of(s.batch * s.groups, "batch items x groups")?,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (xp, wp, op) = (Self::ptr(x), Self::ptr(&w), Self::ptr(out));
+        let bp = bias.map_or(0, Self::ptr);
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(&p).arg(&xp).arg(&wp).arg(&bp).arg(&op);
+        // SAFETY: arguments match the conv_igemm kernels' signature; the tensors have the
+        // spec's shapes, within which the kernel's offsets stay.
+        unsafe { l.launch(cfg) }.map_err(|e| gpu_err(name, e))?;
+        Ok(())
+    }
+
+    /// A convolution as column matrices (im2col) and cuBLASLt GEMMs: any dtype and device.
+    fn conv_im2col(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        s: &ConvSpec,
+        out: &CudaTensor,
+        pointwise: bool,
+    ) -> Result<()> {
+        let dtype = x.dtype();
+        let out_dims = s.output();
+        let plane = numel(&out_dims);
+        let in_plane = numel(&s.input);
+        let (cin_g, cout_g) = (s.c_in / s.groups, s.c_out / s.groups);
+        let taps = s.kernel_volume();
+        let rows = cin_g * taps;
+        let es = dtype.size() as u64;
+        let chunk = if pointwise {
+            plane
+        } else {
+            let fit = (SCRATCH_BYTES / (rows * dtype.size()).max(1)) / 128 * 128;
+            fit.max(128).min(plane)
+        };
+        let col = if pointwise {
+            None
+        } else {
+            Some(self.tensor(&[rows * chunk], dtype)?)
+        };
+        let im2col = if pointwise {
+            None
+        } else {
+            Some(self.function(Family::Conv, "im2col")?)
+        };
+        u32_of(in_plane * s.c_in, "input size")?;
+        for bi in 0..s.batch {
+            for g in 0..s.groups {
+                let mut p0 = 0;
+                while p0 < plane {
+                    let np = chunk.min(plane - p0);
+                    let x_off = (bi * s.c_in * in_plane) as u64;
+                    let b_ptr = match (&col, &im2col) {
+                        (Some(col), Some(f)) => {
+                            let p = Im2col {
+                                c0: u32_of(g * cin_g, "channel")?,
+                                cin_g: cin_g as u32,
+                                ti: s.input[0] as u32,
+                                hi: s.input[1] as u32,
+                                wi: s.input[2] as u32,
+                                kt: s.kernel[0] as u32,
+                                kh: s.kernel[1] as u32,
+                                kw: s.kernel[2] as u32,
+                                st: s.stride[0] as u32,
+                                sh: s.stride[1] as u32,
+                                sw: s.stride[2] as u32,
+                                pt: s.pad_lo[0] as u32,
+                                ph: s.pad_lo[1] as u32,
+                                pw: s.pad_lo[2] as u32,
+                                to: out_dims[0] as u32,
+                                ho: out_dims[1] as u32,
+                                wo: out_dims[2] as u32,
+                                p0: u32_of(p0, "output position")?,
+                                np: np as u32,
+                                x_offset: x_off,
+                                dtype: dtype_code(dtype) as i32,
+                            };
+                            let total = rows * np;
+                            let (xp, cp) = (Self::ptr(x), Self::ptr(col));
+                            let cfg = LaunchConfig {
+                                grid_dim: (grid_for(total, 256), 1, 1),
+                                block_dim: (256, 1, 1),
+                                shared_mem_bytes: 0,
+                            };
+                            let mut l = self.stream.launch_builder(f);
+                            l.arg(&p).arg(&xp).arg(&cp);
+                            // SAFETY: arguments match im2col's signature; `col` holds rows*chunk elements.
+                            unsafe { l.launch(cfg) }.map_err(|e| gpu_err("im2col", e))?;
+                            cp
+                        }
+                        _ => Self::ptr(x) + (x_off + (g * cin_g * in_plane) as u64) * es,
+                    };
+                    // out[co, p0..p0+np] (ld = plane) = w_g[cout_g, rows] x B[rows, np] (ld = np or plane)
+                    let ldb = if pointwise { plane } else { np };
+                    let shape = GemmShape {
+                        dtype,
+                        c_dtype: dtype,
+                        batch: 1,
+                        m: cout_g,
+                        n: np,
+                        k: rows,
+                        trans_a: false,
+                        trans_b: false,
+                        a_batch_stride: 0,
+                        b_batch_stride: 0,
+                        lda: rows,
+                        ldb,
+                        ldc: plane,
+                        c_batch_stride: 0,
+                        bias: false,
+                        alignment: 256,
+                    };
+                    let a_ptr = Self::ptr(w) + (g * cout_g * rows) as u64 * es;
+                    let c_ptr = Self::ptr(out) + ((bi * s.c_out + g * cout_g) * plane + p0) as u64 * es;
+                    self.gemm(&shape, a_ptr, b_ptr, c_ptr, 0)?;
+                    p0 += np;
+                }
+            }
+        }
+        if let Some(bias) = bias {
+            self.add_channel_bias(out, bias, s.batch, s.c_out, plane)?;
+        }
+        Ok(())
+    }
+
+    /// `out` = softmax(scale * x) over `rows` contiguous rows of `cols`, each in its own dtype.
+    fn softmax_rows(&self, x: &CudaTensor, out: &CudaTensor, rows: usize, cols: usize, scale: f32) -> Result<()> {
+        let f = self.function(Family::Norm, "softmax_rows")?;
+        let (xp, op, x_dt, out_dt, cols) = (
+            Self::ptr(x),
+            Self::ptr(out),
+            dtype_code(x.dtype()) as i32,
+            dtype_code(out.dtype()) as i32,
+            u32_of(cols, "columns")?,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(rows, "rows")?.max(1), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(&xp).arg(&op).arg(&x_dt).arg(&out_dt).arg(&cols).arg(&scale);
+        // SAFETY: arguments match softmax_rows' signature; both buffers hold rows * cols elements.
+        unsafe { l.launch(cfg) }.map_err(|e| gpu_err("softmax_rows", e))?;
+        Ok(())
+    }
+
+    /// 16-bit attention for head sizes no flash kernel takes (the Wan VAE's one 384-wide
+    /// head): per block of query rows, f32 scores from a cuBLASLt GEMM, their softmax written
+    /// in the operands' dtype, and a second GEMM into those rows of the output. The score
+    /// block is bounded by `SCRATCH_BYTES`.
+    fn attention_by_scores(&self, q: &CudaTensor, k: &CudaTensor, v: &CudaTensor, out: &CudaTensor, s: &AttentionSpec) -> Result<()> {
+        let dtype = q.dtype();
+        let es = dtype.size() as u64;
+        let (bh, kv, d) = (s.batch_heads, s.kv_len, s.head_dim);
+        let rows = (SCRATCH_BYTES / (bh * kv * 4).max(1)).clamp(1, s.q_len);
+        let scores = self.tensor(&[bh * rows * kv], DType::F32)?;
+        let probs = self.tensor(&[bh * rows * kv], dtype)?;
+        let mut q0 = 0;
+        while q0 < s.q_len {
+            let n = rows.min(s.q_len - q0);
+            let qk = GemmShape {
+                dtype,
+                c_dtype: DType::F32,
+                batch: bh,
+                m: n,
+                n: kv,
+                k: d,
+                trans_a: false,
+                trans_b: true,
+                a_batch_stride: s.q_len * d,
+                b_batch_stride: kv * d,
+                lda: d,
+                ldb: d,
+                ldc: kv,
+                c_batch_stride: n * kv,
+                bias: false,
+                alignment: 256,
+            };
+            self.gemm(&qk, Self::ptr(q) + (q0 * d) as u64 * es, Self::ptr(k), Self::ptr(&scores), 0)?;
+            self.softmax_rows(&scores, &probs, bh * n, kv, s.scale)?;
+            let pv = GemmShape {
+                c_dtype: dtype,
+                n: d,
+                k: kv,
+                trans_b: false,
+                a_batch_stride: n * kv,
+                lda: kv,
+                ldb: d,
+                ldc: d,
+                c_batch_stride: s.q_len * d,
+                ..qk
+            };
+            self.gemm(&pv, Self::ptr(&probs), Self::ptr(v), Self::ptr(out) + (q0 * d) as u64 * es, 0)?;
+            q0 += n;
+        }
+        Ok(())
+    }
+
+    /// The copy `transposition` recognised: per batch item, the input's [rows, cols] written
+    /// as [cols, rows] (casting on the way).
+    fn transpose(&self, x: &CudaTensor, out: &CudaTensor, s: &MapSpec, batch: usize, rows: usize, cols: usize) -> Result<()> {
+        let f = self.function(Family::Elementwise, "transpose")?;
+        let tiles = u32_of(rows.div_ceil(32) * cols.div_ceil(32), "transpose tiles")?;
+        let (xp, op) = (Self::ptr(x), Self::ptr(out));
+        let (x_dt, out_dt) = (dtype_code(x.dtype()), dtype_code(out.dtype()));
+        let (x_off, out_off) = (u32_of(s.inputs[0].offset, "input offset")?, u32_of(s.out.offset, "output offset")?);
+        let (rows, cols) = (u32_of(rows, "rows")?, u32_of(cols, "columns")?);
+        let cfg = LaunchConfig {
+            grid_dim: (tiles, batch as u32, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(&xp)
+            .arg(&op)
+            .arg(&x_dt)
+            .arg(&out_dt)
+            .arg(&x_off)
+            .arg(&out_off)
+            .arg(&rows)
+            .arg(&cols);
+        // SAFETY: arguments match transpose's signature; map() checked both views' extents.
+        unsafe { l.launch(cfg) }.map_err(|e| gpu_err("transpose", e))?;
+        Ok(())
+    }
+
     /// The flash kernel for this attention, if one applies: the Hopper kernel on sm_90 for
     /// head sizes 64 and 128, else the sm_80 kernel compiled for the next head size up.
     fn flash_kernel(&self, dtype: DType, s: &AttentionSpec) -> Option<FlashKernel> {
@@ -702,6 +1112,7 @@ impl Backend for CudaBackend {
         let fused_bias = bias.filter(|t| t.dtype() == dtype);
         let shape = GemmShape {
             dtype,
+            c_dtype: dtype,
             batch: s.batch,
             m: s.m,
             n: s.n,
@@ -746,105 +1157,11 @@ impl Backend for CudaBackend {
         let dtype = x.dtype();
         let w = crate::ops::cast(self, w, dtype)?;
         let out_dims = s.output();
-        let plane = numel(&out_dims);
-        let in_plane = numel(&s.input);
         let out = self.tensor(&[s.batch, s.c_out, out_dims[0], out_dims[1], out_dims[2]], dtype)?;
-        let (cin_g, cout_g) = (s.c_in / s.groups, s.c_out / s.groups);
-        let taps = s.kernel_volume();
-        let rows = cin_g * taps;
-        let es = dtype.size() as u64;
-        let pointwise = taps == 1 && s.stride == [1; 3] && s.pad_lo == [0; 3] && s.pad_hi == [0; 3];
-        let chunk = if pointwise {
-            plane
-        } else {
-            let fit = (IM2COL_BYTES / (rows * dtype.size()).max(1)) / 128 * 128;
-            fit.max(128).min(plane)
-        };
-        let col = if pointwise {
-            None
-        } else {
-            Some(self.tensor(&[rows * chunk], dtype)?)
-        };
-        let im2col = if pointwise {
-            None
-        } else {
-            Some(self.function(Family::Conv, "im2col")?)
-        };
-        u32_of(in_plane * s.c_in, "input size")?;
-        for bi in 0..s.batch {
-            for g in 0..s.groups {
-                let mut p0 = 0;
-                while p0 < plane {
-                    let np = chunk.min(plane - p0);
-                    let x_off = (bi * s.c_in * in_plane) as u64;
-                    let b_ptr = match (&col, &im2col) {
-                        (Some(col), Some(f)) => {
-                            let p = Im2col {
-                                c0: u32_of(g * cin_g, "channel")?,
-                                cin_g: cin_g as u32,
-                                ti: s.input[0] as u32,
-                                hi: s.input[1] as u32,
-                                wi: s.input[2] as u32,
-                                kt: s.kernel[0] as u32,
-                                kh: s.kernel[1] as u32,
-                                kw: s.kernel[2] as u32,
-                                st: s.stride[0] as u32,
-                                sh: s.stride[1] as u32,
-                                sw: s.stride[2] as u32,
-                                pt: s.pad_lo[0] as u32,
-                                ph: s.pad_lo[1] as u32,
-                                pw: s.pad_lo[2] as u32,
-                                to: out_dims[0] as u32,
-                                ho: out_dims[1] as u32,
-                                wo: out_dims[2] as u32,
-                                p0: u32_of(p0, "output position")?,
-                                np: np as u32,
-                                x_offset: x_off,
-                                dtype: dtype_code(dtype) as i32,
-                            };
-                            let total = rows * np;
-                            let (xp, cp) = (Self::ptr(x), Self::ptr(col));
-                            let cfg = LaunchConfig {
-                                grid_dim: (grid_for(total, 256), 1, 1),
-                                block_dim: (256, 1, 1),
-                                shared_mem_bytes: 0,
-                            };
-                            let mut l = self.stream.launch_builder(f);
-                            l.arg(&p).arg(&xp).arg(&cp);
-                            // SAFETY: arguments match im2col's signature; `col` holds rows*chunk elements.
-                            unsafe { l.launch(cfg) }.map_err(|e| gpu_err("im2col", e))?;
-                            cp
-                        }
-                        _ => Self::ptr(x) + (x_off + (g * cin_g * in_plane) as u64) * es,
-                    };
-                    // out[co, p0..p0+np] (ld = plane) = w_g[cout_g, rows] x B[rows, np] (ld = np or plane)
-                    let ldb = if pointwise { plane } else { np };
-                    let shape = GemmShape {
-                        dtype,
-                        batch: 1,
-                        m: cout_g,
-                        n: np,
-                        k: rows,
-                        trans_a: false,
-                        trans_b: false,
-                        a_batch_stride: 0,
-                        b_batch_stride: 0,
-                        lda: rows,
-                        ldb,
-                        ldc: plane,
-                        c_batch_stride: 0,
-                        bias: false,
-                        alignment: 256,
-                    };
-                    let a_ptr = Self::ptr(&w) + (g * cout_g * rows) as u64 * es;
-                    let c_ptr = Self::ptr(&out) + ((bi * s.c_out + g * cout_g) * plane + p0) as u64 * es;
-                    self.gemm(&shape, a_ptr, b_ptr, c_ptr, 0)?;
-                    p0 += np;
-                }
-            }
-        }
-        if let Some(bias) = bias {
-            self.add_channel_bias(&out, bias, s.batch, s.c_out, plane)?;
+        let pointwise = s.kernel_volume() == 1 && s.stride == [1; 3] && s.pad_lo == [0; 3] && s.pad_hi == [0; 3];
+        match self.conv_igemm_kernel(dtype, s).filter(|_| !pointwise) {
+            Some((name, rows)) => self.conv_igemm(x, &w, bias, s, &out, name, rows)?,
+            None => self.conv_im2col(x, &w, bias, s, &out, pointwise)?,
         }
         Ok(out)
     }
@@ -867,22 +1184,7 @@ impl Backend for CudaBackend {
     fn softmax(&self, x: &CudaTensor, s: &SoftmaxSpec) -> Result<CudaTensor> {
         let _scope = self.scope("softmax");
         let out = self.tensor(x.shape(), x.dtype())?;
-        let f = self.function(Family::Norm, "softmax_rows")?;
-        let (xp, op, dt, cols) = (
-            Self::ptr(x),
-            Self::ptr(&out),
-            dtype_code(x.dtype()) as i32,
-            u32_of(s.cols, "columns")?,
-        );
-        let cfg = LaunchConfig {
-            grid_dim: (u32_of(s.rows, "rows")?.max(1), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut l = self.stream.launch_builder(&f);
-        l.arg(&xp).arg(&op).arg(&dt).arg(&cols);
-        // SAFETY: arguments match softmax_rows' signature.
-        unsafe { l.launch(cfg) }.map_err(|e| gpu_err("softmax_rows", e))?;
+        self.softmax_rows(x, &out, s.rows, s.cols, 1.0)?;
         Ok(out)
     }
 
@@ -923,6 +1225,10 @@ impl Backend for CudaBackend {
                 .arg(&scale_log2);
             // SAFETY: arguments match the flash kernels' signatures; tensors are [bh, len, head_dim].
             unsafe { l.launch(cfg) }.map_err(|e| gpu_err(fk.name, e))?;
+            return Ok(out);
+        }
+        if dtype != DType::F32 {
+            self.attention_by_scores(q, &k, &v, &out, s)?;
             return Ok(out);
         }
         if s.head_dim > 512 {
@@ -1005,6 +1311,9 @@ impl Backend for CudaBackend {
                 p.in_div[i][k] = v.div[k].max(1) as u32;
             }
         }
+        if let Some((batch, rows, cols)) = transposition(s) {
+            return self.transpose(inputs[0], out, s, batch, rows, cols);
+        }
         p.vec = vectorizable(s, out.dtype(), inputs) as u32;
         let f = self.function(Family::Elementwise, "map_kernel")?;
         let cfg = LaunchConfig {
@@ -1018,5 +1327,82 @@ impl Backend for CudaBackend {
         // SAFETY: arguments match map_kernel's signature; every view was bounds-checked above.
         unsafe { l.launch(cfg) }.map_err(|e| gpu_err("map_kernel", e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Wan VAE's 96- and 192-channel layers fill 96-row tiles; wider layers take 128 rows
+    /// and SD's 320 channels 64, the tiles that waste no rows.
+    #[test]
+    fn convolution_tiles_pad_output_channels_least() {
+        for (channels, rows) in [
+            (3, 64),
+            (40, 64),
+            (96, 96),
+            (192, 96),
+            (320, 64),
+            (384, 128),
+            (640, 128),
+            (200, 128),
+        ] {
+            assert_eq!(conv_tile_rows(channels), rows, "{channels} channels");
+        }
+        for (rows, name) in CONV_IGEMM_BF16.iter().chain(CONV_IGEMM_F16) {
+            assert!(name.ends_with(&format!("_m{rows}")), "{name}");
+        }
+    }
+
+    /// With the H100's 50 MB of L2, the Wan VAE's convolutions at 480x832 (and at 60x104,
+    /// 129 MB of columns) gather in the GEMM; the SD UNet's at 64x64 (24 MB) do not.
+    #[test]
+    fn implicit_gemm_takes_the_convolutions_whose_columns_outgrow_l2() {
+        let conv = |c: usize, t: usize, h: usize, w: usize, k: [usize; 3]| ConvSpec {
+            batch: 2,
+            c_in: c,
+            c_out: c,
+            groups: 1,
+            input: [t, h, w],
+            kernel: k,
+            stride: [1; 3],
+            pad_lo: [0, 1, 1],
+            pad_hi: [0, 1, 1],
+        };
+        let l2 = 50 << 20;
+        assert!(implicit_gemm_pays(&conv(96, 3, 480, 832, [3; 3]), DType::BF16, l2));
+        assert!(implicit_gemm_pays(&conv(384, 3, 60, 104, [3; 3]), DType::BF16, l2));
+        assert!(!implicit_gemm_pays(&conv(320, 1, 64, 64, [1, 3, 3]), DType::F16, l2));
+        assert!(!implicit_gemm_pays(&conv(1280, 1, 8, 8, [1, 3, 3]), DType::F16, l2));
+    }
+
+    /// Channels-first to channels-last and back (the Wan VAE's channel norms) and a weight
+    /// reorder are transpositions; a plain copy, a broadcast and a three-way permute are not.
+    #[test]
+    fn permutes_of_the_last_two_dimensions_are_transpositions() {
+        let copy = |shape: &[usize], perm: &[usize]| {
+            let strides = contiguous_strides(shape);
+            let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+            MapSpec {
+                op: MapOp::Copy,
+                inputs: vec![View::strided(0, perm.iter().map(|&p| strides[p]).collect())],
+                out: View::strided(0, contiguous_strides(&out_shape)),
+                shape: out_shape,
+                alpha: 1.0,
+                beta: 0.0,
+            }
+            .collapsed()
+        };
+        assert_eq!(
+            transposition(&copy(&[1, 96, 3, 60, 104], &[0, 2, 3, 4, 1])),
+            Some((1, 96, 3 * 60 * 104))
+        );
+        assert_eq!(transposition(&copy(&[2, 3, 40, 96], &[0, 3, 1, 2])), Some((2, 120, 96)));
+        assert_eq!(transposition(&copy(&[384, 384, 27], &[0, 2, 1])), Some((384, 384, 27)));
+        assert_eq!(transposition(&copy(&[4, 5, 6], &[0, 1, 2])), None);
+        assert_eq!(transposition(&copy(&[4, 5, 6], &[2, 0, 1])), Some((1, 4 * 5, 6)));
+        assert_eq!(transposition(&copy(&[4, 5, 6], &[1, 2, 0])), Some((1, 4, 5 * 6)));
+        assert_eq!(transposition(&copy(&[3, 4, 5, 6], &[3, 1, 0, 2])), None);
     }
 }
