@@ -1,21 +1,26 @@
 // conv.cu: the runtime's `conv` primitive (spec.rs, `ConvSpec`); the runtime picks the
 // kernel.
 //
-// conv_igemm_{bf16,f16}_m{64,96,128} (sm_80 or newer): implicit-GEMM convolution on warp
+// conv_igemm[_rows]_{bf16,f16}_m{64,96,128} (sm_80 or newer): implicit-GEMM convolution on warp
 // MMAs. The product out[co][p] = sum over taps and input channels of w[co][tap][ci] *
 // x[ci][shifted p] is a GEMM whose B operand is gathered straight from the input while tiles
 // are loaded, so no column matrix is ever written. A K tile is one tap and BK input
 // channels, which makes its padding test and source offset one computation per output
 // position rather than one per element; the taps of a channel block come one after the
-// other, so their gathers, shifted copies of one small input window, hit the L1 cache. A block of 8 warps (2 along the output
-// channels, 4 along positions) owns BM = 32*MT output channels x 128 positions; each warp
-// 16*MT x 32, with mma.sync m16n8k16 (bf16/f16 in, f32 accumulate). Per K tile (32
-// channels) the weights come by cp.async (16-byte rows when c_in % 8 == 0, else element by
-// element), the input by coalesced 2-byte loads held in registers while the previous tile
+// other, so their gathers, shifted copies of one small input window, hit the L1 cache. A
+// block of 8 warps (2 along the output channels, 4 along positions) owns BM = 32*MT output
+// channels x 128 positions; each warp 16*MT x 32, with mma.sync m16n8k16 (bf16/f16 in, f32
+// accumulate). Per K tile (32 channels) the weights come by cp.async (16-byte rows when
+// c_in % 8 == 0, else element by element), the input into registers while the previous tile
 // is multiplied, both double-buffered in shared memory with rows padded by 16 bytes so
 // ldmatrix (.trans for the position-major B tile) is free of bank conflicts. Bias is added
 // in the epilogue. MT = 2, 3, 4 (BM 64, 96, 128) lets 96- and 192-channel layers fill their
-// tiles. Grid: (position tiles, channel tiles, batch items x groups).
+// tiles. The input comes by coalesced 2-byte loads, or, in the conv_igemm_rows_* variants,
+// 8 positions of an output row at a time by 16-byte loads (stride 1 along x, "same" width
+// padding of at most one column, output width a multiple of 8: the Wan VAE's 3x3(x3)
+// convolutions), which needs far fewer instructions: the element path is bound by
+// instruction issue (ncu: issue slots 65% busy, integer pipe the busiest), not by the
+// tensor cores. Grid: (position tiles, channel tiles, batch items x groups).
 // Layout: x [batch][groups][cin][ti][hi][wi], w [groups][cout][kt*kh*kw][cin] (the runtime
 // permutes the weights), out [batch][groups][cout][n = to*ho*wo], all contiguous, 16-bit;
 // bias [groups][cout], any dtype, or none; cin and cout per group.
@@ -46,7 +51,7 @@ struct ConvGemm {
 // Input rows one thread gathers per K tile: its column, every other channel of the tile.
 #define IG_B_ROWS (IG_BK * IG_BN / IG_THREADS)
 
-template <int MT, bool BF16>
+template <int MT, bool BF16, bool ROWS>
 __device__ void conv_igemm(const ConvGemm& p, const u16* __restrict__ x, const u16* __restrict__ w, const void* __restrict__ bias,
                            u16* __restrict__ out) {
     constexpr int BM = 32 * MT;
@@ -63,8 +68,15 @@ __device__ void conv_igemm(const ConvGemm& p, const u16* __restrict__ x, const u
     w += (u64)group * p.cout * taps * p.cin;
     const u32 bias0 = group * p.cout;
 
-    // The output position this thread gathers input for, as the corner of its receptive field.
-    const int col = tid & (IG_BN - 1), row0 = tid / IG_BN;
+    // Gathers of a K tile into registers (`gather`), stored to shared memory once the previous
+    // tile's MMAs are issued (`store_b`). Element path: a thread owns one output position
+    // (the corner of its receptive field) and every other channel of the tile. Row path: a
+    // thread owns 8 consecutive positions of one output row and 2 channels, and reads them
+    // as one aligned 16-byte load plus the neighbouring word, realigned with byte permutes
+    // when the tap shifts the window by one element.
+    constexpr int B_REGS = ROWS ? 8 : IG_B_ROWS;
+    const int col = ROWS ? (tid % (IG_BN / 8)) * 8 : tid % IG_BN;
+    const int row0 = ROWS ? tid / (IG_BN / 8) : tid / IG_BN;
     const u32 n = n0 + col;
     const bool n_ok = n < p.n;
     int bt = 0, by = 0, bx = 0;
@@ -74,23 +86,60 @@ __device__ void conv_igemm(const ConvGemm& p, const u16* __restrict__ x, const u
         by = (int)(oy * p.sh) - (int)p.ph;
         bx = (int)(ox * p.sw) - (int)p.pw;
     }
-    u16 staged[IG_B_ROWS];
+    u32 staged[B_REGS];
 
     auto gather = [&](u32 j) {
         const u32 tap = j % taps, c0 = (j / taps) * IG_BK;
         const int dx = tap % p.kw, dy = (tap / p.kw) % p.kh, dt = tap / (p.kw * p.kh);
         const int it = bt + dt, iy = by + dy, ix = bx + dx;
-        const bool ok = n_ok && it >= 0 && it < (int)p.ti && iy >= 0 && iy < (int)p.hi && ix >= 0 && ix < (int)p.wi;
-        const u16* src = x + (ok ? ((u32)it * p.hi + (u32)iy) * p.wi + (u32)ix : 0);
+        if (ROWS) {
+            // bx + pw is the first position of the 8, a multiple of 8; the shift is dx - pw.
+            const int shift = dx - (int)p.pw, x0 = bx + (int)p.pw;
+            const bool ok = n_ok && it >= 0 && it < (int)p.ti && iy >= 0 && iy < (int)p.hi;
+            const u16* row = x + (ok ? ((u32)it * p.hi + (u32)iy) * p.wi + (u32)x0 : 0);
+            const bool side = shift > 0 ? x0 + 8 < (int)p.wi : x0 > 0;
 #pragma unroll
-        for (int i = 0; i < IG_B_ROWS; ++i) {
-            const u32 ci = c0 + row0 + 2 * i;
-            staged[i] = ok && ci < p.cin ? src[ci * plane] : (u16)0;
+            for (int i = 0; i < 2; ++i) {
+                const u32 ci = c0 + row0 + (IG_BK / 2) * i;
+                uint4 a = make_uint4(0, 0, 0, 0);
+                u32 edge = 0;
+                if (ok && ci < p.cin) {
+                    const u16* src = row + ci * plane;
+                    a = *(const uint4*)src;
+                    if (shift != 0 && side) edge = shift > 0 ? *(const u32*)(src + 8) : *(const u32*)(src - 2);
+                }
+                u32* o = &staged[4 * i];
+                if (shift == 0) {
+                    o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w;
+                } else if (shift > 0) {
+                    o[0] = __byte_perm(a.x, a.y, 0x5432), o[1] = __byte_perm(a.y, a.z, 0x5432);
+                    o[2] = __byte_perm(a.z, a.w, 0x5432), o[3] = __byte_perm(a.w, edge, 0x5432);
+                } else {
+                    o[0] = __byte_perm(edge, a.x, 0x5432), o[1] = __byte_perm(a.x, a.y, 0x5432);
+                    o[2] = __byte_perm(a.y, a.z, 0x5432), o[3] = __byte_perm(a.z, a.w, 0x5432);
+                }
+            }
+        } else {
+            const bool ok = n_ok && it >= 0 && it < (int)p.ti && iy >= 0 && iy < (int)p.hi && ix >= 0 && ix < (int)p.wi;
+            const u16* src = x + (ok ? ((u32)it * p.hi + (u32)iy) * p.wi + (u32)ix : 0);
+#pragma unroll
+            for (int i = 0; i < IG_B_ROWS; ++i) {
+                const u32 ci = c0 + row0 + 2 * i;
+                staged[i] = ok && ci < p.cin ? src[ci * plane] : 0u;
+            }
         }
     };
     auto store_b = [&](int buf) {
+        if (ROWS) {
 #pragma unroll
-        for (int i = 0; i < IG_B_ROWS; ++i) bs[buf][(row0 + 2 * i) * IG_B_STRIDE + col] = staged[i];
+            for (int i = 0; i < 2; ++i) {
+                *(uint4*)&bs[buf][(row0 + (IG_BK / 2) * i) * IG_B_STRIDE + col] =
+                    make_uint4(staged[4 * i], staged[4 * i + 1], staged[4 * i + 2], staged[4 * i + 3]);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < IG_B_ROWS; ++i) bs[buf][(row0 + 2 * i) * IG_B_STRIDE + col] = (u16)staged[i];
+        }
     };
     auto load_a = [&](u32 j, int buf) {
         const u32 tap = j % taps, c0 = (j / taps) * IG_BK;
@@ -187,15 +236,16 @@ __device__ void conv_igemm(const ConvGemm& p, const u16* __restrict__ x, const u
     }
 }
 
-#define CONV_IGEMM(MT)                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(IG_THREADS, 2)                                                                    \
-        conv_igemm_bf16_m##MT(ConvGemm p, const u16* x, const u16* w, const void* bias, u16* out) {                                \
-        conv_igemm<MT / 32, true>(p, x, w, bias, out);                                                                             \
-    }                                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(IG_THREADS, 2)                                                                    \
-        conv_igemm_f16_m##MT(ConvGemm p, const u16* x, const u16* w, const void* bias, u16* out) {                                 \
-        conv_igemm<MT / 32, false>(p, x, w, bias, out);                                                                            \
+#define CONV_IGEMM_ONE(NAME, MT, BF16, ROWS)                                                                            \
+    extern "C" __global__ void __launch_bounds__(IG_THREADS, 2) NAME(ConvGemm p, const u16* x, const u16* w, const void* bias, \
+                                                                    u16* out) {                                             \
+        conv_igemm<MT / 32, BF16, ROWS>(p, x, w, bias, out);                                                                \
     }
+#define CONV_IGEMM(MT)                                                      \
+    CONV_IGEMM_ONE(conv_igemm_bf16_m##MT, MT, true, false)                  \
+    CONV_IGEMM_ONE(conv_igemm_f16_m##MT, MT, false, false)                  \
+    CONV_IGEMM_ONE(conv_igemm_rows_bf16_m##MT, MT, true, true)              \
+    CONV_IGEMM_ONE(conv_igemm_rows_f16_m##MT, MT, false, true)
 
 CONV_IGEMM(64)
 CONV_IGEMM(96)

@@ -138,6 +138,8 @@ fn conv_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
         (1, 16, 19, 23, 40, 3, 1, 1, 1),
         // Groups of 32 input and 48 output channels, stride 2.
         (2, 64, 12, 20, 96, 3, 2, 1, 2),
+        // A width of two 8-position runs: both row ends of CUDA's row gather.
+        (1, 32, 9, 16, 64, 3, 1, 1, 1),
     ]
     .iter()
     .enumerate()
@@ -185,6 +187,16 @@ fn conv_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
     if g.fits(96 * 48 * 27) {
         check!(g, format!("causal_conv3d {tag} 48 -> 96 channels"), tol, inputs, [], |b, x, p| {
             ops::causal_conv3d(b, &x[0], &x[1], Some(&x[2]), [1, 1, 1], [1, 1, 1])
+        });
+    }
+    // The Wan VAE's time convolution (3x1x1), rows of 16.
+    let inputs = [
+        random(&[1, 16, 4, 3, 16], dt, 1.0, seed + 8),
+        random(&[32, 16, 3, 1, 1], dt, 0.3, seed + 9),
+    ];
+    if g.fits(32 * 16 * 3) {
+        check!(g, format!("causal_conv3d {tag} time only"), tol, inputs, [], |b, x, p| {
+            ops::causal_conv3d(b, &x[0], &x[1], None, [1, 1, 1], [1, 0, 0])
         });
     }
     let inputs = [

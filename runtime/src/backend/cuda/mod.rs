@@ -72,12 +72,17 @@ const FLASH_SM90_KEYS: usize = 128;
 
 /// The implicit-GEMM convolution kernels by output channels per block (conv.cu), and the
 /// output positions each block covers.
-const CONV_IGEMM_BF16: &[(usize, &str)] = &[
-    (64, "conv_igemm_bf16_m64"),
-    (96, "conv_igemm_bf16_m96"),
-    (128, "conv_igemm_bf16_m128"),
+/// Each entry: (rows, element-gather kernel, row-gather kernel).
+const CONV_IGEMM_BF16: &[(usize, &str, &str)] = &[
+    (64, "conv_igemm_bf16_m64", "conv_igemm_rows_bf16_m64"),
+    (96, "conv_igemm_bf16_m96", "conv_igemm_rows_bf16_m96"),
+    (128, "conv_igemm_bf16_m128", "conv_igemm_rows_bf16_m128"),
 ];
-const CONV_IGEMM_F16: &[(usize, &str)] = &[(64, "conv_igemm_f16_m64"), (96, "conv_igemm_f16_m96"), (128, "conv_igemm_f16_m128")];
+const CONV_IGEMM_F16: &[(usize, &str, &str)] = &[
+    (64, "conv_igemm_f16_m64", "conv_igemm_rows_f16_m64"),
+    (96, "conv_igemm_f16_m96", "conv_igemm_rows_f16_m96"),
+    (128, "conv_igemm_f16_m128", "conv_igemm_rows_f16_m128"),
+];
 const CONV_IGEMM_POSITIONS: usize = 128;
 
 /// One flash-attention launch shape: kernel, query rows per block, threads, shared bytes.
@@ -373,6 +378,15 @@ fn transposition(s: &MapSpec) -> Option<(usize, usize, usize)> {
 fn implicit_gemm_pays(s: &ConvSpec, dtype: DType, l2_bytes: usize) -> bool {
     let columns = s.c_in / s.groups * s.kernel_volume() * numel(&s.output());
     columns * dtype.size() > l2_bytes
+}
+
+/// Whether the implicit GEMM may gather its input 8 output positions at a time with 16-byte
+/// loads (conv.cu's row variants): stride 1 along x with at most one column of "same"
+/// padding, so 8 positions read 8 consecutive inputs shifted by at most one, and an output
+/// width that is a multiple of 8, so that such runs never cross rows and stay aligned.
+fn row_gather(s: &ConvSpec) -> bool {
+    let width = s.output()[2];
+    s.stride[2] == 1 && s.pad_lo[2] == s.pad_hi[2] && s.pad_lo[2] <= 1 && s.kernel[2] == 2 * s.pad_lo[2] + 1 && width % 8 == 0
 }
 
 /// Output channels per implicit-GEMM block for `channels` output channels (per group): of
@@ -751,7 +765,11 @@ impl CudaBackend {
             return None;
         }
         let rows = conv_tile_rows(cout_g);
-        names.iter().find(|(r, _)| *r == rows).map(|&(_, name)| (name, rows))
+        let by_rows = row_gather(s);
+        names
+            .iter()
+            .find(|(r, _, _)| *r == rows)
+            .map(|&(_, elements, row)| (if by_rows { row } else { elements }, rows))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1350,8 +1368,9 @@ mod tests {
         ] {
             assert_eq!(conv_tile_rows(channels), rows, "{channels} channels");
         }
-        for (rows, name) in CONV_IGEMM_BF16.iter().chain(CONV_IGEMM_F16) {
-            assert!(name.ends_with(&format!("_m{rows}")), "{name}");
+        for (rows, elements, row) in CONV_IGEMM_BF16.iter().chain(CONV_IGEMM_F16) {
+            assert!(elements.ends_with(&format!("_m{rows}")) && row.ends_with(&format!("_m{rows}")));
+            assert!(row.contains("_rows_") && !elements.contains("_rows_"));
         }
     }
 
@@ -1375,6 +1394,22 @@ mod tests {
         assert!(implicit_gemm_pays(&conv(384, 3, 60, 104, [3; 3]), DType::BF16, l2));
         assert!(!implicit_gemm_pays(&conv(320, 1, 64, 64, [1, 3, 3]), DType::F16, l2));
         assert!(!implicit_gemm_pays(&conv(1280, 1, 8, 8, [1, 3, 3]), DType::F16, l2));
+        // The VAE's 3x3(x3) convolutions gather by rows; odd widths, wider kernels and
+        // strides along x do not.
+        assert!(row_gather(&conv(96, 3, 480, 832, [3; 3])));
+        assert!(row_gather(&conv(96, 1, 60, 104, [1, 3, 3])));
+        assert!(!row_gather(&conv(96, 1, 60, 100, [1, 3, 3])));
+        let five = ConvSpec {
+            pad_lo: [0, 2, 2],
+            pad_hi: [0, 2, 2],
+            ..conv(8, 1, 16, 16, [1, 5, 5])
+        };
+        assert!(!row_gather(&five));
+        let strided = ConvSpec {
+            stride: [1, 2, 2],
+            ..conv(8, 1, 16, 32, [1, 3, 3])
+        };
+        assert!(!row_gather(&strided));
     }
 
     /// Channels-first to channels-last and back (the Wan VAE's channel norms) and a weight
