@@ -66,7 +66,7 @@ enum Command {
         /// Comma-separated cases to run (default: every case in DIR).
         #[arg(long)]
         only: Option<String>,
-        /// Also print where the time goes, per primitive (synchronises after each: slower).
+        /// Also print where the time goes, per primitive (timed on the GPU by CUDA events).
         #[arg(long)]
         profile: bool,
     },

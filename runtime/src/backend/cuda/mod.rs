@@ -102,8 +102,8 @@ pub struct CudaOptions {
     /// Most bytes of freed buffers kept for reuse (default 16 GiB: a full-size Wan step's
     /// activations, so the loop runs without allocating).
     pub pool_bytes: usize,
-    /// Synchronise after every primitive and add its time to a per-primitive table
-    /// (`CudaBackend::profile`); slows the run, shows where the time goes.
+    /// Time every outermost primitive's GPU work with CUDA events into a per-primitive table
+    /// (`CudaBackend::profile`), which shows where the time goes.
     pub profile: bool,
     /// Use the Hopper (wgmma) attention kernel on sm_90 devices; off runs the portable
     /// sm_80 kernel there too (tests and comparisons).
