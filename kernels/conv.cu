@@ -36,8 +36,15 @@
 // Layout: x is NCTHW contiguous; col is row-major [cin_g*K, np], same dtype as x.
 // Limits: 32-bit indices within one batch item; one thread per column element.
 
+// Input size, kernel, stride, front padding and output size (t, y, x), as both kernels take them.
+struct ConvGeometry {
+    u32 ti, hi, wi, kt, kh, kw, st, sh, sw, pt, ph, pw, to, ho, wo;
+};
+
 struct ConvGemm {
-    u32 cin, cout, groups, ti, hi, wi, kt, kh, kw, st, sh, sw, pt, ph, pw, ho, wo, n;
+    u32 cin, cout, groups;
+    ConvGeometry g;
+    u32 n;
     int bias_dtype;  // -1: no bias
 };
 
@@ -60,7 +67,7 @@ __device__ void conv_igemm(const ConvGemm& p, const u16* __restrict__ x, const u
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int warp_m = warp >> 2, warp_n = warp & 3;
     const u32 n0 = blockIdx.x * IG_BN, m0 = blockIdx.y * BM;
-    const u32 taps = p.kt * p.kh * p.kw, plane = p.ti * p.hi * p.wi;
+    const u32 taps = p.g.kt * p.g.kh * p.g.kw, plane = p.g.ti * p.g.hi * p.g.wi;
     const u32 chunks = (p.cin + IG_BK - 1) / IG_BK, tiles = taps * chunks;
     const u32 group = blockIdx.z % p.groups;
     x += (u64)blockIdx.z * p.cin * plane;
@@ -81,23 +88,23 @@ __device__ void conv_igemm(const ConvGemm& p, const u16* __restrict__ x, const u
     const bool n_ok = n < p.n;
     int bt = 0, by = 0, bx = 0;
     if (n_ok) {
-        const u32 ox = n % p.wo, oy = (n / p.wo) % p.ho, ot = n / (p.wo * p.ho);
-        bt = (int)(ot * p.st) - (int)p.pt;
-        by = (int)(oy * p.sh) - (int)p.ph;
-        bx = (int)(ox * p.sw) - (int)p.pw;
+        const u32 ox = n % p.g.wo, oy = (n / p.g.wo) % p.g.ho, ot = n / (p.g.wo * p.g.ho);
+        bt = (int)(ot * p.g.st) - (int)p.g.pt;
+        by = (int)(oy * p.g.sh) - (int)p.g.ph;
+        bx = (int)(ox * p.g.sw) - (int)p.g.pw;
     }
     u32 staged[B_REGS];
 
     auto gather = [&](u32 j) {
         const u32 tap = j % taps, c0 = (j / taps) * IG_BK;
-        const int dx = tap % p.kw, dy = (tap / p.kw) % p.kh, dt = tap / (p.kw * p.kh);
+        const int dx = tap % p.g.kw, dy = (tap / p.g.kw) % p.g.kh, dt = tap / (p.g.kw * p.g.kh);
         const int it = bt + dt, iy = by + dy, ix = bx + dx;
         if (ROWS) {
             // bx + pw is the first position of the 8, a multiple of 8; the shift is dx - pw.
-            const int shift = dx - (int)p.pw, x0 = bx + (int)p.pw;
-            const bool ok = n_ok && it >= 0 && it < (int)p.ti && iy >= 0 && iy < (int)p.hi;
-            const u16* row = x + (ok ? ((u32)it * p.hi + (u32)iy) * p.wi + (u32)x0 : 0);
-            const bool side = shift > 0 ? x0 + 8 < (int)p.wi : x0 > 0;
+            const int shift = dx - (int)p.g.pw, x0 = bx + (int)p.g.pw;
+            const bool ok = n_ok && it >= 0 && it < (int)p.g.ti && iy >= 0 && iy < (int)p.g.hi;
+            const u16* row = x + (ok ? ((u32)it * p.g.hi + (u32)iy) * p.g.wi + (u32)x0 : 0);
+            const bool side = shift > 0 ? x0 + 8 < (int)p.g.wi : x0 > 0;
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
                 const u32 ci = c0 + row0 + (IG_BK / 2) * i;
@@ -120,8 +127,8 @@ __device__ void conv_igemm(const ConvGemm& p, const u16* __restrict__ x, const u
                 }
             }
         } else {
-            const bool ok = n_ok && it >= 0 && it < (int)p.ti && iy >= 0 && iy < (int)p.hi && ix >= 0 && ix < (int)p.wi;
-            const u16* src = x + (ok ? ((u32)it * p.hi + (u32)iy) * p.wi + (u32)ix : 0);
+            const bool ok = n_ok && it >= 0 && it < (int)p.g.ti && iy >= 0 && iy < (int)p.g.hi && ix >= 0 && ix < (int)p.g.wi;
+            const u16* src = x + (ok ? ((u32)it * p.g.hi + (u32)iy) * p.g.wi + (u32)ix : 0);
 #pragma unroll
             for (int i = 0; i < IG_B_ROWS; ++i) {
                 const u32 ci = c0 + row0 + 2 * i;
@@ -254,27 +261,29 @@ CONV_IGEMM(128)
 #endif
 
 struct Im2col {
-    u32 c0, cin_g, ti, hi, wi, kt, kh, kw, st, sh, sw, pt, ph, pw, to, ho, wo, p0, np;
+    u32 c0, cin_g;
+    ConvGeometry g;
+    u32 p0, np;
     u64 x_offset;
     int dtype;
 };
 
 extern "C" __global__ void im2col(Im2col p, const void* x, void* col) {
-    const u32 K = p.kt * p.kh * p.kw;
+    const u32 K = p.g.kt * p.g.kh * p.g.kw;
     const u32 total = p.cin_g * K * p.np;
-    const u32 plane = p.ti * p.hi * p.wi;
+    const u32 plane = p.g.ti * p.g.hi * p.g.wi;
     for (u32 e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
         u32 pp = e % p.np, rk = e / p.np;
         u32 kk = rk % K, ci = rk / K;
         u32 pos = p.p0 + pp;
-        u32 ox = pos % p.wo, oy = (pos / p.wo) % p.ho, ot = pos / (p.wo * p.ho);
-        u32 dx = kk % p.kw, dy = (kk / p.kw) % p.kh, dt = kk / (p.kw * p.kh);
-        int it = (int)(ot * p.st + dt) - (int)p.pt;
-        int iy = (int)(oy * p.sh + dy) - (int)p.ph;
-        int ix = (int)(ox * p.sw + dx) - (int)p.pw;
+        u32 ox = pos % p.g.wo, oy = (pos / p.g.wo) % p.g.ho, ot = pos / (p.g.wo * p.g.ho);
+        u32 dx = kk % p.g.kw, dy = (kk / p.g.kw) % p.g.kh, dt = kk / (p.g.kw * p.g.kh);
+        int it = (int)(ot * p.g.st + dt) - (int)p.g.pt;
+        int iy = (int)(oy * p.g.sh + dy) - (int)p.g.ph;
+        int ix = (int)(ox * p.g.sw + dx) - (int)p.g.pw;
         float v = 0.0f;
-        if (it >= 0 && it < (int)p.ti && iy >= 0 && iy < (int)p.hi && ix >= 0 && ix < (int)p.wi) {
-            v = load_f32(x, p.x_offset + (u64)(p.c0 + ci) * plane + ((u32)it * p.hi + (u32)iy) * p.wi + (u32)ix, p.dtype);
+        if (it >= 0 && it < (int)p.g.ti && iy >= 0 && iy < (int)p.g.hi && ix >= 0 && ix < (int)p.g.wi) {
+            v = load_f32(x, p.x_offset + (u64)(p.c0 + ci) * plane + ((u32)it * p.g.hi + (u32)iy) * p.g.wi + (u32)ix, p.dtype);
         }
         store_f32(col, e, p.dtype, v);
     }

@@ -277,11 +277,11 @@ struct NormApply {
 // SAFETY: plain old data laid out like `NormApply` in norm.cu.
 unsafe impl DeviceRepr for NormApply {}
 
+/// `ConvGeometry` in conv.cu: a convolution's input, kernel, stride, front padding and
+/// output sizes (t, y, x).
 #[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct Im2col {
-    c0: u32,
-    cin_g: u32,
+#[derive(Clone, Copy)]
+struct ConvGeometry {
     ti: u32,
     hi: u32,
     wi: u32,
@@ -297,6 +297,37 @@ struct Im2col {
     to: u32,
     ho: u32,
     wo: u32,
+}
+
+impl ConvGeometry {
+    fn of(s: &ConvSpec) -> Self {
+        let out = s.output();
+        Self {
+            ti: s.input[0] as u32,
+            hi: s.input[1] as u32,
+            wi: s.input[2] as u32,
+            kt: s.kernel[0] as u32,
+            kh: s.kernel[1] as u32,
+            kw: s.kernel[2] as u32,
+            st: s.stride[0] as u32,
+            sh: s.stride[1] as u32,
+            sw: s.stride[2] as u32,
+            pt: s.pad_lo[0] as u32,
+            ph: s.pad_lo[1] as u32,
+            pw: s.pad_lo[2] as u32,
+            to: out[0] as u32,
+            ho: out[1] as u32,
+            wo: out[2] as u32,
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Im2col {
+    c0: u32,
+    cin_g: u32,
+    g: ConvGeometry,
     p0: u32,
     np: u32,
     x_offset: u64,
@@ -311,20 +342,7 @@ struct ConvGemm {
     cin: u32,
     cout: u32,
     groups: u32,
-    ti: u32,
-    hi: u32,
-    wi: u32,
-    kt: u32,
-    kh: u32,
-    kw: u32,
-    st: u32,
-    sh: u32,
-    sw: u32,
-    pt: u32,
-    ph: u32,
-    pw: u32,
-    ho: u32,
-    wo: u32,
+    g: ConvGeometry,
     n: u32,
     bias_dtype: i32,
 }
@@ -786,27 +804,13 @@ impl CudaBackend {
         // The kernel reads weights tap-major: [c_out, kt, kh, kw, c_in / groups].
         let w = crate::ops::permute(self, w, &[0, 2, 3, 4, 1])?;
         let f = self.function(Family::Conv, name)?;
-        let out_dims = s.output();
-        let (plane, in_plane) = (numel(&out_dims), numel(&s.input));
+        let (plane, in_plane) = (numel(&s.output()), numel(&s.input));
         let (cin_g, cout_g) = (s.c_in / s.groups, s.c_out / s.groups);
         let p = ConvGemm {
             cin: cin_g as u32,
             cout: cout_g as u32,
             groups: s.groups as u32,
-            ti: s.input[0] as u32,
-            hi: s.input[1] as u32,
-            wi: s.input[2] as u32,
-            kt: s.kernel[0] as u32,
-            kh: s.kernel[1] as u32,
-            kw: s.kernel[2] as u32,
-            st: s.stride[0] as u32,
-            sh: s.stride[1] as u32,
-            sw: s.stride[2] as u32,
-            pt: s.pad_lo[0] as u32,
-            ph: s.pad_lo[1] as u32,
-            pw: s.pad_lo[2] as u32,
-            ho: out_dims[1] as u32,
-            wo: out_dims[2] as u32,
+            g: ConvGeometry::of(s),
             n: plane as u32,
             bias_dtype: bias.map_or(-1, |b| dtype_code(b.dtype()) as i32),
         };
@@ -841,8 +845,7 @@ impl CudaBackend {
         pointwise: bool,
     ) -> Result<()> {
         let dtype = x.dtype();
-        let out_dims = s.output();
-        let plane = numel(&out_dims);
+        let plane = numel(&s.output());
         let in_plane = numel(&s.input);
         let (cin_g, cout_g) = (s.c_in / s.groups, s.c_out / s.groups);
         let taps = s.kernel_volume();
@@ -865,6 +868,7 @@ impl CudaBackend {
             Some(self.function(Family::Conv, "im2col")?)
         };
         u32_of(in_plane * s.c_in, "input size")?;
+        let geometry = ConvGeometry::of(s);
         for bi in 0..s.batch {
             for g in 0..s.groups {
                 let mut p0 = 0;
@@ -876,21 +880,7 @@ impl CudaBackend {
                             let p = Im2col {
                                 c0: u32_of(g * cin_g, "channel")?,
                                 cin_g: cin_g as u32,
-                                ti: s.input[0] as u32,
-                                hi: s.input[1] as u32,
-                                wi: s.input[2] as u32,
-                                kt: s.kernel[0] as u32,
-                                kh: s.kernel[1] as u32,
-                                kw: s.kernel[2] as u32,
-                                st: s.stride[0] as u32,
-                                sh: s.stride[1] as u32,
-                                sw: s.stride[2] as u32,
-                                pt: s.pad_lo[0] as u32,
-                                ph: s.pad_lo[1] as u32,
-                                pw: s.pad_lo[2] as u32,
-                                to: out_dims[0] as u32,
-                                ho: out_dims[1] as u32,
-                                wo: out_dims[2] as u32,
+                                g: geometry,
                                 p0: u32_of(p0, "output position")?,
                                 np: np as u32,
                                 x_offset: x_off,
