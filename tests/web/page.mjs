@@ -115,7 +115,9 @@ try {
   // A video with the Wan model.
   await load(page, request.wan.model);
   report.video = await generate(page, request.wan.form, request.wan.sampler);
-  report.videoVisible = await page.isVisible('#video');
+  // The <img> has no size until the browser has decoded the animated PNG from its blob URL,
+  // which on a busy machine comes after the result: wait for it rather than sample once.
+  report.videoVisible = await page.waitForSelector('#video', { state: 'visible', timeout: 20000 }).then(() => true, () => false);
   await page.screenshot({ path: join(outDir, 'video.png'), fullPage: true });
 
   // A damaged checkpoint gets a message naming the problem.
