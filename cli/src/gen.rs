@@ -20,14 +20,17 @@ use sdlite_runtime::source::{DirSource, Source};
 use sdlite_runtime::weights::Weights;
 use sdlite_runtime::{Backend, CpuBackend, CudaBackend, CudaOptions, DType, Error};
 
+use crate::default_models;
 use crate::remote::{package, report, OffloadArgs};
 use crate::DeviceArgs;
 
 #[derive(clap::Args)]
 pub struct GenArgs {
     /// A diffusers model folder (with model_index.json): Stable Diffusion 1.x/2.x or Wan2.1;
-    /// or a Stable Diffusion 1.x/2.x single-file checkpoint (.safetensors, original key names).
-    #[arg(long)]
+    /// a Stable Diffusion 1.x/2.x single-file checkpoint (.safetensors, original key names);
+    /// or a built-in model: `tiny-sd` (64x64 pictures of coloured shapes, the default) or
+    /// `tiny-wan` (clips of moving shapes).
+    #[arg(long, default_value = default_models::DEFAULT)]
     model: PathBuf,
     /// For single-file checkpoints: a CLIP tokenizer folder (vocab.json, merges.txt), e.g.
     /// the one `scripts/fetch-vocab.sh` writes to target/reference/clip-vocab.
@@ -54,9 +57,9 @@ pub struct GenArgs {
     width: Option<usize>,
     #[arg(long)]
     height: Option<usize>,
-    /// Video length for Wan: 1 + 4k frames.
-    #[arg(long, default_value_t = 81)]
-    frames: usize,
+    /// Video length for Wan: 1 + 4k frames (81, or the model's own length, by default).
+    #[arg(long)]
+    frames: Option<usize>,
     /// Frames per second of the written video.
     #[arg(long, default_value_t = 16)]
     fps: u16,
@@ -98,10 +101,8 @@ pub enum BackendKind {
     Cuda,
 }
 
-pub fn run(args: GenArgs) -> Result<()> {
-    if !args.model.exists() {
-        bail!("no model at {}: pass a diffusers folder with --model", args.model.display());
-    }
+pub fn run(mut args: GenArgs) -> Result<()> {
+    args.model = default_models::resolve(&args.model.to_string_lossy())?;
     match args.backend {
         BackendKind::Cpu => generate(&CpuBackend, DType::F32, &args),
         BackendKind::Wgpu => {
@@ -124,11 +125,11 @@ pub fn run(args: GenArgs) -> Result<()> {
 fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
     let source = DirSource(args.model.clone());
     let single_file = args.model.is_file();
-    let class = if single_file {
-        "StableDiffusion".to_string()
+    let (class, defaults) = if single_file {
+        ("StableDiffusion".to_string(), ModelDefaults::default())
     } else {
         let index: serde_json::Value = source.config("model_index.json")?;
-        index["_class_name"].as_str().unwrap_or("").to_string()
+        (index["_class_name"].as_str().unwrap_or("").to_string(), model_defaults(&index))
     };
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -196,10 +197,10 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
             prompt: args.prompt.clone(),
             negative_prompt: args.negative_prompt.clone(),
             steps: args.steps,
-            cfg_scale: args.cfg_scale.unwrap_or(7.5),
+            cfg_scale: args.cfg_scale.or(defaults.cfg_scale).unwrap_or(7.5),
             seed,
-            width: args.width.unwrap_or(native),
-            height: args.height.unwrap_or(native),
+            width: args.width.or(defaults.width).unwrap_or(native),
+            height: args.height.or(defaults.height).unwrap_or(native),
             sampler,
             init_latent: None,
         };
@@ -233,11 +234,11 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
             prompt: args.prompt.clone(),
             negative_prompt: args.negative_prompt.clone(),
             steps: args.steps,
-            cfg_scale: args.cfg_scale.unwrap_or(5.0),
+            cfg_scale: args.cfg_scale.or(defaults.cfg_scale).unwrap_or(5.0),
             seed,
-            width: args.width.unwrap_or(832),
-            height: args.height.unwrap_or(480),
-            frames: args.frames,
+            width: args.width.or(defaults.width).unwrap_or(832),
+            height: args.height.or(defaults.height).unwrap_or(480),
+            frames: args.frames.or(defaults.frames).unwrap_or(81),
             sampler,
             shift: args.shift,
             init_latent: None,
@@ -324,4 +325,103 @@ fn explain(e: Error) -> anyhow::Error {
 pub fn write_png(path: &Path, video: &[f32], frames: usize, width: usize, height: usize, fps: u16, parameters: &str) -> Result<()> {
     let bytes = sdlite_runtime::image::png(video, frames, width, height, fps, parameters)?;
     std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Optional defaults a model folder's `model_index.json` may carry under `_sdlite_defaults`
+/// (the built-in models do: their native size and clip length). Diffusers ignores keys that
+/// start with an underscore.
+#[derive(Default, serde::Deserialize)]
+struct ModelDefaults {
+    width: Option<usize>,
+    height: Option<usize>,
+    frames: Option<usize>,
+    cfg_scale: Option<f32>,
+}
+
+fn model_defaults(index: &serde_json::Value) -> ModelDefaults {
+    serde_json::from_value(index["_sdlite_defaults"].clone()).unwrap_or_default()
+}
+
+type RenderFn = Box<dyn FnMut(&str, u64) -> Result<(Vec<Vec<u8>>, usize, usize)>>;
+
+/// A model loaded once on one backend, generating prompt after prompt with the model's
+/// defaults (what `sdlite fidelity` evaluates): each call gives the frames as 8-bit RGB.
+pub struct Renderer {
+    backend: String,
+    run: RenderFn,
+}
+
+impl Renderer {
+    pub fn open(kind: BackendKind, device: &DeviceArgs, model: &Path, steps: usize) -> Result<Self> {
+        match kind {
+            BackendKind::Cpu => Self::with(CpuBackend, DType::F32, model, steps),
+            BackendKind::Wgpu => Self::with(device.open()?, DType::F32, model, steps),
+            BackendKind::Cuda => Self::with(CudaBackend::new(&CudaOptions::default())?, DType::F32, model, steps),
+        }
+    }
+
+    fn with<B: Backend + 'static>(b: B, dtype: DType, model: &Path, steps: usize) -> Result<Self> {
+        let source = DirSource(model.to_path_buf());
+        let index: serde_json::Value = source.config("model_index.json")?;
+        let defaults = model_defaults(&index);
+        let class = index["_class_name"].as_str().unwrap_or("").to_string();
+        let backend = b.name();
+        let run: RenderFn = if class.starts_with("StableDiffusion") {
+            let sd = StableDiffusion::load(&b, &source, dtype)?;
+            let native = sd.unet.config.sample_size * sd.vae_decoder.config.scale_factor();
+            Box::new(move |prompt, seed| {
+                let req = SdRequest {
+                    prompt: prompt.to_string(),
+                    negative_prompt: String::new(),
+                    steps,
+                    cfg_scale: defaults.cfg_scale.unwrap_or(7.5),
+                    seed,
+                    width: defaults.width.unwrap_or(native),
+                    height: defaults.height.unwrap_or(native),
+                    sampler: Sampler::parse("dpmpp_2m")?,
+                    init_latent: None,
+                };
+                let out = pollster::block_on(sd.generate(&b, &req, &mut |_, _, _| {}))?;
+                Ok((
+                    vec![sdlite_runtime::image::rgb8(&out.image.to_f32(), req.width * req.height)],
+                    req.width,
+                    req.height,
+                ))
+            })
+        } else if class.starts_with("Wan") {
+            let wan = Wan::load(&b, &source, dtype)?;
+            Box::new(move |prompt, seed| {
+                let req = WanRequest {
+                    prompt: prompt.to_string(),
+                    negative_prompt: String::new(),
+                    steps,
+                    cfg_scale: defaults.cfg_scale.unwrap_or(5.0),
+                    seed,
+                    width: defaults.width.unwrap_or(832),
+                    height: defaults.height.unwrap_or(480),
+                    frames: defaults.frames.unwrap_or(81),
+                    sampler: FlowSampler::parse("unipc")?,
+                    shift: None,
+                    init_latent: None,
+                };
+                let video = pollster::block_on(wan.generate(&b, &req, &mut |_, _, _| {}))?.video.to_f32();
+                let plane = req.width * req.height;
+                let frames = (0..req.frames)
+                    .map(|f| sdlite_runtime::image::rgb8(&sdlite_runtime::image::frame_planes(&video, req.frames, f, plane), plane))
+                    .collect();
+                Ok((frames, req.width, req.height))
+            })
+        } else {
+            bail!("{}: pipeline `{class}` is not supported (Stable Diffusion or Wan)", model.display());
+        };
+        Ok(Renderer { backend, run })
+    }
+
+    pub fn backend_name(&self) -> &str {
+        &self.backend
+    }
+
+    pub fn run(&mut self, prompt: &str, seed: u64) -> Result<(Vec<Vec<u8>>, usize, usize)> {
+        (self.run)(prompt, seed)
+    }
 }

@@ -2,6 +2,8 @@
 //! and the benchmarks.
 
 mod bench_cuda;
+mod default_models;
+mod fidelity;
 mod gen;
 mod remote;
 mod serve;
@@ -24,6 +26,9 @@ struct Cli {
 enum Command {
     /// Generate an image from a prompt.
     Gen(Box<gen::GenArgs>),
+    /// Score a built-in model's pictures or clips against their prompts (colour, shape,
+    /// count, position, motion) by image analysis, over the held-out prompt set.
+    Fidelity(Box<fidelity::FidelityArgs>),
     /// Serve denoiser steps to `sdlite gen --worker` clients over QUIC.
     Worker(Box<remote::WorkerArgs>),
     /// Serve the browser demo page and model folders over HTTP (build the page with
@@ -122,6 +127,7 @@ impl DeviceArgs {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Gen(args) => gen::run(*args),
+        Command::Fidelity(args) => fidelity::run(*args),
         Command::Worker(args) => remote::worker(*args),
         Command::Serve(args) => serve::run(args),
         Command::BenchOffload { step_ms, steps } => remote::bench_offload(step_ms, steps),

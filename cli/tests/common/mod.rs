@@ -12,9 +12,15 @@ pub fn model() -> PathBuf {
 }
 
 pub fn sdlite(args: &[&str]) -> Output {
+    sdlite_env(args, &[])
+}
+
+/// `sdlite` with extra environment variables.
+pub fn sdlite_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sdlite"))
         .args(args)
         .env("RUST_BACKTRACE", "0")
+        .envs(env.iter().copied())
         .output()
         .expect("sdlite runs")
 }

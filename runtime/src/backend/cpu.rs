@@ -105,13 +105,23 @@ impl Backend for CpuBackend {
             let (bi, i) = (row / s.m, row % s.m);
             let a_at = |kk: usize| av[bi * s.a_batch_stride + if s.trans_a { kk * s.m + i } else { i * s.k + kk }];
             let b0 = bi * s.b_batch_stride;
-            for (j, oj) in o.iter_mut().enumerate() {
-                let mut acc = 0.0f32;
-                for kk in 0..s.k {
-                    let bk = if s.trans_b { bv[b0 + j * s.k + kk] } else { bv[b0 + kk * s.n + j] };
-                    acc += a_at(kk) * bk;
+            if s.trans_b {
+                for (j, oj) in o.iter_mut().enumerate() {
+                    let b_row = &bv[b0 + j * s.k..][..s.k];
+                    *oj = (0..s.k).fold(0.0f32, |acc, kk| acc + a_at(kk) * b_row[kk]);
                 }
-                *oj = acc + biasv.as_ref().map_or(0.0, |bb| bb[j]);
+            } else {
+                // Row-at-a-time over contiguous rows of B; each element still sums over k in
+                // order, as the dot product above does.
+                for kk in 0..s.k {
+                    let a = a_at(kk);
+                    for (oj, bk) in o.iter_mut().zip(&bv[b0 + kk * s.n..][..s.n]) {
+                        *oj += a * bk;
+                    }
+                }
+            }
+            if let Some(bb) = &biasv {
+                o.iter_mut().zip(bb).for_each(|(oj, b)| *oj += b);
             }
         });
         Ok(Self::make(vec![s.batch, s.m, s.n], a.dtype, out))
@@ -126,33 +136,40 @@ impl Backend for CpuBackend {
         let (cin_g, cout_g) = (s.c_in / s.groups, s.c_out / s.groups);
         let plane = to * ho * wo;
         let mut out = vec![0.0f32; s.batch * s.c_out * plane];
+        // Whole output rows accumulate one tap at a time, so the inner loop runs over
+        // contiguous memory; every output element still sums its terms in the order
+        // (input channel, dt, dy, dx), then the bias, as the direct dot product would.
+        let (stride_x, pad_x) = (s.stride[2], s.pad_lo[2]);
         par_chunks_mut(&mut out, plane, |bc, o| {
             let (bi, co) = (bc / s.c_out, bc % s.c_out);
             let g = co / cout_g;
-            for (p, op) in o.iter_mut().enumerate() {
-                let (ot, oy, ox) = (p / (ho * wo), (p / wo) % ho, p % wo);
-                let mut acc = 0.0f32;
-                for ci in 0..cin_g {
-                    let xc = (bi * s.c_in + g * cin_g + ci) * ti * hi * wi;
-                    let wc = (co * cin_g + ci) * kt * kh * kw;
-                    for dt in 0..kt {
+            for ci in 0..cin_g {
+                let xc = (bi * s.c_in + g * cin_g + ci) * ti * hi * wi;
+                let wc = (co * cin_g + ci) * kt * kh * kw;
+                for (tap, &weight) in wv[wc..wc + kt * kh * kw].iter().enumerate() {
+                    let (dt, dy, dx) = (tap / (kh * kw), (tap / kw) % kh, tap % kw);
+                    // Output columns whose input column `ox * stride + dx - pad` is inside.
+                    let first = (pad_x.saturating_sub(dx)).div_ceil(stride_x);
+                    let end = ((wi + pad_x).saturating_sub(dx)).div_ceil(stride_x).min(wo);
+                    for ot in 0..to {
                         let Some(it) = (ot * s.stride[0] + dt).checked_sub(s.pad_lo[0]).filter(|&v| v < ti) else {
                             continue;
                         };
-                        for dy in 0..kh {
+                        for oy in 0..ho {
                             let Some(iy) = (oy * s.stride[1] + dy).checked_sub(s.pad_lo[1]).filter(|&v| v < hi) else {
                                 continue;
                             };
-                            for dx in 0..kw {
-                                let Some(ix) = (ox * s.stride[2] + dx).checked_sub(s.pad_lo[2]).filter(|&v| v < wi) else {
-                                    continue;
-                                };
-                                acc += xv[xc + (it * hi + iy) * wi + ix] * wv[wc + (dt * kh + dy) * kw + dx];
+                            let x_row = &xv[xc + (it * hi + iy) * wi..][..wi];
+                            let o_row = &mut o[(ot * ho + oy) * wo..][..wo];
+                            for (ox, op) in o_row.iter_mut().enumerate().take(end).skip(first) {
+                                *op += weight * x_row[ox * stride_x + dx - pad_x];
                             }
                         }
                     }
                 }
-                *op = acc + biasv.as_ref().map_or(0.0, |bb| bb[co]);
+            }
+            if let Some(bb) = &biasv {
+                o.iter_mut().for_each(|op| *op += bb[co]);
             }
         });
         Ok(Self::make(vec![s.batch, s.c_out, to, ho, wo], x.dtype, out))

@@ -1,0 +1,335 @@
+"""Trains sdlite-tiny-sd: the Stable Diffusion 1.5 architecture (CLIP text encoder, UNet,
+KL autoencoder) at a small config, on the procedural scenes of scenes.py, 64x64 pictures.
+
+Two phases, each one command on the GPU machine (docs/tiny-models.md has the commands):
+  python train/train_sd.py vae  --out OUT      the autoencoder (reconstruction + KL)
+  python train/train_sd.py unet --out OUT --vae DIR   text encoder and UNet together,
+                                               then the diffusers folder in OUT/sdlite-tiny-sd
+`--quick` shrinks everything to a CPU smoke run. Every random choice is seeded; the loss
+curves go to OUT/losses-*.json (train/plot_losses.py draws them).
+
+Training choices, and why:
+- epsilon prediction on SD 1.5's scaled-linear schedule, so the pipeline and samplers are
+  exactly SD 1.5's; offset noise (0.1) lets it reach the flat, saturated backgrounds that
+  schedule otherwise cannot;
+- min-SNR-5 loss weights and an EMA of the weights: sharper samples from a short run;
+- the caption is dropped 10% of the time, so classifier-free guidance works.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "reference"))
+
+import bpe  # noqa: E402
+import scenes  # noqa: E402
+
+SEED = 20261123
+SIZE = 64
+SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+}
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 48, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=SIZE,
+    )
+
+
+def make_text_encoder(vocab):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+            bos_token_id=vocab[bpe.BOS],
+            eos_token_id=vocab[bpe.EOS],
+            pad_token_id=vocab[bpe.EOS],
+            projection_dim=64,
+        )
+    )
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+
+
+def render_dataset(n, seed, device, chunk=2048):
+    """n training scenes: captions and uint8 pictures (n, 3, SIZE, SIZE) on `device`."""
+    rng = random.Random(seed)
+    caps, pics = [], []
+    for start in range(0, n, chunk):
+        batch = [scenes.sample_scene(rng) for _ in range(min(chunk, n - start))]
+        caps += [s["caption"] for s in batch]
+        pics.append((scenes.render_batch(batch, SIZE, device=device) * 255).round().to(torch.uint8))
+    return caps, torch.cat(pics)
+
+
+def to_unit(pics):
+    return pics.float() / 127.5 - 1
+
+
+def cosine_lr(step, steps, warmup, peak):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+
+
+class Ema:
+    """Exponential moving average of a module's parameters."""
+
+    def __init__(self, module, decay):
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in module.parameters()]
+
+    def update(self, module):
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in module.parameters()], 1 - self.decay)
+
+    def copy_to(self, module):
+        with torch.no_grad():
+            for s, p in zip(self.shadow, module.parameters()):
+                p.copy_(s)
+
+
+def fit_budget(step, steps, started, budget_s, marks={}):
+    """At step 70, the number of steps that fits in `budget_s` seconds from `started` (never
+    more than asked), timed over steps 20..70 so start-up costs do not count; the
+    learning-rate schedule then runs to that length."""
+    if not budget_s or step not in (20, 70):
+        return steps
+    if step == 20:
+        marks[started] = time.time()
+        return steps
+    now = time.time()
+    fit = 70 + int((budget_s - (now - started)) / ((now - marks[started]) / 50))
+    if fit < steps:
+        print(f"{steps} steps would outrun {budget_s} s: training {fit}", flush=True)
+    return min(steps, fit)
+
+
+def log_loss(history, step, loss, started):
+    history.append({"step": step, "loss": loss, "seconds": round(time.time() - started, 1)})
+    print(f"step {step:6d} loss {loss:.5f} {time.time() - started:7.1f}s", flush=True)
+
+
+def train_vae(args, device):
+    torch.manual_seed(SEED)
+    vae = make_vae().to(device).train()
+    n = 2048 if args.quick else 60000
+    _, pics = render_dataset(n, SEED, device)
+    steps, batch = (20, 16) if args.quick else (args.steps or 6000, 128)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    g = torch.Generator(device=device).manual_seed(SEED)
+    history, started, step = [], time.time(), 0
+    while step < steps:
+        steps = fit_budget(step, steps, started, args.budget_s)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, 200, 1e-3)
+        x = to_unit(pics[torch.randint(0, n, (batch,), device=device, generator=g)])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            post = vae.encode(x).latent_dist
+            z = post.sample(generator=g)
+            recon = vae.decode(z).sample
+        rec = F.mse_loss(recon.float(), x) + 0.5 * F.l1_loss(recon.float(), x)
+        kl = post.kl().mean() / (x[0].numel())
+        loss = rec + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log_loss(history, step, rec.item(), started)
+        step += 1
+    vae.eval()
+    with torch.no_grad():
+        x = to_unit(pics[:1024])
+        lat = torch.cat([vae.encode(x[i : i + 256]).latent_dist.mode() for i in range(0, len(x), 256)])
+        vae.register_to_config(scaling_factor=float(1 / lat.std()))
+        recon = torch.cat([vae.decode(lat[i : i + 256]).sample for i in range(0, len(x), 256)])
+        print(f"reconstruction mse {F.mse_loss(recon, x).item():.5f}, latent std {lat.std().item():.4f}")
+    vae.save_pretrained(os.path.join(args.out, "vae"), safe_serialization=True)
+    with open(os.path.join(args.out, "losses-vae.json"), "w") as f:
+        json.dump(history, f)
+
+
+def fit_tokenizer(folder):
+    from make_goldens import write_tokenizer
+
+    vocab, merges = bpe.fit(scenes.captions_corpus(20000, SEED))
+    return vocab, write_tokenizer(folder, vocab, merges, bpe.EOS)
+
+
+def train_unet(args, device):
+    from diffusers import AutoencoderKL
+    from make_goldens import write_pipeline_index
+
+    torch.manual_seed(SEED + 1)
+    root = os.path.join(args.out, "sdlite-tiny-sd")
+    vocab, tok = fit_tokenizer(os.path.join(root, "tokenizer"))
+    vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval()
+    if args.init:
+        # A second run continues the first one's weights (at a lower peak rate).
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        te = CLIPTextModel.from_pretrained(os.path.join(args.init, "text_encoder"), torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(args.init, "unet"), torch_dtype=torch.float32)
+    else:
+        te, unet = make_text_encoder(vocab), make_unet()
+    te, unet = te.to(device).train(), unet.to(device).train()
+
+    n = 2048 if args.quick else 250000
+    caps, pics = render_dataset(n, SEED + 2, device)
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(to_unit(pics[i : i + 1024])).latent_dist.mode() for i in range(0, n, 1024)])
+        lat = (lat * vae.config.scaling_factor).to(torch.bfloat16)
+    del pics
+    ids = torch.tensor(tok(caps, padding="max_length", max_length=77, truncation=True).input_ids, device=device)
+    empty = torch.tensor(tok("", padding="max_length", max_length=77).input_ids, device=device)
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0).float().to(device)
+    snr = abar / (1 - abar)
+    weight = torch.clamp(snr, max=5.0) / snr
+
+    steps, batch = (20, 16) if args.quick else (args.steps or 14000, 1024)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema_unet, ema_te = Ema(unet, 0.999), Ema(te, 0.999)
+    g = torch.Generator(device=device).manual_seed(SEED + 3)
+    history, started, step = [], time.time(), 0
+    while step < steps:
+        steps = fit_budget(step, steps, started, args.budget_s)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, 300, args.lr)
+        pick = torch.randint(0, n, (batch,), device=device, generator=g)
+        x0 = lat[pick].float()
+        tokens = ids[pick]
+        drop = torch.rand(batch, device=device, generator=g) < 0.1
+        tokens = torch.where(drop[:, None], empty[None], tokens)
+        t = torch.randint(0, 1000, (batch,), device=device, generator=g)
+        noise = torch.randn(x0.shape, device=device, generator=g)
+        noise = noise + 0.1 * torch.randn(batch, x0.shape[1], 1, 1, device=device, generator=g)
+        a = abar[t][:, None, None, None]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            ctx = te(tokens).last_hidden_state
+            pred = unet(xt, t, ctx).sample
+        loss = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = (loss * weight[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_unet.update(unet)
+        ema_te.update(te)
+        if step % 100 == 0 or step == steps - 1:
+            log_loss(history, step, loss.item(), started)
+        step += 1
+    ema_unet.copy_to(unet)
+    ema_te.copy_to(te)
+    with open(os.path.join(args.out, "losses-unet.json"), "w") as f:
+        json.dump(history, f)
+
+    for name, model in [("text_encoder", te), ("unet", unet), ("vae", vae)]:
+        model.to(torch.float16).save_pretrained(os.path.join(root, name), safe_serialization=True)
+    write_pipeline_index(
+        root,
+        "StableDiffusionPipeline",
+        SCHEDULER,
+        text_encoder=["transformers", "CLIPTextModel"],
+        tokenizer=["transformers", "CLIPTokenizer"],
+        unet=["diffusers", "UNet2DConditionModel"],
+        vae=["diffusers", "AutoencoderKL"],
+    )
+    sample_grid(root, device, os.path.join(args.out, "samples-sd.png"), quick=args.quick)
+
+
+def sample_grid(root, device, path, quick=False):
+    """Held-out prompts through the diffusers pipeline: a look before the Rust evaluation."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from PIL import Image
+
+    pipe = StableDiffusionPipeline.from_pretrained(root, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False).to(device)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    prompts = scenes.held_out_prompts()[: 4 if quick else 32]
+    out = pipe(prompts, num_inference_steps=25, guidance_scale=7.5, generator=torch.Generator(device).manual_seed(0), output_type="pil").images
+    cols = 8 if len(out) >= 8 else len(out)
+    grid = Image.new("RGB", (cols * SIZE, math.ceil(len(out) / cols) * SIZE))
+    for i, im in enumerate(out):
+        grid.paste(im, ((i % cols) * SIZE, (i // cols) * SIZE))
+    grid.save(path)
+    with open(path + ".txt", "w") as f:
+        f.write("\n".join(prompts) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("phase", choices=["vae", "unet"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--vae", help="the trained autoencoder folder (phase unet)")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--init", help="continue from this sdlite-tiny-sd folder (phase unet)")
+    ap.add_argument("--lr", type=float, default=8e-4, help="peak learning rate (phase unet)")
+    ap.add_argument("--budget-s", type=float, help="cap the training loop's seconds")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.phase == "vae":
+        train_vae(args, device)
+    else:
+        train_unet(args, device)
+
+
+if __name__ == "__main__":
+    main()
