@@ -140,20 +140,25 @@ class Ema:
                 p.copy_(s)
 
 
-def fit_budget(step, steps, started, budget_s, marks={}):
-    """At step 70, the number of steps that fits in `budget_s` seconds from `started` (never
-    more than asked), timed over steps 20..70 so start-up costs do not count; the
-    learning-rate schedule then runs to that length."""
-    if not budget_s or step not in (20, 70):
-        return steps
-    if step == 20:
-        marks[started] = time.time()
-        return steps
-    now = time.time()
-    fit = 70 + int((budget_s - (now - started)) / ((now - marks[started]) / 50))
-    if fit < steps:
-        print(f"{steps} steps would outrun {budget_s} s: training {fit}", flush=True)
-    return min(steps, fit)
+class Budget:
+    """Caps a training loop's seconds: timed over steps 20..70 (start-up costs excluded), it
+    shortens the run to the steps that fit, never lengthens it; the learning-rate schedule
+    then runs to that length."""
+
+    def __init__(self, seconds):
+        self.seconds, self.started, self.mark = seconds, time.time(), None
+
+    def steps(self, step, steps):
+        if not self.seconds or step not in (20, 70):
+            return steps
+        if step == 20:
+            self.mark = time.time()
+            return steps
+        now = time.time()
+        fit = 70 + int((self.seconds - (now - self.started)) / ((now - self.mark) / 50))
+        if fit < steps:
+            print(f"{steps} steps would outrun {self.seconds} s: training {fit}", flush=True)
+        return min(steps, fit)
 
 
 def log_loss(history, step, loss, started):
@@ -169,9 +174,9 @@ def train_vae(args, device):
     steps, batch = (20, 16) if args.quick else (args.steps or 6000, 128)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator(device=device).manual_seed(SEED)
-    history, started, step = [], time.time(), 0
+    history, started, step, budget = [], time.time(), 0, Budget(args.budget_s)
     while step < steps:
-        steps = fit_budget(step, steps, started, args.budget_s)
+        steps = budget.steps(step, steps)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, 200, 1e-3)
         x = to_unit(pics[torch.randint(0, n, (batch,), device=device, generator=g)])
@@ -246,9 +251,9 @@ def train_unet(args, device):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema_unet, ema_te = Ema(unet, 0.999), Ema(te, 0.999)
     g = torch.Generator(device=device).manual_seed(SEED + 3)
-    history, started, step = [], time.time(), 0
+    history, started, step, budget = [], time.time(), 0, Budget(args.budget_s)
     while step < steps:
-        steps = fit_budget(step, steps, started, args.budget_s)
+        steps = budget.steps(step, steps)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, 300, args.lr)
         pick = torch.randint(0, n, (batch,), device=device, generator=g)
