@@ -36,17 +36,6 @@ import scenes  # noqa: E402
 
 SEED = 20261123
 SIZE = 64
-SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-}
 
 
 def make_vae():
@@ -66,24 +55,10 @@ def make_vae():
 
 
 def make_text_encoder(vocab):
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from make_goldens import clip_text_config
+    from transformers import CLIPTextModel
 
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            layer_norm_eps=1e-5,
-            bos_token_id=vocab[bpe.BOS],
-            eos_token_id=vocab[bpe.EOS],
-            pad_token_id=vocab[bpe.EOS],
-            projection_dim=64,
-        )
-    )
+    return CLIPTextModel(clip_text_config(vocab, hidden=64, intermediate=256, layers=3, heads=4))
 
 
 def make_unet():
@@ -215,7 +190,7 @@ def fit_tokenizer(folder):
 
 def train_unet(args, device):
     from diffusers import AutoencoderKL
-    from make_goldens import write_pipeline_index
+    from make_goldens import write_sd_pipeline_index
 
     torch.manual_seed(SEED + 1)
     root = os.path.join(args.out, "sdlite-tiny-sd")
@@ -287,15 +262,7 @@ def train_unet(args, device):
 
     for name, model in [("text_encoder", te), ("unet", unet), ("vae", vae)]:
         model.to(torch.float16).save_pretrained(os.path.join(root, name), safe_serialization=True)
-    write_pipeline_index(
-        root,
-        "StableDiffusionPipeline",
-        SCHEDULER,
-        text_encoder=["transformers", "CLIPTextModel"],
-        tokenizer=["transformers", "CLIPTokenizer"],
-        unet=["diffusers", "UNet2DConditionModel"],
-        vae=["diffusers", "AutoencoderKL"],
-    )
+    write_sd_pipeline_index(root)
     sample_grid(root, device, os.path.join(args.out, "samples-sd.png"), quick=args.quick)
 
 

@@ -93,6 +93,54 @@ def write_pipeline_index(root, pipeline_class, sched_cfg, **components):
         json.dump(dict(sorted(index.items())), f, indent=2)
 
 
+# Stable Diffusion 1.5's scheduler config, as its release ships it.
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+}
+
+
+def write_sd_pipeline_index(root):
+    """The index and scheduler of a Stable Diffusion 1.5 pipeline folder."""
+    write_pipeline_index(
+        root,
+        "StableDiffusionPipeline",
+        SD15_SCHEDULER,
+        text_encoder=["transformers", "CLIPTextModel"],
+        tokenizer=["transformers", "CLIPTokenizer"],
+        unet=["diffusers", "UNet2DConditionModel"],
+        vae=["diffusers", "AutoencoderKL"],
+    )
+
+
+def clip_text_config(vocab, hidden, intermediate, layers, heads):
+    """A CLIP text encoder config on a vocabulary with `<|startoftext|>` / `<|endoftext|>`
+    (the end token also pads), SD 1.5's activation and context length."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        projection_dim=hidden,
+    )
+
+
 def save_component(model, folder, dtype):
     """Saves in the diffusers layout with weights stored as `dtype`, then reloads in float32
     so the goldens see the stored (rounded) weights."""
@@ -102,7 +150,7 @@ def save_component(model, folder, dtype):
 
 def make_sd(clip_vocab):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     root = os.path.join(DATA, "sd-tiny")
     shutil.rmtree(root, ignore_errors=True)
@@ -114,21 +162,7 @@ def make_sd(clip_vocab):
     ints["tiny_vocab_ids"] = token_ids(tok)
 
     set_seed(1)
-    te_cfg = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-        bos_token_id=vocab["<|startoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-        projection_dim=32,
-    )
-    te = CLIPTextModel(te_cfg)
+    te = CLIPTextModel(clip_text_config(vocab, hidden=32, intermediate=64, layers=2, heads=4))
     randomize(te, 11)
     te = save_component(te, os.path.join(root, "text_encoder"), torch.bfloat16)
 
@@ -161,26 +195,8 @@ def make_sd(clip_vocab):
     randomize(vae, 13, scale=0.1)
     vae = save_component(vae, os.path.join(root, "vae"), torch.float32)
 
-    sched_cfg = {
-        "_class_name": "PNDMScheduler",
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085,
-        "num_train_timesteps": 1000,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "clip_sample": False,
-    }
-    write_pipeline_index(
-        root,
-        "StableDiffusionPipeline",
-        sched_cfg,
-        text_encoder=["transformers", "CLIPTextModel"],
-        tokenizer=["transformers", "CLIPTokenizer"],
-        unet=["diffusers", "UNet2DConditionModel"],
-        vae=["diffusers", "AutoencoderKL"],
-    )
+    sched_cfg = SD15_SCHEDULER
+    write_sd_pipeline_index(root)
 
     write_sd_single_file(te, unet, vae, os.path.join(DATA, "sd-tiny-single-file.safetensors"))
 
