@@ -1,4 +1,4 @@
-"""Draws the loss curves of a training run (the losses-*.json train_sd.py writes) into one
+"""Draws the loss curves of a training run (the losses-*.json train_sd.py and train_wan.py write) into one
 PNG with PIL: one panel per file, loss on a log scale against step.
 
 Usage: python train/plot_losses.py OUT.png losses-a.json [losses-b.json ...]

@@ -451,9 +451,13 @@ pub struct FidelityArgs {
     /// One prompt per line; the model's held-out set (train/held-out-*.txt) by default.
     #[arg(long)]
     prompts: Option<PathBuf>,
-    /// Only the first N prompts.
+    /// Only the first N prompts (after --skip).
     #[arg(long)]
     limit: Option<usize>,
+    /// Start at prompt N; a prompt's seed stays its index in the set, so processes that
+    /// share one set between them give the same results as one process.
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
     #[arg(long, value_enum, default_value_t = crate::gen::BackendKind::Cpu)]
     backend: crate::gen::BackendKind,
     #[arg(long, default_value_t = 25)]
@@ -502,9 +506,14 @@ pub fn run(args: FidelityArgs) -> Result<()> {
             .join(if video { "held-out-wan.txt" } else { "held-out-sd.txt" })
     });
     let text = std::fs::read_to_string(&prompts_path).with_context(|| format!("reading {}", prompts_path.display()))?;
-    let mut prompts: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    prompts.truncate(args.limit.unwrap_or(usize::MAX));
-    let expected = prompts.iter().map(|p| parse(&g, p)).collect::<Result<Vec<_>>>()?;
+    let prompts: Vec<(usize, &str)> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .skip(args.skip)
+        .take(args.limit.unwrap_or(usize::MAX))
+        .collect();
+    let expected = prompts.iter().map(|(_, p)| parse(&g, p)).collect::<Result<Vec<_>>>()?;
     if let Some(dir) = &args.out_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -512,8 +521,8 @@ pub fn run(args: FidelityArgs) -> Result<()> {
     let mut scores = Vec::new();
     let mut report = Vec::new();
     let mut render = crate::gen::Renderer::open(args.backend, &args.device, &model, args.steps)?;
-    for (i, (prompt, e)) in prompts.iter().zip(&expected).enumerate() {
-        let (frames, w, h) = render.run(prompt, i as u64)?;
+    for (done, ((i, prompt), e)) in prompts.iter().zip(&expected).enumerate() {
+        let (frames, w, h) = render.run(prompt, *i as u64)?;
         let observed = if frames.len() > 1 {
             observe_clip(&g, &frames, w, h)
         } else {
@@ -522,15 +531,15 @@ pub fn run(args: FidelityArgs) -> Result<()> {
         let s = score(e, &observed);
         let misses: Vec<&str> = ATTRIBUTES.iter().copied().filter(|a| s.get(a) == Some(false)).collect();
         eprintln!(
-            "[{}/{}] {prompt}: {} ({:.1} s/prompt)",
-            i + 1,
+            "[{}/{}] #{i} {prompt}: {} ({:.1} s/prompt)",
+            done + 1,
             prompts.len(),
             if misses.is_empty() {
                 "ok".to_string()
             } else {
                 format!("missed {}", misses.join(", "))
             },
-            started.elapsed().as_secs_f32() / (i + 1) as f32
+            started.elapsed().as_secs_f32() / (done + 1) as f32
         );
         if let Some(dir) = &args.out_dir {
             let strip: Vec<u8> = (0..h)

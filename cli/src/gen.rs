@@ -125,11 +125,11 @@ pub fn run(mut args: GenArgs) -> Result<()> {
 fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
     let source = DirSource(args.model.clone());
     let single_file = args.model.is_file();
-    let (class, defaults) = if single_file {
-        ("StableDiffusion".to_string(), ModelDefaults::default())
+    let class = if single_file {
+        "StableDiffusion".to_string()
     } else {
         let index: serde_json::Value = source.config("model_index.json")?;
-        (index["_class_name"].as_str().unwrap_or("").to_string(), model_defaults(&index))
+        index["_class_name"].as_str().unwrap_or("").to_string()
     };
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -192,15 +192,15 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
             unet_package = Box::new(move || DenoiserPackage::from_pipeline(&dir));
             StableDiffusion::load(b, &source, dtype)?
         };
-        let native = sd.unet.config.sample_size * sd.vae_decoder.config.scale_factor();
+        let d = sd.defaults;
         let req = SdRequest {
             prompt: args.prompt.clone(),
             negative_prompt: args.negative_prompt.clone(),
             steps: args.steps,
-            cfg_scale: args.cfg_scale.or(defaults.cfg_scale).unwrap_or(7.5),
+            cfg_scale: args.cfg_scale.unwrap_or(d.cfg_scale),
             seed,
-            width: args.width.or(defaults.width).unwrap_or(native),
-            height: args.height.or(defaults.height).unwrap_or(native),
+            width: args.width.unwrap_or(d.width),
+            height: args.height.unwrap_or(d.height),
             sampler,
             init_latent: None,
         };
@@ -230,15 +230,16 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
         let sampler = FlowSampler::parse(sampler_name)?;
         eprintln!("loading {} on {} ({dtype:?})", args.model.display(), b.name());
         let wan = Wan::load(b, &source, dtype)?;
+        let d = wan.defaults;
         let req = WanRequest {
             prompt: args.prompt.clone(),
             negative_prompt: args.negative_prompt.clone(),
             steps: args.steps,
-            cfg_scale: args.cfg_scale.or(defaults.cfg_scale).unwrap_or(5.0),
+            cfg_scale: args.cfg_scale.unwrap_or(d.cfg_scale),
             seed,
-            width: args.width.or(defaults.width).unwrap_or(832),
-            height: args.height.or(defaults.height).unwrap_or(480),
-            frames: args.frames.or(defaults.frames).unwrap_or(81),
+            width: args.width.unwrap_or(d.width),
+            height: args.height.unwrap_or(d.height),
+            frames: args.frames.unwrap_or(d.frames),
             sampler,
             shift: args.shift,
             init_latent: None,
@@ -327,21 +328,6 @@ pub fn write_png(path: &Path, video: &[f32], frames: usize, width: usize, height
     std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Optional defaults a model folder's `model_index.json` may carry under `_sdlite_defaults`
-/// (the built-in models do: their native size and clip length). Diffusers ignores keys that
-/// start with an underscore.
-#[derive(Default, serde::Deserialize)]
-struct ModelDefaults {
-    width: Option<usize>,
-    height: Option<usize>,
-    frames: Option<usize>,
-    cfg_scale: Option<f32>,
-}
-
-fn model_defaults(index: &serde_json::Value) -> ModelDefaults {
-    serde_json::from_value(index["_sdlite_defaults"].clone()).unwrap_or_default()
-}
-
 type RenderFn = Box<dyn FnMut(&str, u64) -> Result<(Vec<Vec<u8>>, usize, usize)>>;
 
 /// A model loaded once on one backend, generating prompt after prompt with the model's
@@ -363,21 +349,20 @@ impl Renderer {
     fn with<B: Backend + 'static>(b: B, dtype: DType, model: &Path, steps: usize) -> Result<Self> {
         let source = DirSource(model.to_path_buf());
         let index: serde_json::Value = source.config("model_index.json")?;
-        let defaults = model_defaults(&index);
         let class = index["_class_name"].as_str().unwrap_or("").to_string();
         let backend = b.name();
         let run: RenderFn = if class.starts_with("StableDiffusion") {
             let sd = StableDiffusion::load(&b, &source, dtype)?;
-            let native = sd.unet.config.sample_size * sd.vae_decoder.config.scale_factor();
+            let d = sd.defaults;
             Box::new(move |prompt, seed| {
                 let req = SdRequest {
                     prompt: prompt.to_string(),
                     negative_prompt: String::new(),
                     steps,
-                    cfg_scale: defaults.cfg_scale.unwrap_or(7.5),
+                    cfg_scale: d.cfg_scale,
                     seed,
-                    width: defaults.width.unwrap_or(native),
-                    height: defaults.height.unwrap_or(native),
+                    width: d.width,
+                    height: d.height,
                     sampler: Sampler::parse("dpmpp_2m")?,
                     init_latent: None,
                 };
@@ -390,16 +375,17 @@ impl Renderer {
             })
         } else if class.starts_with("Wan") {
             let wan = Wan::load(&b, &source, dtype)?;
+            let d = wan.defaults;
             Box::new(move |prompt, seed| {
                 let req = WanRequest {
                     prompt: prompt.to_string(),
                     negative_prompt: String::new(),
                     steps,
-                    cfg_scale: defaults.cfg_scale.unwrap_or(5.0),
+                    cfg_scale: d.cfg_scale,
                     seed,
-                    width: defaults.width.unwrap_or(832),
-                    height: defaults.height.unwrap_or(480),
-                    frames: defaults.frames.unwrap_or(81),
+                    width: d.width,
+                    height: d.height,
+                    frames: d.frames,
                     sampler: FlowSampler::parse("unipc")?,
                     shift: None,
                     init_latent: None,

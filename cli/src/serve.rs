@@ -1,9 +1,9 @@
 //! `sdlite serve`: the browser demo and model folders over plain HTTP on one origin (WebGPU
 //! needs a secure context, which `127.0.0.1` is). GET and HEAD only:
 //! - `/` and `/<file>`: the built page (`scripts/build-web.sh` writes `target/web/site`);
-//! - `/models/index.json`: every folder under `--models` holding a `model_index.json`, with
-//!   its files, their sizes and a version tag (size and modification time) the page keys its
-//!   Cache Storage entries by;
+//! - `/models/index.json`: the model folders offered (the built-in models, or every folder
+//!   under `--models` holding a `model_index.json`), with their files, sizes and a version tag
+//!   (size and modification time) the page keys its Cache Storage entries by;
 //! - `/models/<name>/<path>`: those files.
 
 use std::path::{Component, Path, PathBuf};
@@ -22,9 +22,44 @@ pub struct ServeArgs {
     /// The built page.
     #[arg(long, default_value = "target/web/site")]
     site: PathBuf,
-    /// A folder of model folders offered to the page (the tiny test models by default).
-    #[arg(long, default_value = "tests/data")]
-    models: PathBuf,
+    /// A folder of model folders offered to the page; the built-in models by default.
+    #[arg(long)]
+    models: Option<PathBuf>,
+}
+
+/// The model folders the page is offered.
+#[derive(Clone)]
+enum Models {
+    /// Every folder under this one that holds a `model_index.json`, looked up per request
+    /// (folders added while serving appear).
+    Under(PathBuf),
+    /// Named folders (the built-in models, written out once at start).
+    Named(Vec<(String, PathBuf)>),
+}
+
+impl Models {
+    fn folders(&self) -> Result<Vec<(String, PathBuf)>> {
+        match self {
+            Models::Named(list) => Ok(list.clone()),
+            Models::Under(dir) => {
+                let mut names: Vec<_> = std::fs::read_dir(dir)
+                    .with_context(|| format!("reading {}", dir.display()))?
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.path().join("model_index.json").is_file())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                names.sort();
+                Ok(names.into_iter().map(|n| (n.clone(), dir.join(n))).collect())
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Models::Under(dir) => dir.display().to_string(),
+            Models::Named(list) => format!("built-in: {}", list.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")),
+        }
+    }
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -34,6 +69,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
             args.site.display()
         );
     }
+    let models = match &args.models {
+        Some(dir) => Models::Under(dir.clone()),
+        None => Models::Named(
+            crate::default_models::names()
+                .into_iter()
+                .map(|n| crate::default_models::resolve(&n).map(|dir| (n, dir)))
+                .collect::<Result<_>>()?,
+        ),
+    };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let listener = TcpListener::bind(args.listen)
@@ -43,9 +87,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
             "serving http://{}/ (page {}, models {})",
             listener.local_addr()?,
             args.site.display(),
-            args.models.display()
+            models.describe()
         );
-        let (site, models) = (args.site.clone(), args.models.clone());
+        let site = args.site.clone();
         loop {
             let (stream, _) = listener.accept().await?;
             let (site, models) = (site.clone(), models.clone());
@@ -63,11 +107,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
 enum Target {
     File(PathBuf),
     ModelIndex,
+    /// A model name that is not offered.
+    NoSuchModel,
 }
 
-/// Maps a request path to a file under `site` or `models`, refusing anything that would
-/// leave them (`..`, absolute or drive components, encoded separators).
-fn resolve(path: &str, site: &Path, models: &Path) -> Option<Target> {
+/// Maps a request path to a file under `site` or an offered model folder, refusing anything
+/// that would leave them (`..`, absolute or drive components, encoded separators).
+fn resolve(path: &str, site: &Path, models: &[(String, PathBuf)]) -> Option<Target> {
     let path = path.split(['?', '#']).next().unwrap_or("");
     if path.contains('%') || path.contains('\\') {
         return None;
@@ -77,15 +123,20 @@ fn resolve(path: &str, site: &Path, models: &Path) -> Option<Target> {
     if rel == "models/index.json" {
         return Some(Target::ModelIndex);
     }
-    let (base, rel) = match rel.strip_prefix("models/") {
-        Some(r) => (models, r),
-        None => (site, rel),
-    };
-    let rel = Path::new(rel);
-    if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+    let rel_path = Path::new(rel);
+    if !rel_path.components().all(|c| matches!(c, Component::Normal(_))) || rel.contains("//") {
         return None;
     }
-    Some(Target::File(base.join(rel)))
+    match rel.strip_prefix("models/") {
+        None => Some(Target::File(site.join(rel_path))),
+        Some(r) => {
+            let (name, file) = r.split_once('/')?;
+            Some(match models.iter().find(|(n, _)| n == name) {
+                Some((_, root)) => Target::File(root.join(file)),
+                None => Target::NoSuchModel,
+            })
+        }
+    }
 }
 
 fn content_type(path: &Path) -> &'static str {
@@ -101,8 +152,8 @@ fn content_type(path: &Path) -> &'static str {
     }
 }
 
-/// The model folders under `models` (those with a `model_index.json`), as JSON.
-fn model_index(models: &Path) -> Result<String> {
+/// The offered model folders and their files, as JSON.
+fn model_index(models: &[(String, PathBuf)]) -> Result<String> {
     fn walk(dir: &Path, root: &Path, out: &mut Vec<serde_json::Value>) -> Result<()> {
         let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<std::io::Result<_>>()?;
         entries.sort_by_key(|e| e.file_name());
@@ -124,23 +175,15 @@ fn model_index(models: &Path) -> Result<String> {
         Ok(())
     }
     let mut list = Vec::new();
-    let mut names: Vec<_> = std::fs::read_dir(models)
-        .with_context(|| format!("reading {}", models.display()))?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("model_index.json").is_file())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    for name in names {
-        let root = models.join(&name);
+    for (name, root) in models {
         let mut files = Vec::new();
-        walk(&root, &root, &mut files)?;
+        walk(root, root, &mut files)?;
         list.push(serde_json::json!({ "name": name, "files": files }));
     }
     Ok(serde_json::json!({ "models": list }).to_string())
 }
 
-async fn respond(stream: TcpStream, site: &Path, models: &Path) -> Result<()> {
+async fn respond(stream: TcpStream, site: &Path, models: &Models) -> Result<()> {
     let mut reader = BufReader::new(stream);
     let mut request_line = String::new();
     reader.read_line(&mut request_line).await?;
@@ -157,9 +200,17 @@ async fn respond(stream: TcpStream, site: &Path, models: &Path) -> Result<()> {
     if method != "GET" && !head {
         return send(&mut stream, "405 Method Not Allowed", "text/plain", b"GET or HEAD only\n", false).await;
     }
-    let body = match resolve(path, site, models) {
+    let folders = match models.folders() {
+        Ok(f) => f,
+        Err(e) => {
+            let msg = format!("{e:#}\n");
+            return send(&mut stream, "500 Internal Server Error", "text/plain", msg.as_bytes(), false).await;
+        }
+    };
+    let body = match resolve(path, site, &folders) {
         None => return send(&mut stream, "400 Bad Request", "text/plain", b"bad path\n", false).await,
-        Some(Target::ModelIndex) => match model_index(models) {
+        Some(Target::NoSuchModel) => return send(&mut stream, "404 Not Found", "text/plain", b"no such model\n", false).await,
+        Some(Target::ModelIndex) => match model_index(&folders) {
             Ok(json) => return send(&mut stream, "200 OK", "application/json", json.as_bytes(), head).await,
             Err(e) => {
                 let msg = format!("{e:#}\n");
@@ -193,8 +244,8 @@ mod tests {
 
     #[test]
     fn paths_stay_inside_their_folders() {
-        let (site, models) = (Path::new("/s"), Path::new("/m"));
-        let file = |p: &str| resolve(p, site, models);
+        let (site, models) = (Path::new("/s"), [("sd-tiny".to_string(), PathBuf::from("/m/sd-tiny"))]);
+        let file = |p: &str| resolve(p, site, &models);
         assert_eq!(file("/"), Some(Target::File("/s/index.html".into())));
         assert_eq!(file("/pkg/a.js?x=1"), Some(Target::File("/s/pkg/a.js".into())));
         assert_eq!(file("/models/index.json"), Some(Target::ModelIndex));
@@ -202,6 +253,7 @@ mod tests {
             file("/models/sd-tiny/unet/config.json"),
             Some(Target::File("/m/sd-tiny/unet/config.json".into()))
         );
+        assert_eq!(file("/models/other/unet/config.json"), Some(Target::NoSuchModel));
         for bad in [
             "/../etc/passwd",
             "/models/../../x",
@@ -209,6 +261,8 @@ mod tests {
             "relative",
             "/a\\..\\b",
             "/models//x",
+            "/models/sd-tiny//x",
+            "/models/sd-tiny",
         ] {
             assert_eq!(file(bad), None, "{bad}");
         }
@@ -221,7 +275,8 @@ mod tests {
         std::fs::create_dir_all(dir.join("not-a-model")).unwrap();
         std::fs::write(dir.join("m1/model_index.json"), "{}").unwrap();
         std::fs::write(dir.join("m1/unet/config.json"), "{\"a\": 1}").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&model_index(&dir).unwrap()).unwrap();
+        let folders = Models::Under(dir.clone()).folders().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&model_index(&folders).unwrap()).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         let models = v["models"].as_array().unwrap();
         assert_eq!(models.len(), 1);

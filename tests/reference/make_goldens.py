@@ -120,6 +120,82 @@ def write_sd_pipeline_index(root):
     )
 
 
+# The Wan2.1 T2V release's scheduler (UniPC on flow-matching sigmas, shift 3).
+WAN_SCHEDULER = {
+    "_class_name": "UniPCMultistepScheduler",
+    "num_train_timesteps": 1000,
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+    "solver_order": 2,
+}
+
+
+def write_wan_pipeline_index(root):
+    """The index and scheduler of a Wan2.1 text-to-video pipeline folder."""
+    write_pipeline_index(
+        root,
+        "WanPipeline",
+        WAN_SCHEDULER,
+        text_encoder=["transformers", "UMT5EncoderModel"],
+        tokenizer=["transformers", "T5Tokenizer"],
+        transformer=["diffusers", "WanTransformer3DModel"],
+        vae=["diffusers", "AutoencoderKLWan"],
+    )
+
+
+def fit_sentencepiece(tok_dir, lines, vocab_size, normalization="nmt_nfkc"):
+    """A unigram SentencePiece model fitted on `lines` by the sentencepiece library (T5's
+    special ids: pad 0, eos 1, unk 2), saved with the transformers T5 tokenizer files."""
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    os.makedirs(tok_dir, exist_ok=True)
+    corpus = os.path.join(tok_dir, "corpus.txt")
+    with open(corpus, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    spm.SentencePieceTrainer.train(
+        input=corpus,
+        model_prefix=os.path.join(tok_dir, "spiece"),
+        model_type="unigram",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        character_coverage=0.9995,
+        normalization_rule_name=normalization,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    os.remove(corpus)
+    os.remove(os.path.join(tok_dir, "spiece.vocab"))
+    tok = T5Tokenizer.from_pretrained(tok_dir, extra_ids=0, model_max_length=512)
+    tok.save_pretrained(tok_dir)
+    return T5Tokenizer.from_pretrained(tok_dir)
+
+
+def umt5_config(vocab_size, d_model, d_kv, d_ff, layers, heads):
+    """An encoder-only UMT5 config with the Wan2.1 text encoder's activation, norms and
+    relative-position buckets."""
+    from transformers import UMT5Config
+
+    return UMT5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_kv,
+        d_ff=d_ff,
+        num_layers=layers,
+        num_heads=heads,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        layer_norm_epsilon=1e-6,
+        is_encoder_decoder=False,
+    )
+
+
 def clip_text_config(vocab, hidden, intermediate, layers, heads):
     """A CLIP text encoder config on a vocabulary with `<|startoftext|>` / `<|endoftext|>`
     (the end token also pads), SD 1.5's activation and context length."""
@@ -516,29 +592,13 @@ def make_wan():
 
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
-    sched_cfg = {
-        "_class_name": "UniPCMultistepScheduler",
-        "num_train_timesteps": 1000,
-        "prediction_type": "flow_prediction",
-        "use_flow_sigmas": True,
-        "flow_shift": 3.0,
-        "solver_order": 2,
-    }
-    write_pipeline_index(
-        root,
-        "WanPipeline",
-        sched_cfg,
-        text_encoder=["transformers", "UMT5EncoderModel"],
-        tokenizer=["transformers", "T5Tokenizer"],
-        transformer=["diffusers", "WanTransformer3DModel"],
-        vae=["diffusers", "AutoencoderKLWan"],
-    )
+    write_wan_pipeline_index(root)
     pipe = WanPipeline(
         tokenizer=tok,
         text_encoder=te,
         transformer=dit,
         vae=vae,
-        scheduler=UniPCMultistepScheduler.from_config(sched_cfg),
+        scheduler=UniPCMultistepScheduler.from_config(WAN_SCHEDULER),
     )
     init = torch.randn((1, 4, 2, 4, 6), generator=g)
     goldens["wan_pipeline_init_latent"] = init
@@ -585,53 +645,18 @@ def make_umt5(root, goldens, g):
     """A unigram SentencePiece model fitted by the sentencepiece library, the UMT5 encoder at
     a tiny config on it, and golden ids from both the library and the transformers tokenizer."""
     import sentencepiece as spm
-    from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+    from transformers import UMT5EncoderModel
 
     tok_dir = os.path.join(root, "tokenizer")
-    os.makedirs(tok_dir)
-    corpus = os.path.join(tok_dir, "corpus.txt")
-    with open(corpus, "w", encoding="utf-8") as f:
-        f.write("\n".join(caption_corpus()))
-    spm.SentencePieceTrainer.train(
-        input=corpus,
-        model_prefix=os.path.join(tok_dir, "spiece"),
-        model_type="unigram",
-        vocab_size=400,
-        hard_vocab_limit=False,
-        character_coverage=0.9995,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
-    os.remove(corpus)
-    os.remove(os.path.join(tok_dir, "spiece.vocab"))
+    tok = fit_sentencepiece(tok_dir, caption_corpus(), 400)
     sp = spm.SentencePieceProcessor(model_file=os.path.join(tok_dir, "spiece.model"))
-    tok = T5Tokenizer.from_pretrained(tok_dir, extra_ids=0, model_max_length=512)
-    tok.save_pretrained(tok_dir)
-    tok = T5Tokenizer.from_pretrained(tok_dir)
     ints = {
         "spm_library_ids": [sp.encode(p) for p in PROMPTS],
         "umt5_ids": [tok(p, padding="max_length", max_length=512, truncation=True).input_ids for p in PROMPTS],
     }
 
     set_seed(3)
-    cfg = UMT5Config(
-        vocab_size=sp.get_piece_size(),
-        d_model=16,
-        d_kv=8,
-        d_ff=32,
-        num_layers=2,
-        num_heads=2,
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu",
-        layer_norm_epsilon=1e-6,
-        is_encoder_decoder=False,
-    )
-    te = UMT5EncoderModel(cfg)
+    te = UMT5EncoderModel(umt5_config(sp.get_piece_size(), d_model=16, d_kv=8, d_ff=32, layers=2, heads=2))
     randomize(te, 25, scale=0.3)
     te = save_component(te, os.path.join(root, "text_encoder"), torch.bfloat16)
     enc = tok(PROMPTS[:2], padding="max_length", max_length=512, truncation=True, return_tensors="pt")

@@ -25,7 +25,7 @@ use sdlite_runtime::models::flow_schedulers::FlowSampler;
 use sdlite_runtime::models::schedulers::Sampler;
 use sdlite_runtime::models::sd::{SdRequest, StableDiffusion};
 use sdlite_runtime::models::wan::{Wan, WanRequest};
-use sdlite_runtime::models::Phase;
+use sdlite_runtime::models::{Phase, RequestDefaults};
 use sdlite_runtime::source::{MemorySource, Source};
 use sdlite_runtime::{image, Backend, DType, Error, HostTensor, Result, Tensor, WgpuBackend, WgpuOptions};
 use wasm_bindgen::prelude::*;
@@ -166,6 +166,20 @@ pub struct ModelInfo {
     /// 1 for picture models.
     #[wasm_bindgen(readonly)]
     pub frames: u32,
+    #[wasm_bindgen(readonly)]
+    pub guidance: f32,
+}
+
+impl ModelInfo {
+    fn new(kind: &str, d: RequestDefaults) -> Self {
+        ModelInfo {
+            kind: kind.into(),
+            width: d.width as u32,
+            height: d.height as u32,
+            frames: d.frames as u32,
+            guidance: d.cfg_scale,
+        }
+    }
 }
 
 #[wasm_bindgen]
@@ -190,28 +204,14 @@ enum Model {
 impl Model {
     fn info(&self) -> ModelInfo {
         match self {
-            Model::Sd(sd) => {
-                let native = (sd.unet.config.sample_size * sd.vae_decoder.config.scale_factor()) as u32;
-                ModelInfo {
-                    kind: "sd".into(),
-                    width: native,
-                    height: native,
-                    frames: 1,
-                }
-            }
-            // The reference pipeline's defaults.
-            Model::Wan(_) => ModelInfo {
-                kind: "wan".into(),
-                width: 832,
-                height: 480,
-                frames: 81,
-            },
+            Model::Sd(sd) => ModelInfo::new("sd", sd.defaults),
+            Model::Wan(wan) => ModelInfo::new("wan", wan.defaults),
         }
     }
 }
 
 /// What to generate; the page fills it from its form. Zero sizes and an empty sampler take
-/// the model's defaults; guidance follows `sdlite gen` (7.5, 5 for Wan) unless set.
+/// the model's defaults; guidance is the model's (as `sdlite gen` takes it) unless set.
 #[wasm_bindgen(getter_with_clone)]
 #[derive(Clone)]
 pub struct Request {
@@ -287,7 +287,7 @@ impl Request {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             steps: self.steps as usize,
-            cfg_scale: self.guidance(7.5),
+            cfg_scale: self.guidance(info.guidance),
             seed: self.seed()?,
             width: Self::or(self.width, info.width),
             height: Self::or(self.height, info.height),
@@ -301,7 +301,7 @@ impl Request {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             steps: self.steps as usize,
-            cfg_scale: self.guidance(5.0),
+            cfg_scale: self.guidance(info.guidance),
             seed: self.seed()?,
             width: Self::or(self.width, info.width),
             height: Self::or(self.height, info.height),
@@ -726,26 +726,34 @@ mod tests {
 
     #[test]
     fn requests_take_the_model_defaults_and_refuse_bad_seeds() {
-        let sd = ModelInfo {
-            kind: "sd".into(),
-            width: 64,
-            height: 64,
-            frames: 1,
-        };
+        let sd = ModelInfo::new(
+            "sd",
+            RequestDefaults {
+                width: 64,
+                height: 64,
+                frames: 1,
+                cfg_scale: 7.5,
+            },
+        );
         let mut r = Request::new("a red star".into());
         r.seed = 42.0;
         let q = r.to_sd(&sd).unwrap();
         assert_eq!((q.width, q.height, q.seed, q.steps, q.cfg_scale), (64, 64, 42, 25, 7.5));
         r.width = 32;
         assert_eq!(r.to_sd(&sd).unwrap().width, 32);
-        let wan = ModelInfo {
-            kind: "wan".into(),
-            width: 832,
-            height: 480,
-            frames: 81,
-        };
+        let wan = ModelInfo::new(
+            "wan",
+            RequestDefaults {
+                width: 64,
+                height: 48,
+                frames: 17,
+                cfg_scale: 5.0,
+            },
+        );
         let w = r.to_wan(&wan).unwrap();
-        assert_eq!((w.width, w.height, w.frames, w.cfg_scale), (32, 480, 81, 5.0));
+        assert_eq!((w.width, w.height, w.frames, w.cfg_scale), (32, 48, 17, 5.0));
+        r.guidance = 3.0;
+        assert_eq!(r.to_wan(&wan).unwrap().cfg_scale, 3.0);
         assert_eq!(wan.samplers()[0], "unipc");
         r.seed = 1.5;
         assert!(r.to_sd(&sd).unwrap_err().to_string().contains("seed"));

@@ -53,7 +53,7 @@ function loaded(name, info, detail) {
   const size = `${info.width}×${info.height}${video ? `, ${info.frames} frames` : ''}`;
   $('model-status').textContent = `${name} loaded (${video ? 'Wan2.1 video' : 'Stable Diffusion'}, default ${size}; ${detail})`;
   $('sampler').replaceChildren(...info.samplers.map((s) => new Option(SAMPLER_NAMES[s] ?? s, s)));
-  $('guidance').value = video ? 5 : 7.5;
+  $('guidance').value = info.guidance;
   $('frames-label').hidden = !video;
   $('generate').disabled = false;
   window.sdlite.model = { name, kind: info.kind, detail };

@@ -15,7 +15,7 @@ use crate::models::schedulers::{Prediction, Sampler, Scheduler, SchedulerConfig}
 use crate::models::sd_single_file::{component_name, split_fused_qkv};
 use crate::models::sd_vae::{VaeConfig, VaeDecoder, VaeEncoder};
 use crate::models::unet::{UNet, UNetConfig};
-use crate::models::{check_finite, initial_latent, Phase};
+use crate::models::{check_finite, initial_latent, Phase, RequestDefaults};
 use crate::source::Source;
 use crate::tensor::{DType, HostData, HostTensor, Tensor};
 use crate::weights::{Params, Weights};
@@ -27,6 +27,8 @@ pub struct StableDiffusion<B: Backend> {
     pub vae_decoder: VaeDecoder<B>,
     pub vae_encoder: VaeEncoder<B>,
     pub scheduler_config: SchedulerConfig,
+    /// The UNet's native size and guidance 7.5, unless the folder says otherwise.
+    pub defaults: RequestDefaults,
     pub dtype: DType,
 }
 
@@ -132,13 +134,15 @@ impl<B: Backend> StableDiffusion<B> {
             )));
         }
         let parts = [source.weights("text_encoder")?, source.weights("unet")?, source.weights("vae")?];
-        Self::assemble(
+        let mut sd = Self::assemble(
             b,
             SdConfigs::from_source(source)?,
             ClipTokenizer::from_source(source, "tokenizer")?,
             parts,
             dtype,
-        )
+        )?;
+        sd.defaults = sd.defaults.with_overrides(source)?;
+        Ok(sd)
     }
 
     /// Loads a single-file checkpoint with the original key names (`configs` as the model's;
@@ -157,6 +161,7 @@ impl<B: Backend> StableDiffusion<B> {
 
     fn assemble(b: &B, configs: SdConfigs, tokenizer: ClipTokenizer, [text, unet, vae]: [Weights; 3], dtype: DType) -> Result<Self> {
         let vp = Params::new(b, &vae, dtype);
+        let native = configs.unet.sample_size * configs.vae.scale_factor();
         Ok(Self {
             tokenizer,
             text_encoder: ClipTextEncoder::load(b, configs.text, Arc::new(text), dtype)?,
@@ -164,6 +169,12 @@ impl<B: Backend> StableDiffusion<B> {
             vae_decoder: VaeDecoder::load(&vp, configs.vae.clone())?,
             vae_encoder: VaeEncoder::load(&vp, configs.vae)?,
             scheduler_config: configs.scheduler,
+            defaults: RequestDefaults {
+                width: native,
+                height: native,
+                frames: 1,
+                cfg_scale: 7.5,
+            },
             dtype,
         })
     }

@@ -14,7 +14,7 @@ use crate::models::sentencepiece::SentencePiece;
 use crate::models::umt5::Umt5Encoder;
 use crate::models::wan_dit::WanDit;
 use crate::models::wan_vae::{WanVaeConfig, WanVaeDecoder};
-use crate::models::{check_finite, initial_latent, Phase};
+use crate::models::{check_finite, initial_latent, Phase, RequestDefaults};
 use crate::source::Source;
 use crate::tensor::{DType, HostData, HostTensor, Tensor};
 use crate::weights::Params;
@@ -28,6 +28,8 @@ pub struct Wan<B: Backend> {
     pub transformer: WanDit<B>,
     pub vae: WanVaeDecoder<B>,
     pub scheduler_config: FlowSchedulerConfig,
+    /// The reference pipeline's 832x480, 81 frames, guidance 5, unless the folder says otherwise.
+    pub defaults: RequestDefaults,
     pub dtype: DType,
 }
 
@@ -93,6 +95,13 @@ impl<B: Backend> Wan<B> {
             )?,
             vae: WanVaeDecoder::load(&Params::new(b, &vae_weights, dtype), vae_config)?,
             scheduler_config: source.config("scheduler/scheduler_config.json")?,
+            defaults: RequestDefaults {
+                width: 832,
+                height: 480,
+                frames: 81,
+                cfg_scale: 5.0,
+            }
+            .with_overrides(source)?,
             dtype,
         })
     }

@@ -1,0 +1,316 @@
+"""Trains sdlite-tiny-wan: the Wan2.1 text-to-video architecture (UMT5 text encoder, DiT,
+causal 3D VAE) at a small config, on the moving-shape clips of scenes.py, 17 frames of 64x64.
+
+Two phases, each one command on the GPU machine (docs/tiny-models.md has the commands):
+  python train/train_wan.py vae --out OUT              the causal autoencoder
+  python train/train_wan.py vae --out OUT2 --decoder-of OUT/vae   its decoder, on 17 frames
+  python train/train_wan.py dit --out OUT --vae DIR    tokenizer, text encoder and DiT, then
+                                                       the diffusers folder in OUT/sdlite-tiny-wan
+`--quick` shrinks everything to a CPU smoke run. Every random choice is seeded; the loss
+curves go to OUT/losses-wan-*.json (train/plot_losses.py draws them).
+
+Training choices, and why:
+- the VAE compresses 4x in space (three levels, not Wan's four: a 64x64 frame keeps a 16x16
+  latent, where a shape still has an outline) and 4x in time, like Wan's; it learns on
+  9-frame clips (the first frame alone, then two causal chunks: every cache path the
+  17-frame decode takes) at half the cost;
+- the DiT learns Wan's flow matching (velocity noise - x0 at sigma = t / 1000) on uniform
+  sigmas; sampling uses the release's UniPC with shift 3;
+- the text encoder sees the prompt's tokens only and its output is zero past the prompt and
+  padded to 512 rows, exactly what the pipeline feeds the DiT;
+- the caption is dropped (empty prompt) 10% of the time, so classifier-free guidance works;
+  an EMA of the weights is what is saved.
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "reference"))
+
+import scenes  # noqa: E402
+from training import SEED, SIZE, Budget, Ema, cosine_lr, log_loss, render_dataset, to_unit  # noqa: E402
+
+FRAMES = 17
+VAE_FRAMES = 9
+Z_DIM = 8
+TEXT_LEN = 512  # the pipeline's text length
+PROMPT_TOKENS = 32  # every caption of the grammar fits (checked)
+VOCAB_MAX = 256  # an upper bound: the fitted vocabulary stops at what the grammar needs
+
+
+def make_vae():
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
+        base_dim=16,
+        z_dim=Z_DIM,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[True, True],
+        latents_mean=[0.0] * Z_DIM,
+        latents_std=[1.0] * Z_DIM,
+        scale_factor_spatial=4,  # what the pipeline sizes latents by; three levels halve twice
+    )
+
+
+def make_transformer():
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=Z_DIM,
+        out_channels=Z_DIM,
+        text_dim=64,
+        freq_dim=64,
+        ffn_dim=512,
+        num_layers=4,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=1024,
+    )
+
+
+def make_text_encoder(vocab_size):
+    from make_goldens import umt5_config
+    from transformers import UMT5EncoderModel
+
+    return UMT5EncoderModel(umt5_config(vocab_size, d_model=64, d_kv=16, d_ff=256, layers=3, heads=4))
+
+
+def as_video(clips):
+    """uint8 (n, frames, 3, h, w) to the VAE's float (n, 3, frames, h, w) in [-1, 1]."""
+    return to_unit(clips).permute(0, 2, 1, 3, 4)
+
+
+def train_vae(args, device):
+    """The whole autoencoder on 9-frame clips; or, with --decoder-of, that autoencoder's
+    decoder alone on full-length clips with the encoder frozen, so the latent space (and the
+    statistics a trained DiT normalises with) stays as it is."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(SEED + 10)
+    tune = args.decoder_of is not None
+    vae = (AutoencoderKLWan.from_pretrained(args.decoder_of, torch_dtype=torch.float32) if tune else make_vae()).to(device).train()
+    if tune:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    frames = FRAMES if tune else VAE_FRAMES
+    n = 256 if args.quick else 16000 * VAE_FRAMES // frames
+    _, clips = render_dataset(n, SEED + 11, device, frames=frames)
+    steps, batch = (10, 4) if args.quick else (args.steps or 6000, 48 * VAE_FRAMES // frames)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    g = torch.Generator(device=device).manual_seed(SEED + 12)
+    history, started, step, budget = [], time.time(), 0, Budget(args.budget_s)
+    while step < steps:
+        steps = budget.steps(step, steps)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, 200, 1e-3)
+        x = as_video(clips[torch.randint(0, n, (batch,), device=device, generator=g)])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.set_grad_enabled(not tune):
+                post = vae.encode(x).latent_dist
+            recon = vae.decode(post.sample(generator=g)).sample
+        rec = F.mse_loss(recon.float(), x) + 0.5 * F.l1_loss(recon.float(), x)
+        loss = rec if tune else rec + 1e-4 * post.kl().mean() / x[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log_loss(history, step, rec.item(), started)
+        step += 1
+    vae.eval()
+    # The latent statistics the pipeline normalises with, from full-length clips.
+    _, clips = render_dataset(64 if args.quick else 512, SEED + 13, device, frames=FRAMES)
+    with torch.no_grad():
+        x = as_video(clips)
+        lat = torch.cat([vae.encode(x[i : i + 64]).latent_dist.mode() for i in range(0, len(x), 64)])
+        mean, std = lat.mean(dim=(0, 2, 3, 4)), lat.std(dim=(0, 2, 3, 4))
+        if not tune:
+            vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+        recon = torch.cat([vae.decode(lat[i : i + 64]).sample for i in range(0, len(x), 64)])
+        per_frame = ((recon - x) ** 2).mean(dim=(0, 1, 3, 4))
+        print(f"17-frame reconstruction mse {per_frame.mean().item():.5f}, by frame {[round(e, 4) for e in per_frame.tolist()]}")
+        print(f"latent mean {mean.tolist()} std {std.tolist()}")
+    vae.save_pretrained(os.path.join(args.out, "vae"), safe_serialization=True)
+    with open(os.path.join(args.out, "losses-wan-decoder.json" if tune else "losses-wan-vae.json"), "w") as f:
+        json.dump(history, f)
+
+
+def encode_clips(vae, n, seed, device, chunk=512):
+    """Captions and normalised VAE latents (n, z, 5, 16, 16) of n training clips, rendered and
+    encoded a chunk at a time (the pixels of all of them would not fit)."""
+    mean = torch.tensor(vae.config.latents_mean, device=device)[None, :, None, None, None]
+    std = torch.tensor(vae.config.latents_std, device=device)[None, :, None, None, None]
+    caps, lats = [], []
+    for start in range(0, n, chunk):
+        c, clips = render_dataset(min(chunk, n - start), seed + start, device, frames=FRAMES)
+        with torch.no_grad():
+            x = as_video(clips)
+            z = torch.cat([vae.encode(x[i : i + 128]).latent_dist.mode() for i in range(0, len(x), 128)])
+        caps += c
+        lats.append(((z - mean) / std).to(torch.bfloat16))
+    return caps, torch.cat(lats)
+
+
+def tokenizer_corpus():
+    """Captions, then the same captions with their words shuffled. The unigram trainer seeds
+    its pieces from repeated substrings, and in a grammar this regular a word always sits in
+    the same longer phrase, so without the shuffled copies few words become pieces."""
+    caps = scenes.captions_corpus(20000, SEED)
+    rng = random.Random(SEED)
+    shuffled = []
+    for c in caps:
+        words = c.split()
+        rng.shuffle(words)
+        shuffled.append(" ".join(words))
+    return caps + shuffled
+
+
+def text_context(te, ids, mask):
+    """The DiT's context as the pipeline builds it: encoder states, zero past each prompt,
+    padded to TEXT_LEN rows."""
+    hidden = te(ids, attention_mask=mask).last_hidden_state * mask[:, :, None]
+    return F.pad(hidden, (0, 0, 0, TEXT_LEN - ids.shape[1]))
+
+
+def train_dit(args, device):
+    from diffusers import AutoencoderKLWan
+    from make_goldens import fit_sentencepiece, write_wan_pipeline_index
+
+    torch.manual_seed(SEED + 20)
+    root = os.path.join(args.out, "sdlite-tiny-wan")
+    tok = fit_sentencepiece(os.path.join(root, "tokenizer"), tokenizer_corpus(), VOCAB_MAX, normalization="identity")
+    vae = AutoencoderKLWan.from_pretrained(args.vae).to(device).eval()
+    if args.init:
+        # A second run continues the first one's weights (at a lower peak rate).
+        from diffusers import WanTransformer3DModel
+        from transformers import UMT5EncoderModel
+
+        te = UMT5EncoderModel.from_pretrained(os.path.join(args.init, "text_encoder"), torch_dtype=torch.float32)
+        dit = WanTransformer3DModel.from_pretrained(os.path.join(args.init, "transformer"), torch_dtype=torch.float32)
+    else:
+        te, dit = make_text_encoder(len(tok)), make_transformer()
+    te, dit = te.to(device).train(), dit.to(device).train()
+
+    n = 256 if args.quick else 40000
+    caps, lat = encode_clips(vae, n, SEED + 21 + 1000 * args.run, device)
+    enc = tok(caps, padding="max_length", max_length=PROMPT_TOKENS, truncation=True, return_tensors="pt")
+    if enc.attention_mask[:, -1].any():
+        raise SystemExit(f"a caption is longer than {PROMPT_TOKENS} tokens")
+    ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+    empty = tok("", padding="max_length", max_length=PROMPT_TOKENS, return_tensors="pt")
+    empty_ids, empty_mask = empty.input_ids.to(device), empty.attention_mask.to(device)
+
+    steps, batch = (10, 8) if args.quick else (args.steps or 20000, args.batch)
+    params = list(dit.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema_dit, ema_te = Ema(dit, 0.999), Ema(te, 0.999)
+    g = torch.Generator(device=device).manual_seed(SEED + 22 + 1000 * args.run)
+    history, started, step, budget = [], time.time(), 0, Budget(args.budget_s)
+    while step < steps:
+        steps = budget.steps(step, steps)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, 300, args.lr)
+        pick = torch.randint(0, n, (batch,), device=device, generator=g)
+        x0 = lat[pick].float()
+        drop = (torch.rand(batch, device=device, generator=g) < 0.1)[:, None]
+        b_ids = torch.where(drop, empty_ids, ids[pick])
+        b_mask = torch.where(drop, empty_mask, mask[pick])
+        sigma = torch.rand(batch, device=device, generator=g)
+        noise = torch.randn(x0.shape, device=device, generator=g)
+        s = sigma[:, None, None, None, None]
+        xt = (1 - s) * x0 + s * noise
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = dit(xt, sigma * 1000, text_context(te, b_ids, b_mask)).sample
+        loss = F.mse_loss(pred.float(), noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_dit.update(dit)
+        ema_te.update(te)
+        if step % 100 == 0 or step == steps - 1:
+            log_loss(history, step, loss.item(), started)
+        step += 1
+    ema_dit.copy_to(dit)
+    ema_te.copy_to(te)
+    with open(os.path.join(args.out, "losses-wan-dit.json"), "w") as f:
+        json.dump(history, f)
+
+    for name, model in [("text_encoder", te), ("transformer", dit), ("vae", vae)]:
+        model.to(torch.float16).save_pretrained(os.path.join(root, name), safe_serialization=True)
+    write_wan_pipeline_index(root)
+    with open(os.path.join(root, "model_index.json")) as f:
+        index = json.load(f)
+    index["_sdlite_defaults"] = {"width": SIZE, "height": SIZE, "frames": FRAMES}
+    with open(os.path.join(root, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    sample_strips(root, device, os.path.join(args.out, "samples-wan.png"), quick=args.quick)
+
+
+def sample_strips(root, device, path, quick=False):
+    """Held-out prompts through the diffusers pipeline, every other frame side by side: a look
+    before the Rust evaluation."""
+    from diffusers import WanPipeline
+    from PIL import Image
+
+    pipe = WanPipeline.from_pretrained(root, torch_dtype=torch.float32).to(device)
+    prompts = scenes.held_out_prompts(video=True)[: 2 if quick else 12]
+    shown = list(range(0, FRAMES, 2))
+    grid = Image.new("RGB", (len(shown) * SIZE, len(prompts) * SIZE))
+    for row, prompt in enumerate(prompts):
+        frames = pipe(
+            prompt,
+            height=SIZE,
+            width=SIZE,
+            num_frames=FRAMES,
+            num_inference_steps=25,
+            guidance_scale=5.0,
+            generator=torch.Generator(device).manual_seed(row),
+            output_type="np",
+        ).frames[0]
+        for col, f in enumerate(shown):
+            grid.paste(Image.fromarray((frames[f] * 255).round().astype("uint8")), (col * SIZE, row * SIZE))
+    grid.save(path)
+    with open(path + ".txt", "w") as f:
+        f.write("\n".join(prompts) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("phase", choices=["vae", "dit"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--vae", help="the trained autoencoder folder (phase dit)")
+    ap.add_argument("--decoder-of", help="phase vae: tune this autoencoder's decoder on full-length clips")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--init", help="continue from this sdlite-tiny-wan folder (phase dit)")
+    ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (phase dit)")
+    ap.add_argument("--budget-s", type=float, help="cap the training loop's seconds")
+    ap.add_argument("--batch", type=int, default=256, help="clips per step (phase dit)")
+    ap.add_argument("--run", type=int, default=0, help="phase dit: a continued run's number, so it draws fresh clips and noise")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.phase == "vae":
+        train_vae(args, device)
+    else:
+        train_dit(args, device)
+
+
+if __name__ == "__main__":
+    main()
