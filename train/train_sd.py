@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests", "reference"))
 
 import bpe  # noqa: E402
 import scenes  # noqa: E402
-from training import SEED, SIZE, Budget, Ema, cosine_lr, log_loss, render_dataset, to_unit  # noqa: E402
+from training import SEED, SIZE, Budget, Ema, cosine_lr, log_loss, render_dataset, save_components, to_unit, update  # noqa: E402
 
 
 def make_vae():
@@ -96,10 +96,7 @@ def train_vae(args, device):
         rec = F.mse_loss(recon.float(), x) + 0.5 * F.l1_loss(recon.float(), x)
         kl = post.kl().mean() / (x[0].numel())
         loss = rec + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        update(opt, loss, vae.parameters())
         if step % 100 == 0 or step == steps - 1:
             log_loss(history, step, rec.item(), started)
         step += 1
@@ -180,12 +177,7 @@ def train_unet(args, device):
             pred = unet(xt, t, ctx).sample
         loss = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
         loss = (loss * weight[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema_unet.update(unet)
-        ema_te.update(te)
+        update(opt, loss, params, [(ema_unet, unet), (ema_te, te)])
         if step % 100 == 0 or step == steps - 1:
             log_loss(history, step, loss.item(), started)
         step += 1
@@ -194,8 +186,7 @@ def train_unet(args, device):
     with open(os.path.join(args.out, "losses-unet.json"), "w") as f:
         json.dump(history, f)
 
-    for name, model in [("text_encoder", te), ("unet", unet), ("vae", vae)]:
-        model.to(torch.float16).save_pretrained(os.path.join(root, name), safe_serialization=True)
+    save_components(root, [("text_encoder", te), ("unet", unet), ("vae", vae)])
     write_sd_pipeline_index(root)
     sample_grid(root, device, os.path.join(args.out, "samples-sd.png"), quick=args.quick)
 

@@ -37,7 +37,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "reference"))
 
 import scenes  # noqa: E402
-from training import SEED, SIZE, Budget, Ema, cosine_lr, log_loss, render_dataset, to_unit  # noqa: E402
+from training import SEED, SIZE, Budget, Ema, cosine_lr, log_loss, render_dataset, save_components, to_unit, update  # noqa: E402
 
 FRAMES = 17
 VAE_FRAMES = 9
@@ -125,10 +125,7 @@ def train_vae(args, device):
             recon = vae.decode(post.sample(generator=g)).sample
         rec = F.mse_loss(recon.float(), x) + 0.5 * F.l1_loss(recon.float(), x)
         loss = rec if tune else rec + 1e-4 * post.kl().mean() / x[0].numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        update(opt, loss, params)
         if step % 100 == 0 or step == steps - 1:
             log_loss(history, step, rec.item(), started)
         step += 1
@@ -237,12 +234,7 @@ def train_dit(args, device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pred = dit(xt, sigma * 1000, text_context(te, b_ids, b_mask)).sample
         loss = F.mse_loss(pred.float(), noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema_dit.update(dit)
-        ema_te.update(te)
+        update(opt, loss, params, [(ema_dit, dit), (ema_te, te)])
         if step % 100 == 0 or step == steps - 1:
             log_loss(history, step, loss.item(), started)
         step += 1
@@ -251,8 +243,7 @@ def train_dit(args, device):
     with open(os.path.join(args.out, "losses-wan-dit.json"), "w") as f:
         json.dump(history, f)
 
-    for name, model in [("text_encoder", te), ("transformer", dit), ("vae", vae)]:
-        model.to(torch.float16).save_pretrained(os.path.join(root, name), safe_serialization=True)
+    save_components(root, [("text_encoder", te), ("transformer", dit), ("vae", vae)])
     write_wan_pipeline_index(root)
     with open(os.path.join(root, "model_index.json")) as f:
         index = json.load(f)

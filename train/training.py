@@ -75,3 +75,22 @@ class Budget:
 def log_loss(history, step, loss, started):
     history.append({"step": step, "loss": loss, "seconds": round(time.time() - started, 1)})
     print(f"step {step:6d} loss {loss:.5f} {time.time() - started:7.1f}s", flush=True)
+
+
+def update(opt, loss, params, averages=()):
+    """One optimiser step on `loss` (gradients clipped to norm 1), then each (Ema, module)
+    weight average."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    for ema, module in averages:
+        ema.update(module)
+
+
+def save_components(root, components):
+    """Each (folder name, model) of a pipeline saved in float16 under `root`."""
+    import os
+
+    for name, model in components:
+        model.to(torch.float16).save_pretrained(os.path.join(root, name), safe_serialization=True)
