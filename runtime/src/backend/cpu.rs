@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::parallel::par_chunks_mut;
-use crate::spec::{AttentionSpec, ConvSpec, MapOp, MapSpec, MatmulSpec, NormKind, NormSpec, SoftmaxSpec, UnaryOp};
+use crate::spec::{AttentionSpec, ConvSpec, MapOp, MapSpec, MatmulSpec, NormKind, NormSpec, SoftmaxSpec, UnaryOp, View};
 use crate::tensor::{numel, DType, HostData, HostTensor, Tensor};
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -37,6 +37,21 @@ pub fn unary(op: UnaryOp, x: f32, alpha: f32, beta: f32) -> f32 {
         UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
         UnaryOp::Affine => alpha * x + beta,
     }
+}
+
+/// `batches` matrices of `rows x cols` (the i-th starting at `i * stride`), each transposed,
+/// packed one after another.
+fn transposed_batches(v: &[f32], batches: usize, rows: usize, cols: usize, stride: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; batches * rows * cols];
+    for (bi, tb) in t.chunks_mut(rows * cols).enumerate() {
+        let src = &v[bi * stride..][..rows * cols];
+        for (r, row) in src.chunks(cols).enumerate() {
+            for (c, &x) in row.iter().enumerate() {
+                tb[c * rows + r] = x;
+            }
+        }
+    }
+    t
 }
 
 /// erf in double precision (Rust's std has none): the Maclaurin series near zero and the
@@ -98,26 +113,28 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, a: &CpuTensor, b: &CpuTensor, bias: Option<&CpuTensor>, s: &MatmulSpec) -> Result<CpuTensor> {
-        let (av, bv) = (Self::values(a), Self::values(b));
+        let av = Self::values(a);
+        // B row-major ([k, n] per batch) either way, so every output row accumulates over
+        // contiguous rows of B (vectorisable); each element still sums over k in order.
+        let (bv, b_stride) = if s.trans_b {
+            let batches = if s.b_batch_stride == 0 { 1 } else { s.batch };
+            (
+                transposed_batches(&Self::values(b), batches, s.n, s.k, s.b_batch_stride),
+                if batches == 1 { 0 } else { s.k * s.n },
+            )
+        } else {
+            (Self::values(b), s.b_batch_stride)
+        };
         let biasv = bias.map(Self::values);
         let mut out = vec![0.0f32; s.batch * s.m * s.n];
         par_chunks_mut(&mut out, s.n, |row, o| {
             let (bi, i) = (row / s.m, row % s.m);
             let a_at = |kk: usize| av[bi * s.a_batch_stride + if s.trans_a { kk * s.m + i } else { i * s.k + kk }];
-            let b0 = bi * s.b_batch_stride;
-            if s.trans_b {
-                for (j, oj) in o.iter_mut().enumerate() {
-                    let b_row = &bv[b0 + j * s.k..][..s.k];
-                    *oj = (0..s.k).fold(0.0f32, |acc, kk| acc + a_at(kk) * b_row[kk]);
-                }
-            } else {
-                // Row-at-a-time over contiguous rows of B; each element still sums over k in
-                // order, as the dot product above does.
-                for kk in 0..s.k {
-                    let a = a_at(kk);
-                    for (oj, bk) in o.iter_mut().zip(&bv[b0 + kk * s.n..][..s.n]) {
-                        *oj += a * bk;
-                    }
+            let b0 = bi * b_stride;
+            for kk in 0..s.k {
+                let a = a_at(kk);
+                for (oj, bk) in o.iter_mut().zip(&bv[b0 + kk * s.n..][..s.n]) {
+                    *oj += a * bk;
                 }
             }
             if let Some(bb) = &biasv {
@@ -161,8 +178,19 @@ impl Backend for CpuBackend {
                             };
                             let x_row = &xv[xc + (it * hi + iy) * wi..][..wi];
                             let o_row = &mut o[(ot * ho + oy) * wo..][..wo];
-                            for (ox, op) in o_row.iter_mut().enumerate().take(end).skip(first) {
-                                *op += weight * x_row[ox * stride_x + dx - pad_x];
+                            if first >= end {
+                                continue;
+                            }
+                            if stride_x == 1 {
+                                // Contiguous on both sides: the compiler vectorises this.
+                                let x_run = &x_row[first + dx - pad_x..][..end - first];
+                                for (op, &xv) in o_row[first..end].iter_mut().zip(x_run) {
+                                    *op += weight * xv;
+                                }
+                            } else {
+                                for (ox, op) in o_row.iter_mut().enumerate().take(end).skip(first) {
+                                    *op += weight * x_row[ox * stride_x + dx - pad_x];
+                                }
                             }
                         }
                     }
@@ -217,58 +245,91 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, s: &AttentionSpec) -> Result<CpuTensor> {
-        let (qv, kv, vv) = (Self::values(q), Self::values(k), Self::values(v));
+        let (qv, vv) = (Self::values(q), Self::values(v));
         let d = s.head_dim;
+        // K transposed per head ([d, kv_len]), so each query's scores accumulate over
+        // contiguous memory; every score still sums its d products in order.
+        let kt = transposed_batches(&Self::values(k), s.batch_heads, s.kv_len, d, s.kv_len * d);
         let mut out = vec![0.0f32; s.batch_heads * s.q_len * d];
         par_chunks_mut(&mut out, d, |row, o| {
             let bh = row / s.q_len;
             let qr = &qv[row * d..(row + 1) * d];
-            let kb = bh * s.kv_len * d;
-            let scores: Vec<f64> = (0..s.kv_len)
-                .map(|j| {
-                    let kr = &kv[kb + j * d..kb + (j + 1) * d];
-                    s.scale as f64 * qr.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()
-                })
-                .collect();
-            let m = scores.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
-            let p: Vec<f64> = scores.iter().map(|&sc| (sc - m).exp()).collect();
-            let l: f64 = p.iter().sum();
-            for (di, od) in o.iter_mut().enumerate() {
-                let acc: f64 = p.iter().enumerate().map(|(j, &pj)| pj * vv[kb + j * d + di] as f64).sum();
-                *od = (acc / l) as f32;
+            let mut scores = vec![0.0f64; s.kv_len];
+            for (dd, &qd) in qr.iter().enumerate() {
+                let k_row = &kt[(bh * d + dd) * s.kv_len..][..s.kv_len];
+                for (sc, &kd) in scores.iter_mut().zip(k_row) {
+                    *sc += qd as f64 * kd as f64;
+                }
+            }
+            let m = scores.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(s.scale as f64 * b));
+            let mut acc = vec![0.0f64; d];
+            let mut l = 0.0f64;
+            for (j, &sc) in scores.iter().enumerate() {
+                let p = (s.scale as f64 * sc - m).exp();
+                l += p;
+                for (a, &vd) in acc.iter_mut().zip(&vv[(bh * s.kv_len + j) * d..][..d]) {
+                    *a += p * vd as f64;
+                }
+            }
+            for (od, a) in o.iter_mut().zip(&acc) {
+                *od = (a / l) as f32;
             }
         });
         Ok(Self::make(q.shape.clone(), q.dtype, out))
     }
 
     fn map(&self, inputs: &[&CpuTensor], out: &CpuTensor, s: &MapSpec) -> Result<()> {
+        // Rows of the innermost (merged) dimension are computed in parallel into a contiguous
+        // buffer, then written through the output view.
+        let s = s.collapsed();
         let ins: Vec<Vec<f32>> = inputs.iter().map(|t| Self::values(t)).collect();
-        let mut dst = out.storage.write().expect("cpu storage lock");
-        let mut values = dst.to_f32().into_owned();
-        let total = numel(&s.shape);
-        let mut c = vec![0usize; s.shape.len()];
-        for _ in 0..total {
-            let at = |i: usize, extra: usize| ins[i][s.inputs[i].index(&c) + extra];
-            let o = s.out.index(&c);
-            match s.op {
-                MapOp::Copy => values[o] = at(0, 0),
-                MapOp::Unary(u) => values[o] = unary(u, at(0, 0), s.alpha, s.beta),
-                MapOp::AddScaled => values[o] = s.alpha * at(0, 0) + s.beta * at(1, 0),
-                MapOp::Mul => values[o] = at(0, 0) * at(1, 0),
-                MapOp::Modulate => values[o] = at(0, 0) * (1.0 + at(1, 0)) + at(2, 0),
-                MapOp::GatedAdd => values[o] = at(0, 0) + at(1, 0) * at(2, 0),
-                MapOp::Rope => {
-                    let (x0, x1, cs, sn) = (at(0, 0), at(0, 1), at(1, 0), at(2, 0));
-                    values[o] = x0 * cs - x1 * sn;
-                    values[o + 1] = x0 * sn + x1 * cs;
+        let width = if s.op == MapOp::Rope { 2 } else { 1 };
+        let (outer, inner) = s.shape.split_at(s.shape.len() - 1);
+        let inner = inner[0];
+        let row_start = |row: usize| {
+            let mut c = vec![0usize; s.shape.len()];
+            let mut r = row;
+            for (k, &size) in outer.iter().enumerate().rev() {
+                c[k] = r % size;
+                r /= size;
+            }
+            c
+        };
+        let last = s.shape.len() - 1;
+        let step = |v: &View, x: usize| x / v.div[last] * v.strides[last];
+        let mut buf = vec![0.0f32; numel(&s.shape) * width];
+        par_chunks_mut(&mut buf, inner * width, |row, o| {
+            let c = row_start(row);
+            let base: Vec<usize> = s.inputs.iter().map(|v| v.index(&c)).collect();
+            for x in 0..inner {
+                let at = |i: usize, extra: usize| ins[i][base[i] + step(&s.inputs[i], x) + extra];
+                match s.op {
+                    MapOp::Copy => o[x] = at(0, 0),
+                    MapOp::Unary(u) => o[x] = unary(u, at(0, 0), s.alpha, s.beta),
+                    MapOp::AddScaled => o[x] = s.alpha * at(0, 0) + s.beta * at(1, 0),
+                    MapOp::Mul => o[x] = at(0, 0) * at(1, 0),
+                    MapOp::Modulate => o[x] = at(0, 0) * (1.0 + at(1, 0)) + at(2, 0),
+                    MapOp::GatedAdd => o[x] = at(0, 0) + at(1, 0) * at(2, 0),
+                    MapOp::Rope => {
+                        let (x0, x1, cs, sn) = (at(0, 0), at(0, 1), at(1, 0), at(2, 0));
+                        o[2 * x] = x0 * cs - x1 * sn;
+                        o[2 * x + 1] = x0 * sn + x1 * cs;
+                    }
                 }
             }
-            for k in (0..c.len()).rev() {
-                c[k] += 1;
-                if c[k] < s.shape[k] {
-                    break;
-                }
-                c[k] = 0;
+        });
+        let mut dst = out.storage.write().expect("cpu storage lock");
+        let mut values = dst.to_f32().into_owned();
+        let dense = s.out.div[last] == 1 && s.out.strides[last] == width;
+        for (row, computed) in buf.chunks(inner * width).enumerate() {
+            let o = s.out.index(&row_start(row));
+            if dense {
+                values[o..o + computed.len()].copy_from_slice(computed);
+                continue;
+            }
+            for (x, pair) in computed.chunks(width).enumerate() {
+                let at = o + step(&s.out, x);
+                values[at..at + width].copy_from_slice(pair);
             }
         }
         *dst = HostData::from_f32(out.dtype, values);
