@@ -15,7 +15,7 @@ use sdlite_runtime::models::flow_schedulers::FlowSampler;
 use sdlite_runtime::models::schedulers::{Prediction, Sampler};
 use sdlite_runtime::models::sd::{single_file_part, SdConfigs, SdRequest, StableDiffusion};
 use sdlite_runtime::models::wan::{Wan, WanRequest};
-use sdlite_runtime::models::Phase;
+use sdlite_runtime::models::{Phase, RequestDefaults};
 use sdlite_runtime::source::{DirSource, Source};
 use sdlite_runtime::weights::Weights;
 use sdlite_runtime::{Backend, CpuBackend, CudaBackend, CudaOptions, DType, Error};
@@ -192,18 +192,7 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
             unet_package = Box::new(move || DenoiserPackage::from_pipeline(&dir));
             StableDiffusion::load(b, &source, dtype)?
         };
-        let d = sd.defaults;
-        let req = SdRequest {
-            prompt: args.prompt.clone(),
-            negative_prompt: args.negative_prompt.clone(),
-            steps: args.steps,
-            cfg_scale: args.cfg_scale.unwrap_or(d.cfg_scale),
-            seed,
-            width: args.width.unwrap_or(d.width),
-            height: args.height.unwrap_or(d.height),
-            sampler,
-            init_latent: None,
-        };
+        let req = Ask::from_args(args, seed).sd(&sd.defaults, sampler);
         sd.validate(&req)?;
         let out = match args.offload.setup()? {
             None => pollster::block_on(sd.generate(b, &req, &mut progress_bars())),
@@ -230,20 +219,7 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
         let sampler = FlowSampler::parse(sampler_name)?;
         eprintln!("loading {} on {} ({dtype:?})", args.model.display(), b.name());
         let wan = Wan::load(b, &source, dtype)?;
-        let d = wan.defaults;
-        let req = WanRequest {
-            prompt: args.prompt.clone(),
-            negative_prompt: args.negative_prompt.clone(),
-            steps: args.steps,
-            cfg_scale: args.cfg_scale.unwrap_or(d.cfg_scale),
-            seed,
-            width: args.width.unwrap_or(d.width),
-            height: args.height.unwrap_or(d.height),
-            frames: args.frames.unwrap_or(d.frames),
-            sampler,
-            shift: args.shift,
-            init_latent: None,
-        };
+        let req = Ask::from_args(args, seed).wan(&wan.defaults, sampler);
         wan.latent_shape(&req)?;
         let out = match args.offload.setup()? {
             None => pollster::block_on(wan.generate(b, &req, &mut progress_bars())),
@@ -282,6 +258,80 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
     }
     println!("wrote {} (seed {seed})", path.display());
     Ok(())
+}
+
+/// What one generation asks for; what it leaves unset comes from the model's defaults.
+struct Ask<'a> {
+    prompt: &'a str,
+    negative_prompt: &'a str,
+    steps: usize,
+    seed: u64,
+    cfg_scale: Option<f32>,
+    width: Option<usize>,
+    height: Option<usize>,
+    frames: Option<usize>,
+    shift: Option<f64>,
+}
+
+impl<'a> Ask<'a> {
+    fn from_args(args: &'a GenArgs, seed: u64) -> Self {
+        Ask {
+            prompt: &args.prompt,
+            negative_prompt: &args.negative_prompt,
+            steps: args.steps,
+            seed,
+            cfg_scale: args.cfg_scale,
+            width: args.width,
+            height: args.height,
+            frames: args.frames,
+            shift: args.shift,
+        }
+    }
+
+    /// A prompt alone, everything else the model's own.
+    fn prompt(prompt: &'a str, steps: usize, seed: u64) -> Self {
+        Ask {
+            prompt,
+            negative_prompt: "",
+            steps,
+            seed,
+            cfg_scale: None,
+            width: None,
+            height: None,
+            frames: None,
+            shift: None,
+        }
+    }
+
+    fn sd(&self, d: &RequestDefaults, sampler: Sampler) -> SdRequest {
+        SdRequest {
+            prompt: self.prompt.to_string(),
+            negative_prompt: self.negative_prompt.to_string(),
+            steps: self.steps,
+            cfg_scale: self.cfg_scale.unwrap_or(d.cfg_scale),
+            seed: self.seed,
+            width: self.width.unwrap_or(d.width),
+            height: self.height.unwrap_or(d.height),
+            sampler,
+            init_latent: None,
+        }
+    }
+
+    fn wan(&self, d: &RequestDefaults, sampler: FlowSampler) -> WanRequest {
+        WanRequest {
+            prompt: self.prompt.to_string(),
+            negative_prompt: self.negative_prompt.to_string(),
+            steps: self.steps,
+            cfg_scale: self.cfg_scale.unwrap_or(d.cfg_scale),
+            seed: self.seed,
+            width: self.width.unwrap_or(d.width),
+            height: self.height.unwrap_or(d.height),
+            frames: self.frames.unwrap_or(d.frames),
+            sampler,
+            shift: self.shift,
+            init_latent: None,
+        }
+    }
 }
 
 /// A progress callback that shows one bar per phase with rate and ETA.
@@ -353,19 +403,8 @@ impl Renderer {
         let backend = b.name();
         let run: RenderFn = if class.starts_with("StableDiffusion") {
             let sd = StableDiffusion::load(&b, &source, dtype)?;
-            let d = sd.defaults;
             Box::new(move |prompt, seed| {
-                let req = SdRequest {
-                    prompt: prompt.to_string(),
-                    negative_prompt: String::new(),
-                    steps,
-                    cfg_scale: d.cfg_scale,
-                    seed,
-                    width: d.width,
-                    height: d.height,
-                    sampler: Sampler::parse("dpmpp_2m")?,
-                    init_latent: None,
-                };
+                let req = Ask::prompt(prompt, steps, seed).sd(&sd.defaults, Sampler::parse("dpmpp_2m")?);
                 let out = pollster::block_on(sd.generate(&b, &req, &mut |_, _, _| {}))?;
                 Ok((
                     vec![sdlite_runtime::image::rgb8(&out.image.to_f32(), req.width * req.height)],
@@ -375,21 +414,8 @@ impl Renderer {
             })
         } else if class.starts_with("Wan") {
             let wan = Wan::load(&b, &source, dtype)?;
-            let d = wan.defaults;
             Box::new(move |prompt, seed| {
-                let req = WanRequest {
-                    prompt: prompt.to_string(),
-                    negative_prompt: String::new(),
-                    steps,
-                    cfg_scale: d.cfg_scale,
-                    seed,
-                    width: d.width,
-                    height: d.height,
-                    frames: d.frames,
-                    sampler: FlowSampler::parse("unipc")?,
-                    shift: None,
-                    init_latent: None,
-                };
+                let req = Ask::prompt(prompt, steps, seed).wan(&wan.defaults, FlowSampler::parse("unipc")?);
                 let video = pollster::block_on(wan.generate(&b, &req, &mut |_, _, _| {}))?.video.to_f32();
                 let plane = req.width * req.height;
                 let frames = (0..req.frames)
