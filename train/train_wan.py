@@ -11,9 +11,10 @@ curves go to OUT/losses-wan-*.json (train/plot_losses.py draws them).
 
 Training choices, and why:
 - the VAE compresses 4x in space (three levels, not Wan's four: a 64x64 frame keeps a 16x16
-  latent, where a shape still has an outline) and 4x in time, like Wan's; it learns on
-  9-frame clips (the first frame alone, then two causal chunks: every cache path the
-  17-frame decode takes) at half the cost;
+  latent, where a shape still has an outline) and 4x in time, like Wan's; by default it
+  learns on 9-frame clips at half the cost, which the shipped VAE did and which left its
+  decoder unable to decode past frame 10 until tuned on 17 (`--decoder-of`); from scratch,
+  pass `--frames 17`;
 - the DiT learns Wan's flow matching (velocity noise - x0 at sigma = t / 1000) on uniform
   sigmas; sampling uses the release's UniPC with shift 3;
 - the text encoder sees the prompt's tokens only and its output is zero past the prompt and
@@ -107,10 +108,10 @@ def train_vae(args, device):
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
-    frames = FRAMES if tune else VAE_FRAMES
+    frames = FRAMES if tune else args.frames
     n = 256 if args.quick else 16000 * VAE_FRAMES // frames
     _, clips = render_dataset(n, SEED + 11, device, frames=frames)
-    steps, batch = (10, 4) if args.quick else (args.steps or 6000, 48 * VAE_FRAMES // frames)
+    steps, batch = (10, 4) if args.quick else (args.steps or 6000, args.batch or 48 * VAE_FRAMES // frames)
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     g = torch.Generator(device=device).manual_seed(SEED + 12)
     history, started, step, budget = [], time.time(), 0, Budget(args.budget_s)
@@ -212,7 +213,7 @@ def train_dit(args, device):
     empty = tok("", padding="max_length", max_length=PROMPT_TOKENS, return_tensors="pt")
     empty_ids, empty_mask = empty.input_ids.to(device), empty.attention_mask.to(device)
 
-    steps, batch = (10, 8) if args.quick else (args.steps or 20000, args.batch)
+    steps, batch = (10, 8) if args.quick else (args.steps or 20000, args.batch or 256)
     params = list(dit.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema_dit, ema_te = Ema(dit, 0.999), Ema(te, 0.999)
@@ -291,12 +292,16 @@ def main():
     ap.add_argument("--init", help="continue from this sdlite-tiny-wan folder (phase dit)")
     ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (phase dit)")
     ap.add_argument("--budget-s", type=float, help="cap the training loop's seconds")
-    ap.add_argument("--batch", type=int, default=256, help="clips per step (phase dit)")
+    ap.add_argument("--batch", type=int, help="clips per step (default: 256 for the DiT; 432 frames' worth for the VAE)")
+    ap.add_argument("--frames", type=int, default=VAE_FRAMES, help="phase vae: clip length the whole autoencoder learns on (1 + 4k)")
     ap.add_argument("--run", type=int, default=0, help="phase dit: a continued run's number, so it draws fresh clips and noise")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # cuDNN picks its algorithm per convolution shape (the runs in docs/tiny-models.md from the
+    # fourth DiT run on had this on).
+    torch.backends.cudnn.benchmark = True
     if args.phase == "vae":
         train_vae(args, device)
     else:

@@ -1,9 +1,10 @@
-"""Time to first image of the built-in model on the CPU: `sdlite gen` against diffusers
-(PyTorch, all cores) on the same checkpoint, prompt, sampler (DPM++ 2M), 25 steps,
-guidance 7.5 and size, each timed as a whole fresh process (start-up, loading and
-generation), best of --runs.
+"""Time to first output of a built-in model on the CPU: `sdlite gen` against diffusers
+(PyTorch, all cores) on the same checkpoint, prompt, sampler, 25 steps, guidance and size,
+each timed as a whole fresh process (start-up, loading, generation and writing the file),
+best of --runs. tiny-sd: DPM++ 2M, guidance 7.5, one 64x64 PNG; tiny-wan: UniPC, guidance
+5, 17 frames of 64x64 (sdlite writes an MP4, diffusers the frames side by side as one PNG).
 
-Usage: python tests/reference/bench_default_model.py [--sdlite target/release/sdlite] [--runs 3]
+Usage: python tests/reference/bench_default_model.py [--model tiny-sd|tiny-wan] [--sdlite target/release/sdlite] [--runs 3]
 Needs torch, diffusers, transformers (requirements.txt) and a release build of sdlite.
 """
 
@@ -15,17 +16,34 @@ import tempfile
 import time
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-MODEL = os.path.join(REPO, "models", "sdlite-tiny-sd")
-PROMPT = "a red star on a yellow background"
-
-DIFFUSERS = f"""
-import os, torch
-torch.set_num_threads(os.cpu_count())
+SETUP = "import os, torch\ntorch.set_num_threads(os.cpu_count())\n"
+MODELS = {
+    "tiny-sd": dict(
+        folder="sdlite-tiny-sd",
+        prompt="a red star on a yellow background",
+        out="x.png",
+        diffusers="""
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained({MODEL!r}, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
+pipe = StableDiffusionPipeline.from_pretrained(MODEL, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
 pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-pipe({PROMPT!r}, num_inference_steps=25, guidance_scale=7.5, generator=torch.Generator().manual_seed(1)).images[0].save(os.environ["OUT"])
-"""
+pipe(PROMPT, num_inference_steps=25, guidance_scale=7.5, generator=torch.Generator().manual_seed(1)).images[0].save(os.environ["OUT"])
+""",
+    ),
+    "tiny-wan": dict(
+        folder="sdlite-tiny-wan",
+        prompt="a red circle on a blue background, moving right",
+        out="x.mp4",
+        diffusers="""
+import numpy as np
+from PIL import Image
+from diffusers import WanPipeline
+pipe = WanPipeline.from_pretrained(MODEL, torch_dtype=torch.float32)
+frames = pipe(PROMPT, height=64, width=64, num_frames=17, num_inference_steps=25, guidance_scale=5.0,
+              generator=torch.Generator().manual_seed(1), output_type="np").frames[0]
+Image.fromarray((np.concatenate(list(frames), 1) * 255).round().astype("uint8")).save(os.environ["OUT"] + ".png")
+""",
+    ),
+}
 
 
 def best_of(runs, cmd, env=None):
@@ -39,14 +57,18 @@ def best_of(runs, cmd, env=None):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=list(MODELS), default="tiny-sd")
     ap.add_argument("--sdlite", default=os.path.join(REPO, "target", "release", "sdlite"))
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
+    m = MODELS[args.model]
+    script = SETUP + f"MODEL = {os.path.join(REPO, 'models', m['folder'])!r}\nPROMPT = {m['prompt']!r}\n" + m["diffusers"]
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "x.png")
-        ours = best_of(args.runs, [args.sdlite, "gen", "--prompt", PROMPT, "--seed", "1", "--backend", "cpu", "--out", out])
-        ref = best_of(args.runs, [sys.executable, "-c", DIFFUSERS], env=dict(os.environ, OUT=out))
-    print(f"time to first image, sdlite-tiny-sd 64x64, 25 steps, CPU ({os.cpu_count()} cores), best of {args.runs}:")
+        out = os.path.join(tmp, m["out"])
+        gen = [args.sdlite, "gen", "--model", args.model, "--prompt", m["prompt"], "--seed", "1", "--backend", "cpu", "--out", out]
+        ours = best_of(args.runs, gen)
+        ref = best_of(args.runs, [sys.executable, "-c", script], env=dict(os.environ, OUT=out))
+    print(f"time to first output, sdlite-{args.model}, 25 steps, CPU ({os.cpu_count()} cores), best of {args.runs}:")
     print(f"  diffusers (PyTorch) {ref:6.2f} s")
     print(f"  sdlite gen          {ours:6.2f} s   ({ref / ours:.2f}x diffusers)")
 
