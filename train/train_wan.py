@@ -299,8 +299,8 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # cuDNN picks its algorithm per convolution shape (the runs in docs/tiny-models.md from the
-    # fourth DiT run on had this on).
+    # cuDNN picks its algorithm per convolution shape (on from the second decoder tuning in
+    # docs/tiny-models.md; the earlier runs had it off).
     torch.backends.cudnn.benchmark = True
     if args.phase == "vae":
         train_vae(args, device)
