@@ -283,7 +283,7 @@ impl Backend for CpuBackend {
         // buffer, then written through the output view.
         let s = s.collapsed();
         let ins: Vec<Vec<f32>> = inputs.iter().map(|t| Self::values(t)).collect();
-        let width = if s.op == MapOp::Rope { 2 } else { 1 };
+        let width = s.op.extent();
         let (outer, inner) = s.shape.split_at(s.shape.len() - 1);
         let inner = inner[0];
         let row_start = |row: usize| {
