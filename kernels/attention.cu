@@ -3,18 +3,21 @@
 // [batch_heads, kv_len, head_dim], contiguous, no mask. Three kernels; the runtime picks.
 //
 // flash_attention_sm90_{bf16,f16}_d{64,128} (Hopper, compiled only for sm_90a):
-// FlashAttention-3 style on warpgroup MMAs. A block of two warpgroups owns 128 query rows
-// (64 each) and walks the keys in tiles of 128. K and V tiles are double-buffered in shared
-// memory, loaded by cp.async straight into the 128-byte swizzled layout wgmma reads (Q and
-// K as K-major operands; V read MN-major, so one tile layout serves all three), with
-// mbarriers marking a buffer full (copies landed) and empty (both warpgroups' MMAs on it
-// retired), so the warpgroups never wait on a block-wide barrier in the loop. Per tile a
-// warpgroup issues S = Q K^T (`wgmma.mma_async` m64n128k16, both operands in shared
-// memory) together with O += P V for the previous tile (P from registers: the accumulator
-// layout of S is the A-fragment layout of P), runs the online softmax of S while P V is
-// still in flight, then rescales O. The two warpgroups take turns issuing their MMAs
-// (named barriers), so one's softmax overlaps the other's tensor-core work.
-// Limits: head_dim exactly 64 or 128.
+// FlashAttention-3 style, producer and consumers. A block of three warpgroups owns 128
+// query rows. Warpgroup 0 is the producer: it gives up most of its registers (setmaxnreg)
+// and one of its threads issues TMA copies of Q and of every K and V tile of 128 keys into
+// SM90_STAGES-deep rings in shared memory, in the 128-byte swizzled layout wgmma reads (Q
+// and K as K-major operands, V read MN-major, so one layout serves all three), with
+// mbarriers marking a stage full (its bytes landed) and empty (both consumers' MMAs on it
+// retired). Warpgroups 1 and 2 consume, 64 query rows each, and never issue a load or
+// wait on a block-wide barrier in the loop. Per tile a consumer issues S = Q K^T
+// (`wgmma.mma_async` m64n128k16, both operands in shared memory) together with O += P V
+// for the previous tile (P from registers: the accumulator layout of S is the A-fragment
+// layout of P), runs the online softmax of S while P V is still in flight, then rescales
+// O. The two consumers take turns issuing their MMAs (named barriers), so one's softmax
+// overlaps the other's tensor-core work. Limits: head_dim exactly 64 or 128; Q, K and V
+// 16-byte aligned (the runtime encodes their tensor maps and falls back to the sm_80
+// kernel when it cannot).
 //
 // flash_attention_{bf16,f16}_d{D} (sm_80 or newer): FlashAttention-2 style on warp MMAs.
 // A block of WARPS warps owns 16*WARPS query rows (16 per warp, Q kept in registers) and
@@ -259,8 +262,6 @@ __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.s
 // Waits until at most N committed groups of this warpgroup's MMAs are in flight.
 template <int N>
 __device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
-// Makes cp.async's writes to shared memory visible to wgmma's (async proxy) reads.
-__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 // Keeps the compiler from touching accumulators across an asynchronous MMA: every use
 // after the wait depends on this.
@@ -315,30 +316,22 @@ __device__ __forceinline__ void wgmma_pv(float (&o)[D / 2], const u32 (&p)[4], u
     }
 }
 
-// Copies rows [row0, row0 + ROWS) of a [len, D] matrix into shared memory at `dst` (1024-byte
-// aligned) in wgmma's 128-byte swizzled layout: D / 64 column blocks of ROWS rows x 128
-// bytes, the 16-byte chunk c of row r stored at chunk c ^ (r % 8). Rows past `len` are
-// zero-filled.
-template <int D, int ROWS, int THREADS>
-__device__ __forceinline__ void load_swizzled(u32 dst, const u16* src, u32 row0, u32 len) {
-    constexpr int CHUNKS = D / 8;
-#pragma unroll
-    for (int i = threadIdx.x; i < ROWS * CHUNKS; i += THREADS) {
-        int r = i / CHUNKS, c = i % CHUNKS;
-        bool valid = row0 + r < len;
-        const u16* g = valid ? src + (u64)(row0 + r) * D + c * 8 : src;
-        cp_async16(dst + (c >> 3) * (ROWS * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4), g, valid);
-    }
-}
+// A TMA tensor map: the 128 opaque bytes of a CUtensorMap, encoded on the host
+// (cuTensorMapEncodeTiled) and passed by value as a __grid_constant__ kernel parameter.
+struct alignas(64) TmaMap {
+    u64 opaque[16];
+};
 
 // mbarriers (shared-memory arrive/wait barriers with a phase bit) and named barriers.
 __device__ __forceinline__ void mbar_init(u32 bar, u32 count) { asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count)); }
+// Makes the initialised mbarriers visible to the TMA unit (the async proxy).
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
 __device__ __forceinline__ void mbar_arrive(u32 bar) {
     asm volatile("{ .reg .b64 state; mbarrier.arrive.shared::cta.b64 state, [%0]; }" ::"r"(bar) : "memory");
 }
-// One arrival on `bar` once all of this thread's earlier cp.async copies have landed.
-__device__ __forceinline__ void mbar_arrive_after_copies(u32 bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+// Arrives on `bar` and tells it `bytes` more of copies will land in this phase.
+__device__ __forceinline__ void mbar_expect_bytes(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
     asm volatile(
@@ -353,130 +346,155 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
 __device__ __forceinline__ void named_sync(u32 id, u32 threads) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory"); }
 __device__ __forceinline__ void named_arrive(u32 id, u32 threads) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory"); }
 
-template <int D, bool BF16>
-__device__ void flash_attention_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-                                     u16* __restrict__ out, u32 q_len, u32 kv_len, float scale_log2) {
-    constexpr int BM = 128, BN = 128, THREADS = 256;
-    constexpr u32 Q_BYTES = BM * D * 2, TILE_BYTES = BN * D * 2;
+// One TMA copy: the box of `map` at element coordinates (c0 innermost, c1, c2) into shared
+// memory at `dst`, its bytes counted on mbarrier `bar` when they land. Elements outside the
+// tensor arrive as zeros.
+__device__ __forceinline__ void tma_load(u32 dst, const TmaMap& map, u32 c0, u32 c1, u32 c2, u32 bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(dst),
+                 "l"(&map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+                 : "memory");
+}
+
+// Producer/consumer flash attention; see the top of the file. Q, K and V come as tensor
+// maps over [batch_heads, len, D] with boxes of 64 columns x TILE rows x 1 head, 128-byte
+// swizzle: one box is one column block of a tile in the layout wgmma reads.
+template <int D, int STAGES, bool BF16>
+__device__ void flash_attention_sm90(const TmaMap& tq, const TmaMap& tk, const TmaMap& tv, u16* __restrict__ out, u32 q_len,
+                                     u32 kv_len, float scale_log2) {
+    constexpr int TILE = 128, CONSUMERS = 256;
+    constexpr u32 TILE_BYTES = TILE * D * 2, BLOCK_BYTES = TILE * 128;
     extern __shared__ __align__(16) unsigned char smem_bytes[];
-    // full[0..2]: K tile in buffer 0/1 landed; full[2..4]: V; empty[..]: both warpgroups
-    // done reading that buffer. Every thread loads part of every tile and arrives on each.
-    __shared__ __align__(8) u64 barriers[8];
+    // q_full: Q landed; full[kind][stage]: the K (kind 0) or V (kind 1) tile in that stage
+    // landed; empty[kind][stage]: every consumer thread is done reading it.
+    __shared__ __align__(8) u64 barriers[1 + 4 * STAGES];
     // The swizzle pattern is a function of the address, so tiles start on 1024-byte
-    // boundaries (the launch reserves 1 KiB for this). K tile j lives in buffer j % 2 of
-    // `ks`, V tile j in buffer j % 2 of `vs`.
-    const u32 qs = (smem_addr(smem_bytes) + 1023) & ~1023u, ks = qs + Q_BYTES, vs = ks + 2 * TILE_BYTES;
-    const u32 full = smem_addr(barriers), empty = full + 32;
+    // boundaries (the launch reserves 1 KiB for this). Tile j of K or V lives in stage
+    // j % STAGES.
+    const u32 qs = (smem_addr(smem_bytes) + 1023) & ~1023u, ks = qs + TILE_BYTES, vs = ks + STAGES * TILE_BYTES;
+    const u32 q_full = smem_addr(barriers), full = q_full + 8, empty = full + 16 * STAGES;
+    auto bar = [](u32 base, int kind, u32 j) { return base + 8 * (kind * STAGES + j % STAGES); };
+    // Phase parity of tile j's use of its stage.
+    auto parity = [](u32 j) { return (j / STAGES) & 1; };
 
-    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-    const u64 bh = blockIdx.y;
-    const u32 q0 = blockIdx.x * BM;
-    const u16* kb = k + bh * kv_len * D;
-    const u16* vb = v + bh * kv_len * D;
-    const u32 tiles = (kv_len + BN - 1) / BN;
-    // This warpgroup's 64 query rows within each 64-column block of Q.
-    const u32 qw = qs + wg * 64 * 128;
-
+    const u32 bh = blockIdx.y, q0 = blockIdx.x * TILE;
+    const u32 tiles = (kv_len + TILE - 1) / TILE;
     if (threadIdx.x == 0) {
-        for (int i = 0; i < 8; ++i) mbar_init(full + 8 * i, THREADS);
+        mbar_init(q_full, 1);
+        for (int i = 0; i < 2 * STAGES; ++i) {
+            mbar_init(full + 8 * i, 1);
+            mbar_init(empty + 8 * i, CONSUMERS);
+        }
+        mbar_init_fence();
     }
     __syncthreads();
 
-    // Barrier of the K (kind 0) or V (kind 1) buffer holding tile j, and the phase parity
-    // of its use by tile j.
-    auto bar = [](u32 base, int kind, u32 j) { return base + 16 * kind + 8 * (j & 1); };
-    auto parity = [](u32 j) { return (j >> 1) & 1; };
-    // Loads K or V tile j once both warpgroups released the tile two before it.
-    auto load = [&](int kind, u32 j) {
-        if (j >= tiles) return;
-        if (j >= 2) mbar_wait(bar(empty, kind, j), parity(j - 2));
-        load_swizzled<D, BN, THREADS>((kind ? vs : ks) + (j & 1) * TILE_BYTES, kind ? vb : kb, j * BN, kv_len);
-        mbar_arrive_after_copies(bar(full, kind, j));
-    };
-    auto acquire = [&](int kind, u32 j) {
-        mbar_wait(bar(full, kind, j), parity(j));
-        fence_async_smem();
-    };
-    // The two warpgroups take turns issuing MMAs (named barriers 1 and 2), so one's
-    // softmax runs while the other's MMAs occupy the tensor cores.
-    auto my_turn = [&] { named_sync(1 + wg, THREADS); };
-    auto your_turn = [&] { named_arrive(2 - wg, THREADS); };
+    // Warpgroup 0 produces: one thread issues every copy, the rest of the group idles with
+    // its registers handed to the consumers.
+    if (threadIdx.x < 128) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
+        if (threadIdx.x == 0) {
+            auto load = [&](const TmaMap& map, u32 dst, u32 row0, u32 b) {
+#pragma unroll
+                for (int c = 0; c < D / 64; ++c) tma_load(dst + c * BLOCK_BYTES, map, c * 64, row0, bh, b);
+            };
+            // K (kind 0) or V (kind 1) tile j, once the consumers released the tile STAGES
+            // before it in the same stage.
+            auto load_tile = [&](int kind, u32 j) {
+                if (j >= STAGES) mbar_wait(bar(empty, kind, j), parity(j) ^ 1);
+                mbar_expect_bytes(bar(full, kind, j), TILE_BYTES);
+                load(kind ? tv : tk, (kind ? vs : ks) + (j % STAGES) * TILE_BYTES, j * TILE, bar(full, kind, j));
+            };
+            mbar_expect_bytes(q_full, TILE_BYTES);
+            load(tq, qs, q0, q_full);
+            // In the order the consumers take them: K_j with V_{j-1}.
+            load_tile(0, 0);
+            for (u32 j = 1; j < tiles; ++j) {
+                load_tile(0, j);
+                load_tile(1, j - 1);
+            }
+            load_tile(1, tiles - 1);
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+
+    // Consumer warpgroups 1 and 2 own 64 query rows each.
+    const int cg = (threadIdx.x >> 7) - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const u32 qw = qs + cg * 64 * 128;
+    auto acquire = [&](int kind, u32 j) { mbar_wait(bar(full, kind, j), parity(j)); };
+    auto release = [&](int kind, u32 j) { mbar_arrive(bar(empty, kind, j)); };
+    // The two consumers take turns issuing MMAs (named barriers 1 and 2), so one's softmax
+    // runs while the other's MMAs occupy the tensor cores.
+    auto my_turn = [&] { named_sync(1 + cg, CONSUMERS); };
+    auto your_turn = [&] { named_arrive(2 - cg, CONSUMERS); };
 
     float o[D / 2], alpha[2];
     float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
     // P of the previous key tile, as A fragments.
-    u32 p[BN / 16][4];
+    u32 p[TILE / 16][4];
 
     // S = Q K_j^T into `s`, issued asynchronously.
-    auto issue_scores = [&](float (&s)[BN / 2], u32 j) {
-        const u32 kt = ks + (j & 1) * TILE_BYTES;
+    auto issue_scores = [&](float (&s)[TILE / 2], u32 j) {
+        const u32 kt = ks + (j % STAGES) * TILE_BYTES;
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             // k16 step kk: column block kk / 4, 32 bytes further per step inside a block.
             const u32 block = kk >> 2, col = (kk & 3) * 32;
-            wgmma_qk<BN, BF16>(s, wg_desc(qw + block * BM * 128 + col, 16, 1024), wg_desc(kt + block * BN * 128 + col, 16, 1024), kk > 0);
+            wgmma_qk<TILE, BF16>(s, wg_desc(qw + block * BLOCK_BYTES + col, 16, 1024), wg_desc(kt + block * BLOCK_BYTES + col, 16, 1024),
+                                 kk > 0);
         }
         wg_commit();
     };
     // O += P_{j-1} V_{j-1}, issued asynchronously.
     auto issue_values = [&](u32 j) {
-        const u32 vt = vs + ((j - 1) & 1) * TILE_BYTES;
+        const u32 vt = vs + ((j - 1) % STAGES) * TILE_BYTES;
         wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) wgmma_pv<D, BF16>(o, p[kk], wg_desc(vt + kk * 16 * 128, BN * 128, 1024));
+        for (int kk = 0; kk < TILE / 16; ++kk) wgmma_pv<D, BF16>(o, p[kk], wg_desc(vt + kk * 16 * 128, BLOCK_BYTES, 1024));
         wg_commit();
     };
-    auto keep_probabilities = [&](const float (&s)[BN / 2]) {
+    auto keep_probabilities = [&](const float (&s)[TILE / 2]) {
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) probabilities<BF16>(p[kk], s, kk);
+        for (int kk = 0; kk < TILE / 16; ++kk) probabilities<BF16>(p[kk], s, kk);
     };
 
-    load_swizzled<D, BM, THREADS>(qs, q + bh * q_len * D, q0, q_len);
-    cp_async_commit();
-    load(0, 0);
-    load(0, 1);
-    load(1, 0);
-    cp_async_wait<0>();
-    fence_async_smem();
-    __syncthreads();
-    if (wg == 1) your_turn();
+    mbar_wait(q_full, 0);
+    if (cg == 1) your_turn();
     {
-        float s[BN / 2];
+        float s[TILE / 2];
         acquire(0, 0);
         my_turn();
         issue_scores(s, 0);
         your_turn();
         wg_wait<0>();
         fence_regs(s);
-        mbar_arrive(bar(empty, 0, 0));
-        online_softmax<BN>(s, row_max, row_sum, alpha, 0, kv_len, scale_log2, lane);
+        release(0, 0);
+        online_softmax<TILE>(s, row_max, row_sum, alpha, 0, kv_len, scale_log2, lane);
         keep_probabilities(s);
     }
 
     // Step j overlaps the softmax of key tile j (CUDA cores) with O += P_{j-1} V_{j-1}
-    // (tensor cores) and, across warpgroups, with the other's MMAs. K_{j+1} and V_j load
-    // meanwhile. No branch may separate an MMA from its wait (ptxas would serialise the
-    // MMAs), hence the last tile's P V after the loop.
+    // (tensor cores) and, across consumers, with the other's MMAs. No branch may separate
+    // an MMA from its wait (ptxas would serialise the MMAs), hence the last tile's P V
+    // after the loop.
     for (u32 j = 1; j < tiles; ++j) {
-        float s[BN / 2];
+        float s[TILE / 2];
         acquire(0, j);
         acquire(1, j - 1);
         my_turn();
         issue_scores(s, j);
         issue_values(j);
         your_turn();
-        load(0, j + 1);
-        load(1, j);
         wg_wait<1>();
         fence_regs(s);
-        mbar_arrive(bar(empty, 0, j));
-        online_softmax<BN>(s, row_max, row_sum, alpha, j * BN, kv_len, scale_log2, lane);
+        release(0, j);
+        online_softmax<TILE>(s, row_max, row_sum, alpha, j * TILE, kv_len, scale_log2, lane);
         wg_wait<0>();
         fence_regs(o);
-        mbar_arrive(bar(empty, 1, j - 1));
+        release(1, j - 1);
         rescale<D>(o, alpha);
         keep_probabilities(s);
     }
@@ -486,23 +504,23 @@ __device__ void flash_attention_sm90(const u16* __restrict__ q, const u16* __res
     your_turn();
     wg_wait<0>();
     fence_regs(o);
-    // Warpgroup 1 signalled once more than warpgroup 0 waited.
-    if (wg == 0) my_turn();
+    // Consumer 1 signalled once more than consumer 0 waited.
+    if (cg == 0) my_turn();
 
-    store_rows<D, BF16>(o, row_sum, out, bh, q0 + wg * 64 + warp * 16, q_len, D, lane);
+    store_rows<D, BF16>(o, row_sum, out, bh, q0 + cg * 64 + warp * 16, q_len, D, lane);
 }
 
-// Same signature as the sm_80 kernels; head_dim must equal D.
-#define FLASH_SM90_INSTANCE(D)                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256, 1) flash_attention_sm90_bf16_d##D(const u16* q, const u16* k, const u16* v, \
-                                                                                          u16* out, u32 q_len, u32 kv_len,     \
-                                                                                          u32 head_dim, float scale_log2) {    \
-        flash_attention_sm90<D, true>(q, k, v, out, q_len, kv_len, scale_log2);                                                 \
-    }                                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(256, 1) flash_attention_sm90_f16_d##D(const u16* q, const u16* k, const u16* v,  \
-                                                                                         u16* out, u32 q_len, u32 kv_len,      \
-                                                                                         u32 head_dim, float scale_log2) {     \
-        flash_attention_sm90<D, false>(q, k, v, out, q_len, kv_len, scale_log2);                                                \
+// Three warpgroups: the producer and two consumers. SM90_STAGES is set by the runtime.
+#define FLASH_SM90_INSTANCE(D)                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                                                          \
+        flash_attention_sm90_bf16_d##D(const __grid_constant__ TmaMap tq, const __grid_constant__ TmaMap tk,                      \
+                                       const __grid_constant__ TmaMap tv, u16* out, u32 q_len, u32 kv_len, float scale_log2) {   \
+        flash_attention_sm90<D, SM90_STAGES, true>(tq, tk, tv, out, q_len, kv_len, scale_log2);                                   \
+    }                                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                                                          \
+        flash_attention_sm90_f16_d##D(const __grid_constant__ TmaMap tq, const __grid_constant__ TmaMap tk,                       \
+                                      const __grid_constant__ TmaMap tv, u16* out, u32 q_len, u32 kv_len, float scale_log2) {    \
+        flash_attention_sm90<D, SM90_STAGES, false>(tq, tk, tv, out, q_len, kv_len, scale_log2);                                  \
     }
 
 FLASH_SM90_INSTANCE(64)

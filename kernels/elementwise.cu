@@ -14,7 +14,9 @@
 // Vector path (`vec`, set by the runtime): when the innermost dimension is a multiple of 8,
 // every 16-bit operand is contiguous along it (stride 1, offsets and other strides
 // multiples of 8) and the others broadcast it (stride 0), one thread handles 8 elements
-// with 16-byte loads and stores. Not for rope.
+// with 16-byte loads and stores. Not for rope, which has its own (`vec` = 2): 16-bit x and
+// out walking pairs contiguously (stride 2, 16-byte aligned groups of four pairs), 16-bit
+// tables contiguous (8-byte aligned groups of four), four pairs per thread.
 //
 // transpose: the copies that swap the last two dimensions of a contiguous tensor (the
 // runtime recognises them among permutes): out[b][c][r] = x[b][r][c] for x [batch][rows]
@@ -126,10 +128,38 @@ __device__ void map_vec8(const MapParams& p, void* out, const void* const (&ins)
     }
 }
 
+// Rope on four interleaved pairs per thread: x and out as one 16-byte word, cos and sin as
+// one 8-byte word each.
+__device__ void map_rope4(const MapParams& p, void* out, const void* const (&ins)[3]) {
+    for (u32 v = blockIdx.x * blockDim.x + threadIdx.x; v < p.total / 4; v += gridDim.x * blockDim.x) {
+        u32 o, idx[3];
+        locate(p, v * 4, o, idx);
+        const uint4 w = ((const uint4*)ins[0])[idx[0] / 8];
+        const uint2 c = ((const uint2*)ins[1])[idx[1] / 4], s = ((const uint2*)ins[2])[idx[2] / 4];
+        const u32 xs[4] = {w.x, w.y, w.z, w.w}, cs[2] = {c.x, c.y}, ss[2] = {s.x, s.y};
+        u32 words[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float x0 = half_to_f32(xs[j] & 0xffffu, p.in_dtype[0]), x1 = half_to_f32(xs[j] >> 16, p.in_dtype[0]);
+            const float cj = half_to_f32(cs[j / 2] >> (16 * (j & 1)), p.in_dtype[1]);
+            const float sj = half_to_f32(ss[j / 2] >> (16 * (j & 1)), p.in_dtype[2]);
+            const float r0 = x0 * cj - x1 * sj, r1 = x0 * sj + x1 * cj;
+            const u32 lo = p.out_dtype == DT_F16 ? f32_to_f16(r0) : f32_to_bf16(r0);
+            const u32 hi = p.out_dtype == DT_F16 ? f32_to_f16(r1) : f32_to_bf16(r1);
+            words[j] = lo | (hi << 16);
+        }
+        ((uint4*)out)[o / 8] = make_uint4(words[0], words[1], words[2], words[3]);
+    }
+}
+
 extern "C" __global__ void map_kernel(MapParams p, void* out, const void* in0, const void* in1, const void* in2) {
     const void* const ins[3] = {in0, in1, in2};
-    if (p.vec) {
+    if (p.vec == 1) {
         map_vec8(p, out, ins);
+        return;
+    }
+    if (p.vec == 2) {
+        map_rope4(p, out, ins);
         return;
     }
     for (u32 e = blockIdx.x * blockDim.x + threadIdx.x; e < p.total; e += gridDim.x * blockDim.x) {

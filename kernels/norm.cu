@@ -13,6 +13,10 @@
 // row (8 rows per block of 256): the whole row's statistics stay in registers, and the
 // second read of x hits the cache. The many short rows of a transformer (q/k RMS norm,
 // adaLN layer norm) take this path.
+// norm_strided: rows whose elements lie `stride` apart (a norm over the channels of
+// [n, c, spatial], the Wan VAE's RMS norm) in place of a permute to channels-last and back:
+// one thread per row, so neighbouring threads read neighbouring positions of each channel
+// plane; two passes over the row (the second mostly from L1/L2). No modulation epilogue.
 // softmax_rows: softmax(scale * row), one block per row: max, f64 sum of exponentials,
 // write (in its own dtype: attention writes 16-bit probabilities from f32 scores).
 // Layout: contiguous rows; any storage dtypes, f32 arithmetic. Limits: row_len < 2^32.
@@ -42,7 +46,7 @@ extern "C" __global__ void norm_partial(const void* x, int dt, u32 row_len, u32 
 }
 
 struct NormApply {
-    u32 row_len, chunks, per_block, groups, channels_per_group, inner;
+    u32 row_len, chunks, per_block, groups, channels_per_group, inner, stride;
     int kind, epilogue, x_dtype, out_dtype, gamma_dtype, beta_dtype, mod_dtype;
     float eps;
     // Modulation tensors are [batch, row_len] (one row of scale and shift per batch item);
@@ -66,10 +70,16 @@ __device__ __forceinline__ void norm_stats(int kind, double n, double s, double 
 
 // Normalises, applies the affine parameters and the epilogue to element i of `row`, and
 // stores it.
+// Where element i of `row` lies (see NormSpec).
+__device__ __forceinline__ u64 norm_at(const NormApply& p, u32 row, u32 i) {
+    if (p.stride == 1) return (u64)row * p.row_len + i;
+    return ((u64)(row / p.stride) * p.row_len + i) * p.stride + row % p.stride;
+}
+
 __device__ __forceinline__ void norm_store(const NormApply& p, const void* x, void* out, const void* gamma, const void* beta,
                                            const void* mod_scale, const void* mod_shift, u32 row, u32 i, float mean, float rstd) {
-    const u64 base = (u64)row * p.row_len;
-    float y = (load_f32(x, base + i, p.x_dtype) - mean) * rstd;
+    const u64 at = norm_at(p, row, i);
+    float y = (load_f32(x, at, p.x_dtype) - mean) * rstd;
     u32 pi = (row % p.groups) * p.channels_per_group + (p.inner == 1 ? i : i / p.inner);
     if (gamma) y *= load_f32(gamma, pi, p.gamma_dtype);
     if (beta) y += load_f32(beta, pi, p.beta_dtype);
@@ -79,7 +89,7 @@ __device__ __forceinline__ void norm_store(const NormApply& p, const void* x, vo
         u64 m = (u64)(row / p.rows_per_batch) * p.row_len + i;
         y = y * (1.0f + load_f32(mod_scale, m, p.mod_dtype)) + load_f32(mod_shift, m, p.mod_dtype);
     }
-    store_f32(out, base + i, p.out_dtype, y);
+    store_f32(out, at, p.out_dtype, y);
 }
 
 extern "C" __global__ void norm_apply(NormApply p, const void* x, void* out, const float2* partial, const void* gamma, const void* beta,
@@ -125,6 +135,21 @@ extern "C" __global__ void norm_rows(NormApply p, u32 rows, const void* x, void*
     float mean, rstd;
     norm_stats(p.kind, (double)p.row_len, ds, ds2, shift, p.eps, mean, rstd);
     for (u32 i = lane; i < p.row_len; i += 32) norm_store(p, x, out, gamma, beta, mod_scale, mod_shift, row, i, mean, rstd);
+}
+
+extern "C" __global__ void norm_strided(NormApply p, u32 rows, const void* x, void* out, const void* gamma, const void* beta) {
+    const u32 row = blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= rows) return;
+    const float shift = p.kind == NORM_MEANVAR ? load_f32(x, norm_at(p, row, 0), p.x_dtype) : 0.0f;
+    float s = 0.0f, s2 = 0.0f;
+    for (u32 i = 0; i < p.row_len; ++i) {
+        float v = load_f32(x, norm_at(p, row, i), p.x_dtype) - shift;
+        s += v;
+        s2 += v * v;
+    }
+    float mean, rstd;
+    norm_stats(p.kind, (double)p.row_len, s, s2, shift, p.eps, mean, rstd);
+    for (u32 i = 0; i < p.row_len; ++i) norm_store(p, x, out, gamma, beta, nullptr, nullptr, row, i, mean, rstd);
 }
 
 extern "C" __global__ void softmax_rows(const void* x, void* out, int x_dt, int out_dt, u32 cols, float scale) {

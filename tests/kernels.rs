@@ -113,6 +113,17 @@ fn matmul_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64)
         &x[1],
         Some(&x[2])
     ));
+    // The feed-forward opening (CUDA: GELU in cuBLASLt's epilogue), with and without bias.
+    for with_bias in [true, false] {
+        check!(
+            g,
+            format!("linear + gelu_tanh {tag} bias={with_bias}"),
+            tol,
+            inputs,
+            [with_bias as usize],
+            |b, x, p| ops::linear_then(b, &x[0], &x[1], (p[0] == 1).then_some(&x[2]), UnaryOp::GeluTanh)
+        );
+    }
 }
 
 #[test]
@@ -299,6 +310,16 @@ fn norm_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
     check!(g, format!("layer_norm_modulate {tag}"), tol, inputs, [], |b, x, p| {
         ops::layer_norm_modulate(b, &x[0], &x[1], &x[2], 1e-6)
     });
+    // The Wan VAE's norm over the channels of [n, c, t, h, w] (rows strided by t*h*w).
+    for (i, shape) in [[2, 24, 3, 5, 7], [1, 96, 2, 9, 16]].iter().enumerate() {
+        let inputs = [
+            random(shape, dt, 2.0, seed + 16 + 2 * i as u64),
+            random(&[shape[1]], dt, 1.0, seed + 17 + 2 * i as u64),
+        ];
+        check!(g, format!("channel_rms_norm_silu {tag} {shape:?}"), tol, inputs, [], |b, x, p| {
+            ops::channel_rms_norm_silu(b, &x[0], &x[1], 1e-12)
+        });
+    }
 }
 
 #[test]
@@ -624,6 +645,35 @@ fn timestep_embedding_matches_formula() {
             arg.sin()
         );
     }
+}
+
+/// Wan's 3D rotary tables: token (f, y, x) holds, per head-dimension part (time, height,
+/// width), the angles `pos * theta^(-2i/part)` of its position on that axis.
+#[test]
+fn rope3d_tables_match_formula() {
+    let (frames, height, width, head_dim) = (3, 4, 5, 28);
+    let (cos, sin) = ops::rope3d_tables(frames, height, width, head_dim, 10000.0).unwrap();
+    let (cos, sin) = (cos.to_f32(), sin.to_f32());
+    let parts = [12, 8, 8];
+    let mut k = 0;
+    for f in 0..frames {
+        for y in 0..height {
+            for x in 0..width {
+                for (part, pos) in parts.iter().zip([f, y, x]) {
+                    for i in 0..part / 2 {
+                        let angle = pos as f64 * 10000f64.powf(-2.0 * i as f64 / *part as f64);
+                        assert_eq!(
+                            (cos[k], sin[k]),
+                            (angle.cos() as f32, angle.sin() as f32),
+                            "token ({f}, {y}, {x}) entry {k}"
+                        );
+                        k += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(k, cos.len());
 }
 
 /// The flash kernels over many key tiles with ragged query and key tails, in both half

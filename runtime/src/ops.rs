@@ -36,6 +36,19 @@ fn expect_len<B: Backend>(op: &'static str, name: &str, t: &Tensor<B>, len: usiz
 
 /// `x [.., in] @ w[out, in]^T + bias[out]`: a PyTorch `Linear`.
 pub fn linear<B: Backend>(b: &B, x: &Tensor<B>, w: &Tensor<B>, bias: Option<&Tensor<B>>) -> Result<Tensor<B>> {
+    let (spec, shape) = linear_spec(x, w, bias)?;
+    b.matmul(x, w, bias, &spec)?.reshape(&shape)
+}
+
+/// `then(linear(x, w, bias))`, with the activation fused into the product where the
+/// backend can (a transformer's feed-forward opening).
+pub fn linear_then<B: Backend>(b: &B, x: &Tensor<B>, w: &Tensor<B>, bias: Option<&Tensor<B>>, then: UnaryOp) -> Result<Tensor<B>> {
+    let (spec, shape) = linear_spec(x, w, bias)?;
+    b.matmul_then(x, w, bias, &spec, then)?.reshape(&shape)
+}
+
+/// The product a linear layer runs and the shape of its output.
+fn linear_spec<B: Backend>(x: &Tensor<B>, w: &Tensor<B>, bias: Option<&Tensor<B>>) -> Result<(MatmulSpec, Vec<usize>)> {
     expect_rank("linear", "weight", w, 2)?;
     let (n, k) = (w.shape()[0], w.shape()[1]);
     let Some((&last, lead)) = x.shape().split_last() else {
@@ -50,10 +63,9 @@ pub fn linear<B: Backend>(b: &B, x: &Tensor<B>, w: &Tensor<B>, bias: Option<&Ten
     if let Some(bias) = bias {
         expect_len("linear", "bias", bias, n)?;
     }
-    let m = numel(lead);
     let spec = MatmulSpec {
         batch: 1,
-        m,
+        m: numel(lead),
         k,
         n,
         trans_a: false,
@@ -61,8 +73,7 @@ pub fn linear<B: Backend>(b: &B, x: &Tensor<B>, w: &Tensor<B>, bias: Option<&Ten
         a_batch_stride: 0,
         b_batch_stride: 0,
     };
-    let y = b.matmul(x, w, bias, &spec)?;
-    y.reshape(&[lead, &[n]].concat())
+    Ok((spec, [lead, &[n]].concat()))
 }
 
 /// Batched matrix product. `a` is `[m, k]` or `[batch, m, k]` (`[k, m]` when `trans_a`),
@@ -299,6 +310,7 @@ fn group_norm_spec<B: Backend>(
         groups,
         channels_per_group: cpg,
         inner,
+        stride: 1,
         eps,
     })
 }
@@ -327,6 +339,7 @@ fn last_dim_norm<B: Backend>(
         groups: 1,
         channels_per_group: d,
         inner: 1,
+        stride: 1,
         eps,
     };
     b.norm(x, gamma, beta, &spec)
@@ -352,6 +365,7 @@ pub fn layer_norm_modulate<B: Backend>(b: &B, x: &Tensor<B>, scale: &Tensor<B>, 
         groups: 1,
         channels_per_group: d,
         inner: 1,
+        stride: 1,
         eps,
     };
     b.norm_then(x, None, None, &spec, NormThen::Modulate { scale, shift })
@@ -360,6 +374,30 @@ pub fn layer_norm_modulate<B: Backend>(b: &B, x: &Tensor<B>, scale: &Tensor<B>, 
 /// RMS norm over the last dimension.
 pub fn rms_norm<B: Backend>(b: &B, x: &Tensor<B>, gamma: Option<&Tensor<B>>, eps: f32) -> Result<Tensor<B>> {
     last_dim_norm(b, "rms_norm", NormKind::Rms, x, gamma, None, eps)
+}
+
+/// `silu(rms_norm(x) * gamma)` with the RMS taken over the channels of `x [n, c, ...]` at
+/// every position (the Wan VAE's), without a permute to channels-last and back; the SiLU is
+/// fused where the backend can.
+pub fn channel_rms_norm_silu<B: Backend>(b: &B, x: &Tensor<B>, gamma: &Tensor<B>, eps: f32) -> Result<Tensor<B>> {
+    let op = "channel_rms_norm_silu";
+    if x.rank() < 2 {
+        return Err(shape_err(op, format!("input must be [n, c, ...], got {:?}", x.shape())));
+    }
+    let (n, c) = (x.shape()[0], x.shape()[1]);
+    expect_len(op, "gamma", gamma, c)?;
+    let spatial = numel(&x.shape()[2..]);
+    let spec = NormSpec {
+        kind: NormKind::Rms,
+        rows: n * spatial,
+        row_len: c,
+        groups: 1,
+        channels_per_group: c,
+        inner: 1,
+        stride: spatial,
+        eps,
+    };
+    b.norm_then(x, Some(gamma), None, &spec, NormThen::Silu)
 }
 
 /// Softmax over the last dimension.
@@ -697,16 +735,25 @@ pub fn rope3d_tables(frames: usize, height: usize, width: usize, head_dim: usize
     let parts = [head_dim - 2 * hw_part, hw_part, hw_part];
     let half = head_dim / 2;
     let tokens = frames * height * width;
+    // An angle depends only on one axis' position and frequency: each axis gets its own
+    // [positions, part/2] table and every token copies its three rows (a 32,760-token grid
+    // would otherwise take two million powf/sin/cos evaluations per step).
+    let axis = |positions: usize, part: usize| -> (Vec<f32>, Vec<f32>) {
+        let freqs: Vec<f64> = (0..part / 2).map(|i| theta.powf(-2.0 * i as f64 / part as f64)).collect();
+        (0..positions)
+            .flat_map(|pos| freqs.iter().map(move |f| pos as f64 * f))
+            .map(|angle| (angle.cos() as f32, angle.sin() as f32))
+            .unzip()
+    };
+    let tables = [axis(frames, parts[0]), axis(height, parts[1]), axis(width, parts[2])];
     let (mut cos, mut sin) = (Vec::with_capacity(tokens * half), Vec::with_capacity(tokens * half));
     for f in 0..frames {
         for y in 0..height {
             for x in 0..width {
-                for (part, pos) in parts.iter().zip([f, y, x]) {
-                    for i in 0..part / 2 {
-                        let angle = pos as f64 * theta.powf(-2.0 * i as f64 / *part as f64);
-                        cos.push(angle.cos() as f32);
-                        sin.push(angle.sin() as f32);
-                    }
+                for ((part, pos), (c, s)) in parts.iter().zip([f, y, x]).zip(&tables) {
+                    let row = pos * part / 2..(pos + 1) * part / 2;
+                    cos.extend_from_slice(&c[row.clone()]);
+                    sin.extend_from_slice(&s[row]);
                 }
             }
         }

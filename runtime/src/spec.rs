@@ -56,11 +56,14 @@ pub enum NormKind {
     Rms,
 }
 
-/// Normalises `rows` contiguous segments of `row_len` elements, then applies the optional
-/// affine parameters. Element `i` of row `r` uses parameter index
-/// `(r % groups) * channels_per_group + i / inner`: layer/RMS norm is `groups = 1,
-/// channels_per_group = row_len, inner = 1`; group norm over `[n, c, spatial]` is
-/// `rows = n*groups, row_len = (c/groups)*spatial, inner = spatial`.
+/// Normalises `rows` segments of `row_len` elements, then applies the optional affine
+/// parameters. Element `i` of row `r` lies at `(r / stride) * row_len * stride + r % stride
+/// + i * stride` and uses parameter index `(r % groups) * channels_per_group + i / inner`:
+/// layer/RMS norm is `groups = 1, channels_per_group = row_len, inner = 1, stride = 1`;
+/// group norm over `[n, c, spatial]` is `rows = n*groups, row_len = (c/groups)*spatial,
+/// inner = spatial, stride = 1`; a norm over the channels of `[n, c, spatial]` (the Wan
+/// VAE's) is `rows = n*spatial, row_len = c, groups = 1, channels_per_group = c, inner = 1,
+/// stride = spatial`. Rows of stride > 1 take no modulation (`NormThen::Modulate`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct NormSpec {
     pub kind: NormKind,
@@ -69,6 +72,7 @@ pub struct NormSpec {
     pub groups: usize,
     pub channels_per_group: usize,
     pub inner: usize,
+    pub stride: usize,
     pub eps: f32,
 }
 

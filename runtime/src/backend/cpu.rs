@@ -206,24 +206,33 @@ impl Backend for CpuBackend {
     fn norm(&self, x: &CpuTensor, gamma: Option<&CpuTensor>, beta: Option<&CpuTensor>, s: &NormSpec) -> Result<CpuTensor> {
         let xv = Self::values(x);
         let (gv, bv) = (gamma.map(Self::values), beta.map(Self::values));
-        let mut out = vec![0.0f32; s.rows * s.row_len];
-        par_chunks_mut(&mut out, s.row_len, |r, o| {
-            let row = &xv[r * s.row_len..(r + 1) * s.row_len];
-            let n = s.row_len as f64;
-            let (mean, denom) = match s.kind {
+        let (len, stride) = (s.row_len, s.stride.max(1));
+        let at = |r: usize, i: usize| (r / stride) * len * stride + r % stride + i * stride;
+        // Per row: the mean (0 for RMS) and the denominator.
+        let mut moments = vec![(0.0f64, 1.0f64); s.rows];
+        par_chunks_mut(&mut moments, 1, |r, m| {
+            let row = (0..len).map(|i| xv[at(r, i)] as f64);
+            let n = len as f64;
+            m[0] = match s.kind {
                 NormKind::MeanVar => {
-                    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
-                    let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                    let mean = row.clone().sum::<f64>() / n;
+                    let var = row.map(|v| (v - mean).powi(2)).sum::<f64>() / n;
                     (mean, (var + s.eps as f64).sqrt())
                 }
-                NormKind::Rms => (
-                    0.0,
-                    (row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n + s.eps as f64).sqrt(),
-                ),
+                NormKind::Rms => (0.0, (row.map(|v| v.powi(2)).sum::<f64>() / n + s.eps as f64).sqrt()),
             };
-            for (i, oi) in o.iter_mut().enumerate() {
+        });
+        // Contiguous rows are written a row at a time, strided ones a channel plane
+        // (`stride` elements of one index i) at a time.
+        let mut out = vec![0.0f32; s.rows * len];
+        let piece = if stride == 1 { len } else { stride };
+        par_chunks_mut(&mut out, piece, |c, o| {
+            for (j, oi) in o.iter_mut().enumerate() {
+                let e = c * piece + j;
+                let (r, i) = ((e / (len * stride)) * stride + e % stride, (e / stride) % len);
+                let (mean, denom) = moments[r];
                 let p = (r % s.groups) * s.channels_per_group + i / s.inner;
-                let y = ((row[i] as f64 - mean) / denom) as f32;
+                let y = ((xv[e] as f64 - mean) / denom) as f32;
                 *oi = y * gv.as_ref().map_or(1.0, |g| g[p]) + bv.as_ref().map_or(0.0, |b| b[p]);
             }
         });

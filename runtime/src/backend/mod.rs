@@ -64,36 +64,61 @@ pub trait Backend {
         Self: Sized,
     {
         let y = self.norm(x, gamma, beta, spec)?;
-        let out = self.alloc(y.shape(), y.dtype())?;
-        let flat = |shape: &[usize]| View::strided(0, contiguous_strides(shape));
-        let map = match then {
-            NormThen::Silu => {
-                let shape = vec![y.numel()];
-                let spec = MapSpec {
-                    op: MapOp::Unary(UnaryOp::Silu),
-                    inputs: vec![flat(&shape)],
-                    out: flat(&shape),
-                    shape,
-                    alpha: 1.0,
-                    beta: 0.0,
-                };
-                self.map(&[&y], &out, &spec)
-            }
-            NormThen::Modulate { scale, shift } => {
-                let batch = scale.numel() / spec.row_len.max(1);
-                let shape = vec![batch, spec.rows / batch.max(1), spec.row_len];
-                let per_batch = View::strided(0, vec![spec.row_len, 0, 1]);
-                let spec = MapSpec {
-                    op: MapOp::Modulate,
-                    inputs: vec![flat(&shape), per_batch.clone(), per_batch],
-                    out: flat(&shape),
-                    shape,
-                    alpha: 1.0,
-                    beta: 0.0,
-                };
-                self.map(&[&y, scale, shift], &out, &spec)
-            }
+        let (scale, shift) = match then {
+            NormThen::Silu => return unary(self, &y, UnaryOp::Silu),
+            NormThen::Modulate { scale, shift } => (scale, shift),
         };
-        map.map(|_| out)
+        let out = self.alloc(y.shape(), y.dtype())?;
+        let batch = scale.numel() / spec.row_len.max(1);
+        let shape = vec![batch, spec.rows / batch.max(1), spec.row_len];
+        let per_batch = View::strided(0, vec![spec.row_len, 0, 1]);
+        let spec = MapSpec {
+            op: MapOp::Modulate,
+            inputs: vec![flat(&shape), per_batch.clone(), per_batch],
+            out: flat(&shape),
+            shape,
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        self.map(&[&y, scale, shift], &out, &spec)?;
+        Ok(out)
     }
+
+    /// `matmul` (bias included) followed by the elementwise `then`, validated by `ops`.
+    /// Backends that apply the activation in the product's epilogue override it; this
+    /// composition of the primitives is its specification.
+    fn matmul_then(
+        &self,
+        a: &Tensor<Self>,
+        b: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        spec: &MatmulSpec,
+        then: UnaryOp,
+    ) -> Result<Tensor<Self>>
+    where
+        Self: Sized,
+    {
+        unary(self, &self.matmul(a, b, bias, spec)?, then)
+    }
+}
+
+/// The contiguous view of a tensor of `shape`.
+fn flat(shape: &[usize]) -> View {
+    View::strided(0, contiguous_strides(shape))
+}
+
+/// `op` applied to every element of `y`, into a new tensor.
+fn unary<B: Backend>(b: &B, y: &Tensor<B>, op: UnaryOp) -> Result<Tensor<B>> {
+    let out = b.alloc(y.shape(), y.dtype())?;
+    let shape = vec![y.numel()];
+    let spec = MapSpec {
+        op: MapOp::Unary(op),
+        inputs: vec![flat(&shape)],
+        out: flat(&shape),
+        shape,
+        alpha: 1.0,
+        beta: 0.0,
+    };
+    b.map(&[y], &out, &spec)?;
+    Ok(out)
 }

@@ -3,6 +3,7 @@
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::ops;
+use crate::spec::UnaryOp;
 use crate::tensor::Tensor;
 use crate::weights::Params;
 
@@ -22,6 +23,11 @@ impl<B: Backend> Linear<B> {
 
     pub fn forward(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
         ops::linear(b, x, &self.weight, self.bias.as_ref())
+    }
+
+    /// `then(forward(x))`, the activation fused into the product where the backend can.
+    pub fn forward_then(&self, b: &B, x: &Tensor<B>, then: UnaryOp) -> Result<Tensor<B>> {
+        ops::linear_then(b, x, &self.weight, self.bias.as_ref(), then)
     }
 }
 
@@ -148,7 +154,7 @@ impl Activation {
         match self {
             // x * sigmoid(1.702 x)
             Activation::QuickGelu => {
-                let gate = ops::unary(b, &ops::scale(b, x, 1.702, 0.0)?, crate::spec::UnaryOp::Sigmoid)?;
+                let gate = ops::unary(b, &ops::scale(b, x, 1.702, 0.0)?, UnaryOp::Sigmoid)?;
                 ops::mul(b, x, &gate)
             }
             Activation::Gelu => ops::gelu_erf(b, x),

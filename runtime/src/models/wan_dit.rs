@@ -14,6 +14,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::models::nn::{multi_head_attention, LayerNorm, Linear};
 use crate::ops;
+use crate::spec::UnaryOp;
 use crate::tensor::{DType, Tensor};
 use crate::weights::{Params, Weights};
 
@@ -299,7 +300,7 @@ impl<B: Backend> WanDit<B> {
         let t = ops::timestep_embedding(b, timesteps, c.freq_dim, true, 0.0, 10000.0, self.dtype)?;
         let temb = self.time_2.forward(b, &ops::silu(b, &self.time_1.forward(b, &t)?)?)?;
         let modulation = self.time_proj.forward(b, &ops::silu(b, &temb)?)?.reshape(&[n, 6, dim])?;
-        let context = self.text_2.forward(b, &ops::gelu_tanh(b, &self.text_1.forward(b, context)?)?)?;
+        let context = self.text_2.forward(b, &self.text_1.forward_then(b, context, UnaryOp::GeluTanh)?)?;
         Ok(DitState {
             hidden,
             temb,
@@ -356,7 +357,7 @@ impl<B: Backend> WanDit<B> {
         };
         let x = ops::add(b, &x, &block.cross_attn.forward(b, &h, Some(&s.context), None)?)?;
         let h = ops::layer_norm_modulate(b, &x, &c_scale, &c_shift, eps)?;
-        let f = block.ffn_out.forward(b, &ops::gelu_tanh(b, &block.ffn_in.forward(b, &h)?)?)?;
+        let f = block.ffn_out.forward(b, &block.ffn_in.forward_then(b, &h, UnaryOp::GeluTanh)?)?;
         ops::gated_add(b, &x, &f, &c_gate)
     }
 

@@ -204,12 +204,10 @@ impl<B: Backend> CausalConv<B> {
     }
 }
 
-/// RMS norm over the channels of `[n, c, t, h, w]`, times `gamma` (the reference's
-/// `F.normalize(x, dim=1) * sqrt(c) * gamma`).
-fn channel_rms_norm<B: Backend>(b: &B, x: &Tensor<B>, gamma: &Tensor<B>) -> Result<Tensor<B>> {
-    let last = ops::permute(b, x, &[0, 2, 3, 4, 1])?;
-    let normed = ops::rms_norm(b, &last, Some(gamma), 1e-12)?;
-    ops::permute(b, &normed, &[0, 4, 1, 2, 3])
+/// `silu` of the RMS norm over the channels of `[n, c, t, h, w]` times `gamma`: the
+/// reference's `F.normalize(x, dim=1) * sqrt(c) * gamma`, then SiLU.
+fn norm_silu<B: Backend>(b: &B, x: &Tensor<B>, gamma: &Tensor<B>) -> Result<Tensor<B>> {
+    ops::channel_rms_norm_silu(b, x, gamma, 1e-12)
 }
 
 struct ResidualBlock<B: Backend> {
@@ -238,9 +236,9 @@ impl<B: Backend> ResidualBlock<B> {
             Some(s) => s.forward(b, x, cache)?,
             None => x.clone(),
         };
-        let y = ops::silu(b, &channel_rms_norm(b, x, &self.norm1)?)?;
+        let y = norm_silu(b, x, &self.norm1)?;
         let y = self.conv1.forward(b, &y, cache)?;
-        let y = ops::silu(b, &channel_rms_norm(b, &y, &self.norm2)?)?;
+        let y = norm_silu(b, &y, &self.norm2)?;
         let y = self.conv2.forward(b, &y, cache)?;
         ops::add(b, &y, &h)
     }
@@ -453,7 +451,7 @@ impl<B: Backend> WanVaeDecoder<B> {
     /// each time upsampler.
     fn stream(&self, b: &B, level: usize, x: Tensor<B>, cache: &mut CausalCache<B>, out: &mut Vec<Tensor<B>>) -> Result<()> {
         let Some(block) = self.up.get(level) else {
-            let x = ops::silu(b, &channel_rms_norm(b, &x, &self.norm_out)?)?;
+            let x = norm_silu(b, &x, &self.norm_out)?;
             out.push(self.conv_out.forward(b, &x, cache)?);
             return Ok(());
         };

@@ -43,6 +43,8 @@ pub(crate) struct GemmShape {
     pub ldc: usize,
     pub c_batch_stride: usize,
     pub bias: bool,
+    /// GELU (tanh approximation) on each output element, after the bias.
+    pub gelu: bool,
     /// Largest power of two (<= 256) dividing every operand's byte address.
     pub alignment: u32,
 }
@@ -236,12 +238,15 @@ impl Gemm {
             sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
             &op(cm.trans_b),
         )?;
-        if s.bias {
-            set_desc(
-                desc,
-                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
-                &sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
-            )?;
+        // cuBLASLt's GELU is the tanh approximation, applied to the f32 result before rounding.
+        let epilogue = match (s.bias, s.gelu) {
+            (false, false) => None,
+            (true, false) => Some(sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS),
+            (false, true) => Some(sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU),
+            (true, true) => Some(sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS),
+        };
+        if let Some(epilogue) = epilogue {
+            set_desc(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
         }
         let pref = lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?;
         let heuristic = (|| {
@@ -336,6 +341,7 @@ mod tests {
             ldc: 5,
             c_batch_stride: 15,
             bias: false,
+            gelu: false,
             alignment: 256,
         }
     }

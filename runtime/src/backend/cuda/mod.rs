@@ -26,10 +26,10 @@ use cudarc::nvrtc::Ptx;
 
 use crate::backend::{Backend, NormThen};
 use crate::error::{Error, Result};
-use crate::spec::{AttentionSpec, ConvSpec, MapOp, MapSpec, MatmulSpec, NormKind, NormSpec, SoftmaxSpec, View};
+use crate::spec::{AttentionSpec, ConvSpec, MapOp, MapSpec, MatmulSpec, NormKind, NormSpec, SoftmaxSpec, UnaryOp, View};
 use crate::tensor::{contiguous_strides, numel, DType, HostData, HostTensor, Tensor};
 
-use compile::{Family, FLASH_KEYS_PER_TILE, FLASH_WARPS};
+use compile::{Family, FLASH_KEYS_PER_TILE, FLASH_SM90_STAGES, FLASH_WARPS};
 use gemm::{alignment_of, natural_lda, natural_ldb, Gemm, GemmShape};
 pub use pool::MemoryStats;
 use pool::{rounded, Pool};
@@ -63,8 +63,8 @@ const FLASH_F16: [&str; 7] = [
     "flash_attention_f16_d128",
     "flash_attention_f16_d160",
 ];
-/// The Hopper (wgmma) flash kernels: head sizes 64 and 128 exactly, 128 query rows and 128
-/// keys per tile, two warpgroups.
+/// The Hopper (wgmma, TMA) flash kernels: head sizes 64 and 128 exactly, 128 query rows and
+/// 128 keys per tile, a producer and two consumer warpgroups.
 const FLASH_SM90_BF16: [(usize, &str); 2] = [(64, "flash_attention_sm90_bf16_d64"), (128, "flash_attention_sm90_bf16_d128")];
 const FLASH_SM90_F16: [(usize, &str); 2] = [(64, "flash_attention_sm90_f16_d64"), (128, "flash_attention_sm90_f16_d128")];
 const FLASH_SM90_ROWS: usize = 128;
@@ -85,12 +85,62 @@ const CONV_IGEMM_F16: &[(usize, &str, &str)] = &[
 ];
 const CONV_IGEMM_POSITIONS: usize = 128;
 
-/// One flash-attention launch shape: kernel, query rows per block, threads, shared bytes.
+/// One flash-attention launch shape: kernel, query rows per block, threads, shared bytes,
+/// and whether it reads Q, K and V through TMA tensor maps (the Hopper kernels) rather than
+/// pointers.
 struct FlashKernel {
     name: &'static str,
     rows: usize,
     threads: u32,
     smem: u32,
+    tma: bool,
+}
+
+/// A TMA tensor map, passed to a kernel by value.
+#[repr(transparent)]
+struct TensorMap(drv_sys::CUtensorMap);
+
+// SAFETY: 128 plain bytes, received by the kernel as a `__grid_constant__` TmaMap of the
+// same size.
+unsafe impl DeviceRepr for TensorMap {}
+
+/// The tensor map the Hopper attention kernel reads a `[batch_heads, len, head_dim]`
+/// 16-bit tensor at `ptr` through: boxes of 64 columns x `rows` rows x 1 head, 128-byte
+/// swizzled, zeros outside the tensor. `ptr` must be 16-byte aligned and `head_dim` a
+/// multiple of 64 (the caller checks both).
+fn attention_tensor_map(ptr: u64, dtype: DType, batch_heads: usize, len: usize, head_dim: usize, rows: usize) -> Result<TensorMap> {
+    use drv_sys::{CUtensorMapDataType as Ty, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle};
+    let ty = match dtype {
+        DType::BF16 => Ty::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        DType::F16 => Ty::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        DType::F32 => return Err(Error::Invalid("TMA attention takes 16-bit tensors".into())),
+    };
+    let dims = [head_dim as u64, len as u64, batch_heads as u64];
+    let strides = [(head_dim * 2) as u64, (len * head_dim * 2) as u64];
+    let boxes = [64u32, rows as u32, 1];
+    let steps = [1u32; 3];
+    let mut map = std::mem::MaybeUninit::<drv_sys::CUtensorMap>::uninit();
+    // SAFETY: every array holds `rank` (3) entries, strides `rank - 1`; `map` is written by
+    // the call before it is read.
+    unsafe {
+        drv_sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            ty,
+            3,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()
+        .map_err(|e| gpu_err(&format!("attention tensor map of [{batch_heads}, {len}, {head_dim}]"), e))?;
+        Ok(TensorMap(map.assume_init()))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -264,6 +314,7 @@ struct NormApply {
     groups: u32,
     channels_per_group: u32,
     inner: u32,
+    stride: u32,
     kind: i32,
     epilogue: i32,
     x_dtype: i32,
@@ -368,6 +419,26 @@ fn vectorizable(s: &MapSpec, out_dtype: DType, inputs: &[&CudaTensor]) -> bool {
             .iter()
             .zip(&s.inputs)
             .all(|(t, v)| v.div[last] <= 1 && (v.strides[last] == 0 || (v.strides[last] == 1 && t.dtype().size() == 2 && aligned(v))))
+}
+
+/// Whether rope may take `map_kernel`'s four-pair path (see elementwise.cu): 16-bit x, out
+/// and tables; x and out step 2 per pair from 16-byte aligned groups of four pairs, the
+/// tables 1 per pair from 8-byte aligned groups.
+fn rope_vectorizable(s: &MapSpec, out_dtype: DType, inputs: &[&CudaTensor]) -> bool {
+    let Some(last) = s.shape.len().checked_sub(1) else { return false };
+    let fits = |v: &View, step: usize, align: usize| {
+        v.strides[last] == step
+            && v.div[last] <= 1
+            && v.offset.is_multiple_of(align)
+            && v.strides[..last].iter().all(|st| st.is_multiple_of(align))
+    };
+    s.op == MapOp::Rope
+        && s.shape[last].is_multiple_of(4)
+        && out_dtype.size() == 2
+        && inputs.iter().all(|t| t.dtype().size() == 2)
+        && fits(&s.out, 2, 8)
+        && fits(&s.inputs[0], 2, 8)
+        && s.inputs[1..].iter().all(|v| fits(v, 1, 4))
 }
 
 /// A copy that transposes the last two dimensions of a contiguous input, as (batch, input
@@ -701,6 +772,7 @@ impl CudaBackend {
             groups: u32_of(s.groups, "groups")?,
             channels_per_group: u32_of(s.channels_per_group, "channels per group")?,
             inner: u32_of(s.inner, "inner")?,
+            stride: u32_of(s.stride, "stride")?,
             kind,
             epilogue,
             x_dtype: dt,
@@ -712,6 +784,23 @@ impl CudaBackend {
             rows_per_batch: u32_of(rows_per_batch, "rows per batch")?,
         };
         let (op, gp, bp) = (Self::ptr(&out), gamma.map_or(0, Self::ptr), beta.map_or(0, Self::ptr));
+        if s.stride > 1 {
+            if epilogue == 2 {
+                return Err(Error::Invalid("CUDA norm: rows of stride > 1 take no modulation".into()));
+            }
+            let f = self.function(Family::Norm, "norm_strided")?;
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(256), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut l = self.stream.launch_builder(&f);
+            l.arg(&p).arg(&rows).arg(&xp).arg(&op).arg(&gp).arg(&bp);
+            // SAFETY: arguments match norm_strided's signature; ops checked that rows * row_len
+            // elements at this stride are the tensor's.
+            unsafe { l.launch(cfg) }.map_err(|e| gpu_err("norm_strided", e))?;
+            return Ok(out);
+        }
         if s.row_len <= NORM_ROW_MAX {
             let f = self.function(Family::Norm, "norm_rows")?;
             let cfg = LaunchConfig {
@@ -919,6 +1008,7 @@ impl CudaBackend {
                         ldc: plane,
                         c_batch_stride: 0,
                         bias: false,
+                        gelu: false,
                         alignment: 256,
                     };
                     let a_ptr = Self::ptr(w) + (g * cout_g * rows) as u64 * es;
@@ -986,6 +1076,7 @@ impl CudaBackend {
                 ldc: kv,
                 c_batch_stride: n * kv,
                 bias: false,
+                gelu: false,
                 alignment: 256,
             };
             self.gemm(&qk, Self::ptr(q) + (q0 * d) as u64 * es, Self::ptr(k), Self::ptr(&scores), 0)?;
@@ -1036,9 +1127,61 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// The matmul primitive, optionally with GELU (tanh) in cuBLASLt's epilogue; a bias it
+    /// cannot fuse (another dtype) must not come with `gelu`.
+    fn matmul_epilogue(&self, a: &CudaTensor, b: &CudaTensor, bias: Option<&CudaTensor>, s: &MatmulSpec, gelu: bool) -> Result<CudaTensor> {
+        let _scope = self.scope("matmul");
+        let dtype = a.dtype();
+        let b = crate::ops::cast(self, b, dtype)?;
+        let out = self.tensor(&[s.batch, s.m, s.n], dtype)?;
+        let fused_bias = bias.filter(|t| t.dtype() == dtype);
+        let shape = GemmShape {
+            dtype,
+            c_dtype: dtype,
+            batch: s.batch,
+            m: s.m,
+            n: s.n,
+            k: s.k,
+            trans_a: s.trans_a,
+            trans_b: s.trans_b,
+            a_batch_stride: s.a_batch_stride,
+            b_batch_stride: s.b_batch_stride,
+            lda: natural_lda(s.trans_a, s.m, s.k),
+            ldb: natural_ldb(s.trans_b, s.k, s.n),
+            ldc: s.n,
+            c_batch_stride: s.m * s.n,
+            bias: fused_bias.is_some(),
+            gelu,
+            alignment: 256,
+        };
+        let (ap, bp, cp, biasp) = (Self::ptr(a), Self::ptr(&b), Self::ptr(&out), fused_bias.map_or(0, Self::ptr));
+        let broadcast = s.batch > 1 && (s.a_batch_stride == 0 || s.b_batch_stride == 0);
+        if broadcast {
+            // A shared operand: one GEMM per batch item rather than a zero batch stride.
+            let es = dtype.size() as u64;
+            for bi in 0..s.batch as u64 {
+                let one = GemmShape { batch: 1, ..shape };
+                self.gemm(
+                    &one,
+                    ap + bi * (s.a_batch_stride as u64) * es,
+                    bp + bi * (s.b_batch_stride as u64) * es,
+                    cp + bi * (s.m * s.n) as u64 * es,
+                    biasp,
+                )?;
+            }
+        } else {
+            self.gemm(&shape, ap, bp, cp, biasp)?;
+        }
+        if let Some(bias) = bias.filter(|_| fused_bias.is_none()) {
+            self.add_channel_bias(&out, bias, s.batch * s.m, s.n, 1)?;
+        }
+        Ok(out)
+    }
+
     /// The flash kernel for this attention, if one applies: the Hopper kernel on sm_90 for
-    /// head sizes 64 and 128, else the sm_80 kernel compiled for the next head size up.
-    fn flash_kernel(&self, dtype: DType, s: &AttentionSpec) -> Option<FlashKernel> {
+    /// head sizes 64 and 128 when every operand is 16-byte aligned (`aligned`, as TMA
+    /// needs), else the sm_80 kernel compiled for the next head size up.
+    fn flash_kernel(&self, dtype: DType, s: &AttentionSpec, aligned: bool) -> Option<FlashKernel> {
         let (names, sm90) = match dtype {
             DType::BF16 => (&FLASH_BF16, &FLASH_SM90_BF16),
             DType::F16 => (&FLASH_F16, &FLASH_SM90_F16),
@@ -1047,13 +1190,14 @@ impl CudaBackend {
         if !(s.head_dim.is_multiple_of(8) && s.scale > 0.0 && s.batch_heads <= 65535 && self.arch.0 >= 8) {
             return None;
         }
-        if self.hopper_attention && self.arch == (9, 0) {
+        if self.hopper_attention && self.arch == (9, 0) && aligned {
             if let Some(&(d, name)) = sm90.iter().find(|(d, _)| *d == s.head_dim) {
                 return Some(FlashKernel {
                     name,
                     rows: FLASH_SM90_ROWS,
-                    threads: 256,
-                    smem: ((FLASH_SM90_ROWS + 4 * FLASH_SM90_KEYS) * d * 2 + 1024) as u32,
+                    threads: 384,
+                    smem: ((FLASH_SM90_ROWS + 2 * FLASH_SM90_STAGES * FLASH_SM90_KEYS) * d * 2 + 1024) as u32,
+                    tma: true,
                 });
             }
         }
@@ -1063,6 +1207,7 @@ impl CudaBackend {
             rows: 16 * FLASH_WARPS,
             threads: 32 * FLASH_WARPS as u32,
             smem: ((16 * FLASH_WARPS + 4 * FLASH_KEYS_PER_TILE) * (FLASH_HEAD_DIMS[i] + 8) * 2) as u32,
+            tma: false,
         })
     }
 }
@@ -1113,51 +1258,15 @@ impl Backend for CudaBackend {
     }
 
     fn matmul(&self, a: &CudaTensor, b: &CudaTensor, bias: Option<&CudaTensor>, s: &MatmulSpec) -> Result<CudaTensor> {
-        let _scope = self.scope("matmul");
-        let dtype = a.dtype();
-        let b = crate::ops::cast(self, b, dtype)?;
-        let out = self.tensor(&[s.batch, s.m, s.n], dtype)?;
-        let fused_bias = bias.filter(|t| t.dtype() == dtype);
-        let shape = GemmShape {
-            dtype,
-            c_dtype: dtype,
-            batch: s.batch,
-            m: s.m,
-            n: s.n,
-            k: s.k,
-            trans_a: s.trans_a,
-            trans_b: s.trans_b,
-            a_batch_stride: s.a_batch_stride,
-            b_batch_stride: s.b_batch_stride,
-            lda: natural_lda(s.trans_a, s.m, s.k),
-            ldb: natural_ldb(s.trans_b, s.k, s.n),
-            ldc: s.n,
-            c_batch_stride: s.m * s.n,
-            bias: fused_bias.is_some(),
-            alignment: 256,
-        };
-        let (ap, bp, cp, biasp) = (Self::ptr(a), Self::ptr(&b), Self::ptr(&out), fused_bias.map_or(0, Self::ptr));
-        let broadcast = s.batch > 1 && (s.a_batch_stride == 0 || s.b_batch_stride == 0);
-        if broadcast {
-            // A shared operand: one GEMM per batch item rather than a zero batch stride.
-            let es = dtype.size() as u64;
-            for bi in 0..s.batch as u64 {
-                let one = GemmShape { batch: 1, ..shape };
-                self.gemm(
-                    &one,
-                    ap + bi * (s.a_batch_stride as u64) * es,
-                    bp + bi * (s.b_batch_stride as u64) * es,
-                    cp + bi * (s.m * s.n) as u64 * es,
-                    biasp,
-                )?;
-            }
-        } else {
-            self.gemm(&shape, ap, bp, cp, biasp)?;
+        self.matmul_epilogue(a, b, bias, s, false)
+    }
+
+    fn matmul_then(&self, a: &CudaTensor, b: &CudaTensor, bias: Option<&CudaTensor>, s: &MatmulSpec, then: UnaryOp) -> Result<CudaTensor> {
+        if then == UnaryOp::GeluTanh && bias.is_none_or(|t| t.dtype() == a.dtype()) {
+            return self.matmul_epilogue(a, b, bias, s, true);
         }
-        if let Some(bias) = bias.filter(|_| fused_bias.is_none()) {
-            self.add_channel_bias(&out, bias, s.batch * s.m, s.n, 1)?;
-        }
-        Ok(out)
+        let y = self.matmul(a, b, bias, s)?;
+        crate::ops::unary(self, &y, then)
     }
 
     fn conv(&self, x: &CudaTensor, w: &CudaTensor, bias: Option<&CudaTensor>, s: &ConvSpec) -> Result<CudaTensor> {
@@ -1210,7 +1319,8 @@ impl Backend for CudaBackend {
         if out.numel() == 0 {
             return Ok(out);
         }
-        if let Some(fk) = self.flash_kernel(dtype, s) {
+        let aligned = [qp, kp, vp].iter().all(|p| p % 16 == 0);
+        if let Some(fk) = self.flash_kernel(dtype, s, aligned) {
             let f = self.function(Family::Attention, fk.name)?;
             let scale_log2 = s.scale * std::f32::consts::LOG2_E;
             let cfg = LaunchConfig {
@@ -1222,16 +1332,27 @@ impl Backend for CudaBackend {
                 block_dim: (fk.threads, 1, 1),
                 shared_mem_bytes: fk.smem,
             };
+            let maps = if fk.tma {
+                let map = |p, len| attention_tensor_map(p, dtype, s.batch_heads, len, s.head_dim, FLASH_SM90_KEYS);
+                Some([map(qp, s.q_len)?, map(kp, s.kv_len)?, map(vp, s.kv_len)?])
+            } else {
+                None
+            };
             let mut l = self.stream.launch_builder(&f);
-            l.arg(&qp)
-                .arg(&kp)
-                .arg(&vp)
-                .arg(&op)
-                .arg(&q_len)
-                .arg(&kv_len)
-                .arg(&head_dim)
-                .arg(&scale_log2);
-            // SAFETY: arguments match the flash kernels' signatures; tensors are [bh, len, head_dim].
+            match &maps {
+                Some([tq, tk, tv]) => l.arg(tq).arg(tk).arg(tv).arg(&op).arg(&q_len).arg(&kv_len).arg(&scale_log2),
+                None => l
+                    .arg(&qp)
+                    .arg(&kp)
+                    .arg(&vp)
+                    .arg(&op)
+                    .arg(&q_len)
+                    .arg(&kv_len)
+                    .arg(&head_dim)
+                    .arg(&scale_log2),
+            };
+            // SAFETY: arguments match the chosen kernel's signature (tensor maps for the Hopper
+            // kernels, pointers otherwise); tensors are [bh, len, head_dim].
             unsafe { l.launch(cfg) }.map_err(|e| gpu_err(fk.name, e))?;
             return Ok(out);
         }
@@ -1322,10 +1443,18 @@ impl Backend for CudaBackend {
         if let Some((batch, rows, cols)) = transposition(s) {
             return self.transpose(inputs[0], out, s, batch, rows, cols);
         }
-        p.vec = vectorizable(s, out.dtype(), inputs) as u32;
+        // Elements per thread: 8 on the vector path, 4 pairs on rope's, else 1.
+        let (vec, per_thread) = if vectorizable(s, out.dtype(), inputs) {
+            (1, 8)
+        } else if rope_vectorizable(s, out.dtype(), inputs) {
+            (2, 4)
+        } else {
+            (0, 1)
+        };
+        p.vec = vec;
         let f = self.function(Family::Elementwise, "map_kernel")?;
         let cfg = LaunchConfig {
-            grid_dim: (grid_for(if p.vec == 1 { total / 8 } else { total }, 256), 1, 1),
+            grid_dim: (grid_for(total / per_thread, 256), 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };

@@ -453,6 +453,14 @@ impl Backend for WgpuBackend {
     fn norm(&self, x: &WgpuTensor, gamma: Option<&WgpuTensor>, beta: Option<&WgpuTensor>, s: &NormSpec) -> Result<WgpuTensor> {
         let op = "norm";
         self.check(op, &[x])?;
+        if s.stride > 1 {
+            // The shader walks contiguous rows: strided ones (a channel norm) go through a
+            // transposed copy and back.
+            let outer = s.rows / s.stride;
+            let rows = crate::ops::permute(self, &x.reshape(&[outer, s.row_len, s.stride])?, &[0, 2, 1])?;
+            let y = self.norm(&rows, gamma, beta, &NormSpec { stride: 1, ..s.clone() })?;
+            return crate::ops::permute(self, &y, &[0, 2, 1])?.reshape(x.shape());
+        }
         let out = self.new_tensor(&x.shape, x.dtype)?;
         if out.numel() == 0 {
             return Ok(out);
