@@ -27,6 +27,23 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
     return h;
 }
 
+// One 16-bit value (the low half of `bits`) of dtype `dt` (f16 or bf16), as f32; and back.
+__device__ __forceinline__ float half_to_f32(u32 bits, int dt) { return dt == DT_F16 ? f16_to_f32((u16)bits) : bf16_to_f32((u16)bits); }
+__device__ __forceinline__ u32 f32_to_half(float v, int dt) { return dt == DT_F16 ? f32_to_f16(v) : f32_to_bf16(v); }
+
+// The eight 16-bit values of a 16-byte word, in memory order.
+__device__ __forceinline__ void unpack8(uint4 w, int dt, float (&v)[8]) {
+    const u32 words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = half_to_f32(words[j / 2] >> (16 * (j & 1)), dt);
+}
+__device__ __forceinline__ uint4 pack8(const float (&v)[8], int dt) {
+    u32 words[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) words[j] = f32_to_half(v[2 * j], dt) | (f32_to_half(v[2 * j + 1], dt) << 16);
+    return make_uint4(words[0], words[1], words[2], words[3]);
+}
+
 // Element `i` of a buffer of dtype `dt`, as f32.
 __device__ __forceinline__ float load_f32(const void* p, u64 i, int dt) {
     if (dt == DT_F32) return ((const float*)p)[i];
@@ -39,7 +56,7 @@ __device__ __forceinline__ void store_f32(void* p, u64 i, int dt, float v) {
     if (dt == DT_F32) {
         ((float*)p)[i] = v;
     } else {
-        ((u16*)p)[i] = dt == DT_F16 ? f32_to_f16(v) : f32_to_bf16(v);
+        ((u16*)p)[i] = f32_to_half(v, dt);
     }
 }
 

@@ -94,8 +94,6 @@ __device__ __forceinline__ float apply_op(const MapParams& p, float a, float b, 
 // How many inputs the op reads.
 __device__ __forceinline__ int arity(u32 op) { return op == OP_COPY || op == OP_UNARY ? 1 : op == OP_MODULATE || op == OP_GATED_ADD ? 3 : 2; }
 
-__device__ __forceinline__ float half_to_f32(u32 bits, int dt) { return dt == DT_F16 ? f16_to_f32((u16)bits) : bf16_to_f32((u16)bits); }
-
 __device__ void map_vec8(const MapParams& p, void* out, const void* const (&ins)[3]) {
     const int n = arity(p.op);
     const u32 last = p.rank - 1;
@@ -109,22 +107,13 @@ __device__ void map_vec8(const MapParams& p, void* out, const void* const (&ins)
 #pragma unroll
                 for (int j = 0; j < 8; ++j) x[i][j] = b;
             } else {
-                uint4 w = ((const uint4*)ins[i])[idx[i] / 8];
-                u32 words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-                for (int j = 0; j < 8; ++j) x[i][j] = half_to_f32(words[j / 2] >> (16 * (j & 1)), p.in_dtype[i]);
+                unpack8(((const uint4*)ins[i])[idx[i] / 8], p.in_dtype[i], x[i]);
             }
         }
-        u32 words[4];
+        float r[8];
 #pragma unroll
-        for (int j = 0; j < 8; j += 2) {
-            float r0 = apply_op(p, x[0][j], n > 1 ? x[1][j] : 0.0f, n > 2 ? x[2][j] : 0.0f);
-            float r1 = apply_op(p, x[0][j + 1], n > 1 ? x[1][j + 1] : 0.0f, n > 2 ? x[2][j + 1] : 0.0f);
-            u32 lo = p.out_dtype == DT_F16 ? f32_to_f16(r0) : f32_to_bf16(r0);
-            u32 hi = p.out_dtype == DT_F16 ? f32_to_f16(r1) : f32_to_bf16(r1);
-            words[j / 2] = lo | (hi << 16);
-        }
-        ((uint4*)out)[o / 8] = make_uint4(words[0], words[1], words[2], words[3]);
+        for (int j = 0; j < 8; ++j) r[j] = apply_op(p, x[0][j], n > 1 ? x[1][j] : 0.0f, n > 2 ? x[2][j] : 0.0f);
+        ((uint4*)out)[o / 8] = pack8(r, p.out_dtype);
     }
 }
 
@@ -143,10 +132,7 @@ __device__ void map_rope4(const MapParams& p, void* out, const void* const (&ins
             const float x0 = half_to_f32(xs[j] & 0xffffu, p.in_dtype[0]), x1 = half_to_f32(xs[j] >> 16, p.in_dtype[0]);
             const float cj = half_to_f32(cs[j / 2] >> (16 * (j & 1)), p.in_dtype[1]);
             const float sj = half_to_f32(ss[j / 2] >> (16 * (j & 1)), p.in_dtype[2]);
-            const float r0 = x0 * cj - x1 * sj, r1 = x0 * sj + x1 * cj;
-            const u32 lo = p.out_dtype == DT_F16 ? f32_to_f16(r0) : f32_to_bf16(r0);
-            const u32 hi = p.out_dtype == DT_F16 ? f32_to_f16(r1) : f32_to_bf16(r1);
-            words[j] = lo | (hi << 16);
+            words[j] = f32_to_half(x0 * cj - x1 * sj, p.out_dtype) | (f32_to_half(x0 * sj + x1 * cj, p.out_dtype) << 16);
         }
         ((uint4*)out)[o / 8] = make_uint4(words[0], words[1], words[2], words[3]);
     }

@@ -13,16 +13,26 @@
 // row (8 rows per block of 256): the whole row's statistics stay in registers, and the
 // second read of x hits the cache. The many short rows of a transformer (q/k RMS norm,
 // adaLN layer norm) take this path.
+// norm_rows8: norm_rows for 16-bit rows of a multiple of 256 elements, at most
+// 256 * NORM_ROW8_WORDS: each lane reads its part of the row once, as 16-byte words, and
+// keeps it in registers for the second pass.
 // norm_strided: rows whose elements lie `stride` apart (a norm over the channels of
-// [n, c, spatial], the Wan VAE's RMS norm) in place of a permute to channels-last and back:
-// one thread per row, so neighbouring threads read neighbouring positions of each channel
-// plane; two passes over the row (the second mostly from L1/L2). No modulation epilogue.
+// [n, c, spatial], the Wan VAE's RMS norm) in place of a permute to channels-last and back.
+// A block of 256 threads owns 32 neighbouring rows (positions): the lane picks the row, so
+// a warp reads 32 neighbours in one channel plane at once, and the 8 warps split the
+// channels and combine their sums in shared memory (the VAE's small frames at 384 channels
+// would leave a thread-per-row kernel a few blocks of long serial loops). Two passes over
+// the rows. No modulation epilogue.
 // softmax_rows: softmax(scale * row), one block per row: max, f64 sum of exponentials,
 // write (in its own dtype: attention writes 16-bit probabilities from f32 scores).
-// Layout: contiguous rows; any storage dtypes, f32 arithmetic. Limits: row_len < 2^32.
+// Layout: contiguous rows, or rows of stride > 1 (norm_strided); any storage dtypes, f32
+// arithmetic. Limits: row_len < 2^32.
 
 #define NORM_MEANVAR 0
 #define NORM_RMS 1
+
+// 16-byte words per lane in norm_rows8: rows of up to 2,048 elements.
+#define NORM_ROW8_WORDS 8
 
 #define EPI_NONE 0
 #define EPI_SILU 1
@@ -76,10 +86,9 @@ __device__ __forceinline__ u64 norm_at(const NormApply& p, u32 row, u32 i) {
     return ((u64)(row / p.stride) * p.row_len + i) * p.stride + row % p.stride;
 }
 
-__device__ __forceinline__ void norm_store(const NormApply& p, const void* x, void* out, const void* gamma, const void* beta,
-                                           const void* mod_scale, const void* mod_shift, u32 row, u32 i, float mean, float rstd) {
-    const u64 at = norm_at(p, row, i);
-    float y = (load_f32(x, at, p.x_dtype) - mean) * rstd;
+// Applies the affine parameters and the epilogue to the normalised element i of `row`.
+__device__ __forceinline__ float norm_finish(const NormApply& p, const void* gamma, const void* beta, const void* mod_scale,
+                                             const void* mod_shift, u32 row, u32 i, float y) {
     u32 pi = (row % p.groups) * p.channels_per_group + (p.inner == 1 ? i : i / p.inner);
     if (gamma) y *= load_f32(gamma, pi, p.gamma_dtype);
     if (beta) y += load_f32(beta, pi, p.beta_dtype);
@@ -89,7 +98,15 @@ __device__ __forceinline__ void norm_store(const NormApply& p, const void* x, vo
         u64 m = (u64)(row / p.rows_per_batch) * p.row_len + i;
         y = y * (1.0f + load_f32(mod_scale, m, p.mod_dtype)) + load_f32(mod_shift, m, p.mod_dtype);
     }
-    store_f32(out, at, p.out_dtype, y);
+    return y;
+}
+
+// Normalises, finishes and stores element i of `row`.
+__device__ __forceinline__ void norm_store(const NormApply& p, const void* x, void* out, const void* gamma, const void* beta,
+                                           const void* mod_scale, const void* mod_shift, u32 row, u32 i, float mean, float rstd) {
+    const u64 at = norm_at(p, row, i);
+    const float y = (load_f32(x, at, p.x_dtype) - mean) * rstd;
+    store_f32(out, at, p.out_dtype, norm_finish(p, gamma, beta, mod_scale, mod_shift, row, i, y));
 }
 
 extern "C" __global__ void norm_apply(NormApply p, const void* x, void* out, const float2* partial, const void* gamma, const void* beta,
@@ -115,6 +132,16 @@ extern "C" __global__ void norm_apply(NormApply p, const void* x, void* out, con
     for (u32 i = lo + threadIdx.x; i < hi; i += blockDim.x) norm_store(p, x, out, gamma, beta, mod_scale, mod_shift, row, i, mean, rstd);
 }
 
+// Sums of a warp's partial moments, in f64.
+__device__ __forceinline__ void warp_moments(float s, float s2, double& ds, double& ds2) {
+    ds = s;
+    ds2 = s2;
+    for (int o = 16; o > 0; o >>= 1) {
+        ds += __shfl_xor_sync(0xffffffffu, ds, o);
+        ds2 += __shfl_xor_sync(0xffffffffu, ds2, o);
+    }
+}
+
 extern "C" __global__ void norm_rows(NormApply p, u32 rows, const void* x, void* out, const void* gamma, const void* beta, const void* mod_scale,
                                      const void* mod_shift) {
     const u32 row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
@@ -127,29 +154,74 @@ extern "C" __global__ void norm_rows(NormApply p, u32 rows, const void* x, void*
         s += v;
         s2 += v * v;
     }
-    double ds = s, ds2 = s2;
-    for (int o = 16; o > 0; o >>= 1) {
-        ds += __shfl_xor_sync(0xffffffffu, ds, o);
-        ds2 += __shfl_xor_sync(0xffffffffu, ds2, o);
-    }
+    double ds, ds2;
+    warp_moments(s, s2, ds, ds2);
     float mean, rstd;
     norm_stats(p.kind, (double)p.row_len, ds, ds2, shift, p.eps, mean, rstd);
     for (u32 i = lane; i < p.row_len; i += 32) norm_store(p, x, out, gamma, beta, mod_scale, mod_shift, row, i, mean, rstd);
 }
 
 extern "C" __global__ void norm_strided(NormApply p, u32 rows, const void* x, void* out, const void* gamma, const void* beta) {
-    const u32 row = blockIdx.x * blockDim.x + threadIdx.x;
-    if (row >= rows) return;
-    const float shift = p.kind == NORM_MEANVAR ? load_f32(x, norm_at(p, row, 0), p.x_dtype) : 0.0f;
+    __shared__ float part[2][8][32];
+    __shared__ float stats[2][32];
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, row = blockIdx.x * 32 + lane;
+    const bool live = row < rows;
+    const float shift = live && p.kind == NORM_MEANVAR ? load_f32(x, norm_at(p, row, 0), p.x_dtype) : 0.0f;
     float s = 0.0f, s2 = 0.0f;
-    for (u32 i = 0; i < p.row_len; ++i) {
-        float v = load_f32(x, norm_at(p, row, i), p.x_dtype) - shift;
+    for (u32 i = warp; live && i < p.row_len; i += 8) {
+        const float v = load_f32(x, norm_at(p, row, i), p.x_dtype) - shift;
         s += v;
         s2 += v * v;
     }
+    part[0][warp][lane] = s;
+    part[1][warp][lane] = s2;
+    __syncthreads();
+    if (warp == 0) {
+        double ts = 0.0, ts2 = 0.0;
+        for (int w = 0; w < 8; ++w) {
+            ts += part[0][w][lane];
+            ts2 += part[1][w][lane];
+        }
+        norm_stats(p.kind, (double)p.row_len, ts, ts2, shift, p.eps, stats[0][lane], stats[1][lane]);
+    }
+    __syncthreads();
+    if (!live) return;
+    for (u32 i = warp; i < p.row_len; i += 8) norm_store(p, x, out, gamma, beta, nullptr, nullptr, row, i, stats[0][lane], stats[1][lane]);
+}
+
+extern "C" __global__ void norm_rows8(NormApply p, u32 rows, const u16* x, u16* out, const void* gamma, const void* beta, const void* mod_scale,
+                                      const void* mod_shift) {
+    const u32 row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const uint4* src = (const uint4*)(x + (u64)row * p.row_len);
+    uint4* dst = (uint4*)(out + (u64)row * p.row_len);
+    const u32 words = p.row_len / 256;
+    const float shift = p.kind == NORM_MEANVAR ? load_f32(x, (u64)row * p.row_len, p.x_dtype) : 0.0f;
+    float v[NORM_ROW8_WORDS][8];
+    float s = 0.0f, s2 = 0.0f;
+#pragma unroll
+    for (int w = 0; w < NORM_ROW8_WORDS; ++w) {
+        if (w >= (int)words) break;
+        unpack8(src[w * 32 + lane], p.x_dtype, v[w]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float d = v[w][j] - shift;
+            s += d;
+            s2 += d * d;
+        }
+    }
+    double ds, ds2;
+    warp_moments(s, s2, ds, ds2);
     float mean, rstd;
-    norm_stats(p.kind, (double)p.row_len, s, s2, shift, p.eps, mean, rstd);
-    for (u32 i = 0; i < p.row_len; ++i) norm_store(p, x, out, gamma, beta, nullptr, nullptr, row, i, mean, rstd);
+    norm_stats(p.kind, (double)p.row_len, ds, ds2, shift, p.eps, mean, rstd);
+#pragma unroll
+    for (int w = 0; w < NORM_ROW8_WORDS; ++w) {
+        if (w >= (int)words) break;
+        const u32 i0 = (w * 32 + lane) * 8;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[w][j] = norm_finish(p, gamma, beta, mod_scale, mod_shift, row, i0 + j, (v[w][j] - mean) * rstd);
+        dst[w * 32 + lane] = pack8(v[w], p.out_dtype);
+    }
 }
 
 extern "C" __global__ void softmax_rows(const void* x, void* out, int x_dt, int out_dt, u32 cols, float scale) {

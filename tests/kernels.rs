@@ -310,6 +310,22 @@ fn norm_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
     check!(g, format!("layer_norm_modulate {tag}"), tol, inputs, [], |b, x, p| {
         ops::layer_norm_modulate(b, &x[0], &x[1], &x[2], 1e-6)
     });
+    // Rows of multiples of 256 (CUDA keeps 16-bit ones in registers, read as 16-byte words).
+    let inputs = [
+        random(&[2, 5, 512], dt, 3.0, seed + 20),
+        random(&[2, 1, 512], dt, 0.5, seed + 21),
+        random(&[2, 1, 512], dt, 1.0, seed + 22),
+    ];
+    check!(g, format!("layer_norm_modulate {tag} 512 wide"), tol, inputs, [], |b, x, p| {
+        ops::layer_norm_modulate(b, &x[0], &x[1], &x[2], 1e-6)
+    });
+    let inputs = [random(&[3, 7, 256], dt, 2.0, seed + 23), random(&[256], dt, 1.0, seed + 24)];
+    check!(g, format!("rms_norm {tag} 256 wide"), tol, inputs, [], |b, x, p| ops::rms_norm(
+        b,
+        &x[0],
+        Some(&x[1]),
+        1e-6
+    ));
     // The Wan VAE's norm over the channels of [n, c, t, h, w] (rows strided by t*h*w).
     for (i, shape) in [[2, 24, 3, 5, 7], [1, 96, 2, 9, 16]].iter().enumerate() {
         let inputs = [

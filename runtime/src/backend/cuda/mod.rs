@@ -43,6 +43,8 @@ const SCRATCH_BYTES: usize = 256 << 20;
 const NORM_CHUNK: usize = 8192;
 /// Longest row the one-pass, warp-per-row normalisation takes (`norm_rows`).
 const NORM_ROW_MAX: usize = 4096;
+/// Longest row `norm_rows8` keeps in registers (256 x NORM_ROW8_WORDS in norm.cu).
+const NORM_ROW8_MAX: usize = 2048;
 /// Flash-attention head sizes compiled (multiples of 16); others round up to the next.
 const FLASH_HEAD_DIMS: [usize; 7] = [32, 48, 64, 80, 96, 128, 160];
 const FLASH_BF16: [&str; 7] = [
@@ -790,7 +792,7 @@ impl CudaBackend {
             }
             let f = self.function(Family::Norm, "norm_strided")?;
             let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(256), 1, 1),
+                grid_dim: (rows.div_ceil(32), 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -802,7 +804,14 @@ impl CudaBackend {
             return Ok(out);
         }
         if s.row_len <= NORM_ROW_MAX {
-            let f = self.function(Family::Norm, "norm_rows")?;
+            // 16-byte words: 16-bit storage in and out, both 16-byte aligned.
+            let words = x.dtype().size() == 2 && out.dtype() == x.dtype() && xp % 16 == 0 && op % 16 == 0;
+            let name = if words && s.row_len.is_multiple_of(256) && s.row_len <= NORM_ROW8_MAX {
+                "norm_rows8"
+            } else {
+                "norm_rows"
+            };
+            let f = self.function(Family::Norm, name)?;
             let cfg = LaunchConfig {
                 grid_dim: (rows.div_ceil(8), 1, 1),
                 block_dim: (256, 1, 1),
@@ -817,8 +826,9 @@ impl CudaBackend {
                 .arg(&bp)
                 .arg(&mod_ptrs.0)
                 .arg(&mod_ptrs.1);
-            // SAFETY: arguments match norm_rows' signature; parameter tensors were validated by ops.
-            unsafe { l.launch(cfg) }.map_err(|e| gpu_err("norm_rows", e))?;
+            // SAFETY: arguments match the kernel's signature (norm_rows8's is norm_rows'); parameter
+            // tensors were validated by ops.
+            unsafe { l.launch(cfg) }.map_err(|e| gpu_err(name, e))?;
             return Ok(out);
         }
         let partial = self.tensor(&[s.rows, chunks, 2], DType::F32)?;
