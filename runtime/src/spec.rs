@@ -57,8 +57,9 @@ pub enum NormKind {
 }
 
 /// Normalises `rows` segments of `row_len` elements, then applies the optional affine
-/// parameters. Element `i` of row `r` lies at `(r / stride) * row_len * stride + r % stride
-/// + i * stride` and uses parameter index `(r % groups) * channels_per_group + i / inner`:
+/// parameters. Element `i` of row `r` lies at
+/// `(r / stride) * row_len * stride + r % stride + i * stride`
+/// and uses parameter index `(r % groups) * channels_per_group + i / inner`:
 /// layer/RMS norm is `groups = 1, channels_per_group = row_len, inner = 1, stride = 1`;
 /// group norm over `[n, c, spatial]` is `rows = n*groups, row_len = (c/groups)*spatial,
 /// inner = spatial, stride = 1`; a norm over the channels of `[n, c, spatial]` (the Wan
