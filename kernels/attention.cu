@@ -1,6 +1,10 @@
 // attention.cu: the runtime's `attention` primitive (spec.rs, `AttentionSpec`):
-// out = softmax(scale * q k^T) v for q [batch_heads, q_len, head_dim] and k, v
-// [batch_heads, kv_len, head_dim], contiguous, no mask. Three kernels; the runtime picks.
+// out = softmax(scale * q k^T) v per batch item and head, for q of q_len rows and k, v of
+// kv_len rows of head_dim elements, no mask. Three kernels; the runtime picks. The flash
+// kernels take each tensor's strides (`RowStrides`: between batch items, heads and rows; the
+// elements of a row are contiguous), so they read and write heads-first [batch, heads, len,
+// head_dim] and tokens-first [batch, len, heads, head_dim] tensors alike; blockIdx.y is the
+// head, blockIdx.z the batch item. attention_rows takes heads-first tensors only.
 //
 // flash_attention_sm90_{bf16,f16}_d{64,128} (Hopper, compiled only for sm_90a):
 // FlashAttention-3 style, producer and consumers. A block of three warpgroups owns 128
@@ -41,6 +45,15 @@ __device__ __forceinline__ float fast_exp2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
+
+// Element strides of a tensor: between batch items, heads and rows (RowStrides in the
+// runtime).
+struct RowStrides {
+    u64 batch, head, row;
+};
+
+// This block's (batch item, head) slice of a tensor.
+__device__ __forceinline__ u64 head_offset(const RowStrides& st) { return blockIdx.z * st.batch + blockIdx.y * st.head; }
 
 // Both flash kernels keep scores and outputs in the MMA accumulator layout: a warp holds
 // 16 rows; for n8 tile t, elements 4t + 2r and 4t + 2r + 1 of a thread's array are row
@@ -105,10 +118,11 @@ __device__ __forceinline__ void probabilities(u32 (&a)[4], const float* s, int k
     a[3] = pack2<BF16>(s[8 * kk + 6], s[8 * kk + 7]);
 }
 
-// Normalises and stores a warp's 16 output rows starting at query row `row0` (columns
-// past `head_dim`, the padding of a kernel compiled for a larger D, are dropped).
+// Normalises and stores a warp's 16 output rows starting at query row `row0` into `out`
+// (this head's rows, `row_stride` elements apart; columns past `head_dim`, the padding of a
+// kernel compiled for a larger D, are dropped).
 template <int D, bool BF16>
-__device__ __forceinline__ void store_rows(const float (&o)[D / 2], float (&row_sum)[2], u16* out, u64 bh, u32 row0, u32 q_len,
+__device__ __forceinline__ void store_rows(const float (&o)[D / 2], float (&row_sum)[2], u16* out, u64 row_stride, u32 row0, u32 q_len,
                                            u32 head_dim, int lane) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -117,7 +131,7 @@ __device__ __forceinline__ void store_rows(const float (&o)[D / 2], float (&row_
         u32 row = row0 + (lane >> 2) + 8 * r;
         if (row >= q_len) continue;
         float inv = 1.0f / row_sum[r];
-        u32* dst = (u32*)(out + (bh * q_len + row) * head_dim);
+        u32* dst = (u32*)(out + row * row_stride);
 #pragma unroll
         for (int t = 0; t < D / 8; ++t) {
             u32 col = t * 8 + 2 * (lane & 3);
@@ -126,22 +140,23 @@ __device__ __forceinline__ void store_rows(const float (&o)[D / 2], float (&row_
     }
 }
 
-// Copies rows [row0, row0 + rows) of a [len, head_dim] matrix into shared rows of STRIDE
-// elements, zero-filling rows past `len` and columns past `head_dim`.
+// Copies rows [row0, row0 + rows) of a [len, head_dim] matrix whose rows lie `row_stride`
+// elements apart into shared rows of STRIDE elements, zero-filling rows past `len` and
+// columns past `head_dim`.
 template <int D, int STRIDE, int THREADS>
-__device__ __forceinline__ void load_tile(u16* dst, const u16* src, u32 row0, u32 rows, u32 len, u32 head_dim) {
+__device__ __forceinline__ void load_tile(u16* dst, const u16* src, u64 row_stride, u32 row0, u32 rows, u32 len, u32 head_dim) {
     constexpr int CHUNKS = D / 8;
     for (int i = threadIdx.x; i < (int)rows * CHUNKS; i += THREADS) {
         int r = i / CHUNKS, c = i % CHUNKS;
         bool valid = row0 + r < len && c * 8 < (int)head_dim;
-        const u16* g = valid ? src + (u64)(row0 + r) * head_dim + c * 8 : src;
+        const u16* g = valid ? src + (row0 + r) * row_stride + c * 8 : src;
         cp_async16(smem_addr(dst + r * STRIDE + c * 8), g, valid);
     }
 }
 
 template <int D, int WARPS, bool BF16>
 __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, u16* __restrict__ out,
-                                u32 q_len, u32 kv_len, u32 head_dim, float scale_log2) {
+                                RowStrides q_st, RowStrides kv_st, u32 q_len, u32 kv_len, u32 head_dim, float scale_log2) {
     constexpr int BM = 16 * WARPS, BN = FA_BN, STRIDE = D + 8, THREADS = 32 * WARPS;
     extern __shared__ __align__(16) u16 smem[];
     u16* qs = smem;
@@ -149,15 +164,14 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
     u16* vs = ks + 2 * BN * STRIDE;
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const u64 bh = blockIdx.y;
     const u32 q0 = blockIdx.x * BM;
-    const u16* qb = q + bh * q_len * head_dim;
-    const u16* kb = k + bh * kv_len * head_dim;
-    const u16* vb = v + bh * kv_len * head_dim;
+    const u16* qb = q + head_offset(q_st);
+    const u16* kb = k + head_offset(kv_st);
+    const u16* vb = v + head_offset(kv_st);
 
-    load_tile<D, STRIDE, THREADS>(qs, qb, q0, BM, q_len, head_dim);
-    load_tile<D, STRIDE, THREADS>(ks, kb, 0, BN, kv_len, head_dim);
-    load_tile<D, STRIDE, THREADS>(vs, vb, 0, BN, kv_len, head_dim);
+    load_tile<D, STRIDE, THREADS>(qs, qb, q_st.row, q0, BM, q_len, head_dim);
+    load_tile<D, STRIDE, THREADS>(ks, kb, kv_st.row, 0, BN, kv_len, head_dim);
+    load_tile<D, STRIDE, THREADS>(vs, vb, kv_st.row, 0, BN, kv_len, head_dim);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -177,8 +191,8 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
     for (u32 j = 0; j < tiles; ++j) {
         const int buf = j & 1;
         if (j + 1 < tiles) {
-            load_tile<D, STRIDE, THREADS>(ks + (buf ^ 1) * BN * STRIDE, kb, (j + 1) * BN, BN, kv_len, head_dim);
-            load_tile<D, STRIDE, THREADS>(vs + (buf ^ 1) * BN * STRIDE, vb, (j + 1) * BN, BN, kv_len, head_dim);
+            load_tile<D, STRIDE, THREADS>(ks + (buf ^ 1) * BN * STRIDE, kb, kv_st.row, (j + 1) * BN, BN, kv_len, head_dim);
+            load_tile<D, STRIDE, THREADS>(vs + (buf ^ 1) * BN * STRIDE, vb, kv_st.row, (j + 1) * BN, BN, kv_len, head_dim);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -223,19 +237,19 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
         __syncthreads();
     }
 
-    store_rows<D, BF16>(o, row_sum, out, bh, q0 + warp * 16, q_len, head_dim, lane);
+    store_rows<D, BF16>(o, row_sum, out + head_offset(q_st), q_st.row, q0 + warp * 16, q_len, head_dim, lane);
 }
 
 #define FLASH_INSTANCE(D, WARPS)                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) flash_attention_bf16_d##D(const u16* q, const u16* k, const u16* v,       \
-                                                                                         u16* out, u32 q_len, u32 kv_len, u32 head_dim, \
-                                                                                         float scale_log2) {                            \
-        flash_attention<D, WARPS, true>(q, k, v, out, q_len, kv_len, head_dim, scale_log2);                                            \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) flash_attention_bf16_d##D(                                          \
+            const u16* q, const u16* k, const u16* v, u16* out, RowStrides q_st, RowStrides kv_st, u32 q_len, u32 kv_len, u32 head_dim,    \
+            float scale_log2) {                                                                                                         \
+        flash_attention<D, WARPS, true>(q, k, v, out, q_st, kv_st, q_len, kv_len, head_dim, scale_log2);                                   \
     }                                                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) flash_attention_f16_d##D(const u16* q, const u16* k, const u16* v,        \
-                                                                                        u16* out, u32 q_len, u32 kv_len, u32 head_dim,  \
-                                                                                        float scale_log2) {                             \
-        flash_attention<D, WARPS, false>(q, k, v, out, q_len, kv_len, head_dim, scale_log2);                                           \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) flash_attention_f16_d##D(                                           \
+            const u16* q, const u16* k, const u16* v, u16* out, RowStrides q_st, RowStrides kv_st, u32 q_len, u32 kv_len, u32 head_dim,    \
+            float scale_log2) {                                                                                                         \
+        flash_attention<D, WARPS, false>(q, k, v, out, q_st, kv_st, q_len, kv_len, head_dim, scale_log2);                                  \
     }
 
 FLASH_INSTANCE(32, FA_WARPS)
@@ -346,21 +360,22 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
 __device__ __forceinline__ void named_sync(u32 id, u32 threads) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory"); }
 __device__ __forceinline__ void named_arrive(u32 id, u32 threads) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory"); }
 
-// One TMA copy: the box of `map` at element coordinates (c0 innermost, c1, c2) into shared
-// memory at `dst`, its bytes counted on mbarrier `bar` when they land. Elements outside the
-// tensor arrive as zeros.
-__device__ __forceinline__ void tma_load(u32 dst, const TmaMap& map, u32 c0, u32 c1, u32 c2, u32 bar) {
-    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(dst),
-                 "l"(&map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+// One TMA copy: the box of `map` at element coordinates (c0 innermost, c1, c2, c3) into
+// shared memory at `dst`, its bytes counted on mbarrier `bar` when they land. Elements
+// outside the tensor arrive as zeros.
+__device__ __forceinline__ void tma_load(u32 dst, const TmaMap& map, u32 c0, u32 c1, u32 c2, u32 c3, u32 bar) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];" ::"r"(dst),
+                 "l"(&map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
                  : "memory");
 }
 
 // Producer/consumer flash attention; see the top of the file. Q, K and V come as tensor
-// maps over [batch_heads, len, D] with boxes of 64 columns x TILE rows x 1 head, 128-byte
-// swizzle: one box is one column block of a tile in the layout wgmma reads.
+// maps over (D, len, heads, batch) with boxes of 64 columns x TILE rows x 1 head x 1 item,
+// 128-byte swizzle: one box is one column block of a tile in the layout wgmma reads. The
+// output lies like Q, with strides `os`.
 template <int D, int STAGES, bool BF16>
-__device__ void flash_attention_sm90(const TmaMap& tq, const TmaMap& tk, const TmaMap& tv, u16* __restrict__ out, u32 q_len,
-                                     u32 kv_len, float scale_log2) {
+__device__ void flash_attention_sm90(const TmaMap& tq, const TmaMap& tk, const TmaMap& tv, u16* __restrict__ out, RowStrides os,
+                                     u32 q_len, u32 kv_len, float scale_log2) {
     constexpr int TILE = 128, CONSUMERS = 256;
     constexpr u32 TILE_BYTES = TILE * D * 2, BLOCK_BYTES = TILE * 128;
     extern __shared__ __align__(16) unsigned char smem_bytes[];
@@ -376,7 +391,7 @@ __device__ void flash_attention_sm90(const TmaMap& tq, const TmaMap& tk, const T
     // Phase parity of tile j's use of its stage.
     auto parity = [](u32 j) { return (j / STAGES) & 1; };
 
-    const u32 bh = blockIdx.y, q0 = blockIdx.x * TILE;
+    const u32 head = blockIdx.y, item = blockIdx.z, q0 = blockIdx.x * TILE;
     const u32 tiles = (kv_len + TILE - 1) / TILE;
     if (threadIdx.x == 0) {
         mbar_init(q_full, 1);
@@ -395,7 +410,7 @@ __device__ void flash_attention_sm90(const TmaMap& tq, const TmaMap& tk, const T
         if (threadIdx.x == 0) {
             auto load = [&](const TmaMap& map, u32 dst, u32 row0, u32 b) {
 #pragma unroll
-                for (int c = 0; c < D / 64; ++c) tma_load(dst + c * BLOCK_BYTES, map, c * 64, row0, bh, b);
+                for (int c = 0; c < D / 64; ++c) tma_load(dst + c * BLOCK_BYTES, map, c * 64, row0, head, item, b);
             };
             // K (kind 0) or V (kind 1) tile j, once the consumers released the tile STAGES
             // before it in the same stage.
@@ -507,20 +522,22 @@ __device__ void flash_attention_sm90(const TmaMap& tq, const TmaMap& tk, const T
     // Consumer 1 signalled once more than consumer 0 waited.
     if (cg == 0) my_turn();
 
-    store_rows<D, BF16>(o, row_sum, out, bh, q0 + cg * 64 + warp * 16, q_len, D, lane);
+    store_rows<D, BF16>(o, row_sum, out + head_offset(os), os.row, q0 + cg * 64 + warp * 16, q_len, D, lane);
 }
 
 // Three warpgroups: the producer and two consumers. SM90_STAGES is set by the runtime.
 #define FLASH_SM90_INSTANCE(D)                                                                                                    \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                                          \
         flash_attention_sm90_bf16_d##D(const __grid_constant__ TmaMap tq, const __grid_constant__ TmaMap tk,                      \
-                                       const __grid_constant__ TmaMap tv, u16* out, u32 q_len, u32 kv_len, float scale_log2) {   \
-        flash_attention_sm90<D, SM90_STAGES, true>(tq, tk, tv, out, q_len, kv_len, scale_log2);                                   \
+                                       const __grid_constant__ TmaMap tv, u16* out, RowStrides os, u32 q_len, u32 kv_len,        \
+                                       float scale_log2) {                                                                        \
+        flash_attention_sm90<D, SM90_STAGES, true>(tq, tk, tv, out, os, q_len, kv_len, scale_log2);                               \
     }                                                                                                                             \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                                          \
         flash_attention_sm90_f16_d##D(const __grid_constant__ TmaMap tq, const __grid_constant__ TmaMap tk,                       \
-                                      const __grid_constant__ TmaMap tv, u16* out, u32 q_len, u32 kv_len, float scale_log2) {    \
-        flash_attention_sm90<D, SM90_STAGES, false>(tq, tk, tv, out, q_len, kv_len, scale_log2);                                  \
+                                      const __grid_constant__ TmaMap tv, u16* out, RowStrides os, u32 q_len, u32 kv_len,         \
+                                      float scale_log2) {                                                                         \
+        flash_attention_sm90<D, SM90_STAGES, false>(tq, tk, tv, out, os, q_len, kv_len, scale_log2);                              \
     }
 
 FLASH_SM90_INSTANCE(64)

@@ -197,12 +197,17 @@ extern "C" __global__ void norm_rows8(NormApply p, u32 rows, const u16* x, u16* 
     uint4* dst = (uint4*)(out + (u64)row * p.row_len);
     const u32 words = p.row_len / 256;
     const float shift = p.kind == NORM_MEANVAR ? load_f32(x, (u64)row * p.row_len, p.x_dtype) : 0.0f;
+    // Every word's load is issued before the first is used: predicated, not behind a branch,
+    // so their latencies overlap.
+    uint4 raw[NORM_ROW8_WORDS];
+#pragma unroll
+    for (int w = 0; w < NORM_ROW8_WORDS; ++w) raw[w] = w < (int)words ? src[w * 32 + lane] : make_uint4(0, 0, 0, 0);
     float v[NORM_ROW8_WORDS][8];
     float s = 0.0f, s2 = 0.0f;
 #pragma unroll
     for (int w = 0; w < NORM_ROW8_WORDS; ++w) {
         if (w >= (int)words) break;
-        unpack8(src[w * 32 + lane], p.x_dtype, v[w]);
+        unpack8(raw[w], p.x_dtype, v[w]);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const float d = v[w][j] - shift;

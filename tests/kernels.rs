@@ -13,7 +13,7 @@
 //! backend in f32, f16 and bf16.
 
 use sdlite_runtime::spec::UnaryOp;
-use sdlite_runtime::{ops, Backend, CudaBackend, DType, WgpuBackend};
+use sdlite_runtime::{ops, Backend, CpuBackend, CudaBackend, DType, Tensor, WgpuBackend};
 use sdlite_tests::{
     check, cuda, cuda_implicit_gemm, cuda_portable_attention, fresh_seed, gpu, gpu_default_limits, gpu_tiny_chunks, random, TestDevice,
 };
@@ -122,6 +122,26 @@ fn matmul_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64)
             inputs,
             [with_bias as usize],
             |b, x, p| ops::linear_then(b, &x[0], &x[1], (p[0] == 1).then_some(&x[2]), UnaryOp::GeluTanh)
+        );
+    }
+    // A residual branch's closing projection (CUDA: the residual as cuBLASLt's C, a gate
+    // shared by every row folded into the weight; two batch items' gates take the composed
+    // path), with and without gate and bias.
+    for (n, gated, with_bias) in [(1, true, true), (1, true, false), (1, false, true), (2, true, true)] {
+        let inputs = [
+            random(&[n, 9, 24], dt, 1.0, seed + 3),
+            random(&[40, 24], dt, 1.0, seed + 1),
+            random(&[40], dt, 1.0, seed + 2),
+            random(&[n, 9, 40], dt, 1.0, seed + 4),
+            random(&[n, 1, 40], dt, 1.0, seed + 5),
+        ];
+        check!(
+            g,
+            format!("linear + residual {tag} items={n} gate={gated} bias={with_bias}"),
+            tol,
+            inputs,
+            [gated as usize, with_bias as usize],
+            |b, x, p| ops::linear_residual(b, &x[3], &x[0], &x[1], (p[1] == 1).then_some(&x[2]), (p[0] == 1).then_some(&x[4]))
         );
     }
 }
@@ -362,12 +382,12 @@ fn attention_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u
             continue;
         }
         let s = seed + 10 * i as u64;
+        let scale = 1.0 / (d as f32).sqrt();
         let inputs = [
             random(&[bn, h, sq, d], dt, 1.0, s),
             random(&[bn, h, skv, d], dt, 1.0, s + 1),
             random(&[bn, h, skv, d], dt, 1.0, s + 2),
         ];
-        let scale = 1.0 / (d as f32).sqrt();
         check!(
             g,
             format!("attention {tag} b{bn} h{h} q{sq} kv{skv} d{d}"),
@@ -376,7 +396,35 @@ fn attention_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u
             [scale.to_bits() as usize],
             |b, x, p| ops::attention(b, &x[0], &x[1], &x[2], f32::from_bits(p[0] as u32))
         );
+        let inputs = [
+            random(&[bn, sq, h, d], dt, 1.0, s + 3),
+            random(&[bn, skv, h, d], dt, 1.0, s + 4),
+            random(&[bn, skv, h, d], dt, 1.0, s + 5),
+        ];
+        check!(
+            g,
+            format!("attention tokens-first {tag} b{bn} q{sq} kv{skv} h{h} d{d}"),
+            tol,
+            inputs,
+            [scale.to_bits() as usize],
+            |b, x, p| ops::attention_tokens_first(b, &x[0], &x[1], &x[2], f32::from_bits(p[0] as u32))
+        );
     }
+}
+
+/// The reference reads tokens-first tensors as the heads-first attention of their permuted
+/// copies, bit for bit.
+#[test]
+fn attention_tokens_first_is_permuted_attention() {
+    let seed = fresh_seed();
+    let cpu = CpuBackend;
+    let swap = |t: &Tensor<CpuBackend>| ops::permute(&cpu, t, &[0, 2, 1, 3]).unwrap();
+    let t = |shape: &[usize], s: u64| cpu.upload(&random(shape, DType::F32, 1.0, s)).unwrap();
+    let (q, k, v) = (t(&[2, 7, 3, 16], seed), t(&[2, 5, 3, 16], seed + 1), t(&[2, 5, 3, 16], seed + 2));
+    let direct = ops::attention_tokens_first(&cpu, &q, &k, &v, 0.25).unwrap();
+    let permuted = swap(&ops::attention(&cpu, &swap(&q), &swap(&k), &swap(&v), 0.25).unwrap());
+    let read = |x: &Tensor<CpuBackend>| pollster::block_on(cpu.read(x)).unwrap().to_f32();
+    assert_eq!(read(&direct), read(&permuted), "seed {seed}");
 }
 
 #[test]
@@ -620,7 +668,7 @@ fn default_limits_tensors_over_128_mib() {
 
 #[test]
 fn bad_shapes_are_errors_not_panics() {
-    let cpu = sdlite_runtime::CpuBackend;
+    let cpu = CpuBackend;
     let t = |shape: &[usize]| cpu.upload(&random(shape, DType::F32, 1.0, 1)).unwrap();
     let err = ops::linear(&cpu, &t(&[2, 3]), &t(&[4, 5]), None).unwrap_err().to_string();
     assert!(err.contains("linear") && err.contains("in-features"), "{err}");
@@ -647,7 +695,7 @@ fn bad_shapes_are_errors_not_panics() {
 fn timestep_embedding_matches_formula() {
     // diffusers' get_timestep_embedding(t, 8, flip_sin_to_cos=True, shift=0): frequencies
     // 10000^(-i/4), cos half first.
-    let cpu = sdlite_runtime::CpuBackend;
+    let cpu = CpuBackend;
     let e = ops::timestep_embedding(&cpu, &[0.0, 500.0], 8, true, 0.0, 10000.0, DType::F32).unwrap();
     let v = pollster::block_on(cpu.read(&e)).unwrap().to_f32();
     assert_eq!(&v[..8], &[1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
@@ -715,6 +763,20 @@ fn cuda_flash_attention_long_sequence_matches_reference() {
                     inputs,
                     [d],
                     |b, x, p| ops::attention(b, &x[0], &x[1], &x[2], 1.0 / (p[0] as f32).sqrt())
+                );
+                // Tokens-first, two batch items of three heads: every stride of the layout.
+                let inputs = [
+                    random(&[2, 131, 3, d], dt, 1.0, seed + 3),
+                    random(&[2, 4133, 3, d], dt, 1.0, seed + 4),
+                    random(&[2, 4133, 3, d], dt, 1.0, seed + 5),
+                ];
+                check!(
+                    c,
+                    format!("cuda {kernel} attention tokens-first {tag} b2 kv 4133 h3 d{d}"),
+                    BF16_TOL,
+                    inputs,
+                    [d],
+                    |b, x, p| ops::attention_tokens_first(b, &x[0], &x[1], &x[2], 1.0 / (p[0] as f32).sqrt())
                 );
             }
         }

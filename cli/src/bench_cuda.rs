@@ -51,8 +51,8 @@ fn read(c: &CudaBackend, t: &Tensor<CudaBackend>) -> Result<HostTensor> {
 }
 
 /// The kernels the benchmarked models spend their time in, alone at full size, in TFLOP/s:
-/// Wan self-attention (32,760 tokens, 12 heads of 128; also through the portable sm_80
-/// kernel), the Wan FFN's first GEMM and one frame of the Wan VAE's convolutions. Beside
+/// Wan self-attention (32,760 tokens, 12 heads of 128: one tensor as q, k and v, also
+/// through the portable sm_80 kernel; distinct q, k, v in both layouts), the Wan FFN's first GEMM and one frame of the Wan VAE's convolutions. Beside
 /// them, PyTorch on the same shapes as `tests/reference/bench_cuda.py` timed them in the
 /// same machine session (`reference`, its diffusers.json).
 fn kernel_rates(c: &CudaBackend, iters: usize, reference: &serde_json::Value) -> Result<()> {
@@ -73,6 +73,25 @@ fn kernel_rates(c: &CudaBackend, iters: usize, reference: &serde_json::Value) ->
         })?;
         println!(
             "attention {s}x{h}x{d} bf16 ({kernel}): {:.2} ms, {:.0} TFLOP/s",
+            secs * 1e3,
+            4.0 * (s * s * h * d) as f64 / secs / 1e12
+        );
+    }
+    // As the DiT calls it: distinct q, k and v, heads-first and in the projections' own
+    // tokens-first layout.
+    for (shape, tokens_first) in [([1, h, s, d], false), ([1, s, h, d], true)] {
+        let (q, k, v) = (random(&shape, 11)?, random(&shape, 12)?, random(&shape, 13)?);
+        let (secs, _) = timed(c, iters, || {
+            if tokens_first {
+                ops::attention_tokens_first(c, &q, &k, &v, 0.088)?;
+            } else {
+                ops::attention(c, &q, &k, &v, 0.088)?;
+            }
+            Ok(HostTensor::from_f32(&[0], vec![])?)
+        })?;
+        let layout = if tokens_first { "[b, s, h, d]" } else { "[b, h, s, d]" };
+        println!(
+            "attention {s}x{h}x{d} bf16 (default kernel, distinct q, k, v {layout}): {:.2} ms, {:.0} TFLOP/s",
             secs * 1e3,
             4.0 * (s * s * h * d) as f64 / secs / 1e12
         );

@@ -47,6 +47,37 @@ pub fn linear_then<B: Backend>(b: &B, x: &Tensor<B>, w: &Tensor<B>, bias: Option
     b.matmul_then(x, w, bias, &spec, then)?.reshape(&shape)
 }
 
+/// `residual + gate * linear(x, w, bias)` (no gate: 1): the closing projection of a residual
+/// branch, `gate` `[batch, 1, out]` (adaLN gating) for `residual` `[batch, tokens, out]`.
+/// Backends fold the sum, and a gate shared by every row, into the product where they can.
+pub fn linear_residual<B: Backend>(
+    b: &B,
+    residual: &Tensor<B>,
+    x: &Tensor<B>,
+    w: &Tensor<B>,
+    bias: Option<&Tensor<B>>,
+    gate: Option<&Tensor<B>>,
+) -> Result<Tensor<B>> {
+    let op = "linear_residual";
+    let (spec, shape) = linear_spec(x, w, bias)?;
+    let rs = residual.shape();
+    if rs != shape.as_slice() {
+        return Err(shape_err(
+            op,
+            format!("residual {rs:?} differs from the projection's output {shape:?}"),
+        ));
+    }
+    if let Some(g) = gate {
+        if rs.len() != 3 || g.shape() != [rs[0], 1, rs[2]] {
+            return Err(shape_err(
+                op,
+                format!("gate {:?} for residual {rs:?}: expected [batch, 1, features]", g.shape()),
+            ));
+        }
+    }
+    b.matmul_residual(x, w, bias, &spec, residual, gate)
+}
+
 /// The product a linear layer runs and the shape of its output.
 fn linear_spec<B: Backend>(x: &Tensor<B>, w: &Tensor<B>, bias: Option<&Tensor<B>>) -> Result<(MatmulSpec, Vec<usize>)> {
     expect_rank("linear", "weight", w, 2)?;
@@ -417,26 +448,45 @@ pub fn softmax<B: Backend>(b: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
 /// Scaled dot-product attention on `[batch, heads, seq, head_dim]` tensors (k and v share a
 /// sequence length that may differ from q's). Never materialises the score matrix on GPUs.
 pub fn attention<B: Backend>(b: &B, q: &Tensor<B>, k: &Tensor<B>, v: &Tensor<B>, scale: f32) -> Result<Tensor<B>> {
+    attention_in(b, q, k, v, scale, false)
+}
+
+/// `attention` on tensors laid out `[batch, seq, heads, head_dim]`, as linear projections
+/// write them (reshaped); the output is laid out the same way.
+pub fn attention_tokens_first<B: Backend>(b: &B, q: &Tensor<B>, k: &Tensor<B>, v: &Tensor<B>, scale: f32) -> Result<Tensor<B>> {
+    attention_in(b, q, k, v, scale, true)
+}
+
+fn attention_in<B: Backend>(b: &B, q: &Tensor<B>, k: &Tensor<B>, v: &Tensor<B>, scale: f32, tokens_first: bool) -> Result<Tensor<B>> {
     let op = "attention";
     for (name, t) in [("q", q), ("k", k), ("v", v)] {
         expect_rank(op, name, t, 4)?;
     }
     let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
-    if ks != vs || qs[0] != ks[0] || qs[1] != ks[1] || qs[3] != ks[3] {
+    // Positions of the head and sequence dimensions.
+    let (hd, sd, layout) = if tokens_first {
+        (2, 1, "[b, s, h, d]")
+    } else {
+        (1, 2, "[b, h, s, d]")
+    };
+    if ks != vs || qs[0] != ks[0] || qs[hd] != ks[hd] || qs[3] != ks[3] {
         return Err(shape_err(
             op,
-            format!("q {qs:?}, k {ks:?}, v {vs:?} disagree (expected [b, h, s, d] with equal b, h, d)"),
+            format!("q {qs:?}, k {ks:?}, v {vs:?} disagree (expected {layout} with equal b, h, d)"),
         ));
     }
-    if ks[2] == 0 && q.numel() > 0 {
+    if ks[sd] == 0 && q.numel() > 0 {
         return Err(shape_err(op, format!("k {ks:?} has no keys: softmax over an empty sequence")));
     }
     let spec = AttentionSpec {
-        batch_heads: qs[0] * qs[1],
-        q_len: qs[2],
-        kv_len: ks[2],
+        batch: qs[0],
+        heads: qs[hd],
+        q_len: qs[sd],
+        kv_len: ks[sd],
         head_dim: qs[3],
         scale,
+        // One head lies the same either way.
+        tokens_first: tokens_first && qs[hd] > 1,
     };
     b.attention(q, k, v, &spec)
 }

@@ -84,15 +84,45 @@ pub struct SoftmaxSpec {
     pub cols: usize,
 }
 
-/// `out = softmax(scale * q k^T) v` for q `[batch_heads, q_len, head_dim]`,
-/// k and v `[batch_heads, kv_len, head_dim]`, out like q. No mask.
+/// `out = softmax(scale * q k^T) v` for each batch item and head, over q's `q_len` rows and
+/// k's and v's `kv_len` rows of `head_dim` elements; out laid out like q. No mask.
+///
+/// The tensors lie heads-first, `[batch, heads, len, head_dim]`, or with `tokens_first`
+/// as `[batch, len, heads, head_dim]`: the layout the q/k/v projections write, so models
+/// need no permutes around attention.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AttentionSpec {
-    pub batch_heads: usize,
+    pub batch: usize,
+    pub heads: usize,
     pub q_len: usize,
     pub kv_len: usize,
     pub head_dim: usize,
     pub scale: f32,
+    pub tokens_first: bool,
+}
+
+impl AttentionSpec {
+    pub fn batch_heads(&self) -> usize {
+        self.batch * self.heads
+    }
+
+    /// Element strides `[batch, head, row]` of a tensor of `len` rows in this layout.
+    pub fn strides(&self, len: usize) -> [usize; 3] {
+        let (h, d) = (self.heads, self.head_dim);
+        if self.tokens_first {
+            [len * h * d, d, h * d]
+        } else {
+            [h * len * d, len * d, d]
+        }
+    }
+
+    /// The same attention over heads-first tensors.
+    pub fn heads_first(&self) -> Self {
+        Self {
+            tokens_first: false,
+            ..self.clone()
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -254,15 +254,26 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, s: &AttentionSpec) -> Result<CpuTensor> {
-        let (qv, vv) = (Self::values(q), Self::values(v));
-        let d = s.head_dim;
+        let (qv, kv, vv) = (Self::values(q), Self::values(k), Self::values(v));
+        let (d, heads) = (s.head_dim, s.heads);
+        let (qst, kst) = (s.strides(s.q_len), s.strides(s.kv_len));
+        // Row `r` of (batch, head) `bh` of a tensor with strides `st`.
+        let row = |st: [usize; 3], bh: usize, r: usize| (bh / heads) * st[0] + (bh % heads) * st[1] + r * st[2];
         // K transposed per head ([d, kv_len]), so each query's scores accumulate over
         // contiguous memory; every score still sums its d products in order.
-        let kt = transposed_batches(&Self::values(k), s.batch_heads, s.kv_len, d, s.kv_len * d);
-        let mut out = vec![0.0f32; s.batch_heads * s.q_len * d];
-        par_chunks_mut(&mut out, d, |row, o| {
-            let bh = row / s.q_len;
-            let qr = &qv[row * d..(row + 1) * d];
+        let mut kt = vec![0.0f32; s.batch_heads() * d * s.kv_len];
+        for (bh, kh) in kt.chunks_mut(d * s.kv_len).enumerate() {
+            for j in 0..s.kv_len {
+                for (dd, &x) in kv[row(kst, bh, j)..][..d].iter().enumerate() {
+                    kh[dd * s.kv_len + j] = x;
+                }
+            }
+        }
+        // Output rows in (batch, head, row) order, placed into q's layout at the end.
+        let mut rows = vec![0.0f32; s.batch_heads() * s.q_len * d];
+        par_chunks_mut(&mut rows, d, |i, o| {
+            let (bh, r) = (i / s.q_len, i % s.q_len);
+            let qr = &qv[row(qst, bh, r)..][..d];
             let mut scores = vec![0.0f64; s.kv_len];
             for (dd, &qd) in qr.iter().enumerate() {
                 let k_row = &kt[(bh * d + dd) * s.kv_len..][..s.kv_len];
@@ -276,7 +287,7 @@ impl Backend for CpuBackend {
             for (j, &sc) in scores.iter().enumerate() {
                 let p = (s.scale as f64 * sc - m).exp();
                 l += p;
-                for (a, &vd) in acc.iter_mut().zip(&vv[(bh * s.kv_len + j) * d..][..d]) {
+                for (a, &vd) in acc.iter_mut().zip(&vv[row(kst, bh, j)..][..d]) {
                     *a += p * vd as f64;
                 }
             }
@@ -284,6 +295,15 @@ impl Backend for CpuBackend {
                 *od = (a / l) as f32;
             }
         });
+        let out = if s.tokens_first {
+            let mut out = vec![0.0f32; rows.len()];
+            for (i, r) in rows.chunks(d).enumerate() {
+                out[row(qst, i / s.q_len, i % s.q_len)..][..d].copy_from_slice(r);
+            }
+            out
+        } else {
+            rows
+        };
         Ok(Self::make(q.shape.clone(), q.dtype, out))
     }
 

@@ -98,7 +98,58 @@ pub trait Backend {
     where
         Self: Sized,
     {
-        unary(self, &self.matmul(a, b, bias, spec)?, then)
+        matmul_then_composed(self, a, b, bias, spec, then)
+    }
+
+    /// `residual + gate * matmul(a, b, bias)` (no gate: 1), validated by `ops`: the closing
+    /// projection of a residual branch, `gate` `[batch, 1, n]` for `residual` `[batch, rows,
+    /// n]`. Backends that fold the sum (and the gate) into the product override it; this
+    /// composition of the primitives is its specification.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_residual(
+        &self,
+        a: &Tensor<Self>,
+        b: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        spec: &MatmulSpec,
+        residual: &Tensor<Self>,
+        gate: Option<&Tensor<Self>>,
+    ) -> Result<Tensor<Self>>
+    where
+        Self: Sized,
+    {
+        matmul_residual_composed(self, a, b, bias, spec, residual, gate)
+    }
+}
+
+/// `Backend::matmul_then` as a composition of primitives (its default, and the fallback of
+/// backends that fuse only some activations).
+pub(crate) fn matmul_then_composed<B: Backend>(
+    b: &B,
+    x: &Tensor<B>,
+    w: &Tensor<B>,
+    bias: Option<&Tensor<B>>,
+    spec: &MatmulSpec,
+    then: UnaryOp,
+) -> Result<Tensor<B>> {
+    unary(b, &b.matmul(x, w, bias, spec)?, then)
+}
+
+/// `Backend::matmul_residual` as a composition of primitives (its default, and the
+/// fallback of backends that fold only some cases).
+pub(crate) fn matmul_residual_composed<B: Backend>(
+    b: &B,
+    x: &Tensor<B>,
+    w: &Tensor<B>,
+    bias: Option<&Tensor<B>>,
+    spec: &MatmulSpec,
+    residual: &Tensor<B>,
+    gate: Option<&Tensor<B>>,
+) -> Result<Tensor<B>> {
+    let y = b.matmul(x, w, bias, spec)?.reshape(residual.shape())?;
+    match gate {
+        Some(g) => crate::ops::gated_add(b, residual, &y, g),
+        None => crate::ops::add(b, residual, &y),
     }
 }
 
@@ -121,4 +172,18 @@ fn unary<B: Backend>(b: &B, y: &Tensor<B>, op: UnaryOp) -> Result<Tensor<B>> {
     };
     b.map(&[y], &out, &spec)?;
     Ok(out)
+}
+
+/// Tokens-first attention for kernels that read heads-first rows only: q, k and v are
+/// permuted to `[batch, heads, len, head_dim]`, and the output back.
+pub(crate) fn attention_via_heads_first<B: Backend>(
+    b: &B,
+    q: &Tensor<B>,
+    k: &Tensor<B>,
+    v: &Tensor<B>,
+    s: &AttentionSpec,
+) -> Result<Tensor<B>> {
+    let swap = |t: &Tensor<B>| crate::ops::permute(b, t, &[0, 2, 1, 3]);
+    let out = b.attention(&swap(q)?, &swap(k)?, &swap(v)?, &s.heads_first())?;
+    swap(&out)
 }

@@ -29,6 +29,12 @@ impl<B: Backend> Linear<B> {
     pub fn forward_then(&self, b: &B, x: &Tensor<B>, then: UnaryOp) -> Result<Tensor<B>> {
         ops::linear_then(b, x, &self.weight, self.bias.as_ref(), then)
     }
+
+    /// `residual + gate * forward(x)` (no gate: 1), folded into the product where the
+    /// backend can.
+    pub fn forward_residual(&self, b: &B, residual: &Tensor<B>, x: &Tensor<B>, gate: Option<&Tensor<B>>) -> Result<Tensor<B>> {
+        ops::linear_residual(b, residual, x, &self.weight, self.bias.as_ref(), gate)
+    }
 }
 
 /// PyTorch `Conv2d` with a square kernel and stride; padding `[height, width]` before
@@ -106,21 +112,21 @@ impl<B: Backend> LayerNorm<B> {
     }
 }
 
-/// Multi-head attention on `[batch, seq, heads * head_dim]` activations: splits heads, runs
-/// the attention op on `[batch, heads, seq, head_dim]`, and joins them back.
+/// Multi-head attention on `[batch, seq, heads * head_dim]` activations, read and written in
+/// place as `[batch, seq, heads, head_dim]` (no permutes).
 pub fn multi_head_attention<B: Backend>(b: &B, q: &Tensor<B>, k: &Tensor<B>, v: &Tensor<B>, heads: usize) -> Result<Tensor<B>> {
     let (batch, q_len, dim) = (q.shape()[0], q.shape()[1], q.shape()[2]);
     let kv_len = k.shape()[1];
     let head_dim = dim / heads;
-    let split = |t: &Tensor<B>, len: usize| ops::permute(b, &t.reshape(&[batch, len, heads, head_dim])?, &[0, 2, 1, 3]);
-    let out = ops::attention(
+    let split = |t: &Tensor<B>, len: usize| t.reshape(&[batch, len, heads, head_dim]);
+    let out = ops::attention_tokens_first(
         b,
         &split(q, q_len)?,
         &split(k, kv_len)?,
         &split(v, kv_len)?,
         1.0 / (head_dim as f32).sqrt(),
     )?;
-    ops::permute(b, &out, &[0, 2, 1, 3])?.reshape(&[batch, q_len, dim])
+    out.reshape(&[batch, q_len, dim])
 }
 
 /// Attention with an additive bias on the scores (a causal mask, a relative position bias),

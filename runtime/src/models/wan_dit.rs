@@ -154,7 +154,16 @@ impl<B: Backend> WanAttention<B> {
         })
     }
 
-    fn forward(&self, b: &B, x: &Tensor<B>, context: Option<&Tensor<B>>, rope: Option<(&Tensor<B>, &Tensor<B>)>) -> Result<Tensor<B>> {
+    /// `residual + gate * attention(x)` (no gate: 1).
+    fn forward(
+        &self,
+        b: &B,
+        x: &Tensor<B>,
+        context: Option<&Tensor<B>>,
+        rope: Option<(&Tensor<B>, &Tensor<B>)>,
+        residual: &Tensor<B>,
+        gate: Option<&Tensor<B>>,
+    ) -> Result<Tensor<B>> {
         let ctx = context.unwrap_or(x);
         let q = ops::rms_norm(b, &self.q.forward(b, x)?, Some(&self.norm_q), self.eps)?;
         let k = ops::rms_norm(b, &self.k.forward(b, ctx)?, Some(&self.norm_k), self.eps)?;
@@ -170,7 +179,8 @@ impl<B: Backend> WanAttention<B> {
             }
             None => (q, k),
         };
-        self.out.forward(b, &multi_head_attention(b, &q, &k, &v, self.heads)?)
+        self.out
+            .forward_residual(b, residual, &multi_head_attention(b, &q, &k, &v, self.heads)?, gate)
     }
 }
 
@@ -349,16 +359,18 @@ impl<B: Backend> WanDit<B> {
         let (shift, scale, gate) = (part(0)?, part(1)?, part(2)?);
         let (c_shift, c_scale, c_gate) = (part(3)?, part(4)?, part(5)?);
         let h = ops::layer_norm_modulate(b, &x, &scale, &shift, eps)?;
-        let a = block.self_attn.forward(b, &h, None, Some((&s.rope_cos, &s.rope_sin)))?;
-        let x = ops::gated_add(b, &x, &a, &gate)?;
+        let x = block
+            .self_attn
+            .forward(b, &h, None, Some((&s.rope_cos, &s.rope_sin)), &x, Some(&gate))?;
         let h = match &block.cross_norm {
             Some(norm) => norm.forward(b, &x)?,
             None => x.clone(),
         };
-        let x = ops::add(b, &x, &block.cross_attn.forward(b, &h, Some(&s.context), None)?)?;
+        let x = block.cross_attn.forward(b, &h, Some(&s.context), None, &x, None)?;
         let h = ops::layer_norm_modulate(b, &x, &c_scale, &c_shift, eps)?;
-        let f = block.ffn_out.forward(b, &block.ffn_in.forward_then(b, &h, UnaryOp::GeluTanh)?)?;
-        ops::gated_add(b, &x, &f, &c_gate)
+        block
+            .ffn_out
+            .forward_residual(b, &x, &block.ffn_in.forward_then(b, &h, UnaryOp::GeluTanh)?, Some(&c_gate))
     }
 
     /// Output modulation, projection and unpatchify: the velocity `[batch, out_channels,

@@ -278,8 +278,8 @@ impl Gemm {
     }
 
     /// Runs `s` on device pointers `a`, `b`, `c` (and `bias` when `s.bias`), queued on the
-    /// backend's stream.
-    pub fn run(&self, s: &GemmShape, a: u64, b: u64, c: u64, bias: u64) -> Result<()> {
+    /// backend's stream; with `residual` (laid out like C), C = product + residual.
+    pub fn run(&self, s: &GemmShape, a: u64, b: u64, c: u64, bias: u64, residual: Option<u64>) -> Result<()> {
         let mut plans = self.plans.lock().map_err(|_| Error::Gpu("cuBLASLt plan cache poisoned".into()))?;
         if !plans.contains_key(s) {
             let plan = self.plan(s)?;
@@ -293,7 +293,7 @@ impl Gemm {
                 &bias,
             )?;
         }
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (alpha, beta) = (1.0f32, if residual.is_some() { 1.0f32 } else { 0.0 });
         // SAFETY: pointers address live device buffers of the sizes `s` describes (the
         // backend checked them); the plan's handles are live while the lock is held.
         unsafe {
@@ -306,7 +306,7 @@ impl Gemm {
                 plan.layouts[0],
                 a as *const c_void,
                 plan.layouts[1],
-                c as *const c_void,
+                residual.unwrap_or(c) as *const c_void,
                 plan.layouts[2],
                 c as *mut c_void,
                 plan.layouts[2],

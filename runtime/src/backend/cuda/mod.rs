@@ -106,29 +106,48 @@ struct TensorMap(drv_sys::CUtensorMap);
 // same size.
 unsafe impl DeviceRepr for TensorMap {}
 
-/// The tensor map the Hopper attention kernel reads a `[batch_heads, len, head_dim]`
-/// 16-bit tensor at `ptr` through: boxes of 64 columns x `rows` rows x 1 head, 128-byte
-/// swizzled, zeros outside the tensor. `ptr` must be 16-byte aligned and `head_dim` a
-/// multiple of 64 (the caller checks both).
-fn attention_tensor_map(ptr: u64, dtype: DType, batch_heads: usize, len: usize, head_dim: usize, rows: usize) -> Result<TensorMap> {
+/// Element strides between batch items, heads and rows: `RowStrides` in attention.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RowStrides {
+    batch: u64,
+    head: u64,
+    row: u64,
+}
+// SAFETY: plain old data laid out like `RowStrides` in attention.cu.
+unsafe impl DeviceRepr for RowStrides {}
+
+impl RowStrides {
+    fn of(s: &AttentionSpec, len: usize) -> Self {
+        let [batch, head, row] = s.strides(len).map(|x| x as u64);
+        Self { batch, head, row }
+    }
+}
+
+/// The tensor map the Hopper attention kernel reads a 16-bit tensor of `len` rows at `ptr`
+/// through (in `s`'s layout): dimensions (head_dim, len, heads, batch), boxes of 64 columns
+/// x `rows` rows of one head, 128-byte swizzled, zeros outside the tensor. `ptr` must be
+/// 16-byte aligned and `head_dim` a multiple of 64 (the caller checks both).
+fn attention_tensor_map(ptr: u64, dtype: DType, s: &AttentionSpec, len: usize, rows: usize) -> Result<TensorMap> {
     use drv_sys::{CUtensorMapDataType as Ty, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle};
     let ty = match dtype {
         DType::BF16 => Ty::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         DType::F16 => Ty::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
         DType::F32 => return Err(Error::Invalid("TMA attention takes 16-bit tensors".into())),
     };
-    let dims = [head_dim as u64, len as u64, batch_heads as u64];
-    let strides = [(head_dim * 2) as u64, (len * head_dim * 2) as u64];
-    let boxes = [64u32, rows as u32, 1];
-    let steps = [1u32; 3];
+    let st = RowStrides::of(s, len);
+    let dims = [s.head_dim as u64, len as u64, s.heads as u64, s.batch as u64];
+    let strides = [st.row * 2, st.head * 2, st.batch * 2];
+    let boxes = [64u32, rows as u32, 1, 1];
+    let steps = [1u32; 4];
     let mut map = std::mem::MaybeUninit::<drv_sys::CUtensorMap>::uninit();
-    // SAFETY: every array holds `rank` (3) entries, strides `rank - 1`; `map` is written by
+    // SAFETY: every array holds `rank` (4) entries, strides `rank - 1`; `map` is written by
     // the call before it is read.
     unsafe {
         drv_sys::cuTensorMapEncodeTiled(
             map.as_mut_ptr(),
             ty,
-            3,
+            4,
             ptr as *mut std::ffi::c_void,
             dims.as_ptr(),
             strides.as_ptr(),
@@ -140,7 +159,7 @@ fn attention_tensor_map(ptr: u64, dtype: DType, batch_heads: usize, len: usize, 
             CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
         .result()
-        .map_err(|e| gpu_err(&format!("attention tensor map of [{batch_heads}, {len}, {head_dim}]"), e))?;
+        .map_err(|e| gpu_err(&format!("attention tensor map of {len} rows, {s:?}"), e))?;
         Ok(TensorMap(map.assume_init()))
     }
 }
@@ -713,12 +732,17 @@ impl CudaBackend {
     }
 
     fn gemm(&self, shape: &GemmShape, a: u64, b: u64, c: u64, bias: u64) -> Result<()> {
+        self.gemm_onto(shape, a, b, c, bias, None)
+    }
+
+    /// `gemm`, adding `residual` (laid out like C) to the product when given.
+    fn gemm_onto(&self, shape: &GemmShape, a: u64, b: u64, c: u64, bias: u64, residual: Option<u64>) -> Result<()> {
         self.bind()?;
         let s = GemmShape {
-            alignment: alignment_of(&[a, b, c, bias]),
+            alignment: alignment_of(&[a, b, c, bias, residual.unwrap_or(0)]),
             ..*shape
         };
-        self.gemm.run(&s, a, b, c, bias)
+        self.gemm.run(&s, a, b, c, bias, residual)
     }
 
     fn norm_fused(
@@ -1063,7 +1087,7 @@ impl CudaBackend {
     fn attention_by_scores(&self, q: &CudaTensor, k: &CudaTensor, v: &CudaTensor, out: &CudaTensor, s: &AttentionSpec) -> Result<()> {
         let dtype = q.dtype();
         let es = dtype.size() as u64;
-        let (bh, kv, d) = (s.batch_heads, s.kv_len, s.head_dim);
+        let (bh, kv, d) = (s.batch_heads(), s.kv_len, s.head_dim);
         let rows = (SCRATCH_BYTES / (bh * kv * 4).max(1)).clamp(1, s.q_len);
         let scores = self.tensor(&[bh * rows * kv], DType::F32)?;
         let probs = self.tensor(&[bh * rows * kv], dtype)?;
@@ -1137,9 +1161,18 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The matmul primitive, optionally with GELU (tanh) in cuBLASLt's epilogue; a bias it
-    /// cannot fuse (another dtype) must not come with `gelu`.
-    fn matmul_epilogue(&self, a: &CudaTensor, b: &CudaTensor, bias: Option<&CudaTensor>, s: &MatmulSpec, gelu: bool) -> Result<CudaTensor> {
+    /// The matmul primitive, optionally with GELU (tanh) in cuBLASLt's epilogue or a
+    /// `residual` (`[batch, m, n]`, the product's dtype) added to the product; a bias it
+    /// cannot fuse (another dtype) is added afterwards, so it must not come with `gelu`.
+    fn matmul_epilogue(
+        &self,
+        a: &CudaTensor,
+        b: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        s: &MatmulSpec,
+        gelu: bool,
+        residual: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
         let _scope = self.scope("matmul");
         let dtype = a.dtype();
         let b = crate::ops::cast(self, b, dtype)?;
@@ -1165,22 +1198,25 @@ impl CudaBackend {
             alignment: 256,
         };
         let (ap, bp, cp, biasp) = (Self::ptr(a), Self::ptr(&b), Self::ptr(&out), fused_bias.map_or(0, Self::ptr));
+        let rp = residual.map(Self::ptr);
         let broadcast = s.batch > 1 && (s.a_batch_stride == 0 || s.b_batch_stride == 0);
         if broadcast {
             // A shared operand: one GEMM per batch item rather than a zero batch stride.
             let es = dtype.size() as u64;
             for bi in 0..s.batch as u64 {
                 let one = GemmShape { batch: 1, ..shape };
-                self.gemm(
+                let item = bi * (s.m * s.n) as u64 * es;
+                self.gemm_onto(
                     &one,
                     ap + bi * (s.a_batch_stride as u64) * es,
                     bp + bi * (s.b_batch_stride as u64) * es,
-                    cp + bi * (s.m * s.n) as u64 * es,
+                    cp + item,
                     biasp,
+                    rp.map(|r| r + item),
                 )?;
             }
         } else {
-            self.gemm(&shape, ap, bp, cp, biasp)?;
+            self.gemm_onto(&shape, ap, bp, cp, biasp, rp)?;
         }
         if let Some(bias) = bias.filter(|_| fused_bias.is_none()) {
             self.add_channel_bias(&out, bias, s.batch * s.m, s.n, 1)?;
@@ -1197,7 +1233,7 @@ impl CudaBackend {
             DType::F16 => (&FLASH_F16, &FLASH_SM90_F16),
             DType::F32 => return None,
         };
-        if !(s.head_dim.is_multiple_of(8) && s.scale > 0.0 && s.batch_heads <= 65535 && self.arch.0 >= 8) {
+        if !(s.head_dim.is_multiple_of(8) && s.scale > 0.0 && s.heads <= 65535 && s.batch <= 65535 && self.arch.0 >= 8) {
             return None;
         }
         if self.hopper_attention && self.arch == (9, 0) && aligned {
@@ -1268,15 +1304,47 @@ impl Backend for CudaBackend {
     }
 
     fn matmul(&self, a: &CudaTensor, b: &CudaTensor, bias: Option<&CudaTensor>, s: &MatmulSpec) -> Result<CudaTensor> {
-        self.matmul_epilogue(a, b, bias, s, false)
+        self.matmul_epilogue(a, b, bias, s, false, None)
     }
 
     fn matmul_then(&self, a: &CudaTensor, b: &CudaTensor, bias: Option<&CudaTensor>, s: &MatmulSpec, then: UnaryOp) -> Result<CudaTensor> {
         if then == UnaryOp::GeluTanh && bias.is_none_or(|t| t.dtype() == a.dtype()) {
-            return self.matmul_epilogue(a, b, bias, s, true);
+            return self.matmul_epilogue(a, b, bias, s, true, None);
         }
-        let y = self.matmul(a, b, bias, s)?;
-        crate::ops::unary(self, &y, then)
+        crate::backend::matmul_then_composed(self, a, b, bias, s, then)
+    }
+
+    /// The residual is cuBLASLt's C input (beta 1). A gate shared by every row is folded
+    /// into the product: the weight's rows (output features) and the bias are scaled by it
+    /// first, `h (g w)^T + g b = g (h w^T + b)`; one 16-bit rounding of `g w` stands in for
+    /// the rounding of the product before the gate.
+    fn matmul_residual(
+        &self,
+        a: &CudaTensor,
+        w: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        s: &MatmulSpec,
+        residual: &CudaTensor,
+        gate: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        let dtype = a.dtype();
+        let same = |t: &CudaTensor| t.dtype() == dtype;
+        let foldable =
+            s.batch == 1 && s.trans_b && same(residual) && bias.is_none_or(same) && gate.is_none_or(|g| same(g) && g.numel() == s.n);
+        if !foldable {
+            return crate::backend::matmul_residual_composed(self, a, w, bias, s, residual, gate);
+        }
+        let _scope = self.scope("matmul + residual");
+        let (w, bias) = match gate {
+            None => (w.clone(), bias.cloned()),
+            Some(g) => {
+                let w = crate::ops::mul(self, &crate::ops::cast(self, w, dtype)?, &g.reshape(&[s.n, 1])?)?;
+                let bias = bias.map(|t| crate::ops::mul(self, t, &g.reshape(&[s.n])?)).transpose()?;
+                (w, bias)
+            }
+        };
+        self.matmul_epilogue(a, &w, bias.as_ref(), s, false, Some(residual))?
+            .reshape(residual.shape())
     }
 
     fn conv(&self, x: &CudaTensor, w: &CudaTensor, bias: Option<&CudaTensor>, s: &ConvSpec) -> Result<CudaTensor> {
@@ -1336,35 +1404,49 @@ impl Backend for CudaBackend {
             let cfg = LaunchConfig {
                 grid_dim: (
                     u32_of(s.q_len.div_ceil(fk.rows), "attention query blocks")?,
-                    s.batch_heads as u32,
-                    1,
+                    s.heads as u32,
+                    s.batch as u32,
                 ),
                 block_dim: (fk.threads, 1, 1),
                 shared_mem_bytes: fk.smem,
             };
+            let (q_st, kv_st) = (RowStrides::of(s, s.q_len), RowStrides::of(s, s.kv_len));
             let maps = if fk.tma {
-                let map = |p, len| attention_tensor_map(p, dtype, s.batch_heads, len, s.head_dim, FLASH_SM90_KEYS);
+                let map = |p, len| attention_tensor_map(p, dtype, s, len, FLASH_SM90_KEYS);
                 Some([map(qp, s.q_len)?, map(kp, s.kv_len)?, map(vp, s.kv_len)?])
             } else {
                 None
             };
             let mut l = self.stream.launch_builder(&f);
             match &maps {
-                Some([tq, tk, tv]) => l.arg(tq).arg(tk).arg(tv).arg(&op).arg(&q_len).arg(&kv_len).arg(&scale_log2),
+                Some([tq, tk, tv]) => l
+                    .arg(tq)
+                    .arg(tk)
+                    .arg(tv)
+                    .arg(&op)
+                    .arg(&q_st)
+                    .arg(&q_len)
+                    .arg(&kv_len)
+                    .arg(&scale_log2),
                 None => l
                     .arg(&qp)
                     .arg(&kp)
                     .arg(&vp)
                     .arg(&op)
+                    .arg(&q_st)
+                    .arg(&kv_st)
                     .arg(&q_len)
                     .arg(&kv_len)
                     .arg(&head_dim)
                     .arg(&scale_log2),
             };
             // SAFETY: arguments match the chosen kernel's signature (tensor maps for the Hopper
-            // kernels, pointers otherwise); tensors are [bh, len, head_dim].
+            // kernels, pointers otherwise); the strides and maps describe the tensors' layout.
             unsafe { l.launch(cfg) }.map_err(|e| gpu_err(fk.name, e))?;
             return Ok(out);
+        }
+        if s.tokens_first {
+            return crate::backend::attention_via_heads_first(self, q, &k, &v, s);
         }
         if dtype != DType::F32 {
             self.attention_by_scores(q, &k, &v, &out, s)?;
@@ -1374,8 +1456,8 @@ impl Backend for CudaBackend {
             return Err(Error::Invalid(format!("CUDA attention: head_dim {} exceeds 512", s.head_dim)));
         }
         let f = self.function(Family::Attention, "attention_rows")?;
-        let rows = s.batch_heads * s.q_len;
-        let (dt, bh, scale) = (dtype_code(dtype) as i32, u32_of(s.batch_heads, "batch_heads")?, s.scale);
+        let rows = s.batch_heads() * s.q_len;
+        let (dt, bh, scale) = (dtype_code(dtype) as i32, u32_of(s.batch_heads(), "batch_heads")?, s.scale);
         let cfg = LaunchConfig {
             grid_dim: (u32_of(rows.div_ceil(8).max(1), "attention rows")?, 1, 1),
             block_dim: (256, 1, 1),

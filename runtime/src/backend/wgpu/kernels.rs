@@ -183,7 +183,7 @@ impl WgpuBackend {
     /// kept under 64 MiB: for head dims whose tiles do not fit workgroup memory.
     fn attention_unfused(&self, q: &WgpuTensor, k: &WgpuTensor, v: &WgpuTensor, s: &AttentionSpec) -> Result<WgpuTensor> {
         use crate::ops;
-        let (bh, d) = (s.batch_heads, s.head_dim);
+        let (bh, d) = (s.batch_heads(), s.head_dim);
         let q3 = q.reshape(&[bh, s.q_len, d])?;
         let (k3, v3) = (k.reshape(&[bh, s.kv_len, d])?, v.reshape(&[bh, s.kv_len, d])?);
         let rows = ((64usize << 20) / (4 * bh * s.kv_len)).clamp(1, s.q_len);
@@ -565,6 +565,10 @@ impl Backend for WgpuBackend {
     fn attention(&self, q: &WgpuTensor, k: &WgpuTensor, v: &WgpuTensor, s: &AttentionSpec) -> Result<WgpuTensor> {
         let op = "attention";
         self.check(op, &[q, k, v])?;
+        if s.tokens_first {
+            // The shader reads each head's rows as one contiguous block.
+            return crate::backend::attention_via_heads_first(self, q, k, v, s);
+        }
         let out = self.new_tensor(&q.shape, q.dtype)?;
         if out.numel() == 0 || s.kv_len == 0 {
             return Ok(out);
@@ -585,7 +589,7 @@ impl Backend for WgpuBackend {
         let ns = s.kv_len.div_ceil(kv_count);
         let row_len = if ns > 1 { d + 2 } else { d };
         let scratch = if ns > 1 {
-            Some(self.new_tensor(&[s.batch_heads * s.q_len * ns * row_len], DType::F32)?)
+            Some(self.new_tensor(&[s.batch_heads() * s.q_len * ns * row_len], DType::F32)?)
         } else {
             None
         };
@@ -640,7 +644,7 @@ impl Backend for WgpuBackend {
                 p
             };
             let whole = (q_tiles <= MAX_GRID)
-                .then(|| split_ranges(s.batch_heads, MAX_GRID, |h0, h1| Self::fits(&tensors, &spans(h0, h1, 0, s.q_len))))
+                .then(|| split_ranges(s.batch_heads(), MAX_GRID, |h0, h1| Self::fits(&tensors, &spans(h0, h1, 0, s.q_len))))
                 .flatten();
             if let Some(ranges) = whole {
                 for (h0, h1) in ranges {
@@ -652,7 +656,7 @@ impl Backend for WgpuBackend {
                 }
                 continue;
             }
-            for h in 0..s.batch_heads {
+            for h in 0..s.batch_heads() {
                 let ranges = split_ranges(s.q_len, MAX_GRID * br, |r0, r1| Self::fits(&tensors, &spans(h, h + 1, r0, r1)))
                     .ok_or_else(|| self.too_large(op, "one query row with the keys and values of its head", 2 * keys * d))?;
                 for (r0, r1) in ranges {
@@ -674,7 +678,7 @@ impl Backend for WgpuBackend {
                 args: vec![read("partial", Some(scratch)), write("out", &out)],
             };
             let tensors = [&*scratch.storage, &*out.storage];
-            let rows = s.batch_heads * s.q_len;
+            let rows = s.batch_heads() * s.q_len;
             let spans = |a: usize, b: usize| vec![(a * ns * row_len, b * ns * row_len - 1), (a * d, b * d - 1)];
             let ranges = split_ranges(rows, usize::MAX, |a, b| Self::fits(&tensors, &spans(a, b)))
                 .ok_or_else(|| self.too_large(op, "one row of split results", ns * row_len))?;
