@@ -141,7 +141,7 @@ fn kernel_rates(c: &CudaBackend, iters: usize, reference: &serde_json::Value) ->
     Ok(())
 }
 
-pub fn bench_cuda(dir: &Path, iters: usize, only: Option<&str>, profile: bool) -> Result<()> {
+pub fn bench_cuda(dir: &Path, iters: usize, only: Option<&str>, profile: bool, cfg_batch: bool) -> Result<()> {
     let c = CudaBackend::new(&CudaOptions {
         profile,
         ..Default::default()
@@ -197,14 +197,26 @@ pub fn bench_cuda(dir: &Path, iters: usize, only: Option<&str>, profile: bool) -
                 let dit = WanDit::load(&params, source.config(&format!("{name}/config.json"))?)?;
                 let (x, ctx) = (input(0)?, input(2)?);
                 let t = host(&format!("{name}.input1"))?.to_f32();
-                timed(&c, iters, || read(&c, &dit.forward(&c, &x, &t, &ctx)?))?
+                if cfg_batch {
+                    let twice = |t: &Tensor<CudaBackend>| sdlite_runtime::ops::concat(&c, &[t, t], 0);
+                    let (x, ctx, t) = (twice(&x)?, twice(&ctx)?, t.repeat(2));
+                    timed(&c, iters, || {
+                        read(&c, &sdlite_runtime::ops::slice(&c, &dit.forward(&c, &x, &t, &ctx)?, 0, 0, 1)?)
+                    })?
+                } else {
+                    timed(&c, iters, || read(&c, &dit.forward(&c, &x, &t, &ctx)?))?
+                }
             }
         };
         let want = host(&format!("{name}.output"))?;
         let error = out.to_dtype(DType::F32).relative_error(&want);
         let r = &reference[name];
         let row = Row {
-            name: name.to_string(),
+            name: if cfg_batch && name.starts_with("wan_dit") {
+                format!("{name} (batch of 2)")
+            } else {
+                name.to_string()
+            },
             diffusers_s: r["seconds"].as_f64().unwrap_or(f64::NAN),
             sdlite_s: seconds,
             diffusers_gib: r["peak_gib"].as_f64().unwrap_or(f64::NAN),

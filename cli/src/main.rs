@@ -74,6 +74,10 @@ enum Command {
         /// Also print where the time goes, per primitive (timed on the GPU by CUDA events).
         #[arg(long)]
         profile: bool,
+        /// Run the DiT cases as a guided step on a worker does: input and text twice, one
+        /// batch of two (times are per batch; the error check reads the first item).
+        #[arg(long)]
+        cfg_batch: bool,
     },
     /// Print the GPU adapter and the limits sdlite runs under.
     Info {
@@ -139,7 +143,13 @@ fn main() -> Result<()> {
             half,
         } => bench_wan_vae(&device.open()?, frames, width, height, half),
         Command::Info { device } => info(&device.open()?),
-        Command::BenchCuda { dir, iters, only, profile } => bench_cuda::bench_cuda(&dir, iters, only.as_deref(), profile),
+        Command::BenchCuda {
+            dir,
+            iters,
+            only,
+            profile,
+            cfg_batch,
+        } => bench_cuda::bench_cuda(&dir, iters, only.as_deref(), profile, cfg_batch),
         Command::Bench {
             device,
             quick,
