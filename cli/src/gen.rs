@@ -2,8 +2,9 @@
 //! reference or the GPU through wgpu, with a progress bar per phase. Images are PNGs and
 //! videos animated PNGs (browsers play them), each recording how it was made.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -159,6 +160,7 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
         let sampler = Sampler::parse(sampler_name)?;
         eprintln!("loading {} on {} ({dtype:?})", args.model.display(), b.name());
         let unet_package: Box<dyn FnOnce() -> sdlite_remote::Result<DenoiserPackage>>;
+        let loading = Instant::now();
         let sd = if single_file {
             let Some(dir) = &args.tokenizer else {
                 bail!(
@@ -192,6 +194,7 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
             unet_package = Box::new(move || DenoiserPackage::from_pipeline(&dir));
             StableDiffusion::load(b, &source, dtype)?
         };
+        eprintln!("loaded in {:.1} s", loading.elapsed().as_secs_f64());
         let req = Ask::from_args(args, seed).sd(&sd.defaults, sampler);
         sd.validate(&req)?;
         let out = match args.offload.setup()? {
@@ -218,7 +221,9 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
         let sampler_name = args.sampler.as_deref().unwrap_or("unipc");
         let sampler = FlowSampler::parse(sampler_name)?;
         eprintln!("loading {} on {} ({dtype:?})", args.model.display(), b.name());
+        let loading = Instant::now();
         let wan = Wan::load(b, &source, dtype)?;
+        eprintln!("loaded in {:.1} s", loading.elapsed().as_secs_f64());
         let req = Ask::from_args(args, seed).wan(&wan.defaults, sampler);
         wan.latent_shape(&req)?;
         let out = match args.offload.setup()? {
@@ -337,13 +342,24 @@ impl<'a> Ask<'a> {
 /// A progress callback that shows one bar per phase with rate and ETA.
 fn progress_bars() -> impl FnMut(Phase, usize, usize) {
     let mut bar: Option<ProgressBar> = None;
+    let mut started = Instant::now();
+    // indicatif draws only on a terminal: logs and pipes get one line per finished phase.
+    let plain = !std::io::stderr().is_terminal();
     move |phase: Phase, done: usize, total: usize| {
+        let label = match phase {
+            Phase::EncodeText => "text",
+            Phase::Denoise => "denoise",
+            Phase::Decode => "decode",
+        };
+        if done == total && plain {
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "{label:>8} {total}/{total} in {secs:.1} s ({:.3} s each)",
+                secs / total.max(1) as f64
+            );
+        }
         if done == 0 {
-            let label = match phase {
-                Phase::EncodeText => "text",
-                Phase::Denoise => "denoise",
-                Phase::Decode => "decode",
-            };
+            started = Instant::now();
             let pb = ProgressBar::new(total as u64).with_prefix(label);
             pb.set_style(
                 ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} ({elapsed})")
@@ -374,8 +390,17 @@ fn explain(e: Error) -> anyhow::Error {
 /// Writes a video `[3, frames, h, w]` in [0, 1] (one frame: a picture) as a PNG, animated
 /// at `fps` when it has several frames, with `parameters` in a text chunk.
 pub fn write_png(path: &Path, video: &[f32], frames: usize, width: usize, height: usize, fps: u16, parameters: &str) -> Result<()> {
+    let start = Instant::now();
     let bytes = sdlite_runtime::image::png(video, frames, width, height, fps, parameters)?;
-    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+    std::fs::write(path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+    if frames > 1 {
+        eprintln!(
+            "video: {frames} frames, {:.1} MB in {:.1} s",
+            bytes.len() as f64 / 1e6,
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 type RenderFn = Box<dyn FnMut(&str, u64) -> Result<(Vec<Vec<u8>>, usize, usize)>>;
