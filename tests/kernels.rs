@@ -383,32 +383,30 @@ fn attention_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u
         }
         let s = seed + 10 * i as u64;
         let scale = 1.0 / (d as f32).sqrt();
-        let inputs = [
-            random(&[bn, h, sq, d], dt, 1.0, s),
-            random(&[bn, h, skv, d], dt, 1.0, s + 1),
-            random(&[bn, h, skv, d], dt, 1.0, s + 2),
-        ];
-        check!(
-            g,
-            format!("attention {tag} b{bn} h{h} q{sq} kv{skv} d{d}"),
-            tol,
-            inputs,
-            [scale.to_bits() as usize],
-            |b, x, p| ops::attention(b, &x[0], &x[1], &x[2], f32::from_bits(p[0] as u32))
-        );
-        let inputs = [
-            random(&[bn, sq, h, d], dt, 1.0, s + 3),
-            random(&[bn, skv, h, d], dt, 1.0, s + 4),
-            random(&[bn, skv, h, d], dt, 1.0, s + 5),
-        ];
-        check!(
-            g,
-            format!("attention tokens-first {tag} b{bn} q{sq} kv{skv} h{h} d{d}"),
-            tol,
-            inputs,
-            [scale.to_bits() as usize],
-            |b, x, p| ops::attention_tokens_first(b, &x[0], &x[1], &x[2], f32::from_bits(p[0] as u32))
-        );
+        // Both layouts: heads-first [b, h, s, d] and tokens-first [b, s, h, d].
+        for (tokens_first, seeds, label) in [(false, s, ""), (true, s + 3, "tokens-first ")] {
+            let shape = |len: usize| if tokens_first { [bn, len, h, d] } else { [bn, h, len, d] };
+            let inputs = [
+                random(&shape(sq), dt, 1.0, seeds),
+                random(&shape(skv), dt, 1.0, seeds + 1),
+                random(&shape(skv), dt, 1.0, seeds + 2),
+            ];
+            check!(
+                g,
+                format!("attention {label}{tag} b{bn} h{h} q{sq} kv{skv} d{d}"),
+                tol,
+                inputs,
+                [scale.to_bits() as usize, tokens_first as usize],
+                |b, x, p| {
+                    let scale = f32::from_bits(p[0] as u32);
+                    if p[1] == 1 {
+                        ops::attention_tokens_first(b, &x[0], &x[1], &x[2], scale)
+                    } else {
+                        ops::attention(b, &x[0], &x[1], &x[2], scale)
+                    }
+                }
+            );
+        }
     }
 }
 
