@@ -37,11 +37,36 @@ __device__ __forceinline__ void unpack8(uint4 w, int dt, float (&v)[8]) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) v[j] = half_to_f32(words[j / 2] >> (16 * (j & 1)), dt);
 }
+// The four 16-bit values of an 8-byte word, in memory order.
+__device__ __forceinline__ void unpack4(uint2 w, int dt, float (&v)[4]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = half_to_f32((j < 2 ? w.x : w.y) >> (16 * (j & 1)), dt);
+}
+// Rotary embedding of four interleaved pairs (x[2j], x[2j+1]) by angles with cosines c[j] and sines s[j].
+__device__ __forceinline__ void rotate_pairs4(float (&x)[8], const float (&c)[4], const float (&s)[4]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float x0 = x[2 * j], x1 = x[2 * j + 1];
+        x[2 * j] = x0 * c[j] - x1 * s[j];
+        x[2 * j + 1] = x0 * s[j] + x1 * c[j];
+    }
+}
 __device__ __forceinline__ uint4 pack8(const float (&v)[8], int dt) {
     u32 words[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) words[j] = f32_to_half(v[2 * j], dt) | (f32_to_half(v[2 * j + 1], dt) << 16);
     return make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+// Elements i0 .. i0 + 8 of a buffer of dtype `dt`, as f32: one 16-byte load (16-bit dtypes)
+// or two (f32). The buffer is 16-byte aligned and i0 a multiple of 8.
+__device__ __forceinline__ void load8(const void* p, u64 i0, int dt, float (&v)[8]) {
+    if (dt == DT_F32) {
+        const float4 a = ((const float4*)p)[i0 / 4], b = ((const float4*)p)[i0 / 4 + 1];
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    } else {
+        unpack8(((const uint4*)p)[i0 / 8], dt, v);
+    }
 }
 
 // Element `i` of a buffer of dtype `dt`, as f32.

@@ -123,18 +123,12 @@ __device__ void map_rope4(const MapParams& p, void* out, const void* const (&ins
     for (u32 v = blockIdx.x * blockDim.x + threadIdx.x; v < p.total / 4; v += gridDim.x * blockDim.x) {
         u32 o, idx[3];
         locate(p, v * 4, o, idx);
-        const uint4 w = ((const uint4*)ins[0])[idx[0] / 8];
-        const uint2 c = ((const uint2*)ins[1])[idx[1] / 4], s = ((const uint2*)ins[2])[idx[2] / 4];
-        const u32 xs[4] = {w.x, w.y, w.z, w.w}, cs[2] = {c.x, c.y}, ss[2] = {s.x, s.y};
-        u32 words[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const float x0 = half_to_f32(xs[j] & 0xffffu, p.in_dtype[0]), x1 = half_to_f32(xs[j] >> 16, p.in_dtype[0]);
-            const float cj = half_to_f32(cs[j / 2] >> (16 * (j & 1)), p.in_dtype[1]);
-            const float sj = half_to_f32(ss[j / 2] >> (16 * (j & 1)), p.in_dtype[2]);
-            words[j] = f32_to_half(x0 * cj - x1 * sj, p.out_dtype) | (f32_to_half(x0 * sj + x1 * cj, p.out_dtype) << 16);
-        }
-        ((uint4*)out)[o / 8] = make_uint4(words[0], words[1], words[2], words[3]);
+        float x[8], c[4], s[4];
+        unpack8(((const uint4*)ins[0])[idx[0] / 8], p.in_dtype[0], x);
+        unpack4(((const uint2*)ins[1])[idx[1] / 4], p.in_dtype[1], c);
+        unpack4(((const uint2*)ins[2])[idx[2] / 4], p.in_dtype[2], s);
+        rotate_pairs4(x, c, s);
+        ((uint4*)out)[o / 8] = pack8(x, p.out_dtype);
     }
 }
 

@@ -15,7 +15,12 @@
 // adaLN layer norm) take this path.
 // norm_rows8: norm_rows for 16-bit rows of a multiple of 256 elements, at most
 // 256 * NORM_ROW8_WORDS: each lane reads its part of the row once, as 16-byte words, and
-// keeps it in registers for the second pass.
+// keeps it in registers for the second pass. It alone has the rope epilogue (Wan's q/k RMS
+// norm, then the rotary embedding, in one pass): a word's 8 elements are 4 interleaved
+// pairs of one head, rotated by 4 consecutive entries of the 16-bit cos/sin tables
+// [rows_per_batch tokens][head_dim / 2] (8-byte aligned), token row % rows_per_batch.
+// head_dim must be a multiple of 8 dividing 256: then all of a lane's words sit at the same
+// place in their heads, so a lane reads its table entries once, together with the row.
 // norm_strided: rows whose elements lie `stride` apart (a norm over the channels of
 // [n, c, spatial], the Wan VAE's RMS norm) in place of a permute to channels-last and back.
 // A block of 256 threads owns 32 neighbouring rows (positions): the lane picks the row, so
@@ -37,6 +42,7 @@
 #define EPI_NONE 0
 #define EPI_SILU 1
 #define EPI_MODULATE 2
+#define EPI_ROPE 3
 
 extern "C" __global__ void norm_partial(const void* x, int dt, u32 row_len, u32 chunk, u32 chunks, int kind, float2* partial) {
     __shared__ double scratch[32];
@@ -60,8 +66,12 @@ struct NormApply {
     int kind, epilogue, x_dtype, out_dtype, gamma_dtype, beta_dtype, mod_dtype;
     float eps;
     // Modulation tensors are [batch, row_len] (one row of scale and shift per batch item);
-    // rows_per_batch rows of x share a batch item.
-    u32 rows_per_batch;
+    // rows_per_batch rows of x share a batch item. Rope: the tables (in the scale and
+    // shift slots) have rows_per_batch rows of head_dim / 2 angles.
+    u32 rows_per_batch, head_dim;
+    // Parameter index = element index (groups 1, inner 1) and every parameter tensor 16-byte
+    // aligned: norm_rows8 reads them 8 elements at a time.
+    u32 vec_params;
 };
 
 // Mean (0 for RMS) and reciprocal standard deviation of a row of `n` elements from the sums
@@ -99,6 +109,33 @@ __device__ __forceinline__ float norm_finish(const NormApply& p, const void* gam
         y = y * (1.0f + load_f32(mod_scale, m, p.mod_dtype)) + load_f32(mod_shift, m, p.mod_dtype);
     }
     return y;
+}
+
+// norm_finish for elements i0 .. i0 + 8 of `row`, when p.vec_params: parameters by 16-byte
+// loads, where one per element made norm_rows8 bound by instruction issue.
+__device__ __forceinline__ void norm_finish8(const NormApply& p, const void* gamma, const void* beta, const void* mod_scale,
+                                             const void* mod_shift, u32 row, u32 i0, float (&y)[8]) {
+    float a[8], b[8];
+    if (gamma) {
+        load8(gamma, i0, p.gamma_dtype, a);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) y[j] *= a[j];
+    }
+    if (beta) {
+        load8(beta, i0, p.beta_dtype, a);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) y[j] += a[j];
+    }
+    if (p.epilogue == EPI_SILU) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) y[j] = y[j] / (1.0f + expf(-y[j]));
+    } else if (p.epilogue == EPI_MODULATE) {
+        const u64 m = (u64)(row / p.rows_per_batch) * p.row_len + i0;
+        load8(mod_scale, m, p.mod_dtype, a);
+        load8(mod_shift, m, p.mod_dtype, b);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) y[j] = y[j] * (1.0f + a[j]) + b[j];
+    }
 }
 
 // Normalises, finishes and stores element i of `row`.
@@ -202,6 +239,12 @@ extern "C" __global__ void norm_rows8(NormApply p, u32 rows, const u16* x, u16* 
     uint4 raw[NORM_ROW8_WORDS];
 #pragma unroll
     for (int w = 0; w < NORM_ROW8_WORDS; ++w) raw[w] = w < (int)words ? src[w * 32 + lane] : make_uint4(0, 0, 0, 0);
+    float cs[4], sn[4];
+    if (p.epilogue == EPI_ROPE) {
+        const u64 t = ((u64)(row % p.rows_per_batch) * p.head_dim + (lane * 8) % p.head_dim) / 2;
+        unpack4(((const uint2*)mod_scale)[t / 4], p.mod_dtype, cs);
+        unpack4(((const uint2*)mod_shift)[t / 4], p.mod_dtype, sn);
+    }
     float v[NORM_ROW8_WORDS][8];
     float s = 0.0f, s2 = 0.0f;
 #pragma unroll
@@ -224,7 +267,14 @@ extern "C" __global__ void norm_rows8(NormApply p, u32 rows, const u16* x, u16* 
         if (w >= (int)words) break;
         const u32 i0 = (w * 32 + lane) * 8;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) v[w][j] = norm_finish(p, gamma, beta, mod_scale, mod_shift, row, i0 + j, (v[w][j] - mean) * rstd);
+        for (int j = 0; j < 8; ++j) v[w][j] = (v[w][j] - mean) * rstd;
+        if (p.vec_params) {
+            norm_finish8(p, gamma, beta, mod_scale, mod_shift, row, i0, v[w]);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v[w][j] = norm_finish(p, gamma, beta, mod_scale, mod_shift, row, i0 + j, v[w][j]);
+        }
+        if (p.epilogue == EPI_ROPE) rotate_pairs4(v[w], cs, sn);
         dst[w * 32 + lane] = pack8(v[w], p.out_dtype);
     }
 }

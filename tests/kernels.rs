@@ -339,13 +339,40 @@ fn norm_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
     check!(g, format!("layer_norm_modulate {tag} 512 wide"), tol, inputs, [], |b, x, p| {
         ops::layer_norm_modulate(b, &x[0], &x[1], &x[2], 1e-6)
     });
-    let inputs = [random(&[3, 7, 256], dt, 2.0, seed + 23), random(&[256], dt, 1.0, seed + 24)];
-    check!(g, format!("rms_norm {tag} 256 wide"), tol, inputs, [], |b, x, p| ops::rms_norm(
-        b,
-        &x[0],
-        Some(&x[1]),
-        1e-6
-    ));
+    for gamma_dt in [dt, DType::F32] {
+        let inputs = [random(&[3, 7, 256], dt, 2.0, seed + 23), random(&[256], gamma_dt, 1.0, seed + 24)];
+        check!(
+            g,
+            format!("rms_norm {tag} 256 wide, gamma {gamma_dt:?}"),
+            tol,
+            inputs,
+            [],
+            |b, x, p| { ops::rms_norm(b, &x[0], Some(&x[1]), 1e-6) }
+        );
+    }
+    // Wan's q/k norm: RMS over all heads, then each head's rotary embedding. CUDA fuses the
+    // two for 16-bit rows of a multiple of 256 with tables of their dtype (the first two
+    // cases), and composes them otherwise.
+    let cases = [(4, 64, dt), (12, 128, dt), (4, 64, DType::F32), (3, 24, dt)];
+    for (i, (heads, head_dim, table_dt)) in cases.into_iter().enumerate() {
+        let (cos, sin) = ops::rope3d_tables(2, 3, 5, head_dim, 10000.0).expect("tables");
+        let i = i as u64;
+        let inputs = [
+            random(&[2, 30, heads * head_dim], dt, 2.0, seed + 30 + 2 * i),
+            random(&[heads * head_dim], dt, 1.0, seed + 31 + 2 * i),
+            cos.to_dtype(table_dt),
+            sin.to_dtype(table_dt),
+        ];
+        let name = format!("rms_norm_rope {tag} {heads}x{head_dim} tables {table_dt:?}");
+        check!(g, name, tol, inputs, [], |b, x, p| ops::rms_norm_rope(
+            b,
+            &x[0],
+            Some(&x[1]),
+            1e-6,
+            &x[2],
+            &x[3]
+        ));
+    }
     // The Wan VAE's norm over the channels of [n, c, t, h, w] (rows strided by t*h*w).
     for (i, shape) in [[2, 24, 3, 5, 7], [1, 96, 2, 9, 16]].iter().enumerate() {
         let inputs = [

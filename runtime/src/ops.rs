@@ -363,17 +363,7 @@ fn last_dim_norm<B: Backend>(
             expect_len(op, name, p, d)?;
         }
     }
-    let spec = NormSpec {
-        kind,
-        rows: x.numel() / d.max(1),
-        row_len: d,
-        groups: 1,
-        channels_per_group: d,
-        inner: 1,
-        stride: 1,
-        eps,
-    };
-    b.norm(x, gamma, beta, &spec)
+    b.norm(x, gamma, beta, &NormSpec::rows(kind, x.numel() / d.max(1), d, eps))
 }
 
 /// Layer norm over the last dimension.
@@ -389,22 +379,55 @@ pub fn layer_norm_modulate<B: Backend>(b: &B, x: &Tensor<B>, scale: &Tensor<B>, 
     let (n, d) = (x.shape()[0], x.shape()[2]);
     expect_len(op, "scale", scale, n * d)?;
     expect_len(op, "shift", shift, n * d)?;
-    let spec = NormSpec {
-        kind: NormKind::MeanVar,
-        rows: x.numel() / d.max(1),
-        row_len: d,
-        groups: 1,
-        channels_per_group: d,
-        inner: 1,
-        stride: 1,
-        eps,
-    };
+    let spec = NormSpec::rows(NormKind::MeanVar, x.numel() / d.max(1), d, eps);
     b.norm_then(x, None, None, &spec, NormThen::Modulate { scale, shift })
 }
 
 /// RMS norm over the last dimension.
 pub fn rms_norm<B: Backend>(b: &B, x: &Tensor<B>, gamma: Option<&Tensor<B>>, eps: f32) -> Result<Tensor<B>> {
     last_dim_norm(b, "rms_norm", NormKind::Rms, x, gamma, None, eps)
+}
+
+/// `rope(rms_norm(x) * gamma)` for `x [n, s, heads * head_dim]` and rope tables `cos`, `sin`
+/// `[s, head_dim / 2]` (`rope3d_tables`): the RMS is taken over the whole row (all heads),
+/// as Wan's q/k norms do, and the rotation is fused where the backend can.
+pub fn rms_norm_rope<B: Backend>(
+    b: &B,
+    x: &Tensor<B>,
+    gamma: Option<&Tensor<B>>,
+    eps: f32,
+    cos: &Tensor<B>,
+    sin: &Tensor<B>,
+) -> Result<Tensor<B>> {
+    let op = "rms_norm_rope";
+    expect_rank(op, "x", x, 3)?;
+    let (n, s, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+    expect_rank(op, "cos", cos, 2)?;
+    let head_dim = 2 * cos.shape()[1];
+    if head_dim == 0 || d % head_dim != 0 {
+        return Err(shape_err(
+            op,
+            format!("rows of {d} do not split into heads of {head_dim} (twice cos's columns)"),
+        ));
+    }
+    for (name, t) in [("cos", cos), ("sin", sin)] {
+        if t.shape() != [s, head_dim / 2] {
+            return Err(shape_err(
+                op,
+                format!("{name} must be [{s}, {}], got {:?}", head_dim / 2, t.shape()),
+            ));
+        }
+    }
+    if let Some(g) = gamma {
+        expect_len(op, "gamma", g, d)?;
+    }
+    b.norm_then(
+        x,
+        gamma,
+        None,
+        &NormSpec::rows(NormKind::Rms, n * s, d, eps),
+        NormThen::Rope { cos, sin },
+    )
 }
 
 /// `silu(rms_norm(x) * gamma)` with the RMS taken over the channels of `x [n, c, ...]` at

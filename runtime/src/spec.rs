@@ -77,6 +77,22 @@ pub struct NormSpec {
     pub eps: f32,
 }
 
+impl NormSpec {
+    /// Layer or RMS norm of `rows` contiguous rows of `row_len` elements.
+    pub fn rows(kind: NormKind, rows: usize, row_len: usize, eps: f32) -> Self {
+        NormSpec {
+            kind,
+            rows,
+            row_len,
+            groups: 1,
+            channels_per_group: row_len,
+            inner: 1,
+            stride: 1,
+            eps,
+        }
+    }
+}
+
 /// Softmax over each of `rows` contiguous rows of `cols` elements.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SoftmaxSpec {

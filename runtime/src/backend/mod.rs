@@ -19,6 +19,12 @@ pub enum NormThen<'a, B: Backend + ?Sized> {
         scale: &'a Tensor<B>,
         shift: &'a Tensor<B>,
     },
+    /// Rotary embedding (`ops::rope`) of every head of `2 * cos.shape()[1]` elements; row r
+    /// is token `r % cos.shape()[0]`, whose angles are row `r % cos.shape()[0]` of the tables.
+    Rope {
+        cos: &'a Tensor<B>,
+        sin: &'a Tensor<B>,
+    },
 }
 
 /// A device that owns tensor storage and runs the primitive set. Inputs have been
@@ -63,25 +69,7 @@ pub trait Backend {
     where
         Self: Sized,
     {
-        let y = self.norm(x, gamma, beta, spec)?;
-        let (scale, shift) = match then {
-            NormThen::Silu => return unary(self, &y, UnaryOp::Silu),
-            NormThen::Modulate { scale, shift } => (scale, shift),
-        };
-        let out = self.alloc(y.shape(), y.dtype())?;
-        let batch = scale.numel() / spec.row_len.max(1);
-        let shape = vec![batch, spec.rows / batch.max(1), spec.row_len];
-        let per_batch = View::strided(0, vec![spec.row_len, 0, 1]);
-        let spec = MapSpec {
-            op: MapOp::Modulate,
-            inputs: vec![flat(&shape), per_batch.clone(), per_batch],
-            out: flat(&shape),
-            shape,
-            alpha: 1.0,
-            beta: 0.0,
-        };
-        self.map(&[&y, scale, shift], &out, &spec)?;
-        Ok(out)
+        norm_then_composed(self, x, gamma, beta, spec, then)
     }
 
     /// `matmul` (bias included) followed by the elementwise `then`, validated by `ops`.
@@ -120,6 +108,42 @@ pub trait Backend {
     {
         matmul_residual_composed(self, a, b, bias, spec, residual, gate)
     }
+}
+
+/// `Backend::norm_then` as a composition of primitives (its default, and the fallback of
+/// backends that fuse only some cases).
+pub(crate) fn norm_then_composed<B: Backend>(
+    b: &B,
+    x: &Tensor<B>,
+    gamma: Option<&Tensor<B>>,
+    beta: Option<&Tensor<B>>,
+    spec: &NormSpec,
+    then: NormThen<'_, B>,
+) -> Result<Tensor<B>> {
+    let y = b.norm(x, gamma, beta, spec)?;
+    let (scale, shift) = match then {
+        NormThen::Silu => return unary(b, &y, UnaryOp::Silu),
+        NormThen::Rope { cos, sin } => {
+            let (tokens, head_dim) = (cos.shape()[0], 2 * cos.shape()[1]);
+            let heads = y.reshape(&[spec.rows / tokens, tokens, spec.row_len / head_dim, head_dim])?;
+            return crate::ops::rope(b, &heads, cos, sin)?.reshape(y.shape());
+        }
+        NormThen::Modulate { scale, shift } => (scale, shift),
+    };
+    let out = b.alloc(y.shape(), y.dtype())?;
+    let batch = scale.numel() / spec.row_len.max(1);
+    let shape = vec![batch, spec.rows / batch.max(1), spec.row_len];
+    let per_batch = View::strided(0, vec![spec.row_len, 0, 1]);
+    let spec = MapSpec {
+        op: MapOp::Modulate,
+        inputs: vec![flat(&shape), per_batch.clone(), per_batch],
+        out: flat(&shape),
+        shape,
+        alpha: 1.0,
+        beta: 0.0,
+    };
+    b.map(&[&y, scale, shift], &out, &spec)?;
+    Ok(out)
 }
 
 /// `Backend::matmul_then` as a composition of primitives (its default, and the fallback of

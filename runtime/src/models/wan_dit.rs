@@ -165,20 +165,13 @@ impl<B: Backend> WanAttention<B> {
         gate: Option<&Tensor<B>>,
     ) -> Result<Tensor<B>> {
         let ctx = context.unwrap_or(x);
-        let q = ops::rms_norm(b, &self.q.forward(b, x)?, Some(&self.norm_q), self.eps)?;
-        let k = ops::rms_norm(b, &self.k.forward(b, ctx)?, Some(&self.norm_k), self.eps)?;
-        let v = self.v.forward(b, ctx)?;
-        let (q, k) = match rope {
-            Some((cos, sin)) => {
-                let rotate = |t: &Tensor<B>| {
-                    let s = t.shape();
-                    let heads = t.reshape(&[s[0], s[1], self.heads, s[2] / self.heads])?;
-                    ops::rope(b, &heads, cos, sin)?.reshape(s)
-                };
-                (rotate(&q)?, rotate(&k)?)
-            }
-            None => (q, k),
+        let norm = |t: &Tensor<B>, gamma: &Tensor<B>| match rope {
+            Some((cos, sin)) => ops::rms_norm_rope(b, t, Some(gamma), self.eps, cos, sin),
+            None => ops::rms_norm(b, t, Some(gamma), self.eps),
         };
+        let q = norm(&self.q.forward(b, x)?, &self.norm_q)?;
+        let k = norm(&self.k.forward(b, ctx)?, &self.norm_k)?;
+        let v = self.v.forward(b, ctx)?;
         self.out
             .forward_residual(b, residual, &multi_head_attention(b, &q, &k, &v, self.heads)?, gate)
     }

@@ -345,6 +345,8 @@ struct NormApply {
     mod_dtype: i32,
     eps: f32,
     rows_per_batch: u32,
+    head_dim: u32,
+    vec_params: u32,
 }
 // SAFETY: plain old data laid out like `NormApply` in norm.cu.
 unsafe impl DeviceRepr for NormApply {}
@@ -757,10 +759,28 @@ impl CudaBackend {
             None => "norm",
             Some(NormThen::Silu) => "norm + silu",
             Some(NormThen::Modulate { .. }) => "norm + modulate",
+            Some(NormThen::Rope { .. }) => "norm + rope",
         });
         let out = self.tensor(x.shape(), x.dtype())?;
         if out.numel() == 0 {
             return Ok(out);
+        }
+        let (xp, op) = (Self::ptr(x), Self::ptr(&out));
+        // 16-byte words: 16-bit storage in and out, both 16-byte aligned.
+        let rows8 = x.dtype().size() == 2
+            && xp % 16 == 0
+            && op % 16 == 0
+            && s.stride == 1
+            && s.row_len.is_multiple_of(256)
+            && s.row_len <= NORM_ROW8_MAX;
+        if let Some(NormThen::Rope { cos, sin }) = &then {
+            // norm_rows8 rotates the four pairs of each 16-byte word with 8-byte table reads,
+            // the same ones for all of a lane's words (see norm.cu).
+            let tables = [cos, sin].iter().all(|t| t.dtype() == x.dtype() && Self::ptr(t) % 8 == 0);
+            let head_dim = 2 * cos.shape()[1];
+            if !(rows8 && tables && head_dim.is_multiple_of(8) && 256 % head_dim == 0) {
+                return crate::backend::norm_then_composed(self, x, gamma, beta, s, then.expect("rope"));
+            }
         }
         let chunks = s.row_len.div_ceil(NORM_CHUNK).max(1);
         if chunks > 65535 {
@@ -774,11 +794,11 @@ impl CudaBackend {
             NormKind::Rms => 1,
         };
         let (row_len, rows) = (u32_of(s.row_len, "row length")?, u32_of(s.rows, "rows")?);
-        let (xp, dt) = (Self::ptr(x), dtype_code(x.dtype()) as i32);
+        let dt = dtype_code(x.dtype()) as i32;
         let shift_cast;
-        let (epilogue, mod_ptrs, mod_dtype, rows_per_batch) = match then {
-            None => (0, (0u64, 0u64), 0, 1),
-            Some(NormThen::Silu) => (1, (0, 0), 0, 1),
+        let (epilogue, mod_ptrs, mod_dtype, rows_per_batch, head_dim) = match then {
+            None => (0, (0u64, 0u64), 0, 1, 0),
+            Some(NormThen::Silu) => (1, (0, 0), 0, 1, 0),
             Some(NormThen::Modulate { scale, shift }) => {
                 let batch = scale.numel() / s.row_len.max(1);
                 shift_cast = crate::ops::cast(self, shift, scale.dtype())?;
@@ -788,9 +808,21 @@ impl CudaBackend {
                     (Self::ptr(scale), Self::ptr(&shift_cast)),
                     dtype_code(scale.dtype()) as i32,
                     per.max(1),
+                    0,
                 )
             }
+            Some(NormThen::Rope { cos, sin }) => (
+                3,
+                (Self::ptr(cos), Self::ptr(sin)),
+                dtype_code(cos.dtype()) as i32,
+                cos.shape()[0],
+                2 * cos.shape()[1],
+            ),
         };
+        let (gp, bp) = (gamma.map_or(0, Self::ptr), beta.map_or(0, Self::ptr));
+        // Parameters norm_finish8 reads 8 at a time (the rope tables are read 4 at a time).
+        let modulation = if epilogue == 2 { mod_ptrs } else { (0, 0) };
+        let vec_params = [gp, bp, modulation.0, modulation.1];
         let p = NormApply {
             row_len,
             chunks: chunks as u32,
@@ -808,8 +840,9 @@ impl CudaBackend {
             mod_dtype,
             eps: s.eps,
             rows_per_batch: u32_of(rows_per_batch, "rows per batch")?,
+            head_dim: head_dim as u32,
+            vec_params: u32::from(s.groups == 1 && s.inner == 1 && vec_params.iter().all(|a| a % 16 == 0)),
         };
-        let (op, gp, bp) = (Self::ptr(&out), gamma.map_or(0, Self::ptr), beta.map_or(0, Self::ptr));
         if s.stride > 1 {
             if epilogue == 2 {
                 return Err(Error::Invalid("CUDA norm: rows of stride > 1 take no modulation".into()));
@@ -828,13 +861,7 @@ impl CudaBackend {
             return Ok(out);
         }
         if s.row_len <= NORM_ROW_MAX {
-            // 16-byte words: 16-bit storage in and out, both 16-byte aligned.
-            let words = x.dtype().size() == 2 && out.dtype() == x.dtype() && xp % 16 == 0 && op % 16 == 0;
-            let name = if words && s.row_len.is_multiple_of(256) && s.row_len <= NORM_ROW8_MAX {
-                "norm_rows8"
-            } else {
-                "norm_rows"
-            };
+            let name = if rows8 { "norm_rows8" } else { "norm_rows" };
             let f = self.function(Family::Norm, name)?;
             let cfg = LaunchConfig {
                 grid_dim: (rows.div_ceil(8), 1, 1),
