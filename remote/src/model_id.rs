@@ -1,14 +1,17 @@
 //! Content identity of a denoiser: client and worker name a model by a SHA-256 over its kind,
-//! its canonical config and every tensor (name, dtype, shape, bytes) in name order. The
-//! tensors are hashed under the diffusers names, so a single-file checkpoint and a diffusers
-//! folder holding the same weights have the same hash, and an upload can be checked tensor by
-//! tensor as it arrives.
+//! its canonical config and every tensor (name, dtype, shape, and the SHA-256 of its bytes)
+//! in name order. The tensors are hashed under the diffusers names, so a single-file
+//! checkpoint and a diffusers folder holding the same weights have the same hash, and an
+//! upload can be checked tensor by tensor as it arrives. Hashing each tensor's bytes on its
+//! own lets a whole model's tensors be hashed on all cores (a 2.6 GB DiT in a fraction of a
+//! second rather than seconds on one core).
 
 #[cfg(not(target_arch = "wasm32"))]
 use std::path::Path;
 
 use sdlite_runtime::models::unet::UNetConfig;
 use sdlite_runtime::models::wan_dit::{with_diffusers_names, WanDitConfig};
+use sdlite_runtime::parallel::par_chunks_mut;
 #[cfg(not(target_arch = "wasm32"))]
 use sdlite_runtime::source::DirSource;
 use sdlite_runtime::source::Source;
@@ -43,7 +46,7 @@ pub struct ModelHasher {
 impl ModelHasher {
     pub fn new(kind: DenoiserKind, config: &str) -> Self {
         let mut sha = Sha256::new();
-        sha.update(b"sdlite-denoiser-v1\n");
+        sha.update(b"sdlite-denoiser-v2\n");
         sha.update([kind as u8]);
         sha.update((config.len() as u64).to_le_bytes());
         sha.update(config.as_bytes());
@@ -52,6 +55,11 @@ impl ModelHasher {
 
     /// Adds one tensor; `Err` names the tensor that came out of order.
     pub fn tensor(&mut self, name: &str, dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<(), String> {
+        self.tensor_digest(name, dtype, shape, bytes.len(), Sha256::digest(bytes).into())
+    }
+
+    /// `tensor` with the SHA-256 of the tensor's `len` bytes already taken.
+    fn tensor_digest(&mut self, name: &str, dtype: DType, shape: &[usize], len: usize, digest: [u8; 32]) -> Result<(), String> {
         if self.last.as_deref().is_some_and(|last| last >= name) {
             return Err(format!("tensor `{name}` arrived out of name order"));
         }
@@ -66,8 +74,8 @@ impl ModelHasher {
         }]);
         sha.update((shape.len() as u64).to_le_bytes());
         shape.iter().for_each(|&d| sha.update((d as u64).to_le_bytes()));
-        sha.update((bytes.len() as u64).to_le_bytes());
-        sha.update(bytes);
+        sha.update((len as u64).to_le_bytes());
+        sha.update(digest);
         Ok(())
     }
 
@@ -90,10 +98,15 @@ impl DenoiserPackage {
     /// `weights` under the diffusers names; `config_json` as found in `config_label`.
     pub fn new(kind: DenoiserKind, config_json: &str, config_label: &str, weights: Weights) -> Result<Self> {
         let config = canonical_config(kind, config_json, config_label)?;
+        let names = sorted_names(&weights);
+        let tensors = names.iter().map(|&n| weights.raw(n)).collect::<sdlite_runtime::Result<Vec<_>>>()?;
+        let mut digests = vec![[0u8; 32]; names.len()];
+        par_chunks_mut(&mut digests, 1, |i, d| d[0] = Sha256::digest(tensors[i].2).into());
         let mut hasher = ModelHasher::new(kind, &config);
-        for name in sorted_names(&weights) {
-            let (dtype, shape, bytes) = weights.raw(name)?;
-            hasher.tensor(name, dtype, shape, bytes).expect("sorted names");
+        for ((name, (dtype, shape, bytes)), digest) in names.iter().zip(&tensors).zip(digests) {
+            hasher
+                .tensor_digest(name, *dtype, shape, bytes.len(), digest)
+                .expect("sorted names");
         }
         Ok(Self {
             kind,

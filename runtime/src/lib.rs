@@ -9,7 +9,7 @@ pub mod image;
 pub mod models;
 pub mod noise;
 pub mod ops;
-mod parallel;
+pub mod parallel;
 pub mod source;
 pub mod spec;
 pub mod tensor;
