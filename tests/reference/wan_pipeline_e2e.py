@@ -59,7 +59,11 @@ def build(out):
 def run(out, steps):
     from diffusers import WanPipeline
 
+    start = time.perf_counter()
     pipe = WanPipeline.from_pretrained(out, torch_dtype=torch.bfloat16).to("cuda")
+    torch.cuda.synchronize()
+    load = time.perf_counter() - start
+    print(f"diffusers WanPipeline loaded in {load:.1f} s", flush=True)
     args = dict(prompt="a red fox running through snow", negative_prompt="", num_frames=81, height=480, width=832,
                 num_inference_steps=steps, guidance_scale=5.0, output_type="np", generator=torch.Generator("cuda").manual_seed(1))
     torch.cuda.synchronize()
@@ -69,7 +73,7 @@ def run(out, steps):
     seconds = time.perf_counter() - start
     print(f"diffusers WanPipeline {steps} steps 81x480x832: {seconds:.1f} s", flush=True)
     with open(os.path.join(out, "diffusers-e2e.json"), "w") as f:
-        json.dump({"steps": steps, "seconds": seconds}, f)
+        json.dump({"steps": steps, "seconds": seconds, "load_seconds": load}, f)
 
 
 def main():
