@@ -33,10 +33,11 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     let Some(files) = builtin(model) else {
-        bail!(
-            "no model at {model}: pass a diffusers folder or a single-file checkpoint, or a built-in model ({})",
-            names().join(", ")
-        );
+        let builtins = match names().join(", ") {
+            none if none.is_empty() => "this build has none: it was built without models/".to_string(),
+            some => some,
+        };
+        bail!("no model at {model}: pass a diffusers folder or a single-file checkpoint, or a built-in model ({builtins})");
     };
     // Named by content, so a build with other weights never reads a stale copy.
     let dir = cache_dir().join(format!("{}-{:016x}", model.trim_start_matches("sdlite-"), fingerprint(files)));
