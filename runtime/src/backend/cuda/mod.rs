@@ -1414,8 +1414,14 @@ impl Backend for CudaBackend {
         let _scope = self.scope("attention");
         let dtype = q.dtype();
         let (k, v) = (crate::ops::cast(self, k, dtype)?, crate::ops::cast(self, v, dtype)?);
+        let (qp, kp, vp) = (Self::ptr(q), Self::ptr(&k), Self::ptr(&v));
+        let flash = self.flash_kernel(dtype, s, [qp, kp, vp].iter().all(|p| p % 16 == 0));
+        if flash.is_none() && s.tokens_first && q.numel() > 0 {
+            // Only the flash kernels read tokens-first rows; the fallback allocates its own output.
+            return crate::backend::attention_via_heads_first(self, q, &k, &v, s);
+        }
         let out = self.tensor(q.shape(), dtype)?;
-        let (qp, kp, vp, op) = (Self::ptr(q), Self::ptr(&k), Self::ptr(&v), Self::ptr(&out));
+        let op = Self::ptr(&out);
         let (q_len, kv_len, head_dim) = (
             u32_of(s.q_len, "q_len")?,
             u32_of(s.kv_len, "kv_len")?,
@@ -1424,8 +1430,7 @@ impl Backend for CudaBackend {
         if out.numel() == 0 {
             return Ok(out);
         }
-        let aligned = [qp, kp, vp].iter().all(|p| p % 16 == 0);
-        if let Some(fk) = self.flash_kernel(dtype, s, aligned) {
+        if let Some(fk) = flash {
             let f = self.function(Family::Attention, fk.name)?;
             let scale_log2 = s.scale * std::f32::consts::LOG2_E;
             let cfg = LaunchConfig {
@@ -1471,9 +1476,6 @@ impl Backend for CudaBackend {
             // kernels, pointers otherwise); the strides and maps describe the tensors' layout.
             unsafe { l.launch(cfg) }.map_err(|e| gpu_err(fk.name, e))?;
             return Ok(out);
-        }
-        if s.tokens_first {
-            return crate::backend::attention_via_heads_first(self, q, &k, &v, s);
         }
         if dtype != DType::F32 {
             self.attention_by_scores(q, &k, &v, &out, s)?;
