@@ -410,14 +410,7 @@ pub fn rms_norm_rope<B: Backend>(
             format!("rows of {d} do not split into heads of {head_dim} (twice cos's columns)"),
         ));
     }
-    for (name, t) in [("cos", cos), ("sin", sin)] {
-        if t.shape() != [s, head_dim / 2] {
-            return Err(shape_err(
-                op,
-                format!("{name} must be [{s}, {}], got {:?}", head_dim / 2, t.shape()),
-            ));
-        }
-    }
+    expect_rope_tables(op, s, head_dim / 2, cos, sin)?;
     if let Some(g) = gamma {
         expect_len(op, "gamma", g, d)?;
     }
@@ -629,6 +622,16 @@ pub fn cast<B: Backend>(b: &B, x: &Tensor<B>, dtype: DType) -> Result<Tensor<B>>
     Ok(out)
 }
 
+/// Rope tables `cos` and `sin` must be `[tokens, pairs]`.
+fn expect_rope_tables<B: Backend>(op: &'static str, tokens: usize, pairs: usize, cos: &Tensor<B>, sin: &Tensor<B>) -> Result<()> {
+    for (name, t) in [("cos", cos), ("sin", sin)] {
+        if t.shape() != [tokens, pairs] {
+            return Err(shape_err(op, format!("{name} must be [{tokens}, {pairs}], got {:?}", t.shape())));
+        }
+    }
+    Ok(())
+}
+
 /// Rotary embedding of interleaved pairs on `x [batch, seq, heads, head_dim]` with
 /// `cos`, `sin` of shape `[seq, head_dim / 2]` (see `rope3d_tables` for Wan's 3D layout).
 pub fn rope<B: Backend>(b: &B, x: &Tensor<B>, cos: &Tensor<B>, sin: &Tensor<B>) -> Result<Tensor<B>> {
@@ -638,11 +641,7 @@ pub fn rope<B: Backend>(b: &B, x: &Tensor<B>, cos: &Tensor<B>, sin: &Tensor<B>) 
     if d % 2 != 0 {
         return Err(shape_err(op, format!("head_dim {d} is odd")));
     }
-    for (name, t) in [("cos", cos), ("sin", sin)] {
-        if t.shape() != [s, d / 2] {
-            return Err(shape_err(op, format!("{name} must be [{s}, {}], got {:?}", d / 2, t.shape())));
-        }
-    }
+    expect_rope_tables(op, s, d / 2, cos, sin)?;
     let x_view = View::strided(0, vec![s * h * d, h * d, d, 2]);
     let table = View::strided(0, vec![0, d / 2, 0, 1]);
     let out = b.alloc(x.shape(), x.dtype())?;
