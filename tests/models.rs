@@ -431,6 +431,8 @@ fn half_precision_run<B: Backend>(b: &B, dtype: DType) {
     let sd = StableDiffusion::load(b, &sd_source(), dtype).expect("sd loads");
     let unet = sd
         .unet
+        .get(b)
+        .expect("unet loads")
         .forward(b, &big("unet_latent", 40.0), &[981.0, 981.0], &big("text_hidden", 40.0))
         .expect("unet");
     assert_finite_and_alive(&format!("unet ({tag})"), &read(b, &unet));
@@ -439,6 +441,8 @@ fn half_precision_run<B: Backend>(b: &B, dtype: DType) {
     let wan = Wan::load(b, &wan_source(), dtype).expect("wan loads");
     let v = wan
         .transformer
+        .get(b)
+        .expect("dit loads")
         .forward(b, &big("dit_latent", 40.0), &[999.0], &big("dit_context", 40.0))
         .expect("dit");
     assert_finite_and_alive(&format!("wan dit ({tag})"), &read(b, &v));

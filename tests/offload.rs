@@ -19,6 +19,7 @@ use sdlite_remote::protocol::{Envelope, ErrorCode, JobMode, ModelHash, Request, 
 use sdlite_remote::tls::{Identity, LinkOptions};
 use sdlite_remote::worker::{start_worker, RunningWorker, WorkerOptions, WEBTRANSPORT_PATH};
 use sdlite_remote::{Error, WorkerAddress};
+use sdlite_runtime::models::denoiser::DenoiserLoad;
 use sdlite_runtime::models::flow_schedulers::FlowSampler;
 use sdlite_runtime::models::schedulers::Sampler;
 use sdlite_runtime::models::sd::{SdRequest, StableDiffusion};
@@ -147,27 +148,28 @@ fn wan_request() -> WanRequest {
     }
 }
 
-fn sd() -> StableDiffusion<CpuBackend> {
-    StableDiffusion::load(&CpuBackend, &DirSource(data().join("sd-tiny")), DType::F32).unwrap()
+fn sd(unet: DenoiserLoad) -> StableDiffusion<CpuBackend> {
+    StableDiffusion::load_with(&CpuBackend, &DirSource(data().join("sd-tiny")), DType::F32, unet).unwrap()
 }
 
-fn wan() -> Wan<CpuBackend> {
-    Wan::load(&CpuBackend, &DirSource(data().join("wan-tiny")), DType::F32).unwrap()
+fn wan(transformer: DenoiserLoad) -> Wan<CpuBackend> {
+    Wan::load_with(&CpuBackend, &DirSource(data().join("wan-tiny")), DType::F32, transformer).unwrap()
 }
 
 fn sd_local() -> HostTensor {
-    pollster::block_on(sd().generate(&CpuBackend, &sd_request(), &mut |_, _, _| {}))
+    pollster::block_on(sd(DenoiserLoad::Now).generate(&CpuBackend, &sd_request(), &mut |_, _, _| {}))
         .unwrap()
         .image
 }
 
-/// SD through `pool`; `on_step(step)` runs after each denoising step.
+/// SD through `pool`, the UNet loaded here only if a step runs here; `on_step(step)` runs
+/// after each denoising step.
 fn sd_offloaded(
     pool: &mut Pool,
     configure: impl FnOnce(&mut OffloadDenoiser<CpuBackend, sdlite_runtime::models::unet::UNet<CpuBackend>>),
     on_step: &mut dyn FnMut(usize),
 ) -> sdlite_runtime::Result<HostTensor> {
-    let sd = sd();
+    let sd = sd(DenoiserLoad::OnFirstUse);
     let package = DenoiserPackage::from_pipeline(&data().join("sd-tiny")).unwrap();
     let mut d = OffloadDenoiser::whole(pool, &package, &sd.unet, DType::F32, false);
     configure(&mut d);
@@ -177,6 +179,11 @@ fn sd_offloaded(
         }
     }))?;
     assert_eq!(d.stats.local_steps + d.stats.remote_steps, sd_request().steps);
+    assert_eq!(
+        sd.unet.is_loaded(),
+        d.stats.local_steps > 0,
+        "the UNet is loaded exactly when a step ran here"
+    );
     Ok(out.image)
 }
 
@@ -195,10 +202,10 @@ fn sd_offloaded_equals_local() {
 fn wan_offloaded_equals_local_whole_and_blocks() {
     let models = models_dir(true);
     let w = start(&models, TOKEN);
-    let wan = wan();
-    let local = pollster::block_on(wan.generate(&CpuBackend, &wan_request(), &mut |_, _, _| {}))
+    let local = pollster::block_on(wan(DenoiserLoad::Now).generate(&CpuBackend, &wan_request(), &mut |_, _, _| {}))
         .unwrap()
         .video;
+    let wan = wan(DenoiserLoad::OnFirstUse);
     let package = DenoiserPackage::from_pipeline(&data().join("wan-tiny")).unwrap();
     let mut p = pool(&[&w], TOKEN);
     let mut whole = OffloadDenoiser::whole(&mut p, &package, &wan.transformer, DType::F32, false);
@@ -206,12 +213,13 @@ fn wan_offloaded_equals_local_whole_and_blocks() {
     assert_eq!(whole.stats.remote_steps, 3);
     drop(whole);
     assert_eq!(out.video, local, "whole-denoiser offload differs");
-    let mut blocks = OffloadDenoiser::blocks(&mut p, &package, &wan.transformer, 1..2, DType::F32).unwrap();
+    assert!(!wan.transformer.is_loaded(), "a whole-denoiser offload loaded the DiT here");
+    let mut blocks = OffloadDenoiser::blocks(&CpuBackend, &mut p, &package, &wan.transformer, 1..2, DType::F32).unwrap();
     let out = pollster::block_on(wan.generate_with(&CpuBackend, &wan_request(), &mut blocks, &mut |_, _, _| {})).unwrap();
     assert_eq!(blocks.stats.remote_steps, 3);
     drop(blocks);
     assert_eq!(out.video, local, "block offload differs");
-    let bad = OffloadDenoiser::blocks(&mut p, &package, &wan.transformer, 1..3, DType::F32)
+    let bad = OffloadDenoiser::blocks(&CpuBackend, &mut p, &package, &wan.transformer, 1..3, DType::F32)
         .err()
         .unwrap();
     assert!(bad.to_string().contains("2 blocks"), "{bad}");
@@ -466,11 +474,11 @@ impl Channel for WebTransportLink {
 
 /// SD with the page's denoiser over `link`; `on_step` runs after each denoising step.
 fn sd_over_channel(link: WebTransportLink, on_step: &mut dyn FnMut(usize)) -> (HostTensor, ChannelStats, Vec<String>) {
-    let sd = sd();
+    let sd = sd(DenoiserLoad::Now);
     let package = DenoiserPackage::from_pipeline(&data().join("sd-tiny")).unwrap();
     let lines = std::sync::Mutex::new(vec![]);
     let log = |l: String| lines.lock().unwrap().push(l);
-    let mut d = ChannelDenoiser::new(Some((link, &package)), &sd.unet, DType::F32, &log);
+    let mut d = ChannelDenoiser::new(Some((link, &package)), sd.unet.get(&CpuBackend).unwrap(), DType::F32, &log);
     let image = runtime().block_on(async {
         let out = sd
             .generate_with(&CpuBackend, &sd_request(), &mut d, &mut |phase, done, _| {

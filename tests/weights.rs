@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use sdlite_runtime::models::denoiser::DenoiserLoad;
 use sdlite_runtime::models::unet::UNet;
 use sdlite_runtime::source::{DirSource, Source};
 use sdlite_runtime::weights::{Params, Weights};
@@ -145,6 +146,30 @@ fn model_load_names_the_missing_or_misshapen_tensor() {
     assert!(err.contains("attn2.to_k.weight") && err.contains("[32, 48]"), "{err}");
 }
 
+/// A denoiser loaded on first use fails there with an eager load's error, naming the tensor,
+/// and a later use says so instead of retrying; an eager load fails at once.
+#[test]
+fn deferred_denoiser_load_fails_at_first_use_naming_the_tensor() {
+    use sdlite_runtime::models::denoiser::OnDemand;
+    let source = DirSource(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/sd-tiny"));
+    let gone = "up_blocks.1.resnets.0.conv1.weight";
+    let unet = |when| {
+        let config = source.config("unet/config.json").unwrap();
+        let w = source.weights("unet").unwrap().renamed(|n| (n != gone).then(|| n.to_string()));
+        OnDemand::new(&CpuBackend, when, move |b: &CpuBackend| {
+            UNet::load(&Params::new(b, &w, DType::F32), config)
+        })
+    };
+    let eager = unet(DenoiserLoad::Now).err().expect("an eager load fails at once").to_string();
+    assert!(eager.contains(gone), "{eager}");
+    let deferred = unet(DenoiserLoad::OnFirstUse).expect("nothing is read before first use");
+    assert!(!deferred.is_loaded());
+    let first = deferred.get(&CpuBackend).err().expect("first use fails").to_string();
+    assert_eq!(first, eager);
+    let again = deferred.get(&CpuBackend).err().expect("second use fails").to_string();
+    assert!(again.contains("failed to load earlier"), "{again}");
+}
+
 /// The tiny SD checkpoint in the original single-file layout (written by make_goldens.py and
 /// checked there against diffusers' own converters) maps onto exactly the diffusers
 /// folder's tensors, and the pipeline loaded from it runs the UNet like the folder's.
@@ -191,13 +216,13 @@ fn sd_single_file_maps_onto_the_diffusers_layout() {
         );
     }
     let tokenizer = ClipTokenizer::from_source(&folder, "tokenizer").unwrap();
-    let sd = StableDiffusion::load_single_file(&CpuBackend, &file, configs, tokenizer, DType::F32).unwrap();
+    let sd = StableDiffusion::load_single_file(&CpuBackend, &file, configs, tokenizer, DType::F32, DenoiserLoad::Now).unwrap();
     let goldens = Weights::open(&data.join("sd-tiny-goldens.safetensors")).unwrap();
     let gold = |n: &str| goldens.load(n, &goldens.shape(n).unwrap().to_vec(), DType::F32).unwrap();
     let b = CpuBackend;
     let x = b.upload(&gold("unet_latent")).unwrap();
     let ctx = b.upload(&gold("text_hidden")).unwrap();
-    let out = pollster::block_on(b.read(&sd.unet.forward(&b, &x, &[981.0, 981.0], &ctx).unwrap())).unwrap();
+    let out = pollster::block_on(b.read(&sd.unet.get(&b).unwrap().forward(&b, &x, &[981.0, 981.0], &ctx).unwrap())).unwrap();
     let (got, want) = (out.to_f32(), gold("unet_out").to_f32());
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
@@ -210,6 +235,7 @@ fn sd_single_file_maps_onto_the_diffusers_layout() {
         SdConfigs::from_source(&folder).unwrap(),
         tokenizer,
         DType::F32,
+        DenoiserLoad::Now,
     )
     .err()
     .expect("a diffusers file is not a single-file checkpoint")
@@ -236,7 +262,7 @@ fn sd2_single_file_splits_fused_attention() {
     };
     let tokenizer = ClipTokenizer::from_source(&folder, "tokenizer").unwrap();
     let file = data.join("sd2-tiny-single-file.safetensors");
-    let sd = StableDiffusion::load_single_file(&CpuBackend, &file, configs, tokenizer, DType::F32).unwrap();
+    let sd = StableDiffusion::load_single_file(&CpuBackend, &file, configs, tokenizer, DType::F32, DenoiserLoad::Now).unwrap();
     let goldens = Weights::open(&data.join("sd-tiny-goldens.safetensors")).unwrap();
     let gold = |n: &str| goldens.load(n, &goldens.shape(n).unwrap().to_vec(), DType::F32).unwrap();
     let ids: Vec<Vec<u32>> = gold("sd2_text_ids")

@@ -22,7 +22,7 @@ use sdlite_runtime::weights::Weights;
 use sdlite_runtime::{Backend, CpuBackend, CudaBackend, CudaOptions, DType, Error};
 
 use crate::default_models;
-use crate::remote::{package, report, OffloadArgs};
+use crate::remote::{denoiser_load, package, report, OffloadArgs};
 use crate::DeviceArgs;
 
 #[derive(clap::Args)]
@@ -158,6 +158,7 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
     if class.starts_with("StableDiffusion") {
         let sampler_name = args.sampler.as_deref().unwrap_or("dpmpp_2m");
         let sampler = Sampler::parse(sampler_name)?;
+        let offload = args.offload.setup()?;
         eprintln!("loading {} on {} ({dtype:?})", args.model.display(), b.name());
         let unet_package: Box<dyn FnOnce() -> sdlite_remote::Result<DenoiserPackage>>;
         let loading = Instant::now();
@@ -188,16 +189,16 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
             let (file, config) = (args.model.clone(), serde_json::to_string(&configs.unet)?);
             let weights = single_file_part(&args.model, &configs, "unet")?;
             unet_package = Box::new(move || DenoiserPackage::new(DenoiserKind::Unet, &config, &file.display().to_string(), weights));
-            StableDiffusion::load_single_file(b, &args.model, configs, tokenizer, dtype)?
+            StableDiffusion::load_single_file(b, &args.model, configs, tokenizer, dtype, denoiser_load(&offload))?
         } else {
             let dir = args.model.clone();
             unet_package = Box::new(move || DenoiserPackage::from_pipeline(&dir));
-            StableDiffusion::load(b, &source, dtype)?
+            StableDiffusion::load_with(b, &source, dtype, denoiser_load(&offload))?
         };
         eprintln!("loaded in {:.1} s", loading.elapsed().as_secs_f64());
         let req = Ask::from_args(args, seed).sd(&sd.defaults, sampler);
         sd.validate(&req)?;
-        let out = match args.offload.setup()? {
+        let out = match offload {
             None => pollster::block_on(sd.generate(b, &req, &mut progress_bars())),
             Some(mut offload) => {
                 if let OffloadMode::Blocks(_) = offload.mode {
@@ -220,18 +221,19 @@ fn generate<B: Backend>(b: &B, dtype: DType, args: &GenArgs) -> Result<()> {
     } else if class.starts_with("Wan") {
         let sampler_name = args.sampler.as_deref().unwrap_or("unipc");
         let sampler = FlowSampler::parse(sampler_name)?;
+        let offload = args.offload.setup()?;
         eprintln!("loading {} on {} ({dtype:?})", args.model.display(), b.name());
         let loading = Instant::now();
-        let wan = Wan::load(b, &source, dtype)?;
+        let wan = Wan::load_with(b, &source, dtype, denoiser_load(&offload))?;
         eprintln!("loaded in {:.1} s", loading.elapsed().as_secs_f64());
         let req = Ask::from_args(args, seed).wan(&wan.defaults, sampler);
         wan.latent_shape(&req)?;
-        let out = match args.offload.setup()? {
+        let out = match offload {
             None => pollster::block_on(wan.generate(b, &req, &mut progress_bars())),
             Some(mut offload) => {
                 let package = package(|| DenoiserPackage::from_pipeline(&args.model))?;
                 let mut d = match offload.mode.clone() {
-                    OffloadMode::Blocks(range) => OffloadDenoiser::blocks(&mut offload.pool, &package, &wan.transformer, range, dtype)?,
+                    OffloadMode::Blocks(range) => OffloadDenoiser::blocks(b, &mut offload.pool, &package, &wan.transformer, range, dtype)?,
                     mode => OffloadDenoiser::whole(&mut offload.pool, &package, &wan.transformer, dtype, mode == OffloadMode::Auto),
                 };
                 d.upload = offload.upload;

@@ -15,6 +15,7 @@ use sdlite_remote::protocol::{DenoiserKind, ErrorCode, JobMode, ModelHash};
 use sdlite_remote::tls::{hex, load_or_create_token, Identity, Trust};
 use sdlite_remote::worker::{start_worker, WorkerOptions, WEBTRANSPORT_PATH};
 use sdlite_remote::WorkerAddress;
+use sdlite_runtime::models::denoiser::DenoiserLoad;
 use sdlite_runtime::{CpuBackend, CudaBackend, CudaOptions, DType, HostTensor};
 
 use crate::gen::BackendKind;
@@ -209,6 +210,15 @@ impl OffloadArgs {
             fallback: !self.no_fallback,
             cfg_parallel: !self.no_cfg_parallel,
         }))
+    }
+}
+
+/// When the pipeline loads its own denoiser: a client that offloads the whole denoiser needs
+/// it only on fallback (or for auto's first-step timing); split DiT blocks run partly here.
+pub fn denoiser_load(offload: &Option<Offload>) -> DenoiserLoad {
+    match offload.as_ref().map(|o| &o.mode) {
+        Some(OffloadMode::Denoiser | OffloadMode::Auto) => DenoiserLoad::OnFirstUse,
+        _ => DenoiserLoad::Now,
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sdlite_runtime::models::denoiser::{batch_input, guided_prediction, is_guided, Denoiser, DenoiserModel};
+use sdlite_runtime::models::denoiser::{batch_input, guided_prediction, is_guided, Denoiser, DenoiserModel, OnDemand};
 use sdlite_runtime::models::guide;
 use sdlite_runtime::models::wan_dit::WanDit;
 use sdlite_runtime::{Backend, DType, HostData, HostTensor, Tensor};
@@ -220,10 +220,10 @@ pub struct OffloadStats {
 }
 
 /// A `Denoiser` that runs the model on the pool's workers.
-pub struct OffloadDenoiser<'a, B: Backend, M: ?Sized> {
+pub struct OffloadDenoiser<'a, B: Backend, M> {
     pool: &'a mut Pool,
     package: &'a DenoiserPackage,
-    local: &'a M,
+    local: &'a OnDemand<B, M>,
     blocks: Option<(&'a WanDit<B>, Range<usize>)>,
     dtype: DType,
     /// Split the guidance branches over two workers when two are available.
@@ -239,10 +239,10 @@ pub struct OffloadDenoiser<'a, B: Backend, M: ?Sized> {
     pub stats: OffloadStats,
 }
 
-impl<'a, B: Backend, M: DenoiserModel<B> + ?Sized> OffloadDenoiser<'a, B, M> {
+impl<'a, B: Backend, M: DenoiserModel<B>> OffloadDenoiser<'a, B, M> {
     /// The whole denoiser remotely (`mode` Denoiser or Auto); `local` is the model for
-    /// fallback and for auto's comparison.
-    pub fn whole(pool: &'a mut Pool, package: &'a DenoiserPackage, local: &'a M, dtype: DType, auto: bool) -> Self {
+    /// fallback and for auto's comparison, loaded only if one of them happens.
+    pub fn whole(pool: &'a mut Pool, package: &'a DenoiserPackage, local: &'a OnDemand<B, M>, dtype: DType, auto: bool) -> Self {
         Self {
             pool,
             package,
@@ -262,8 +262,16 @@ impl<'a, B: Backend, M: DenoiserModel<B> + ?Sized> OffloadDenoiser<'a, B, M> {
 }
 
 impl<'a, B: Backend> OffloadDenoiser<'a, B, WanDit<B>> {
-    /// DiT blocks `range` remotely, the rest on `dit` here.
-    pub fn blocks(pool: &'a mut Pool, package: &'a DenoiserPackage, dit: &'a WanDit<B>, range: Range<usize>, dtype: DType) -> Result<Self> {
+    /// DiT blocks `range` remotely, the rest on `dit` here (loaded now).
+    pub fn blocks(
+        b: &B,
+        pool: &'a mut Pool,
+        package: &'a DenoiserPackage,
+        local: &'a OnDemand<B, WanDit<B>>,
+        range: Range<usize>,
+        dtype: DType,
+    ) -> Result<Self> {
+        let dit = local.get(b)?;
         if range.end > dit.num_blocks() {
             return Err(Error::Runtime(sdlite_runtime::Error::Invalid(format!(
                 "--offload blocks={}..{}: the model has {} blocks",
@@ -272,7 +280,7 @@ impl<'a, B: Backend> OffloadDenoiser<'a, B, WanDit<B>> {
                 dit.num_blocks()
             ))));
         }
-        let mut d = Self::whole(pool, package, dit, dtype, false);
+        let mut d = Self::whole(pool, package, local, dtype, false);
         d.blocks = Some((dit, range));
         d.cfg_parallel = false;
         Ok(d)
@@ -296,7 +304,7 @@ fn runtime_err(e: Error) -> sdlite_runtime::Error {
     }
 }
 
-impl<B: Backend, M: DenoiserModel<B> + ?Sized> OffloadDenoiser<'_, B, M> {
+impl<B: Backend, M: DenoiserModel<B>> OffloadDenoiser<'_, B, M> {
     fn log(&self, line: String) {
         (self.pool.log)(line)
     }
@@ -468,6 +476,8 @@ impl<B: Backend, M: DenoiserModel<B> + ?Sized> OffloadDenoiser<'_, B, M> {
         };
         if std::mem::take(&mut self.undecided_auto) {
             let remote_time = started.elapsed();
+            // Loading is not part of a step's time.
+            self.local.get(b)?;
             let here = Instant::now();
             self.local_prediction(b, input, timestep).await?;
             let local_time = here.elapsed();
@@ -491,11 +501,14 @@ impl<B: Backend, M: DenoiserModel<B> + ?Sized> OffloadDenoiser<'_, B, M> {
 
     async fn local_prediction(&self, b: &B, input: &HostTensor, timestep: f32) -> Result<Vec<f32>> {
         let job = self.job.as_ref().expect("begun");
-        Ok(guided_prediction(b, self.local, &job.context, job.cfg_scale, self.dtype, input, timestep).await?)
+        if !self.local.is_loaded() {
+            self.log("loading the denoiser's weights here".into());
+        }
+        Ok(guided_prediction(b, self.local.get(b)?, &job.context, job.cfg_scale, self.dtype, input, timestep).await?)
     }
 }
 
-impl<B: Backend, M: DenoiserModel<B> + ?Sized> OffloadDenoiser<'_, B, M> {
+impl<B: Backend, M: DenoiserModel<B>> OffloadDenoiser<'_, B, M> {
     async fn predict_blocks(&mut self, b: &B, step: usize, input: &HostTensor, timestep: f32) -> Result<Vec<f32>> {
         let (dit, range) = self.blocks.clone().expect("block offload");
         let (context, cfg_scale) = {
@@ -533,7 +546,7 @@ impl<B: Backend, M: DenoiserModel<B> + ?Sized> OffloadDenoiser<'_, B, M> {
     }
 }
 
-impl<B: Backend, M: DenoiserModel<B> + ?Sized> Denoiser<B> for OffloadDenoiser<'_, B, M> {
+impl<B: Backend, M: DenoiserModel<B>> Denoiser<B> for OffloadDenoiser<'_, B, M> {
     async fn begin(&mut self, b: &B, context: &Tensor<B>, cfg_scale: f32) -> sdlite_runtime::Result<()> {
         self.close_placements();
         let context_host = b.read(context).await?;
@@ -556,7 +569,7 @@ impl<B: Backend, M: DenoiserModel<B> + ?Sized> Denoiser<B> for OffloadDenoiser<'
     }
 }
 
-impl<B: Backend, M: ?Sized> Drop for OffloadDenoiser<'_, B, M> {
+impl<B: Backend, M> Drop for OffloadDenoiser<'_, B, M> {
     fn drop(&mut self) {
         for p in self.placements.drain(..) {
             let link = p.link.clone();

@@ -1,6 +1,7 @@
 #!/bin/bash
 # End to end on the GPU machine: diffusers' WanPipeline on a full-size random-weight
-# folder, then sdlite gen with the denoiser on a local CUDA worker over loopback QUIC.
+# folder, then sdlite gen with the denoiser on a local CUDA worker over loopback QUIC, then
+# the client's peak memory with and without its own DiT (tests/reference/client_peak.py).
 export LD_LIBRARY_PATH=$(python3 -c "import glob,os,site; print(':'.join(d for p in site.getsitepackages() for d in glob.glob(os.path.join(p,'nvidia','*','lib'))))")
 export SDLITE_CUDA_CACHE=/tmp/cc
 # Usage (repo root on the GPU machine, diffusers wheels in .whl, the sdlite binary at /tmp/sdlite):
@@ -29,3 +30,11 @@ gen() {
 gen 1 "cold kernel cache"
 gen 50 "warm kernel cache"
 ls -la /tmp/fox-50.png
+# The client's memory with its DiT deferred (--offload denoiser) and loaded at start
+# (blocks=0..30: every block remote, the DiT loaded for the blocks it would run here).
+for mode in denoiser blocks=0..30 denoiser blocks=0..30; do
+  echo "client, --offload $mode, 1 step:"
+  python3 tests/reference/client_peak.py /tmp/sdlite gen --model /tmp/e2e/wan-full --backend cuda --half \
+      --prompt "a red fox running through snow" --steps 1 --frames 81 --seed 1 \
+      --worker "quic://127.0.0.1:4433#sha256=$FP" --token T --offload $mode --out /tmp/fox-peak.png | grep -E "^rc|loaded in"
+done

@@ -608,7 +608,7 @@ impl Studio {
                 Model::Sd(sd) => {
                     let req = request.to_sd(&info).map_err(js_err)?;
                     let mut denoiser = Watched::new(
-                        ChannelDenoiser::new(remote, &sd.unet, sd.dtype, &log),
+                        ChannelDenoiser::new(remote, sd.unet.get(b).map_err(js_err)?, sd.dtype, &log),
                         &inner.cancelled,
                         every,
                         &preview,
@@ -638,7 +638,7 @@ impl Studio {
                 Model::Wan(wan) => {
                     let req = request.to_wan(&info).map_err(js_err)?;
                     let mut denoiser = Watched::new(
-                        ChannelDenoiser::new(remote, &wan.transformer, wan.dtype, &log),
+                        ChannelDenoiser::new(remote, wan.transformer.get(b).map_err(js_err)?, wan.dtype, &log),
                         &inner.cancelled,
                         every,
                         &preview,

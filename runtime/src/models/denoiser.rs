@@ -95,3 +95,54 @@ impl<B: Backend, M: DenoiserModel<B> + ?Sized> Denoiser<B> for LocalDenoiser<'_,
         guided_prediction(b, self.model, context, *cfg_scale, self.dtype, input, timestep).await
     }
 }
+
+/// When a pipeline reads and uploads its denoiser's weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenoiserLoad {
+    Now,
+    /// At the first `OnDemand::get`: a client that offloads the denoiser needs its own copy
+    /// only when no worker is left (or for auto's one timing), so it need not hold the
+    /// pipeline's largest part in memory meanwhile.
+    OnFirstUse,
+}
+
+type Loader<B, M> = Box<dyn FnOnce(&B) -> Result<M>>;
+
+/// A pipeline's denoiser model, loaded when the pipeline is or on first use (`DenoiserLoad`).
+/// A deferred load's errors (a missing or malformed tensor) surface at that first use, with
+/// the same messages as an eager load's.
+pub struct OnDemand<B: Backend, M> {
+    model: std::cell::OnceCell<M>,
+    load: std::cell::Cell<Option<Loader<B, M>>>,
+}
+
+impl<B: Backend, M> OnDemand<B, M> {
+    /// `load` now (`DenoiserLoad::Now`) or at the first `get`.
+    pub fn new(b: &B, when: DenoiserLoad, load: impl FnOnce(&B) -> Result<M> + 'static) -> Result<Self> {
+        let this = Self {
+            model: std::cell::OnceCell::new(),
+            load: std::cell::Cell::new(Some(Box::new(load))),
+        };
+        if when == DenoiserLoad::Now {
+            this.get(b)?;
+        }
+        Ok(this)
+    }
+
+    /// The model, loading it on the first call.
+    pub fn get(&self, b: &B) -> Result<&M> {
+        if let Some(model) = self.model.get() {
+            return Ok(model);
+        }
+        let load = self
+            .load
+            .take()
+            .ok_or_else(|| crate::error::Error::Invalid("denoiser: its weights failed to load earlier".into()))?;
+        let model = load(b)?;
+        Ok(self.model.get_or_init(|| model))
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.model.get().is_some()
+    }
+}

@@ -9,7 +9,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::models::clip_text::{ClipTextConfig, ClipTextEncoder};
 use crate::models::clip_tokenizer::ClipTokenizer;
-use crate::models::denoiser::{Denoiser, LocalDenoiser};
+use crate::models::denoiser::{Denoiser, DenoiserLoad, LocalDenoiser, OnDemand};
 use crate::models::schedulers::{Prediction, Sampler, Scheduler, SchedulerConfig};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::models::sd_single_file::{component_name, split_fused_qkv};
@@ -23,7 +23,9 @@ use crate::weights::{Params, Weights};
 pub struct StableDiffusion<B: Backend> {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextEncoder<B>,
-    pub unet: UNet<B>,
+    pub unet: OnDemand<B, UNet<B>>,
+    /// The UNet's config, known before its weights are loaded.
+    pub unet_config: UNetConfig,
     pub vae_decoder: VaeDecoder<B>,
     pub vae_encoder: VaeEncoder<B>,
     pub scheduler_config: SchedulerConfig,
@@ -127,6 +129,11 @@ pub fn single_file_part(file: &std::path::Path, configs: &SdConfigs, component: 
 impl<B: Backend> StableDiffusion<B> {
     /// Loads a diffusers Stable Diffusion folder.
     pub fn load(b: &B, source: &impl Source, dtype: DType) -> Result<Self> {
+        Self::load_with(b, source, dtype, DenoiserLoad::Now)
+    }
+
+    /// `load`, with the UNet loaded now or on first use.
+    pub fn load_with(b: &B, source: &impl Source, dtype: DType, unet_load: DenoiserLoad) -> Result<Self> {
         if !source.exists("model_index.json") {
             return Err(Error::Invalid(format!(
                 "{}: not a diffusers Stable Diffusion folder (no model_index.json)",
@@ -140,6 +147,7 @@ impl<B: Backend> StableDiffusion<B> {
             ClipTokenizer::from_source(source, "tokenizer")?,
             parts,
             dtype,
+            unet_load,
         )?;
         sd.defaults = sd.defaults.with_overrides(source)?;
         Ok(sd)
@@ -148,7 +156,14 @@ impl<B: Backend> StableDiffusion<B> {
     /// Loads a single-file checkpoint with the original key names (`configs` as the model's;
     /// `SdConfigs::sd15()` for SD 1.x files), with the tokenizer given separately.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn load_single_file(b: &B, file: &std::path::Path, configs: SdConfigs, tokenizer: ClipTokenizer, dtype: DType) -> Result<Self> {
+    pub fn load_single_file(
+        b: &B,
+        file: &std::path::Path,
+        configs: SdConfigs,
+        tokenizer: ClipTokenizer,
+        dtype: DType,
+        unet_load: DenoiserLoad,
+    ) -> Result<Self> {
         let mut text = single_file_part(file, &configs, "text_encoder")?;
         split_fused_qkv(&mut text)?;
         let parts = [
@@ -156,16 +171,25 @@ impl<B: Backend> StableDiffusion<B> {
             single_file_part(file, &configs, "unet")?,
             single_file_part(file, &configs, "vae")?,
         ];
-        Self::assemble(b, configs, tokenizer, parts, dtype)
+        Self::assemble(b, configs, tokenizer, parts, dtype, unet_load)
     }
 
-    fn assemble(b: &B, configs: SdConfigs, tokenizer: ClipTokenizer, [text, unet, vae]: [Weights; 3], dtype: DType) -> Result<Self> {
+    fn assemble(
+        b: &B,
+        configs: SdConfigs,
+        tokenizer: ClipTokenizer,
+        [text, unet, vae]: [Weights; 3],
+        dtype: DType,
+        unet_load: DenoiserLoad,
+    ) -> Result<Self> {
         let vp = Params::new(b, &vae, dtype);
+        let unet_config = configs.unet.clone();
         let native = configs.unet.sample_size * configs.vae.scale_factor();
         Ok(Self {
             tokenizer,
             text_encoder: ClipTextEncoder::load(b, configs.text, Arc::new(text), dtype)?,
-            unet: UNet::load(&Params::new(b, &unet, dtype), configs.unet)?,
+            unet: OnDemand::new(b, unet_load, move |b: &B| UNet::load(&Params::new(b, &unet, dtype), unet_config))?,
+            unet_config: configs.unet,
             vae_decoder: VaeDecoder::load(&vp, configs.vae.clone())?,
             vae_encoder: VaeEncoder::load(&vp, configs.vae)?,
             scheduler_config: configs.scheduler,
@@ -181,7 +205,7 @@ impl<B: Backend> StableDiffusion<B> {
 
     /// Checks a request against what the model can take, before any work starts.
     pub fn validate(&self, req: &SdRequest) -> Result<()> {
-        let f = self.vae_decoder.config.scale_factor() * (1 << (self.unet.config.block_out_channels.len() - 1));
+        let f = self.vae_decoder.config.scale_factor() * (1 << (self.unet_config.block_out_channels.len() - 1));
         if req.width == 0 || req.height == 0 || req.width % f != 0 || req.height % f != 0 {
             return Err(Error::Invalid(format!(
                 "{}x{} is not a size this model takes: width and height must be positive multiples of {f}",
@@ -196,7 +220,7 @@ impl<B: Backend> StableDiffusion<B> {
 
     fn latent_shape(&self, req: &SdRequest) -> [usize; 4] {
         let f = self.vae_decoder.config.scale_factor();
-        [1, self.unet.config.in_channels, req.height / f, req.width / f]
+        [1, self.unet_config.in_channels, req.height / f, req.width / f]
     }
 
     /// Text embeddings `[2, seq, d]` (negative, positive) or `[1, seq, d]` without guidance.
@@ -210,7 +234,7 @@ impl<B: Backend> StableDiffusion<B> {
     }
 
     pub async fn generate(&self, b: &B, req: &SdRequest, progress: &mut dyn FnMut(Phase, usize, usize)) -> Result<SdOutput> {
-        self.generate_with(b, req, &mut LocalDenoiser::new(&self.unet, self.dtype), progress)
+        self.generate_with(b, req, &mut LocalDenoiser::new(self.unet.get(b)?, self.dtype), progress)
             .await
     }
 

@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::models::denoiser::{Denoiser, LocalDenoiser};
+use crate::models::denoiser::{Denoiser, DenoiserLoad, LocalDenoiser, OnDemand};
 use crate::models::flow_schedulers::{FlowSampler, FlowScheduler, FlowSchedulerConfig};
 use crate::models::sentencepiece::SentencePiece;
 use crate::models::umt5::Umt5Encoder;
-use crate::models::wan_dit::WanDit;
+use crate::models::wan_dit::{WanDit, WanDitConfig};
 use crate::models::wan_vae::{WanVaeConfig, WanVaeDecoder};
 use crate::models::{check_finite, initial_latent, Phase, RequestDefaults};
 use crate::source::Source;
@@ -25,7 +25,9 @@ pub const TEXT_LEN: usize = 512;
 pub struct Wan<B: Backend> {
     pub tokenizer: SentencePiece,
     pub text_encoder: Umt5Encoder<B>,
-    pub transformer: WanDit<B>,
+    pub transformer: OnDemand<B, WanDit<B>>,
+    /// The transformer's config, known before its weights are loaded.
+    pub transformer_config: WanDitConfig,
     pub vae: WanVaeDecoder<B>,
     pub scheduler_config: FlowSchedulerConfig,
     /// The reference pipeline's 832x480, 81 frames, guidance 5, unless the folder says otherwise.
@@ -71,6 +73,11 @@ fn clean_prompt(text: &str) -> String {
 
 impl<B: Backend> Wan<B> {
     pub fn load(b: &B, source: &impl Source, dtype: DType) -> Result<Self> {
+        Self::load_with(b, source, dtype, DenoiserLoad::Now)
+    }
+
+    /// `load`, with the transformer loaded now or on first use.
+    pub fn load_with(b: &B, source: &impl Source, dtype: DType, transformer_load: DenoiserLoad) -> Result<Self> {
         if !source.exists("model_index.json") {
             return Err(Error::Invalid(format!(
                 "{}: not a diffusers Wan folder (no model_index.json)",
@@ -79,6 +86,11 @@ impl<B: Backend> Wan<B> {
         }
         let spiece = source.bytes("tokenizer/spiece.model")?;
         let transformer_weights = crate::models::wan_dit::with_diffusers_names(source.weights("transformer")?);
+        let transformer_config: WanDitConfig = source.config("transformer/config.json")?;
+        let dit_config = transformer_config.clone();
+        let transformer = OnDemand::new(b, transformer_load, move |b: &B| {
+            WanDit::load(&Params::new(b, &transformer_weights, dtype), dit_config)
+        })?;
         let vae_config: WanVaeConfig = source.config("vae/config.json")?;
         let vae_weights = crate::models::wan_vae::with_diffusers_names(source.weights("vae")?, &vae_config);
         Ok(Self {
@@ -89,10 +101,8 @@ impl<B: Backend> Wan<B> {
                 Arc::new(source.weights("text_encoder")?),
                 dtype,
             )?,
-            transformer: WanDit::load(
-                &Params::new(b, &transformer_weights, dtype),
-                source.config("transformer/config.json")?,
-            )?,
+            transformer,
+            transformer_config,
             vae: WanVaeDecoder::load(&Params::new(b, &vae_weights, dtype), vae_config)?,
             scheduler_config: source.config("scheduler/scheduler_config.json")?,
             defaults: RequestDefaults {
@@ -109,7 +119,7 @@ impl<B: Backend> Wan<B> {
     /// The latent shape for a request, after checking the sizes fit the model.
     pub fn latent_shape(&self, req: &WanRequest) -> Result<[usize; 5]> {
         let (s, t) = (self.vae.spatial_factor(), self.vae.temporal_factor());
-        let [_, ph, pw] = self.transformer.config.patch_size;
+        let [_, ph, pw] = self.transformer_config.patch_size;
         let (fh, fw) = (s * ph, s * pw);
         if req.width == 0 || req.height == 0 || req.width % fw != 0 || req.height % fh != 0 {
             return Err(Error::Invalid(format!(
@@ -148,7 +158,7 @@ impl<B: Backend> Wan<B> {
     }
 
     pub async fn generate(&self, b: &B, req: &WanRequest, progress: &mut dyn FnMut(Phase, usize, usize)) -> Result<WanOutput> {
-        self.generate_with(b, req, &mut LocalDenoiser::new(&self.transformer, self.dtype), progress)
+        self.generate_with(b, req, &mut LocalDenoiser::new(self.transformer.get(b)?, self.dtype), progress)
             .await
     }
 

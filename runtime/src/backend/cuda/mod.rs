@@ -761,27 +761,29 @@ impl CudaBackend {
             Some(NormThen::Modulate { .. }) => "norm + modulate",
             Some(NormThen::Rope { .. }) => "norm + rope",
         });
+        let xp = Self::ptr(x);
+        // 16-byte words: 16-bit storage, 16-byte aligned (outputs, fresh allocations, always are).
+        let rows8 = x.dtype().size() == 2 && xp % 16 == 0 && s.stride == 1 && s.row_len.is_multiple_of(256) && s.row_len <= NORM_ROW8_MAX;
+        // norm_rows8 rotates the four pairs of each 16-byte word with 8-byte table reads, the
+        // same ones for all of a lane's words (see norm.cu); other rope shapes are composed.
+        let rope_fits = |cos: &CudaTensor, sin: &CudaTensor| {
+            let head_dim = 2 * cos.shape()[1];
+            rows8
+                && [cos, sin].iter().all(|t| t.dtype() == x.dtype() && Self::ptr(t) % 8 == 0)
+                && head_dim.is_multiple_of(8)
+                && 256 % head_dim == 0
+        };
+        let then = match then {
+            Some(NormThen::Rope { cos, sin }) if !rope_fits(cos, sin) => {
+                return crate::backend::norm_then_composed(self, x, gamma, beta, s, NormThen::Rope { cos, sin });
+            }
+            then => then,
+        };
         let out = self.tensor(x.shape(), x.dtype())?;
         if out.numel() == 0 {
             return Ok(out);
         }
-        let (xp, op) = (Self::ptr(x), Self::ptr(&out));
-        // 16-byte words: 16-bit storage in and out, both 16-byte aligned.
-        let rows8 = x.dtype().size() == 2
-            && xp % 16 == 0
-            && op % 16 == 0
-            && s.stride == 1
-            && s.row_len.is_multiple_of(256)
-            && s.row_len <= NORM_ROW8_MAX;
-        if let Some(NormThen::Rope { cos, sin }) = &then {
-            // norm_rows8 rotates the four pairs of each 16-byte word with 8-byte table reads,
-            // the same ones for all of a lane's words (see norm.cu).
-            let tables = [cos, sin].iter().all(|t| t.dtype() == x.dtype() && Self::ptr(t) % 8 == 0);
-            let head_dim = 2 * cos.shape()[1];
-            if !(rows8 && tables && head_dim.is_multiple_of(8) && 256 % head_dim == 0) {
-                return crate::backend::norm_then_composed(self, x, gamma, beta, s, then.expect("rope"));
-            }
-        }
+        let op = Self::ptr(&out);
         let chunks = s.row_len.div_ceil(NORM_CHUNK).max(1);
         if chunks > 65535 {
             return Err(Error::Invalid(format!(
