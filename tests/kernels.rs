@@ -347,7 +347,7 @@ fn norm_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
             tol,
             inputs,
             [],
-            |b, x, p| { ops::rms_norm(b, &x[0], Some(&x[1]), 1e-6) }
+            |b, x, p| ops::rms_norm(b, &x[0], Some(&x[1]), 1e-6)
         );
     }
     // Wan's q/k norm: RMS over all heads, then each head's rotary embedding. CUDA fuses the
