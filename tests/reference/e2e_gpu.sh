@@ -20,10 +20,12 @@ echo "diffusers done at $SECONDS s"
 /tmp/sdlite worker --listen 127.0.0.1:4433 --backend cuda --models /tmp/e2e --token T > /tmp/worker.log 2>&1 &
 for i in $(seq 60); do grep -q "fingerprint sha256=" /tmp/worker.log && break; sleep 1; done
 FP=$(grep -o "fingerprint sha256=[0-9a-f]*" /tmp/worker.log | head -1 | cut -d= -f2)
+# The request both parts make; the worker's address is this run's.
+GEN=(/tmp/sdlite gen --model /tmp/e2e/wan-full --backend cuda --half --prompt "a red fox running through snow"
+     --frames 81 --seed 1 --worker "quic://127.0.0.1:4433#sha256=$FP" --token T)
 gen() {
   local start=$SECONDS
-  /tmp/sdlite gen --model /tmp/e2e/wan-full --backend cuda --half --prompt "a red fox running through snow" --steps $1 --frames 81 --seed 1 \
-      --worker "quic://127.0.0.1:4433#sha256=$FP" --token T --offload denoiser --out /tmp/fox-$1.png > /tmp/gen.log 2>&1
+  "${GEN[@]}" --steps $1 --offload denoiser --out /tmp/fox-$1.png > /tmp/gen.log 2>&1
   echo "sdlite gen $2, $1 step(s): wall $((SECONDS - start)) s"
   grep -v "^loading\|^wrote" /tmp/gen.log | tail -8
 }
@@ -34,7 +36,5 @@ ls -la /tmp/fox-50.png
 # (blocks=0..30: every block remote, the DiT loaded for the blocks it would run here).
 for mode in denoiser blocks=0..30 denoiser blocks=0..30; do
   echo "client, --offload $mode, 1 step:"
-  python3 tests/reference/client_peak.py /tmp/sdlite gen --model /tmp/e2e/wan-full --backend cuda --half \
-      --prompt "a red fox running through snow" --steps 1 --frames 81 --seed 1 \
-      --worker "quic://127.0.0.1:4433#sha256=$FP" --token T --offload $mode --out /tmp/fox-peak.png | grep -E "^rc|loaded in"
+  python3 tests/reference/client_peak.py "${GEN[@]}" --steps 1 --offload $mode --out /tmp/fox-peak.png | grep -E "^rc|loaded in"
 done
