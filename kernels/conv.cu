@@ -23,8 +23,11 @@
 // tensor cores. Grid: (position tiles, channel tiles, batch items x groups).
 // Layout: x [batch][groups][cin][ti][hi][wi], w [groups][cout][kt*kh*kw][cin] (the runtime
 // permutes the weights), out [batch][groups][cout][n = to*ho*wo], all contiguous, 16-bit;
-// bias [groups][cout], any dtype, or none; cin and cout per group.
-// Limits: 32-bit offsets within one batch item and group; positions < 2^31.
+// bias [groups][cout], any dtype, or none; cin and cout per group. The input may come in up
+// to CONV_PARTS tensors that follow each other in time (`ConvParts`: a causal convolution's
+// cached frames and its new ones), each contiguous in that layout with its own frame count,
+// so the frames are never copied into one tensor.
+// Limits: 32-bit offsets within one batch item and group of a part; positions < 2^31.
 //
 // im2col: any dtype and device; the gather half of a column-matrix convolution whose
 // product is a cuBLASLt GEMM issued by the runtime. Writes col[ci * K + kk][p - p0] for
@@ -48,6 +51,13 @@ struct ConvGemm {
     int bias_dtype;  // -1: no bias
 };
 
+// The input's frames [first[j], first[j + 1]) lie in x[j]; parts not used start at ti.
+#define CONV_PARTS 4
+struct ConvParts {
+    const u16* x[CONV_PARTS];
+    u32 first[CONV_PARTS + 1];
+};
+
 #if __CUDA_ARCH__ >= 800
 
 #define IG_BN 128
@@ -59,7 +69,7 @@ struct ConvGemm {
 #define IG_B_ROWS (IG_BK * IG_BN / IG_THREADS)
 
 template <int MT, bool BF16, bool ROWS>
-__device__ void conv_igemm(const ConvGemm& p, const u16* __restrict__ x, const u16* __restrict__ w, const void* __restrict__ bias,
+__device__ void conv_igemm(const ConvGemm& p, const ConvParts& parts, const u16* __restrict__ w, const void* __restrict__ bias,
                            u16* __restrict__ out) {
     constexpr int BM = 32 * MT;
     __shared__ __align__(16) u16 as[2][BM * IG_A_STRIDE];
@@ -67,10 +77,9 @@ __device__ void conv_igemm(const ConvGemm& p, const u16* __restrict__ x, const u
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int warp_m = warp >> 2, warp_n = warp & 3;
     const u32 n0 = blockIdx.x * IG_BN, m0 = blockIdx.y * BM;
-    const u32 taps = p.g.kt * p.g.kh * p.g.kw, plane = p.g.ti * p.g.hi * p.g.wi;
+    const u32 taps = p.g.kt * p.g.kh * p.g.kw, frame = p.g.hi * p.g.wi;
     const u32 chunks = (p.cin + IG_BK - 1) / IG_BK, tiles = taps * chunks;
     const u32 group = blockIdx.z % p.groups;
-    x += (u64)blockIdx.z * p.cin * plane;
     out += (u64)blockIdx.z * p.cout * p.n;
     w += (u64)group * p.cout * taps * p.cin;
     const u32 bias0 = group * p.cout;
@@ -95,15 +104,25 @@ __device__ void conv_igemm(const ConvGemm& p, const u16* __restrict__ x, const u
     }
     u32 staged[B_REGS];
 
+    // The batch item's and group's input frame `it` (0 <= it < ti): its part's frame 0 there,
+    // and that part's distance between channels.
+    auto frame_of = [&](int it, u32& plane) {
+        int j = 0;
+#pragma unroll
+        for (int k = 1; k < CONV_PARTS; ++k) j += it >= (int)parts.first[k];
+        plane = (parts.first[j + 1] - parts.first[j]) * frame;
+        return parts.x[j] + (u64)blockIdx.z * p.cin * plane + (u32)(it - (int)parts.first[j]) * frame;
+    };
     auto gather = [&](u32 j) {
         const u32 tap = j % taps, c0 = (j / taps) * IG_BK;
         const int dx = tap % p.g.kw, dy = (tap / p.g.kw) % p.g.kh, dt = tap / (p.g.kw * p.g.kh);
         const int it = bt + dt, iy = by + dy, ix = bx + dx;
+        u32 plane = 0;
         if (ROWS) {
             // bx + pw is the first position of the 8, a multiple of 8; the shift is dx - pw.
             const int shift = dx - (int)p.g.pw, x0 = bx + (int)p.g.pw;
             const bool ok = n_ok && it >= 0 && it < (int)p.g.ti && iy >= 0 && iy < (int)p.g.hi;
-            const u16* row = x + (ok ? ((u32)it * p.g.hi + (u32)iy) * p.g.wi + (u32)x0 : 0);
+            const u16* row = ok ? frame_of(it, plane) + (u32)iy * p.g.wi + (u32)x0 : nullptr;
             const bool side = shift > 0 ? x0 + 8 < (int)p.g.wi : x0 > 0;
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
@@ -128,7 +147,7 @@ __device__ void conv_igemm(const ConvGemm& p, const u16* __restrict__ x, const u
             }
         } else {
             const bool ok = n_ok && it >= 0 && it < (int)p.g.ti && iy >= 0 && iy < (int)p.g.hi && ix >= 0 && ix < (int)p.g.wi;
-            const u16* src = x + (ok ? ((u32)it * p.g.hi + (u32)iy) * p.g.wi + (u32)ix : 0);
+            const u16* src = ok ? frame_of(it, plane) + (u32)iy * p.g.wi + (u32)ix : nullptr;
 #pragma unroll
             for (int i = 0; i < IG_B_ROWS; ++i) {
                 const u32 ci = c0 + row0 + 2 * i;
@@ -244,9 +263,9 @@ __device__ void conv_igemm(const ConvGemm& p, const u16* __restrict__ x, const u
 }
 
 #define CONV_IGEMM_ONE(NAME, MT, BF16, ROWS)                                                                            \
-    extern "C" __global__ void __launch_bounds__(IG_THREADS, 2) NAME(ConvGemm p, const u16* x, const u16* w, const void* bias, \
-                                                                    u16* out) {                                             \
-        conv_igemm<MT / 32, BF16, ROWS>(p, x, w, bias, out);                                                                \
+    extern "C" __global__ void __launch_bounds__(IG_THREADS, 2) NAME(ConvGemm p, ConvParts x, const u16* w, const void* bias, \
+                                                                    u16* out) {                                            \
+        conv_igemm<MT / 32, BF16, ROWS>(p, x, w, bias, out);                                                               \
     }
 #define CONV_IGEMM(MT)                                                      \
     CONV_IGEMM_ONE(conv_igemm_bf16_m##MT, MT, true, false)                  \

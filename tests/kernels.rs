@@ -15,7 +15,8 @@
 use sdlite_runtime::spec::UnaryOp;
 use sdlite_runtime::{ops, Backend, CpuBackend, CudaBackend, DType, Tensor, WgpuBackend};
 use sdlite_tests::{
-    check, cuda, cuda_implicit_gemm, cuda_portable_attention, fresh_seed, gpu, gpu_default_limits, gpu_tiny_chunks, random, TestDevice,
+    check, cuda, cuda_implicit_gemm, cuda_portable_attention, fresh_seed, gpu, gpu_default_limits, gpu_tiny_chunks, open_cuda, random,
+    TestDevice,
 };
 
 const F32_TOL: f32 = 1e-5;
@@ -219,6 +220,51 @@ fn conv_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
         check!(g, format!("causal_conv3d {tag} 48 -> 96 channels"), tol, inputs, [], |b, x, p| {
             ops::causal_conv3d(b, &x[0], &x[1], Some(&x[2]), [1, 1, 1], [1, 1, 1])
         });
+    }
+    // The same layer continuing a cached sequence: its input frames in two parts, read where
+    // they lie (two batch items, so each part's own batch stride counts; the second output
+    // frame reads both parts).
+    let inputs = [
+        random(&[2, 48, 2, 24, 40], dt, 1.0, seed + 10),
+        random(&[2, 48, 1, 24, 40], dt, 1.0, seed + 11),
+        random(&[96, 48, 3, 3, 3], dt, 0.1, seed + 12),
+        random(&[96], dt, 1.0, seed + 13),
+    ];
+    if g.fits(96 * 48 * 27) {
+        check!(
+            g,
+            format!("conv3d_frames {tag} 2 + 1 frames, 48 -> 96 channels"),
+            tol,
+            inputs,
+            [],
+            |b, x, p| ops::conv3d_frames(b, &[&x[0], &x[1]], &x[2], Some(&x[3]), [1, 1, 1], [1, 1, 1], [0, 1, 1], 1)
+        );
+    }
+    // Single frames, width 11 (CUDA's element gather): three parts, and five (more than
+    // CUDA reads in place, so joined first).
+    let frames: Vec<_> = (0..5).map(|i| random(&[1, 16, 1, 9, 11], dt, 1.0, seed + 20 + i)).collect();
+    for parts in [3, 5].into_iter().filter(|_| g.fits(24 * 16 * 27)) {
+        let mut inputs = frames[..parts].to_vec();
+        inputs.push(random(&[24, 16, 3, 3, 3], dt, 0.2, seed + 30));
+        check!(
+            g,
+            format!("conv3d_frames {tag} {parts} single frames"),
+            tol,
+            inputs,
+            [parts],
+            |b, x, p| {
+                ops::conv3d_frames(
+                    b,
+                    &x[..p[0]].iter().collect::<Vec<_>>(),
+                    &x[p[0]],
+                    None,
+                    [1, 1, 1],
+                    [2, 1, 1],
+                    [0, 1, 1],
+                    1,
+                )
+            }
+        );
     }
     // The Wan VAE's time convolution (3x1x1), rows of 16.
     let inputs = [
@@ -812,7 +858,9 @@ fn cuda_flash_attention_long_sequence_matches_reference() {
 /// loop asks the driver for memory only during its first step.
 #[test]
 fn cuda_repeated_work_allocates_only_once() {
-    let Some(c) = cuda() else { return };
+    // Its own backend: the shared one also serves the tests running beside this one, whose
+    // allocations would count.
+    let Some(c) = &open_cuda(true) else { return };
     let x = c.upload(&random(&[2, 77, 96], DType::BF16, 1.0, 1)).unwrap();
     let w = c.upload(&random(&[96, 96], DType::BF16, 1.0, 2)).unwrap();
     let step = || {

@@ -100,7 +100,9 @@ pub fn cuda_implicit_gemm() -> Option<&'static CudaBackend> {
     B.get_or_init(|| open_cuda_with(true, ConvKernel::ImplicitGemm)).as_ref()
 }
 
-fn open_cuda(hopper_attention: bool) -> Option<CudaBackend> {
+/// A CUDA backend of the caller's own, for tests that count what the backend does: None
+/// without a device, a panic then if SDLITE_REQUIRE_CUDA is set.
+pub fn open_cuda(hopper_attention: bool) -> Option<CudaBackend> {
     open_cuda_with(hopper_attention, ConvKernel::Auto)
 }
 

@@ -233,10 +233,35 @@ pub fn conv3d<B: Backend>(
     pad_hi: [usize; 3],
     groups: usize,
 ) -> Result<Tensor<B>> {
+    conv3d_frames(b, &[x], w, bias, stride, pad_lo, pad_hi, groups)
+}
+
+/// `conv3d` of `parts` joined along time (dimension 2): a causal convolution's cached frames,
+/// then its new ones. Backends that can read each part where it lies never join them.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3d_frames<B: Backend>(
+    b: &B,
+    parts: &[&Tensor<B>],
+    w: &Tensor<B>,
+    bias: Option<&Tensor<B>>,
+    stride: [usize; 3],
+    pad_lo: [usize; 3],
+    pad_hi: [usize; 3],
+    groups: usize,
+) -> Result<Tensor<B>> {
     let op = "conv";
-    expect_rank(op, "input", x, 5)?;
+    let xs = joined_shape(op, parts, 2)?;
+    if let Some(p) = parts.iter().find(|p| p.dtype() != parts[0].dtype()) {
+        return Err(shape_err(
+            op,
+            format!("input parts of dtypes {:?} and {:?}", parts[0].dtype(), p.dtype()),
+        ));
+    }
+    if xs.len() != 5 {
+        return Err(shape_err(op, format!("input must have rank 5, got shape {xs:?}")));
+    }
     expect_rank(op, "weight", w, 5)?;
-    let (xs, ws) = (x.shape(), w.shape());
+    let ws = w.shape();
     if groups == 0 || xs[1] % groups != 0 || ws[0] % groups != 0 {
         return Err(shape_err(
             op,
@@ -283,7 +308,10 @@ pub fn conv3d<B: Backend>(
         pad_lo,
         pad_hi,
     };
-    b.conv(x, w, bias, &spec)
+    match parts {
+        [x] => b.conv(x, w, bias, &spec),
+        _ => b.conv_frames(parts, w, bias, &spec),
+    }
 }
 
 /// Group norm over `x [n, c, ...]` with per-channel affine parameters.
@@ -706,9 +734,8 @@ pub fn slice<B: Backend>(b: &B, x: &Tensor<B>, dim: usize, start: usize, len: us
     gather(b, x, shape, View::strided(start * strides[dim], strides))
 }
 
-/// Joins tensors of equal shape except along `dim`.
-pub fn concat<B: Backend>(b: &B, parts: &[&Tensor<B>], dim: usize) -> Result<Tensor<B>> {
-    let op = "concat";
+/// The shape of `parts` joined along `dim`: they must agree in every other dimension.
+fn joined_shape<B: Backend>(op: &'static str, parts: &[&Tensor<B>], dim: usize) -> Result<Vec<usize>> {
     let Some(first) = parts.first() else {
         return Err(shape_err(op, "no inputs"));
     };
@@ -726,7 +753,13 @@ pub fn concat<B: Backend>(b: &B, parts: &[&Tensor<B>], dim: usize) -> Result<Ten
     }
     let mut shape = first.shape().to_vec();
     shape[dim] = parts.iter().map(|p| p.shape()[dim]).sum();
-    let out = b.alloc(&shape, first.dtype())?;
+    Ok(shape)
+}
+
+/// Joins tensors of equal shape except along `dim`.
+pub fn concat<B: Backend>(b: &B, parts: &[&Tensor<B>], dim: usize) -> Result<Tensor<B>> {
+    let shape = joined_shape("concat", parts, dim)?;
+    let out = b.alloc(&shape, parts[0].dtype())?;
     let out_strides = contiguous_strides(&shape);
     let mut offset = 0;
     for p in parts {

@@ -56,6 +56,16 @@ pub trait Backend {
     fn attention(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>, spec: &AttentionSpec) -> Result<Tensor<Self>>;
     fn map(&self, inputs: &[&Tensor<Self>], out: &Tensor<Self>, spec: &MapSpec) -> Result<()>;
 
+    /// `conv` of `parts` joined along time (dimension 2), validated by `ops`: `spec.input[0]`
+    /// counts the frames of all of them. Backends whose kernels read each part where it lies
+    /// override it; joining the parts, then `conv`, is its specification.
+    fn conv_frames(&self, parts: &[&Tensor<Self>], w: &Tensor<Self>, bias: Option<&Tensor<Self>>, spec: &ConvSpec) -> Result<Tensor<Self>>
+    where
+        Self: Sized,
+    {
+        conv_frames_composed(self, parts, w, bias, spec)
+    }
+
     /// `norm` followed by `then`, validated by `ops`. Backends that can fuse the two in one
     /// pass override it; this composition of the primitives is its specification.
     fn norm_then(
@@ -108,6 +118,18 @@ pub trait Backend {
     {
         matmul_residual_composed(self, a, b, bias, spec, residual, gate)
     }
+}
+
+/// `Backend::conv_frames` as a composition of primitives (its default, and the fallback of
+/// backends that read the parts in place only for some convolutions).
+pub(crate) fn conv_frames_composed<B: Backend>(
+    b: &B,
+    parts: &[&Tensor<B>],
+    w: &Tensor<B>,
+    bias: Option<&Tensor<B>>,
+    spec: &ConvSpec,
+) -> Result<Tensor<B>> {
+    b.conv(&crate::ops::concat(b, parts, 2)?, w, bias, spec)
 }
 
 /// `Backend::norm_then` as a composition of primitives (its default, and the fallback of

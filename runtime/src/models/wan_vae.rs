@@ -6,7 +6,9 @@
 //! `CausalCache`, which makes running it on one frame at a time equal to running it on the
 //! whole clip. So one latent frame enters at a time, as in the reference, and below each
 //! time upsampler the frames it makes continue one by one: device memory holds one frame's
-//! activations per level plus the caches, whatever the clip length.
+//! activations per level plus the caches, whatever the clip length. The caches keep the
+//! tensors that came in, and a convolution reads them beside the new frame
+//! (`ops::conv3d_frames`), so streaming copies no frames.
 
 use serde::Deserialize;
 
@@ -122,9 +124,10 @@ pub fn with_diffusers_names(weights: Weights, config: &WanVaeConfig) -> Weights 
 }
 
 /// The cached input frames of every causal convolution, by the slot number each was given
-/// at load time.
+/// at load time: the tensors that ended its input so far, in time order, kept as they came
+/// (convolutions read them in place), at most the frames its kernel reaches back.
 pub struct CausalCache<B: Backend> {
-    slots: Vec<Option<Tensor<B>>>,
+    slots: Vec<Vec<Tensor<B>>>,
 }
 
 impl<B: Backend> Default for CausalCache<B> {
@@ -134,22 +137,31 @@ impl<B: Backend> Default for CausalCache<B> {
 }
 
 impl<B: Backend> CausalCache<B> {
-    fn slot(&mut self, i: usize) -> &mut Option<Tensor<B>> {
+    fn slot(&mut self, i: usize) -> &mut Vec<Tensor<B>> {
         if i >= self.slots.len() {
-            self.slots.resize_with(i + 1, || None);
+            self.slots.resize_with(i + 1, Vec::new);
         }
         &mut self.slots[i]
     }
 }
 
-/// The last `n` frames (dimension 2) of `x`, or all of them.
-fn last_frames<B: Backend>(b: &B, x: &Tensor<B>, n: usize) -> Result<Tensor<B>> {
-    let t = x.shape()[2];
-    if t <= n {
-        Ok(x.clone())
-    } else {
-        ops::slice(b, x, 2, t - n, n)
+/// Frames (dimension 2) of `parts` joined in time.
+fn frames<B: Backend>(parts: &[Tensor<B>]) -> usize {
+    parts.iter().map(|t| t.shape()[2]).sum()
+}
+
+/// Trims `parts` (joined in time) to their last `n` frames: whole parts are dropped, and only
+/// a part the cut falls inside is copied.
+fn keep_last_frames<B: Backend>(b: &B, parts: &mut Vec<Tensor<B>>, n: usize) -> Result<()> {
+    while parts.len() > 1 && frames(&parts[1..]) >= n {
+        parts.remove(0);
     }
+    let excess = frames(parts).saturating_sub(n);
+    if excess > 0 {
+        let t = parts[0].shape()[2];
+        parts[0] = ops::slice(b, &parts[0], 2, excess, t - excess)?;
+    }
+    Ok(())
 }
 
 /// Hands out cache slot numbers while a decoder loads.
@@ -188,19 +200,19 @@ impl<B: Backend> CausalConv<B> {
     /// Convolves `x`, continuing the sequence whose last frames its cache slot holds, and
     /// leaves the last `front` frames of the (cached + new) input there for what follows.
     fn forward(&self, b: &B, x: &Tensor<B>, cache: &mut CausalCache<B>) -> Result<Tensor<B>> {
-        let slot = self.slot.map(|i| cache.slot(i));
-        let cached = slot.as_ref().and_then(|s| s.as_ref());
-        let input = match cached {
-            Some(c) => ops::concat(b, &[c, x], 2)?,
-            None => x.clone(),
-        };
-        let cached_frames = cached.map_or(0, |c| c.shape()[2]);
-        if let Some(slot) = slot {
-            *slot = Some(last_frames(b, &input, self.front)?);
-        }
         let p = self.pad_hw;
-        let front = self.front.saturating_sub(cached_frames);
-        ops::conv3d(b, &input, &self.weight, Some(&self.bias), [1, 1, 1], [front, p, p], [0, p, p], 1)
+        let conv = |parts: &[&Tensor<B>], front: usize| {
+            ops::conv3d_frames(b, parts, &self.weight, Some(&self.bias), [1, 1, 1], [front, p, p], [0, p, p], 1)
+        };
+        let Some(i) = self.slot else {
+            return conv(&[x], self.front);
+        };
+        let slot = cache.slot(i);
+        let front = self.front.saturating_sub(frames(slot));
+        slot.push(x.clone());
+        let y = conv(&slot.iter().collect::<Vec<_>>(), front)?;
+        keep_last_frames(b, slot, self.front)?;
+        Ok(y)
     }
 }
 
@@ -302,7 +314,7 @@ impl<B: Backend> Upsample<B> {
         let mut x = x.clone();
         if let Some(time) = &self.time {
             let slot = cache.slot(time.slot.expect("a time conv has a cache slot"));
-            if slot.is_none() {
+            if slot.is_empty() {
                 // The first chunk is not doubled in time; later chunks continue the sequence
                 // from a zero frame, as the reference does.
                 let s = x.shape();
@@ -310,7 +322,7 @@ impl<B: Backend> Upsample<B> {
                     &[s[0], s[1], 1, s[3], s[4]],
                     HostData::from_f32(x.dtype(), vec![0.0; s[0] * s[1] * s[3] * s[4]]),
                 )?;
-                *slot = Some(b.upload(&zero)?);
+                slot.push(b.upload(&zero)?);
             } else {
                 let y = time.forward(b, &x, cache)?;
                 let s = x.shape().to_vec();
@@ -510,5 +522,39 @@ impl<B: Backend> WanVaeDecoder<B> {
             f0 += tf;
         }
         HostTensor::from_f32(&[n, c, frames, h, w], out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::tensor::DType;
+
+    /// `[1, 1, t, 1, 1]` holding `values` as its frames.
+    fn frames_of(b: &CpuBackend, values: &[f32]) -> Tensor<CpuBackend> {
+        b.upload(&HostTensor::new(&[1, 1, values.len(), 1, 1], HostData::from_f32(DType::F32, values.to_vec())).unwrap())
+            .unwrap()
+    }
+
+    fn values(b: &CpuBackend, parts: &[Tensor<CpuBackend>]) -> Vec<f32> {
+        parts.iter().flat_map(|t| pollster::block_on(b.read(t)).unwrap().to_f32()).collect()
+    }
+
+    #[test]
+    fn cache_keeps_the_last_frames_dropping_whole_parts_first() {
+        let b = CpuBackend;
+        let mut parts = vec![frames_of(&b, &[1.0]), frames_of(&b, &[2.0]), frames_of(&b, &[3.0])];
+        keep_last_frames(&b, &mut parts, 2).unwrap();
+        assert_eq!((parts.len(), values(&b, &parts)), (2, vec![2.0, 3.0]));
+        let mut parts = vec![frames_of(&b, &[1.0, 2.0]), frames_of(&b, &[3.0, 4.0, 5.0])];
+        keep_last_frames(&b, &mut parts, 2).unwrap();
+        assert_eq!((parts.len(), values(&b, &parts)), (1, vec![4.0, 5.0]));
+        let mut parts = vec![frames_of(&b, &[1.0, 2.0, 3.0]), frames_of(&b, &[4.0])];
+        keep_last_frames(&b, &mut parts, 2).unwrap();
+        assert_eq!((parts.len(), values(&b, &parts)), (2, vec![3.0, 4.0]));
+        let mut parts = vec![frames_of(&b, &[1.0])];
+        keep_last_frames(&b, &mut parts, 2).unwrap();
+        assert_eq!(values(&b, &parts), vec![1.0]);
     }
 }

@@ -423,6 +423,20 @@ struct ConvGemm {
 // SAFETY: plain old data laid out like `ConvGemm` in conv.cu.
 unsafe impl DeviceRepr for ConvGemm {}
 
+/// Most input tensors one implicit-GEMM convolution reads its frames from (`CONV_PARTS` in
+/// conv.cu).
+const CONV_PARTS: usize = 4;
+
+/// `ConvParts` in conv.cu: the device address of each input part and the first frame of
+/// each, unused parts starting at the total.
+#[repr(C)]
+struct ConvParts {
+    x: [u64; CONV_PARTS],
+    first: [u32; CONV_PARTS + 1],
+}
+// SAFETY: plain old data laid out like `ConvParts` in conv.cu.
+unsafe impl DeviceRepr for ConvParts {}
+
 fn u32_of(v: usize, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::Invalid(format!("CUDA backend: {what} = {v} exceeds the kernels' 32-bit indexing")))
 }
@@ -945,7 +959,7 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     fn conv_igemm(
         &self,
-        x: &CudaTensor,
+        parts: &[&CudaTensor],
         w: &CudaTensor,
         bias: Option<&CudaTensor>,
         s: &ConvSpec,
@@ -956,7 +970,7 @@ impl CudaBackend {
         // The kernel reads weights tap-major: [c_out, kt, kh, kw, c_in / groups].
         let w = crate::ops::permute(self, w, &[0, 2, 3, 4, 1])?;
         let f = self.function(Family::Conv, name)?;
-        let (plane, in_plane) = (numel(&s.output()), numel(&s.input));
+        let plane = numel(&s.output());
         let (cin_g, cout_g) = (s.c_in / s.groups, s.c_out / s.groups);
         let p = ConvGemm {
             cin: cin_g as u32,
@@ -966,7 +980,19 @@ impl CudaBackend {
             n: plane as u32,
             bias_dtype: bias.map_or(-1, |b| dtype_code(b.dtype()) as i32),
         };
-        u32_of(in_plane * cin_g, "input size")?;
+        let frame = s.input[1] * s.input[2];
+        let mut x = ConvParts {
+            x: [0; CONV_PARTS],
+            first: [s.input[0] as u32; CONV_PARTS + 1],
+        };
+        let mut first = 0;
+        for (j, part) in parts.iter().enumerate() {
+            u32_of(part.numel() / s.batch, "input size")?;
+            x.x[j] = Self::ptr(part);
+            x.first[j] = first as u32;
+            first += part.shape()[2];
+        }
+        u32_of(first * frame * cin_g, "input size")?;
         let cfg = LaunchConfig {
             grid_dim: (
                 u32_of(plane.div_ceil(CONV_IGEMM_POSITIONS), "positions")?,
@@ -976,10 +1002,10 @@ impl CudaBackend {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (xp, wp, op) = (Self::ptr(x), Self::ptr(&w), Self::ptr(out));
+        let (wp, op) = (Self::ptr(&w), Self::ptr(out));
         let bp = bias.map_or(0, Self::ptr);
         let mut l = self.stream.launch_builder(&f);
-        l.arg(&p).arg(&xp).arg(&wp).arg(&bp).arg(&op);
+        l.arg(&p).arg(&x).arg(&wp).arg(&bp).arg(&op);
         // SAFETY: arguments match the conv_igemm kernels' signature; the tensors have the
         // spec's shapes, within which the kernel's offsets stay.
         unsafe { l.launch(cfg) }.map_err(|e| gpu_err(name, e))?;
@@ -1377,15 +1403,25 @@ impl Backend for CudaBackend {
     }
 
     fn conv(&self, x: &CudaTensor, w: &CudaTensor, bias: Option<&CudaTensor>, s: &ConvSpec) -> Result<CudaTensor> {
+        self.conv_frames(&[x], w, bias, s)
+    }
+
+    /// The implicit GEMM reads up to `CONV_PARTS` parts where they lie; other convolutions
+    /// join the parts first.
+    fn conv_frames(&self, parts: &[&CudaTensor], w: &CudaTensor, bias: Option<&CudaTensor>, s: &ConvSpec) -> Result<CudaTensor> {
+        let dtype = parts[0].dtype();
+        let pointwise = s.kernel_volume() == 1 && s.stride == [1; 3] && s.pad_lo == [0; 3] && s.pad_hi == [0; 3];
+        let igemm = self.conv_igemm_kernel(dtype, s).filter(|_| !pointwise);
+        if parts.len() > 1 && igemm.is_none_or(|_| parts.len() > CONV_PARTS) {
+            return crate::backend::conv_frames_composed(self, parts, w, bias, s);
+        }
         let _scope = self.scope("conv");
-        let dtype = x.dtype();
         let w = crate::ops::cast(self, w, dtype)?;
         let out_dims = s.output();
         let out = self.tensor(&[s.batch, s.c_out, out_dims[0], out_dims[1], out_dims[2]], dtype)?;
-        let pointwise = s.kernel_volume() == 1 && s.stride == [1; 3] && s.pad_lo == [0; 3] && s.pad_hi == [0; 3];
-        match self.conv_igemm_kernel(dtype, s).filter(|_| !pointwise) {
-            Some((name, rows)) => self.conv_igemm(x, &w, bias, s, &out, name, rows)?,
-            None => self.conv_im2col(x, &w, bias, s, &out, pointwise)?,
+        match igemm {
+            Some((name, rows)) => self.conv_igemm(parts, &w, bias, s, &out, name, rows)?,
+            None => self.conv_im2col(parts[0], &w, bias, s, &out, pointwise)?,
         }
         Ok(out)
     }
