@@ -218,26 +218,33 @@ def train_dit(args, device):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema_dit, ema_te = Ema(dit, 0.999), Ema(te, 0.999)
     g = torch.Generator(device=device).manual_seed(SEED + 22 + 1000 * args.run)
-    history, started, step, budget = [], time.time(), 0, Budget(args.budget_s)
-    while step < steps:
-        steps = budget.steps(step, steps)
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, 300, args.lr)
-        pick = torch.randint(0, n, (batch,), device=device, generator=g)
-        x0 = lat[pick].float()
-        drop = (torch.rand(batch, device=device, generator=g) < 0.1)[:, None]
+
+    def flow_loss(count, frames):
+        """Flow-matching loss on `count` random training latents cut to their first
+        `frames` latent frames."""
+        pick = torch.randint(0, n, (count,), device=device, generator=g)
+        x0 = lat[pick, :, :frames].float()
+        drop = (torch.rand(count, device=device, generator=g) < 0.1)[:, None]
         b_ids = torch.where(drop, empty_ids, ids[pick])
         b_mask = torch.where(drop, empty_mask, mask[pick])
-        sigma = torch.rand(batch, device=device, generator=g)
+        sigma = torch.rand(count, device=device, generator=g)
         noise = torch.randn(x0.shape, device=device, generator=g)
         s = sigma[:, None, None, None, None]
         xt = (1 - s) * x0 + s * noise
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pred = dit(xt, sigma * 1000, text_context(te, b_ids, b_mask)).sample
-        loss = F.mse_loss(pred.float(), noise - x0)
+        return F.mse_loss(pred.float(), noise - x0)
+
+    history, started, step, budget = [], time.time(), 0, Budget(args.budget_s)
+    while step < steps:
+        steps = budget.steps(step, steps)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, 300, args.lr)
+        clip_loss = flow_loss(batch, lat.shape[2])
+        loss = clip_loss + flow_loss(args.images, 1) if args.images else clip_loss
         update(opt, loss, params, [(ema_dit, dit), (ema_te, te)])
         if step % 100 == 0 or step == steps - 1:
-            log_loss(history, step, loss.item(), started)
+            log_loss(history, step, clip_loss.item(), started)
         step += 1
     ema_dit.copy_to(dit)
     ema_te.copy_to(te)
@@ -294,6 +301,12 @@ def main():
     ap.add_argument("--budget-s", type=float, help="cap the training loop's seconds")
     ap.add_argument("--batch", type=int, help="clips per step (default: 256 for the DiT; 432 frames' worth for the VAE)")
     ap.add_argument("--frames", type=int, default=VAE_FRAMES, help="phase vae: clip length the whole autoencoder learns on (1 + 4k)")
+    ap.add_argument(
+        "--images",
+        type=int,
+        default=0,
+        help="phase dit: also learn this many pictures a step, the first frames of training clips (one latent frame each)",
+    )
     ap.add_argument("--run", type=int, default=0, help="phase dit: a continued run's number, so it draws fresh clips and noise")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
