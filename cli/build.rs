@@ -28,7 +28,9 @@ fn main() {
         .filter(|p| p.is_dir())
         .collect();
     models.sort();
-    let mut code = String::from("pub static MODELS: &[(&str, &[(&str, &[u8])])] = &[\n");
+    let mut code = String::from(
+        "/// A model's files: path inside its folder, contents.\npub type ModelFiles = &'static [(&'static str, &'static [u8])];\n\npub static MODELS: &[(&str, ModelFiles)] = &[\n",
+    );
     for m in models {
         let name = m.file_name().expect("name").to_string_lossy().to_string();
         let mut list = Vec::new();

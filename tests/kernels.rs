@@ -542,13 +542,20 @@ fn elementwise_width_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str,
         (UnaryOp::Tanh, "tanh"),
         (UnaryOp::Sigmoid, "sigmoid"),
     ] {
-        check!(g, format!("{name} {tag}"), tol, [x.clone()], [u as usize], |b, x, p| ops::unary(
-            b,
-            &x[0],
-            [UnaryOp::Silu, UnaryOp::GeluTanh, UnaryOp::GeluErf, UnaryOp::Tanh, UnaryOp::Sigmoid][p[0]]
-        ));
+        check!(
+            g,
+            format!("{name} {tag}"),
+            tol,
+            std::slice::from_ref(&x),
+            [u as usize],
+            |b, x, p| ops::unary(
+                b,
+                &x[0],
+                [UnaryOp::Silu, UnaryOp::GeluTanh, UnaryOp::GeluErf, UnaryOp::Tanh, UnaryOp::Sigmoid][p[0]]
+            )
+        );
     }
-    check!(g, format!("scale {tag}"), tol, [x.clone()], [], |b, x, p| ops::scale(
+    check!(g, format!("scale {tag}"), tol, std::slice::from_ref(&x), [], |b, x, p| ops::scale(
         b, &x[0], -0.75, 0.5
     ));
     let y = random(&[5, 1, w], dt, 1.0, seed + 1);
@@ -573,25 +580,26 @@ fn elementwise_width_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str,
     check!(g, format!("gated_add {tag}"), tol, [x.clone(), x.clone(), sc], [], |b, x, p| {
         ops::gated_add(b, &x[0], &x[1], &x[2])
     });
-    check!(g, format!("permute {tag}"), tol, [x.clone()], [], |b, x, p| ops::permute(
-        b,
-        &x[0],
-        &[2, 0, 3, 1]
-    ));
-    check!(g, format!("permute heads {tag}"), tol, [x.clone()], [], |b, x, p| ops::permute(
-        b,
-        &x[0],
-        &[0, 2, 1, 3]
-    ));
-    check!(g, format!("slice {tag}"), tol, [x.clone()], [], |b, x, p| ops::slice(
+    check!(g, format!("permute {tag}"), tol, std::slice::from_ref(&x), [], |b, x, p| {
+        ops::permute(b, &x[0], &[2, 0, 3, 1])
+    });
+    check!(g, format!("permute heads {tag}"), tol, std::slice::from_ref(&x), [], |b, x, p| {
+        ops::permute(b, &x[0], &[0, 2, 1, 3])
+    });
+    check!(g, format!("slice {tag}"), tol, std::slice::from_ref(&x), [], |b, x, p| ops::slice(
         b, &x[0], 2, 2, 4
     ));
     // Channels-first to channels-last and back, as the Wan VAE's channel norms permute:
     // sizes off the 32-element tiles of CUDA's transpose.
     let video = random(&[2, 40, 3, 7, 11], dt, 1.0, seed + 4);
-    check!(g, format!("permute channels last {tag}"), tol, [video.clone()], [], |b, x, p| {
-        ops::permute(b, &x[0], &[0, 2, 3, 4, 1])
-    });
+    check!(
+        g,
+        format!("permute channels last {tag}"),
+        tol,
+        std::slice::from_ref(&video),
+        [],
+        |b, x, p| ops::permute(b, &x[0], &[0, 2, 3, 4, 1])
+    );
     check!(g, format!("permute channels first {tag}"), tol, [video], [], |b, x, p| {
         ops::permute(b, &x[0].reshape(&[2, 3, 7, 11, 40])?, &[0, 4, 1, 2, 3])
     });
@@ -601,9 +609,14 @@ fn elementwise_width_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str,
         &[&x[0], &x[1], &x[0]],
         2
     ));
-    check!(g, format!("upsample_nearest {tag}"), tol, [x.clone()], [], |b, x, p| {
-        ops::upsample_nearest(b, &x[0], 2)
-    });
+    check!(
+        g,
+        format!("upsample_nearest {tag}"),
+        tol,
+        std::slice::from_ref(&x),
+        [],
+        |b, x, p| ops::upsample_nearest(b, &x[0], 2)
+    );
     // Round trip through the other float dtype: both sides round identically.
     let other = if dt == DType::F32 && g.supports(DType::F16) {
         DType::F16
@@ -614,7 +627,7 @@ fn elementwise_width_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str,
         g,
         format!("cast {tag} via {other:?}"),
         tol,
-        [x.clone()],
+        std::slice::from_ref(&x),
         [(other == DType::F16) as usize],
         |b, x, p| {
             let mid = ops::cast(b, &x[0], if p[0] == 1 { DType::F16 } else { DType::F32 })?;
@@ -635,7 +648,7 @@ fn default_limits_tensors_over_128_mib() {
     let f = DType::F32;
     // 2.2M x 16 f32 = 141 MB in and out.
     let tall = random(&[2_200_000, 16], f, 1.0, seed);
-    let mib = |t: &sdlite_runtime::HostTensor| t.shape.iter().product::<usize>() * 4 >> 20;
+    let mib = |t: &sdlite_runtime::HostTensor| (t.shape.iter().product::<usize>() * 4) >> 20;
     eprintln!("large operands: {} MiB", mib(&tall));
     check!(
         g,
@@ -645,11 +658,15 @@ fn default_limits_tensors_over_128_mib() {
         [],
         |b, x, p| ops::matmul(b, &x[0], &x[1], Some(&x[2]), false, false)
     );
-    check!(g, "big layer_norm", F32_TOL, [tall.clone()], [], |b, x, p| ops::layer_norm(
-        b, &x[0], None, None, 1e-5
+    check!(g, "big layer_norm", F32_TOL, std::slice::from_ref(&tall), [], |b, x, p| {
+        ops::layer_norm(b, &x[0], None, None, 1e-5)
+    });
+    check!(g, "big softmax", F32_TOL, std::slice::from_ref(&tall), [], |b, x, p| ops::softmax(
+        b, &x[0]
     ));
-    check!(g, "big softmax", F32_TOL, [tall.clone()], [], |b, x, p| ops::softmax(b, &x[0]));
-    check!(g, "big silu", F32_TOL, [tall.clone()], [], |b, x, p| ops::silu(b, &x[0]));
+    check!(g, "big silu", F32_TOL, std::slice::from_ref(&tall), [], |b, x, p| ops::silu(
+        b, &x[0]
+    ));
     check!(
         g,
         "big add broadcast",
@@ -658,12 +675,12 @@ fn default_limits_tensors_over_128_mib() {
         [],
         |b, x, p| ops::add(b, &x[0], &x[1])
     );
-    check!(g, "big permute", F32_TOL, [tall.clone()], [], |b, x, p| ops::permute(
+    check!(g, "big permute", F32_TOL, std::slice::from_ref(&tall), [], |b, x, p| ops::permute(
         b,
         &x[0],
         &[1, 0]
     ));
-    check!(g, "big concat", F32_TOL, [tall.clone()], [], |b, x, p| ops::concat(
+    check!(g, "big concat", F32_TOL, std::slice::from_ref(&tall), [], |b, x, p| ops::concat(
         b,
         &[&x[0], &x[0]],
         1

@@ -1,7 +1,7 @@
 //! Checkpoint loading on bad input: every failure is an error naming the file and, where
 //! there is one, the tensor; never a panic. Also sharded checkpoints and dtype conversion.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use sdlite_runtime::models::denoiser::DenoiserLoad;
 use sdlite_runtime::models::unet::UNet;
@@ -31,7 +31,7 @@ fn good_file(name: &str) -> PathBuf {
     write_raw(name, r#"{"t":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}}"#, &data)
 }
 
-fn open_err(path: &PathBuf) -> String {
+fn open_err(path: &Path) -> String {
     match Weights::open(path) {
         Ok(_) => panic!("{} opened", path.display()),
         Err(e) => e.to_string(),
@@ -218,7 +218,7 @@ fn sd_single_file_maps_onto_the_diffusers_layout() {
     let tokenizer = ClipTokenizer::from_source(&folder, "tokenizer").unwrap();
     let sd = StableDiffusion::load_single_file(&CpuBackend, &file, configs, tokenizer, DType::F32, DenoiserLoad::Now).unwrap();
     let goldens = Weights::open(&data.join("sd-tiny-goldens.safetensors")).unwrap();
-    let gold = |n: &str| goldens.load(n, &goldens.shape(n).unwrap().to_vec(), DType::F32).unwrap();
+    let gold = |n: &str| goldens.load(n, goldens.shape(n).unwrap(), DType::F32).unwrap();
     let b = CpuBackend;
     let x = b.upload(&gold("unet_latent")).unwrap();
     let ctx = b.upload(&gold("text_hidden")).unwrap();
@@ -264,7 +264,7 @@ fn sd2_single_file_splits_fused_attention() {
     let file = data.join("sd2-tiny-single-file.safetensors");
     let sd = StableDiffusion::load_single_file(&CpuBackend, &file, configs, tokenizer, DType::F32, DenoiserLoad::Now).unwrap();
     let goldens = Weights::open(&data.join("sd-tiny-goldens.safetensors")).unwrap();
-    let gold = |n: &str| goldens.load(n, &goldens.shape(n).unwrap().to_vec(), DType::F32).unwrap();
+    let gold = |n: &str| goldens.load(n, goldens.shape(n).unwrap(), DType::F32).unwrap();
     let ids: Vec<Vec<u32>> = gold("sd2_text_ids")
         .to_f32()
         .chunks(77)

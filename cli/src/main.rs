@@ -261,7 +261,7 @@ fn bench_wan_vae(g: &WgpuBackend, frames: usize, width: usize, height: usize, ha
     use sdlite_runtime::models::wan_vae::{WanVaeConfig, WanVaeDecoder};
     use sdlite_runtime::weights::{Params, Weights};
     let dtype = if half && g.supports(DType::F16) { DType::F16 } else { DType::F32 };
-    if frames == 0 || (frames - 1) % 4 != 0 || width % 8 != 0 || height % 8 != 0 {
+    if frames == 0 || !(frames - 1).is_multiple_of(4) || !width.is_multiple_of(8) || !height.is_multiple_of(8) {
         anyhow::bail!("frames must be 1 + 4k and width, height multiples of 8");
     }
     let stats = format!(r#"{{"latents_mean": {0:?}, "latents_std": {1:?}}}"#, [0.0f32; 16], [1.0f32; 16]);

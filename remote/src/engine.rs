@@ -74,8 +74,8 @@ impl Engine for Box<dyn Engine> {
 }
 
 enum Loaded<B: Backend> {
-    Unet(UNet<B>),
-    Dit(WanDit<B>),
+    Unet(Box<UNet<B>>),
+    Dit(Box<WanDit<B>>),
 }
 
 impl<B: Backend> DenoiserModel<B> for Loaded<B> {
@@ -133,12 +133,12 @@ impl<B: Backend + 'static> ModelEngine<B> {
             .ok_or_else(|| (ErrorCode::UnknownModel, format!("no model with hash {hash} here")))?;
         let p = Params::new(&self.backend, &package.weights, dtype);
         let model = match package.kind {
-            DenoiserKind::Unet => {
-                Loaded::Unet(UNet::load(&p, serde_json::from_str(&package.config).map_err(compute_err)?).map_err(compute_err)?)
-            }
-            DenoiserKind::WanDit => {
-                Loaded::Dit(WanDit::load(&p, serde_json::from_str(&package.config).map_err(compute_err)?).map_err(compute_err)?)
-            }
+            DenoiserKind::Unet => Loaded::Unet(Box::new(
+                UNet::load(&p, serde_json::from_str(&package.config).map_err(compute_err)?).map_err(compute_err)?,
+            )),
+            DenoiserKind::WanDit => Loaded::Dit(Box::new(
+                WanDit::load(&p, serde_json::from_str(&package.config).map_err(compute_err)?).map_err(compute_err)?,
+            )),
         };
         if self.loaded.len() >= self.max_loaded {
             self.loaded.remove(0);

@@ -360,7 +360,7 @@ impl<B: Backend, D: Denoiser<B>> Denoiser<B> for Watched<'_, D> {
         if self.cancelled.get() {
             return Err(Error::Cancelled);
         }
-        if self.every > 0 && step > 0 && step % self.every == 0 {
+        if self.every > 0 && step > 0 && step.is_multiple_of(self.every) {
             (self.preview)(step, latent_preview(input)?);
         }
         self.inner.predict(b, step, input, timestep).await

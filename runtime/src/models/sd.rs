@@ -206,7 +206,7 @@ impl<B: Backend> StableDiffusion<B> {
     /// Checks a request against what the model can take, before any work starts.
     pub fn validate(&self, req: &SdRequest) -> Result<()> {
         let f = self.vae_decoder.config.scale_factor() * (1 << (self.unet_config.block_out_channels.len() - 1));
-        if req.width == 0 || req.height == 0 || req.width % f != 0 || req.height % f != 0 {
+        if req.width == 0 || req.height == 0 || !req.width.is_multiple_of(f) || !req.height.is_multiple_of(f) {
             return Err(Error::Invalid(format!(
                 "{}x{} is not a size this model takes: width and height must be positive multiples of {f}",
                 req.width, req.height

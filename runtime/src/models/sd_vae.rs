@@ -220,7 +220,7 @@ impl<B: Backend> VaeEncoder<B> {
     pub fn forward(&self, b: &B, image: &Tensor<B>) -> Result<Tensor<B>> {
         let s = image.shape();
         let f = self.config.scale_factor();
-        if s.len() != 4 || s[1] != self.config.in_channels || s[2] % f != 0 || s[3] % f != 0 {
+        if s.len() != 4 || s[1] != self.config.in_channels || !s[2].is_multiple_of(f) || !s[3].is_multiple_of(f) {
             return Err(Error::Invalid(format!(
                 "VAE encoder input {s:?}: expected [n, {}, h, w] with h and w multiples of {f}",
                 self.config.in_channels

@@ -331,7 +331,8 @@ impl<B: Backend> UNet<B> {
         let c = &self.config;
         let factor = 1 << (c.block_out_channels.len() - 1);
         let s = x.shape();
-        if s.len() != 4 || s[1] != c.in_channels || s[2] % factor != 0 || s[3] % factor != 0 || timesteps.len() != s[0] {
+        if s.len() != 4 || s[1] != c.in_channels || !s[2].is_multiple_of(factor) || !s[3].is_multiple_of(factor) || timesteps.len() != s[0]
+        {
             return Err(Error::Invalid(format!(
                 "UNet input {s:?} with {} timesteps: expected [n, {}, h, w] with h and w multiples of {factor} and one timestep per row",
                 timesteps.len(),

@@ -121,13 +121,13 @@ impl<B: Backend> Wan<B> {
         let (s, t) = (self.vae.spatial_factor(), self.vae.temporal_factor());
         let [_, ph, pw] = self.transformer_config.patch_size;
         let (fh, fw) = (s * ph, s * pw);
-        if req.width == 0 || req.height == 0 || req.width % fw != 0 || req.height % fh != 0 {
+        if req.width == 0 || req.height == 0 || !req.width.is_multiple_of(fw) || !req.height.is_multiple_of(fh) {
             return Err(Error::Invalid(format!(
                 "{}x{} is not a size this model takes: width must be a positive multiple of {fw}, height of {fh}",
                 req.width, req.height
             )));
         }
-        if req.frames == 0 || (req.frames - 1) % t != 0 {
+        if req.frames == 0 || !(req.frames - 1).is_multiple_of(t) {
             return Err(Error::Invalid(format!(
                 "{} frames is not a length this model takes: it must be 1 + {t}k (e.g. 81)",
                 req.frames

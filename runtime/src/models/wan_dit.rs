@@ -232,7 +232,7 @@ impl<B: Backend> WanDit<B> {
                 "Wan DiT config: image conditioning (I2V) is not supported, text-to-video only".into(),
             ));
         }
-        if c.patch_size[0] != 1 || c.attention_head_dim % 2 != 0 || c.attention_head_dim < 6 {
+        if c.patch_size[0] != 1 || !c.attention_head_dim.is_multiple_of(2) || c.attention_head_dim < 6 {
             return Err(Error::Invalid(format!(
                 "Wan DiT config: patch size {:?} / head dim {} not supported (temporal patch 1, even head dim >= 6)",
                 c.patch_size, c.attention_head_dim
@@ -281,7 +281,13 @@ impl<B: Backend> WanDit<B> {
         let c = &self.config;
         let s = x.shape();
         let [pt, ph, pw] = c.patch_size;
-        if s.len() != 5 || s[1] != c.in_channels || s[2] % pt != 0 || s[3] % ph != 0 || s[4] % pw != 0 || timesteps.len() != s[0] {
+        if s.len() != 5
+            || s[1] != c.in_channels
+            || !s[2].is_multiple_of(pt)
+            || !s[3].is_multiple_of(ph)
+            || !s[4].is_multiple_of(pw)
+            || timesteps.len() != s[0]
+        {
             return Err(Error::Invalid(format!(
                 "Wan DiT input {s:?} with {} timesteps: expected [n, {}, frames, h, w] with h, w multiples of {ph}, {pw} and one timestep per row",
                 timesteps.len(),

@@ -446,9 +446,9 @@ fn u32_of(v: usize, what: &str) -> Result<u32> {
 /// every other operand broadcasts.
 fn vectorizable(s: &MapSpec, out_dtype: DType, inputs: &[&CudaTensor]) -> bool {
     let Some(last) = s.shape.len().checked_sub(1) else { return false };
-    let aligned = |v: &View| v.offset % 8 == 0 && v.strides[..last].iter().all(|st| st % 8 == 0);
+    let aligned = |v: &View| v.offset.is_multiple_of(8) && v.strides[..last].iter().all(|st| st % 8 == 0);
     s.op != MapOp::Rope
-        && s.shape[last] % 8 == 0
+        && s.shape[last].is_multiple_of(8)
         && out_dtype.size() == 2
         && s.out.strides[last] == 1
         && aligned(&s.out)
@@ -512,7 +512,7 @@ fn implicit_gemm_pays(s: &ConvSpec, dtype: DType, l2_bytes: usize) -> bool {
 /// width that is a multiple of 8, so that such runs never cross rows and stay aligned.
 fn row_gather(s: &ConvSpec) -> bool {
     let width = s.output()[2];
-    s.stride[2] == 1 && s.pad_lo[2] == s.pad_hi[2] && s.pad_lo[2] <= 1 && s.kernel[2] == 2 * s.pad_lo[2] + 1 && width % 8 == 0
+    s.stride[2] == 1 && s.pad_lo[2] == s.pad_hi[2] && s.pad_lo[2] <= 1 && s.kernel[2] == 2 * s.pad_lo[2] + 1 && width.is_multiple_of(8)
 }
 
 /// Output channels per implicit-GEMM block for `channels` output channels (per group): of
@@ -777,7 +777,8 @@ impl CudaBackend {
         });
         let xp = Self::ptr(x);
         // 16-byte words: 16-bit storage, 16-byte aligned (outputs, fresh allocations, always are).
-        let rows8 = x.dtype().size() == 2 && xp % 16 == 0 && s.stride == 1 && s.row_len.is_multiple_of(256) && s.row_len <= NORM_ROW8_MAX;
+        let rows8 =
+            x.dtype().size() == 2 && xp.is_multiple_of(16) && s.stride == 1 && s.row_len.is_multiple_of(256) && s.row_len <= NORM_ROW8_MAX;
         // norm_rows8 rotates the four pairs of each 16-byte word with 8-byte table reads, the
         // same ones for all of a lane's words (see norm.cu); other rope shapes are composed.
         let rope_fits = |cos: &CudaTensor, sin: &CudaTensor| {

@@ -188,7 +188,7 @@ impl WgpuBackend {
         }));
 
         // One chunk is one binding; cap at 1 GiB so window indices stay far from u32 overflow.
-        let binding = limits.max_storage_buffer_binding_size.min(u32::MAX) as u64;
+        let binding = limits.max_storage_buffer_binding_size as u64;
         let mut chunk_bytes = binding.min(limits.max_buffer_size).min(1 << 30);
         if let Some(cap) = options.max_chunk_bytes {
             chunk_bytes = chunk_bytes.min(cap);
@@ -494,7 +494,7 @@ impl WgpuBackend {
         self.flush();
         for (i, buf) in t.storage.chunks.iter().enumerate() {
             let part = &bytes[(i * chunk_bytes).min(bytes.len())..((i + 1) * chunk_bytes).min(bytes.len())];
-            if part.len() % 4 == 0 {
+            if part.len().is_multiple_of(4) {
                 self.queue.write_buffer(buf, 0, part);
             } else {
                 let mut padded = part.to_vec();
