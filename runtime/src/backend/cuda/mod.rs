@@ -981,19 +981,18 @@ impl CudaBackend {
             n: plane as u32,
             bias_dtype: bias.map_or(-1, |b| dtype_code(b.dtype()) as i32),
         };
-        let frame = s.input[1] * s.input[2];
         let mut x = ConvParts {
             x: [0; CONV_PARTS],
             first: [s.input[0] as u32; CONV_PARTS + 1],
         };
         let mut first = 0;
         for (j, part) in parts.iter().enumerate() {
+            // The kernel's offsets within one batch item of a part are 32-bit.
             u32_of(part.numel() / s.batch, "input size")?;
             x.x[j] = Self::ptr(part);
             x.first[j] = first as u32;
             first += part.shape()[2];
         }
-        u32_of(first * frame * cin_g, "input size")?;
         let cfg = LaunchConfig {
             grid_dim: (
                 u32_of(plane.div_ceil(CONV_IGEMM_POSITIONS), "positions")?,
