@@ -95,15 +95,22 @@ def as_video(clips):
     return to_unit(clips).permute(0, 2, 1, 3, 4)
 
 
+def image_gradients(video):
+    """Differences between neighbouring pixels down and across: a shape's outline."""
+    return video[..., 1:, :] - video[..., :-1, :], video[..., :, 1:] - video[..., :, :-1]
+
+
 def train_vae(args, device):
-    """The whole autoencoder on 9-frame clips; or, with --decoder-of, that autoencoder's
+    """The whole autoencoder on 9-frame clips (from scratch, or continuing --init, whose
+    latent statistics are then measured anew); or, with --decoder-of, that autoencoder's
     decoder alone on full-length clips with the encoder frozen, so the latent space (and the
     statistics a trained DiT normalises with) stays as it is."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(SEED + 10)
     tune = args.decoder_of is not None
-    vae = (AutoencoderKLWan.from_pretrained(args.decoder_of, torch_dtype=torch.float32) if tune else make_vae()).to(device).train()
+    start = args.decoder_of or args.init
+    vae = (AutoencoderKLWan.from_pretrained(start, torch_dtype=torch.float32) if start else make_vae()).to(device).train()
     if tune:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
@@ -126,6 +133,8 @@ def train_vae(args, device):
             recon = vae.decode(post.sample(generator=g)).sample
         rec = F.mse_loss(recon.float(), x) + 0.5 * F.l1_loss(recon.float(), x)
         loss = rec if tune else rec + 1e-4 * post.kl().mean() / x[0].numel()
+        if args.edge_weight:
+            loss = loss + args.edge_weight * sum(F.l1_loss(r, t) for r, t in zip(image_gradients(recon.float()), image_gradients(x)))
         update(opt, loss, params)
         if step % 100 == 0 or step == steps - 1:
             log_loss(history, step, rec.item(), started)
@@ -296,11 +305,20 @@ def main():
     ap.add_argument("--vae", help="the trained autoencoder folder (phase dit)")
     ap.add_argument("--decoder-of", help="phase vae: tune this autoencoder's decoder on full-length clips")
     ap.add_argument("--steps", type=int)
-    ap.add_argument("--init", help="continue from this sdlite-tiny-wan folder (phase dit)")
+    ap.add_argument(
+        "--init",
+        help="continue from this sdlite-tiny-wan folder (phase dit), or this autoencoder folder, encoder included (phase vae)",
+    )
     ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (phase dit)")
     ap.add_argument("--budget-s", type=float, help="cap the training loop's seconds")
     ap.add_argument("--batch", type=int, help="clips per step (default: 256 for the DiT; 432 frames' worth for the VAE)")
     ap.add_argument("--frames", type=int, default=VAE_FRAMES, help="phase vae: clip length the whole autoencoder learns on (1 + 4k)")
+    ap.add_argument(
+        "--edge-weight",
+        type=float,
+        default=0.0,
+        help="phase vae: also match the clips' pixel differences (outlines) at this weight, as an L1 loss",
+    )
     ap.add_argument(
         "--images",
         type=int,
