@@ -7,7 +7,7 @@
   python train/diagnose_wan.py denoise --model DIR --out GRID.png
       noises the true latents of six clips to sigma 1, 0.82, 0.67, 0.5 and 0.25 (the shift-3
       schedule's points) and lets the DiT sample from there (Euler, 20 steps of the whole
-      schedule, guidance 5); the grid's columns are the first frame of: the render, the VAE
+      schedule, guidance 5 unless --guidance); the grid's columns are the first frame of: the render, the VAE
       round trip, then the DiT from each sigma, highest first. Where a shape turns into a blob
       says which noise levels the DiT has not learnt.
 """
@@ -86,7 +86,7 @@ def denoise(args):
             for s, s_next in zip(sigmas[:-1], sigmas[1:]):
                 t = (s * 1000).expand(rows)
                 v_uncond = dit(x, t, uncond).sample
-                v = v_uncond + 5 * (dit(x, t, cond).sample - v_uncond)
+                v = v_uncond + args.guidance * (dit(x, t, cond).sample - v_uncond)
                 x = x + (s_next - s) * v
             columns.append(to_uint8(vae.decode(x * std + mean).sample)[:, 0])
     grid = Image.new("RGB", (SIZE * len(columns), SIZE * rows))
@@ -105,6 +105,7 @@ def main():
     ap.add_argument("--out", required=True, help="roundtrip: a folder for the strips; denoise: the grid's PNG path")
     ap.add_argument("--sdlite", default="sdlite", help="roundtrip: the sdlite binary that scores the strips")
     ap.add_argument("--clips", type=int, default=120, help="roundtrip: how many clips")
+    ap.add_argument("--guidance", type=float, default=5.0, help="denoise: classifier-free guidance scale (1: none)")
     args = ap.parse_args()
     if args.check == "roundtrip":
         roundtrip(args)
