@@ -1,15 +1,15 @@
 """Finds which part of sdlite-tiny-wan loses a shape: the autoencoder or the DiT.
 
   python train/diagnose_wan.py roundtrip --model DIR --sdlite BIN --out OUT
-      renders 120 training-grammar clips, passes them through the VAE alone (encode, decode)
-      and scores the renders and the round trips with `sdlite fidelity --image`: what the
-      checker can read back at best, whatever the DiT draws.
+      renders 120 (--clips) clips of the training grammar, passes them through the VAE alone
+      (encode, decode) and scores the renders and the round trips with `sdlite fidelity
+      --image`: what the checker can read back at best, whatever the DiT draws.
   python train/diagnose_wan.py denoise --model DIR --out GRID.png
       noises the true latents of six clips to sigma 1, 0.82, 0.67, 0.5 and 0.25 (the shift-3
       schedule's points) and lets the DiT sample from there (Euler, 20 steps of the whole
-      schedule, guidance 5 unless --guidance); the grid's columns are the first frame of: the render, the VAE
-      round trip, then the DiT from each sigma, highest first. Where a shape turns into a blob
-      says which noise levels the DiT has not learnt.
+      schedule, guidance 5 unless --guidance); the grid's columns are the first frame of the
+      render, of the VAE round trip, then of the DiT from each sigma, highest first. Where a
+      shape turns into a blob says which noise levels the DiT has not learnt.
 """
 
 import argparse
