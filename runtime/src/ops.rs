@@ -262,7 +262,7 @@ pub fn conv3d_frames<B: Backend>(
     }
     expect_rank(op, "weight", w, 5)?;
     let ws = w.shape();
-    if groups == 0 || xs[1] % groups != 0 || !ws[0].is_multiple_of(groups) {
+    if groups == 0 || !xs[1].is_multiple_of(groups) || !ws[0].is_multiple_of(groups) {
         return Err(shape_err(
             op,
             format!(

@@ -446,7 +446,7 @@ fn u32_of(v: usize, what: &str) -> Result<u32> {
 /// every other operand broadcasts.
 fn vectorizable(s: &MapSpec, out_dtype: DType, inputs: &[&CudaTensor]) -> bool {
     let Some(last) = s.shape.len().checked_sub(1) else { return false };
-    let aligned = |v: &View| v.offset.is_multiple_of(8) && v.strides[..last].iter().all(|st| st % 8 == 0);
+    let aligned = |v: &View| v.offset.is_multiple_of(8) && v.strides[..last].iter().all(|st| st.is_multiple_of(8));
     s.op != MapOp::Rope
         && s.shape[last].is_multiple_of(8)
         && out_dtype.size() == 2
