@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 export WGPU_BACKEND="${WGPU_BACKEND:-vulkan}"
 cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 # With the library scripts/fetch-nvrtc.sh fetched, every CUDA kernel file must compile.
 if ls target/nvrtc/libnvrtc.so.* >/dev/null 2>&1; then
     export LD_LIBRARY_PATH="$PWD/target/nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

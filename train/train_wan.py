@@ -328,6 +328,8 @@ def main():
     ap.add_argument("--run", type=int, default=0, help="phase dit: a continued run's number, so it draws fresh clips and noise")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    if args.phase == "vae" and args.decoder_of and args.init:
+        ap.error("--decoder-of tunes one autoencoder's decoder, --init continues a whole one: give one of them")
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # cuDNN picks its algorithm per convolution shape (on from the second decoder tuning in

@@ -354,11 +354,8 @@ impl<B: Backend, M: DenoiserModel<B>> OffloadDenoiser<'_, B, M> {
             }
             let split = self.cfg_parallel && rows == 2 && candidates.len() >= 2;
             // Row ranges, one per worker: both rows together, or one each.
-            let groups: Vec<std::ops::Range<usize>> = if split {
-                vec![0..1, 1..2]
-            } else {
-                std::iter::once(0..rows).collect()
-            };
+            #[expect(clippy::single_range_in_vec_init, reason = "a list of one row range, not of the rows")]
+            let groups = if split { vec![0..1, 1..2] } else { vec![0..rows] };
             let mut failed = false;
             for (g, rows) in groups.into_iter().enumerate() {
                 let slot = candidates[g];
