@@ -1,6 +1,25 @@
 // conv.cu: the runtime's `conv` primitive (spec.rs, `ConvSpec`); the runtime picks the
 // kernel.
 //
+// conv_tma_{bf16,f16} (Hopper, compiled only for sm_90a), after conv_pad_input: a stride-1
+// convolution as one GEMM per tap over a channels-last copy of the input with its padding
+// written out as zeros, xp[item][tp][yp][xp][c] (c < cin_pad, a multiple of 64). Output
+// positions are numbered in the padded frame, q = ((ot * hp) + oy) * wp + ox; the input row
+// a tap (dt, dy, dx) reads for position q is q + (dt * hp + dy) * wp + dx, so the B tile of
+// a tap is one run of consecutive rows: a single 2D box, and no position test in the loop.
+// Positions with ox >= wo or oy >= ho are computed and dropped (the border, a few percent).
+// A block of three warpgroups owns 128 output channels x 128 positions: warpgroup 0
+// produces (one thread issues TMA copies of the weight tile, 128 channels x 64 of K, and of
+// the input tile, 128 rows x 64 channels, 128-byte swizzled, into a CONV_TMA_STAGES-deep
+// ring guarded by mbarriers), warpgroups 1 and 2 consume, 64 output channels each, with
+// `wgmma.mma_async` m64n128k16 (weights and input both K-major in shared memory, f32
+// accumulators), keeping one group of MMAs in flight. K runs over taps, then 64-channel
+// chunks; a chunk past c_in reads the next tap's weights against zero input channels, so
+// c_in needs no padding in the weights. Bias in the epilogue, which writes NCTHW.
+// Layout: weights [cout][kt*kh*kw][cin] (taps * cin a multiple of 8: TMA's 16-byte row
+// pitch), out [batch][cout][to][ho][wo], 16-bit. Limits: groups 1, stride 1, padded input
+// rows (tp * hp * wp) < 2^31 per item.
+//
 // conv_igemm[_rows]_{bf16,f16}_m{64,96,128} (sm_80 or newer): implicit-GEMM convolution on warp
 // MMAs. The product out[co][p] = sum over taps and input channels of w[co][tap][ci] *
 // x[ci][shifted p] is a GEMM whose B operand is gathered straight from the input while tiles
@@ -58,6 +77,17 @@ struct ConvParts {
     u32 first[CONV_PARTS + 1];
 };
 
+// Channel 0 of input frame `it` (0 <= it < ti) of batch item (and group) `item`, where its
+// part holds it, and in `plane` that part's distance between channels; `frame` is hi * wi
+// and `cin` the channels of an item.
+__device__ __forceinline__ const u16* part_frame(const ConvParts& parts, u32 item, u32 cin, u32 frame, int it, u32& plane) {
+    int j = 0;
+#pragma unroll
+    for (int k = 1; k < CONV_PARTS; ++k) j += it >= (int)parts.first[k];
+    plane = (parts.first[j + 1] - parts.first[j]) * frame;
+    return parts.x[j] + (u64)item * cin * plane + (u32)(it - (int)parts.first[j]) * frame;
+}
+
 #if __CUDA_ARCH__ >= 800
 
 #define IG_BN 128
@@ -104,15 +134,7 @@ __device__ void conv_igemm(const ConvGemm& p, const ConvParts& parts, const u16*
     }
     u32 staged[B_REGS];
 
-    // The batch item's and group's input frame `it` (0 <= it < ti): its part's frame 0 there,
-    // and that part's distance between channels.
-    auto frame_of = [&](int it, u32& plane) {
-        int j = 0;
-#pragma unroll
-        for (int k = 1; k < CONV_PARTS; ++k) j += it >= (int)parts.first[k];
-        plane = (parts.first[j + 1] - parts.first[j]) * frame;
-        return parts.x[j] + (u64)blockIdx.z * p.cin * plane + (u32)(it - (int)parts.first[j]) * frame;
-    };
+    auto frame_of = [&](int it, u32& plane) { return part_frame(parts, blockIdx.z, p.cin, frame, it, plane); };
     auto gather = [&](u32 j) {
         const u32 tap = j % taps, c0 = (j / taps) * IG_BK;
         const int dx = tap % p.g.kw, dy = (tap / p.g.kw) % p.g.kh, dt = tap / (p.g.kw * p.g.kh);
@@ -276,6 +298,139 @@ __device__ void conv_igemm(const ConvGemm& p, const ConvParts& parts, const u16*
 CONV_IGEMM(64)
 CONV_IGEMM(96)
 CONV_IGEMM(128)
+
+#endif
+
+// Sizes conv_pad_input and conv_tma share: the input's channels (and their padded count),
+// the input's frames, the front padding, and the padded input's frames, height, width.
+struct ConvPad {
+    u32 cin, cin_pad, ti, hi, wi, pt, ph, pw, tp, hp, wp;
+};
+
+// The input (NCTHW, in parts) as conv_tma reads it: channels-last, every element of the
+// padded frame written (zeros in the border and in channels past cin), 64 channels x 32
+// positions of one padded row per block, transposed through shared memory so both the
+// reads (along x) and the 16-byte writes (along channels) are coalesced.
+extern "C" __global__ void __launch_bounds__(256) conv_pad_input(ConvPad p, ConvParts parts, u16* xp) {
+    __shared__ __align__(16) u16 tile[32][64 + 8];
+    const u32 chunks = p.cin_pad / 64, row = blockIdx.y, x0 = blockIdx.x * 32;
+    const u32 c0 = (blockIdx.z % chunks) * 64, item = blockIdx.z / chunks;
+    const int it = (int)(row / p.hp) - (int)p.pt, iy = (int)(row % p.hp) - (int)p.ph;
+    const bool row_ok = it >= 0 && it < (int)p.ti && iy >= 0 && iy < (int)p.hi;
+    u32 plane = 0;
+    const u16* src = row_ok ? part_frame(parts, item, p.cin, p.hi * p.wi, it, plane) + (u32)iy * p.wi : nullptr;
+    for (int i = threadIdx.x; i < 32 * 64; i += 256) {
+        const u32 c = i / 32, xi = i % 32;
+        const int ix = (int)(x0 + xi) - (int)p.pw;
+        tile[xi][c] = row_ok && c0 + c < p.cin && ix >= 0 && ix < (int)p.wi ? src[(u64)(c0 + c) * plane + (u32)ix] : (u16)0;
+    }
+    __syncthreads();
+    const u32 xi = threadIdx.x / 8, c = (threadIdx.x % 8) * 8;
+    if (x0 + xi < p.wp) {
+        const u64 dst = (((u64)item * p.tp * p.hp + row) * p.wp + x0 + xi) * p.cin_pad + c0 + c;
+        *(uint4*)(xp + dst) = *(const uint4*)&tile[xi][c];
+    }
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+struct ConvTma {
+    u32 cin, chunks, cout, kt, kh, kw;
+    u32 wp, fp;  // the padded input's width and frame (hp * wp positions)
+    u32 to, ho, wo;
+    int bias_dtype;  // -1: no bias
+};
+
+#define CT_BM 128
+#define CT_BN 128
+
+template <bool BF16>
+__device__ void conv_tma(const TmaMap& tw, const TmaMap& tx, const ConvTma& p, const void* __restrict__ bias, u16* __restrict__ out) {
+    constexpr int STAGES = CONV_TMA_STAGES, CONSUMERS = 256;
+    constexpr u32 A_BYTES = CT_BM * 128, STAGE_BYTES = A_BYTES + CT_BN * 128;
+    extern __shared__ __align__(16) unsigned char smem_bytes[];
+    // full[s]: stage s's tiles landed; empty[s]: both consumers' MMAs on it retired.
+    __shared__ __align__(8) u64 barriers[2 * STAGES];
+    // Swizzled tiles start on 1024-byte boundaries (the launch reserves 1 KiB for this).
+    const u32 ring = (smem_addr(smem_bytes) + 1023) & ~1023u;
+    const u32 full = smem_addr(barriers), empty = full + 8 * STAGES;
+    const u32 n0 = blockIdx.x * CT_BN, m0 = blockIdx.y * CT_BM, item = blockIdx.z;
+    const u32 tiles = p.kt * p.kh * p.kw * p.chunks;
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < STAGES; ++i) {
+            mbar_init(full + 8 * i, 1);
+            mbar_init(empty + 8 * i, CONSUMERS);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (threadIdx.x < 128) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
+        if (threadIdx.x == 0) {
+            for (u32 j = 0; j < tiles; ++j) {
+                const u32 st = j % STAGES, tap = j / p.chunks, c0 = (j % p.chunks) * 64;
+                const u32 dx = tap % p.kw, dy = (tap / p.kw) % p.kh, dt = tap / (p.kw * p.kh);
+                if (j >= STAGES) mbar_wait(empty + 8 * st, ((j / STAGES) & 1) ^ 1);
+                mbar_expect_bytes(full + 8 * st, STAGE_BYTES);
+                tma_load(ring + st * STAGE_BYTES, tw, tap * p.cin + c0, m0, 0, 0, full + 8 * st);
+                tma_load(ring + st * STAGE_BYTES + A_BYTES, tx, c0, n0 + dt * p.fp + dy * p.wp + dx, item, 0, full + 8 * st);
+            }
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+
+    const int cg = (threadIdx.x >> 7) - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    float acc[CT_BN / 2];
+#pragma unroll
+    for (int i = 0; i < CT_BN / 2; ++i) acc[i] = 0.0f;
+    auto issue = [&](u32 j) {
+        const u32 st = j % STAGES, a = ring + st * STAGE_BYTES + cg * 64 * 128, b = ring + st * STAGE_BYTES + A_BYTES;
+        mbar_wait(full + 8 * st, (j / STAGES) & 1);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) wgmma_kk<CT_BN, BF16>(acc, wg_desc(a + kk * 32, 16, 1024), wg_desc(b + kk * 32, 16, 1024), 1);
+        wg_commit();
+    };
+    issue(0);
+    for (u32 j = 1; j < tiles; ++j) {
+        issue(j);
+        wg_wait<1>();
+        mbar_arrive(empty + 8 * ((j - 1) % STAGES));
+    }
+    wg_wait<0>();
+    fence_regs(acc);
+
+    // Accumulator layout: elements 4t + 2r + {0, 1} are output channel warp * 16 + lane / 4
+    // + 8r of this consumer's 64, positions 8t + 2 (lane % 4) + {0, 1} of the tile.
+    const int dtc = BF16 ? DT_BF16 : DT_F16;
+    const u32 plane = p.ho * p.wo, volume = p.to * plane;
+    out += (u64)item * p.cout * volume;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const u32 m = m0 + cg * 64 + warp * 16 + (lane >> 2) + 8 * r;
+        if (m >= p.cout) continue;
+        const float bv = p.bias_dtype >= 0 ? load_f32(bias, m, p.bias_dtype) : 0.0f;
+        u16* row = out + (u64)m * volume;
+#pragma unroll
+        for (int t = 0; t < CT_BN / 8; ++t) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const u32 q = n0 + t * 8 + 2 * (lane & 3) + e, ot = q / p.fp, oy = (q % p.fp) / p.wp, ox = q % p.wp;
+                if (ot < p.to && oy < p.ho && ox < p.wo) store_f32(row, ot * plane + oy * p.wo + ox, dtc, acc[4 * t + 2 * r + e] + bv);
+            }
+        }
+    }
+}
+
+#define CONV_TMA_INSTANCE(NAME, BF16)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(384, 1) NAME(const __grid_constant__ TmaMap tw, const __grid_constant__ TmaMap tx, \
+                                                              ConvTma p, const void* bias, u16* out) {                         \
+        conv_tma<BF16>(tw, tx, p, bias, out);                                                                                  \
+    }
+CONV_TMA_INSTANCE(conv_tma_bf16, true)
+CONV_TMA_INSTANCE(conv_tma_f16, false)
 
 #endif
 

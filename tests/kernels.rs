@@ -15,8 +15,8 @@
 use sdlite_runtime::spec::UnaryOp;
 use sdlite_runtime::{ops, Backend, CpuBackend, CudaBackend, DType, Tensor, WgpuBackend};
 use sdlite_tests::{
-    check, cuda, cuda_implicit_gemm, cuda_portable_attention, fresh_seed, gpu, gpu_default_limits, gpu_tiny_chunks, open_cuda, random,
-    TestDevice,
+    check, cuda, cuda_hopper_conv, cuda_implicit_gemm, cuda_portable_attention, fresh_seed, gpu, gpu_default_limits, gpu_tiny_chunks,
+    open_cuda, random, TestDevice,
 };
 
 const F32_TOL: f32 = 1e-5;
@@ -150,10 +150,12 @@ fn matmul_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64)
 #[test]
 fn conv_matches_reference() {
     on_every_device!(conv_cases);
-    if let Some(c) = cuda_implicit_gemm() {
-        let seed = fresh_seed();
-        conv_cases(c, DType::F16, F16_TOL, "cuda f16 implicit-gemm", seed);
-        conv_cases(c, DType::BF16, BF16_TOL, "cuda bf16 implicit-gemm", seed);
+    for (c, kernel) in [(cuda_implicit_gemm(), "implicit-gemm"), (cuda_hopper_conv(), "hopper")] {
+        if let Some(c) = c {
+            let seed = fresh_seed();
+            conv_cases(c, DType::F16, F16_TOL, &format!("cuda f16 {kernel}"), seed);
+            conv_cases(c, DType::BF16, BF16_TOL, &format!("cuda bf16 {kernel}"), seed);
+        }
     }
 }
 
@@ -172,6 +174,9 @@ fn conv_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
         (2, 64, 12, 20, 96, 3, 2, 1, 2),
         // A width of two 8-position runs: both row ends of CUDA's row gather.
         (1, 32, 9, 16, 64, 3, 1, 1, 1),
+        // Two tiles of output channels, the second mostly empty, and input channels in two
+        // chunks of 64, the second half empty (CUDA's Hopper kernel).
+        (1, 96, 12, 20, 160, 3, 1, 1, 1),
     ]
     .iter()
     .enumerate()

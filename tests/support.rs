@@ -100,6 +100,13 @@ pub fn cuda_implicit_gemm() -> Option<&'static CudaBackend> {
     B.get_or_init(|| open_cuda_with(true, ConvKernel::ImplicitGemm)).as_ref()
 }
 
+/// The same device convolving every 16-bit case its Hopper kernel takes through that kernel
+/// (sm_90 devices; elsewhere as `cuda_implicit_gemm`).
+pub fn cuda_hopper_conv() -> Option<&'static CudaBackend> {
+    static B: OnceLock<Option<CudaBackend>> = OnceLock::new();
+    B.get_or_init(|| open_cuda_with(true, ConvKernel::Hopper)).as_ref()
+}
+
 /// A CUDA backend of the caller's own, for tests that count what the backend does: None
 /// without a device, a panic then if SDLITE_REQUIRE_CUDA is set.
 pub fn open_cuda(hopper_attention: bool) -> Option<CudaBackend> {

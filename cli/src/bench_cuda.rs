@@ -114,14 +114,21 @@ fn kernel_rates(c: &CudaBackend, iters: usize, reference: &serde_json::Value) ->
         secs * 1e3,
         2.0 * (s * 1536 * 8960) as f64 / secs / 1e12
     );
-    let columns = CudaBackend::new(&CudaOptions {
-        conv: ConvKernel::Columns,
-        ..Default::default()
-    })?;
+    let forced = |conv| {
+        CudaBackend::new(&CudaOptions {
+            conv,
+            ..Default::default()
+        })
+    };
+    let (igemm, columns) = (forced(ConvKernel::ImplicitGemm)?, forced(ConvKernel::Columns)?);
     for (channels, h, w) in [(96, 480, 832), (384, 120, 208)] {
         let flops = 2.0 * (channels * channels * 27 * h * w) as f64;
         let name = format!("conv3d {channels} channels 3x{h}x{w} -> 1 frame bf16");
-        for (b, kernel) in [(c, "default kernel"), (&columns, "im2col + cuBLASLt")] {
+        for (b, kernel) in [
+            (c, "default kernel"),
+            (&igemm, "sm_80 implicit GEMM"),
+            (&columns, "im2col + cuBLASLt"),
+        ] {
             let x = crate::random(b, &[1, channels, 3, h, w], DType::BF16, 4)?;
             let k = crate::random(b, &[channels, channels, 3, 3, 3], DType::BF16, 5)?;
             let (secs, _) = timed(b, iters, || {

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 
 const COMMON: &str = include_str!("../../../../kernels/common.cuh");
 const MMA: &str = include_str!("../../../../kernels/mma.cuh");
+const HOPPER: &str = include_str!("../../../../kernels/hopper.cuh");
 
 /// One kernel file and the macros it is compiled with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -28,6 +29,8 @@ pub(crate) const FLASH_KEYS_PER_TILE: usize = 128;
 /// Key and value tiles the Hopper attention kernel's producer keeps in flight (2 and 3
 /// measured the same on the H100 at 32,760 tokens; 2 leaves shared memory free).
 pub(crate) const FLASH_SM90_STAGES: usize = 2;
+/// Weight and input tiles (32 KiB a stage) the Hopper convolution's producer keeps in flight.
+pub(crate) const CONV_TMA_STAGES: usize = 6;
 
 impl Family {
     #[cfg(test)]
@@ -51,14 +54,15 @@ impl Family {
         }
     }
 
-    /// The translation unit NVRTC sees: the shared prelude, the tensor-core helpers for the
-    /// families that use them, then the family's file.
+    /// The translation unit NVRTC sees: the shared prelude, the tensor-core helpers (warp
+    /// MMAs, then Hopper's warpgroup MMAs and TMA) for the families that use them, then the
+    /// family's file.
     pub fn source(self) -> String {
-        let mma = match self {
-            Family::Attention | Family::Conv => MMA,
-            Family::Elementwise | Family::Norm => "",
+        let (mma, hopper) = match self {
+            Family::Attention | Family::Conv => (MMA, HOPPER),
+            Family::Elementwise | Family::Norm => ("", ""),
         };
-        format!("{COMMON}\n{mma}\n#line 1 \"{}\"\n{}", self.file(), self.body())
+        format!("{COMMON}\n{mma}\n{hopper}\n#line 1 \"{}\"\n{}", self.file(), self.body())
     }
 
     /// NVRTC options for a device of compute capability `arch`. Hopper compiles as sm_90a,
@@ -71,6 +75,7 @@ impl Family {
             format!("-DFA_WARPS={FLASH_WARPS}"),
             format!("-DFA_BN={FLASH_KEYS_PER_TILE}"),
             format!("-DSM90_STAGES={FLASH_SM90_STAGES}"),
+            format!("-DCONV_TMA_STAGES={CONV_TMA_STAGES}"),
         ]
     }
 }

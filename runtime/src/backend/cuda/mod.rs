@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::spec::{AttentionSpec, ConvSpec, MapOp, MapSpec, MatmulSpec, NormKind, NormSpec, SoftmaxSpec, UnaryOp, View};
 use crate::tensor::{contiguous_strides, numel, DType, HostData, HostTensor, Tensor};
 
-use compile::{Family, FLASH_KEYS_PER_TILE, FLASH_SM90_STAGES, FLASH_WARPS};
+use compile::{Family, CONV_TMA_STAGES, FLASH_KEYS_PER_TILE, FLASH_SM90_STAGES, FLASH_WARPS};
 use gemm::{alignment_of, natural_lda, natural_ldb, Gemm, GemmShape};
 pub use pool::MemoryStats;
 use pool::{rounded, Pool};
@@ -126,19 +126,34 @@ impl RowStrides {
 
 /// The tensor map the Hopper attention kernel reads a 16-bit tensor of `len` rows at `ptr`
 /// through (in `s`'s layout): dimensions (head_dim, len, heads, batch), boxes of 64 columns
-/// x `rows` rows of one head, 128-byte swizzled, zeros outside the tensor. `ptr` must be
-/// 16-byte aligned and `head_dim` a multiple of 64 (the caller checks both).
+/// x `rows` rows of one head. `ptr` must be 16-byte aligned and `head_dim` a multiple of 64
+/// (the caller checks both).
 fn attention_tensor_map(ptr: u64, dtype: DType, s: &AttentionSpec, len: usize, rows: usize) -> Result<TensorMap> {
+    let st = RowStrides::of(s, len);
+    tensor_map(
+        ptr,
+        dtype,
+        [s.head_dim, len, s.heads, s.batch],
+        [st.row, st.head, st.batch].map(|e| e as usize),
+        [64, rows, 1, 1],
+    )
+    .map_err(|e| gpu_err(&format!("attention tensor map of {len} rows, {s:?}"), e))
+}
+
+/// A 4D TMA tensor map over the 16-bit tensor at `ptr` (dimensions innermost first, element
+/// strides of the outer three), with boxes of `boxes` elements in the 128-byte swizzled
+/// layout wgmma reads, elements outside the tensor read as zeros. TMA wants `ptr` 16-byte
+/// aligned, strides of whole 16-byte units and a box row of 64 elements (128 bytes).
+fn tensor_map(ptr: u64, dtype: DType, dims: [usize; 4], strides: [usize; 3], boxes: [usize; 4]) -> std::result::Result<TensorMap, String> {
     use drv_sys::{CUtensorMapDataType as Ty, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle};
     let ty = match dtype {
         DType::BF16 => Ty::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         DType::F16 => Ty::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-        DType::F32 => return Err(Error::Invalid("TMA attention takes 16-bit tensors".into())),
+        DType::F32 => return Err("TMA tensor maps here take 16-bit tensors".into()),
     };
-    let st = RowStrides::of(s, len);
-    let dims = [s.head_dim as u64, len as u64, s.heads as u64, s.batch as u64];
-    let strides = [st.row * 2, st.head * 2, st.batch * 2];
-    let boxes = [64u32, rows as u32, 1, 1];
+    let dims = dims.map(|d| d as u64);
+    let strides = strides.map(|e| e as u64 * 2);
+    let boxes = boxes.map(|b| b as u32);
     let steps = [1u32; 4];
     let mut map = std::mem::MaybeUninit::<drv_sys::CUtensorMap>::uninit();
     // SAFETY: every array holds `rank` (4) entries, strides `rank - 1`; `map` is written by
@@ -159,7 +174,7 @@ fn attention_tensor_map(ptr: u64, dtype: DType, s: &AttentionSpec, len: usize, r
             CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
         .result()
-        .map_err(|e| gpu_err(&format!("attention tensor map of {len} rows, {s:?}"), e))?;
+        .map_err(|e| format!("{e:?} (dimensions {dims:?}, byte strides {strides:?}, box {boxes:?})"))?;
         Ok(TensorMap(map.assume_init()))
     }
 }
@@ -183,15 +198,19 @@ pub struct CudaOptions {
     pub conv: ConvKernel,
 }
 
-/// The two ways the CUDA backend convolves.
+/// The ways the CUDA backend convolves.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ConvKernel {
-    /// The implicit GEMM where the column matrix would outgrow the L2 cache
-    /// (`implicit_gemm_pays`), column matrices elsewhere.
+    /// Where the column matrix would outgrow the L2 cache (`implicit_gemm_pays`), the
+    /// Hopper kernel on sm_90 devices where it takes the convolution, else the implicit
+    /// GEMM; column matrices elsewhere.
     #[default]
     Auto,
-    /// The implicit-GEMM kernel for every 16-bit convolution the device can run it for.
+    /// The sm_80 implicit-GEMM kernel for every 16-bit convolution the device can run it for.
     ImplicitGemm,
+    /// On sm_90 devices the Hopper kernel (TMA, wgmma) for every 16-bit convolution it takes
+    /// (`tma_conv_takes`); the implicit GEMM for the rest.
+    Hopper,
     /// im2col column matrices and cuBLASLt GEMMs throughout.
     Columns,
 }
@@ -437,6 +456,104 @@ struct ConvParts {
 // SAFETY: plain old data laid out like `ConvParts` in conv.cu.
 unsafe impl DeviceRepr for ConvParts {}
 
+impl ConvParts {
+    /// The parts a convolution's input frames lie in, in time order.
+    fn of(parts: &[&CudaTensor], s: &ConvSpec) -> Result<Self> {
+        let mut x = ConvParts {
+            x: [0; CONV_PARTS],
+            first: [s.input[0] as u32; CONV_PARTS + 1],
+        };
+        let mut first = 0;
+        for (j, part) in parts.iter().enumerate() {
+            // The kernels' offsets within one batch item of a part are 32-bit.
+            u32_of(part.numel() / s.batch, "input size")?;
+            x.x[j] = CudaBackend::ptr(part);
+            x.first[j] = first as u32;
+            first += part.shape()[2];
+        }
+        Ok(x)
+    }
+}
+
+/// `ConvPad` in conv.cu: the input's channels (and their count rounded up to the Hopper
+/// convolution's 64-channel chunks), frames, height and width, its front padding, and the
+/// padded channels-last copy's frames, height and width.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ConvPad {
+    cin: u32,
+    cin_pad: u32,
+    ti: u32,
+    hi: u32,
+    wi: u32,
+    pt: u32,
+    ph: u32,
+    pw: u32,
+    tp: u32,
+    hp: u32,
+    wp: u32,
+}
+// SAFETY: plain old data laid out like `ConvPad` in conv.cu.
+unsafe impl DeviceRepr for ConvPad {}
+
+impl ConvPad {
+    fn of(s: &ConvSpec) -> Result<Self> {
+        let padded = |d: usize| s.input[d] + s.pad_lo[d] + s.pad_hi[d];
+        let p = Self {
+            cin: u32_of(s.c_in, "input channels")?,
+            cin_pad: u32_of(s.c_in.div_ceil(64) * 64, "input channels")?,
+            ti: s.input[0] as u32,
+            hi: s.input[1] as u32,
+            wi: s.input[2] as u32,
+            pt: s.pad_lo[0] as u32,
+            ph: s.pad_lo[1] as u32,
+            pw: s.pad_lo[2] as u32,
+            tp: u32_of(padded(0), "padded frames")?,
+            hp: u32_of(padded(1), "padded height")?,
+            wp: u32_of(padded(2), "padded width")?,
+        };
+        // Positions of the padded copy per batch item, and its elements, index in 32 bits.
+        u32_of(p.rows() * p.cin_pad as usize, "padded input size")?;
+        Ok(p)
+    }
+
+    /// Positions (channels-last rows) of one batch item's padded copy.
+    fn rows(&self) -> usize {
+        (self.tp * self.hp) as usize * self.wp as usize
+    }
+}
+
+/// `ConvTma` in conv.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ConvTma {
+    cin: u32,
+    chunks: u32,
+    cout: u32,
+    kt: u32,
+    kh: u32,
+    kw: u32,
+    wp: u32,
+    fp: u32,
+    to: u32,
+    ho: u32,
+    wo: u32,
+    bias_dtype: i32,
+}
+// SAFETY: plain old data laid out like `ConvTma` in conv.cu.
+unsafe impl DeviceRepr for ConvTma {}
+
+/// Output channels and positions per block of the Hopper convolution (`CT_BM`, `CT_BN`).
+const CONV_TMA_TILE: usize = 128;
+
+/// Whether the Hopper convolution (conv.cu's conv_tma) takes `s`: one group; stride 1, so a
+/// tap's input positions for a run of output positions are one run of the padded copy's
+/// rows; more than one tap (a 1x1x1 convolution is a plain GEMM); and weight rows of taps x
+/// c_in elements that TMA can step through (whole 16-byte units).
+fn tma_conv_takes(s: &ConvSpec) -> bool {
+    s.groups == 1 && s.stride == [1; 3] && s.kernel_volume() > 1 && (s.kernel_volume() * s.c_in).is_multiple_of(8)
+}
+
 fn u32_of(v: usize, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::Invalid(format!("CUDA backend: {what} = {v} exceeds the kernels' 32-bit indexing")))
 }
@@ -658,8 +775,8 @@ impl CudaBackend {
         let f = module
             .load_function(name)
             .map_err(|e| gpu_err(&format!("kernel {name} in {}", family.file()), e))?;
-        if family == Family::Attention {
-            // The flash kernels' tiles exceed the default 48 KiB; allowing the device's
+        if matches!(family, Family::Attention | Family::Conv) {
+            // The flash and Hopper convolution kernels' tiles exceed the default 48 KiB; allowing the device's
             // opt-in maximum (less the kernel's static shared memory) once covers every launch.
             let optin = self
                 .ctx
@@ -943,7 +1060,7 @@ impl CudaBackend {
         let (cout_g, plane) = (s.c_out / s.groups, numel(&s.output()));
         let wanted = match self.conv_kernel {
             ConvKernel::Auto => implicit_gemm_pays(s, dtype, self.l2_bytes),
-            ConvKernel::ImplicitGemm => true,
+            ConvKernel::ImplicitGemm | ConvKernel::Hopper => true,
             ConvKernel::Columns => false,
         };
         if !wanted || self.arch.0 < 8 || cout_g * plane >= 1 << 32 || plane >= 1 << 31 {
@@ -968,8 +1085,6 @@ impl CudaBackend {
         name: &'static str,
         rows: usize,
     ) -> Result<()> {
-        // The kernel reads weights tap-major: [c_out, kt, kh, kw, c_in / groups].
-        let w = crate::ops::permute(self, w, &[0, 2, 3, 4, 1])?;
         let f = self.function(Family::Conv, name)?;
         let plane = numel(&s.output());
         let (cin_g, cout_g) = (s.c_in / s.groups, s.c_out / s.groups);
@@ -981,18 +1096,7 @@ impl CudaBackend {
             n: plane as u32,
             bias_dtype: bias.map_or(-1, |b| dtype_code(b.dtype()) as i32),
         };
-        let mut x = ConvParts {
-            x: [0; CONV_PARTS],
-            first: [s.input[0] as u32; CONV_PARTS + 1],
-        };
-        let mut first = 0;
-        for (j, part) in parts.iter().enumerate() {
-            // The kernel's offsets within one batch item of a part are 32-bit.
-            u32_of(part.numel() / s.batch, "input size")?;
-            x.x[j] = Self::ptr(part);
-            x.first[j] = first as u32;
-            first += part.shape()[2];
-        }
+        let x = ConvParts::of(parts, s)?;
         let cfg = LaunchConfig {
             grid_dim: (
                 u32_of(plane.div_ceil(CONV_IGEMM_POSITIONS), "positions")?,
@@ -1002,12 +1106,101 @@ impl CudaBackend {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (wp, op) = (Self::ptr(&w), Self::ptr(out));
+        let (wp, op) = (Self::ptr(w), Self::ptr(out));
         let bp = bias.map_or(0, Self::ptr);
         let mut l = self.stream.launch_builder(&f);
         l.arg(&p).arg(&x).arg(&wp).arg(&bp).arg(&op);
         // SAFETY: arguments match the conv_igemm kernels' signature; the tensors have the
         // spec's shapes, within which the kernel's offsets stay.
+        unsafe { l.launch(cfg) }.map_err(|e| gpu_err(name, e))?;
+        Ok(())
+    }
+
+    /// Whether this backend convolves `s` with the Hopper kernel.
+    fn tma_conv_wanted(&self, dtype: DType, s: &ConvSpec) -> bool {
+        let wanted = match self.conv_kernel {
+            ConvKernel::Auto => implicit_gemm_pays(s, dtype, self.l2_bytes),
+            ConvKernel::Hopper => true,
+            ConvKernel::ImplicitGemm | ConvKernel::Columns => false,
+        };
+        wanted && dtype != DType::F32 && self.arch == (9, 0) && tma_conv_takes(s)
+    }
+
+    /// The Hopper convolution: the input's parts copied once into a padded channels-last
+    /// buffer (conv_pad_input), then conv_tma reading it and the tap-major weights by TMA.
+    fn conv_tma(&self, parts: &[&CudaTensor], w: &CudaTensor, bias: Option<&CudaTensor>, s: &ConvSpec, out: &CudaTensor) -> Result<()> {
+        let dtype = out.dtype();
+        let pad = ConvPad::of(s)?;
+        let chunks = pad.cin_pad as usize / 64;
+        let xp = self.tensor(&[s.batch, pad.rows(), pad.cin_pad as usize], dtype)?;
+        let (x, xpp) = (ConvParts::of(parts, s)?, Self::ptr(&xp));
+        let f = self.function(Family::Conv, "conv_pad_input")?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                pad.wp.div_ceil(32),
+                u32_of((pad.tp * pad.hp) as usize, "padded rows")?,
+                u32_of(chunks * s.batch, "channel chunks x batch items")?,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(&pad).arg(&x).arg(&xpp);
+        // SAFETY: arguments match conv_pad_input's signature; `xp` holds the padded copy of
+        // every batch item, which the grid covers exactly.
+        unsafe { l.launch(cfg) }.map_err(|e| gpu_err("conv_pad_input", e))?;
+
+        let k = s.kernel_volume() * s.c_in;
+        let rows = pad.rows();
+        let tw = tensor_map(
+            Self::ptr(w),
+            dtype,
+            [k, s.c_out, 1, 1],
+            [k, k * s.c_out, k * s.c_out],
+            [64, CONV_TMA_TILE, 1, 1],
+        )
+        .map_err(|e| gpu_err("convolution weight tensor map", e))?;
+        let tx = tensor_map(
+            xpp,
+            dtype,
+            [pad.cin_pad as usize, rows, s.batch, 1],
+            [pad.cin_pad as usize, rows * pad.cin_pad as usize, xp.numel()],
+            [64, CONV_TMA_TILE, 1, 1],
+        )
+        .map_err(|e| gpu_err("convolution input tensor map", e))?;
+        let o = s.output();
+        let p = ConvTma {
+            cin: pad.cin,
+            chunks: chunks as u32,
+            cout: u32_of(s.c_out, "output channels")?,
+            kt: s.kernel[0] as u32,
+            kh: s.kernel[1] as u32,
+            kw: s.kernel[2] as u32,
+            wp: pad.wp,
+            fp: pad.hp * pad.wp,
+            to: o[0] as u32,
+            ho: o[1] as u32,
+            wo: o[2] as u32,
+            bias_dtype: bias.map_or(-1, |b| dtype_code(b.dtype()) as i32),
+        };
+        u32_of(numel(&o), "output positions")?;
+        let name = if dtype == DType::BF16 { "conv_tma_bf16" } else { "conv_tma_f16" };
+        let f = self.function(Family::Conv, name)?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32_of((o[0] * pad.hp as usize * pad.wp as usize).div_ceil(CONV_TMA_TILE), "positions")?,
+                u32_of(s.c_out.div_ceil(CONV_TMA_TILE), "channels")?,
+                u32_of(s.batch, "batch items")?,
+            ),
+            block_dim: (384, 1, 1),
+            shared_mem_bytes: (CONV_TMA_STAGES * 2 * CONV_TMA_TILE * 128 + 1024) as u32,
+        };
+        let (op, bp) = (Self::ptr(out), bias.map_or(0, Self::ptr));
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(&tw).arg(&tx).arg(&p).arg(&bp).arg(&op);
+        // SAFETY: arguments match conv_tma's signature; the maps describe the weights and the
+        // padded copy (kept alive until the launch is queued: the pool reuses its memory only
+        // for later work on this stream), and the output has the spec's shape.
         unsafe { l.launch(cfg) }.map_err(|e| gpu_err(name, e))?;
         Ok(())
     }
@@ -1411,16 +1604,21 @@ impl Backend for CudaBackend {
     fn conv_frames(&self, parts: &[&CudaTensor], w: &CudaTensor, bias: Option<&CudaTensor>, s: &ConvSpec) -> Result<CudaTensor> {
         let dtype = parts[0].dtype();
         let pointwise = s.kernel_volume() == 1 && s.stride == [1; 3] && s.pad_lo == [0; 3] && s.pad_hi == [0; 3];
-        let igemm = self.conv_igemm_kernel(dtype, s).filter(|_| !pointwise);
-        if parts.len() > 1 && igemm.is_none_or(|_| parts.len() > CONV_PARTS) {
+        let tma = self.tma_conv_wanted(dtype, s);
+        let igemm = self.conv_igemm_kernel(dtype, s).filter(|_| !pointwise && !tma);
+        let in_parts = (tma || igemm.is_some()) && parts.len() <= CONV_PARTS;
+        if parts.len() > 1 && !in_parts {
             return crate::backend::conv_frames_composed(self, parts, w, bias, s);
         }
         let _scope = self.scope("conv");
         let w = crate::ops::cast(self, w, dtype)?;
         let out_dims = s.output();
         let out = self.tensor(&[s.batch, s.c_out, out_dims[0], out_dims[1], out_dims[2]], dtype)?;
+        // Both GEMM kernels read the weights tap-major: [c_out, kt, kh, kw, c_in / groups].
+        let tap_major = || crate::ops::permute(self, &w, &[0, 2, 3, 4, 1]);
         match igemm {
-            Some((name, rows)) => self.conv_igemm(parts, &w, bias, s, &out, name, rows)?,
+            _ if tma => self.conv_tma(parts, &tap_major()?, bias, s, &out)?,
+            Some((name, rows)) => self.conv_igemm(parts, &tap_major()?, bias, s, &out, name, rows)?,
             None => self.conv_im2col(parts[0], &w, bias, s, &out, pointwise)?,
         }
         Ok(out)
@@ -1688,6 +1886,53 @@ mod tests {
             ..conv(8, 1, 16, 32, [1, 3, 3])
         };
         assert!(!row_gather(&strided));
+    }
+
+    /// The Hopper convolution takes stride-1 single-group convolutions of several taps whose
+    /// weight rows TMA can step; its padded copy holds the front and back padding of every
+    /// axis, and its output positions, numbered in that copy, cover the output.
+    #[test]
+    fn hopper_convolution_reads_a_padded_copy() {
+        let causal = ConvSpec {
+            batch: 1,
+            c_in: 96,
+            c_out: 96,
+            groups: 1,
+            input: [3, 480, 832],
+            kernel: [3; 3],
+            stride: [1; 3],
+            pad_lo: [0, 1, 1],
+            pad_hi: [0, 1, 1],
+        };
+        assert!(tma_conv_takes(&causal));
+        assert!(!tma_conv_takes(&ConvSpec {
+            stride: [1, 2, 2],
+            ..causal
+        }));
+        assert!(!tma_conv_takes(&ConvSpec { groups: 2, ..causal }));
+        assert!(!tma_conv_takes(&ConvSpec {
+            kernel: [1; 3],
+            pad_lo: [0; 3],
+            pad_hi: [0; 3],
+            ..causal
+        }));
+        // 27 taps x 3 channels: rows of 162 bytes, not whole 16-byte units.
+        assert!(!tma_conv_takes(&ConvSpec { c_in: 3, ..causal }));
+
+        let first = ConvSpec {
+            input: [1, 60, 104],
+            pad_lo: [2, 1, 1],
+            ..causal
+        };
+        let p = ConvPad::of(&first).unwrap();
+        assert_eq!((p.cin, p.cin_pad), (96, 128));
+        assert_eq!((p.tp, p.hp, p.wp), (3, 62, 106));
+        assert_eq!(p.rows(), 3 * 62 * 106);
+        // The last output position, (0, 59, 103), is row 59 * 106 + 103 of the padded copy,
+        // and its last tap reads row (2 * 62 + 2) * 106 + 2 further: the copy's last row.
+        let last = 59 * 106 + 103;
+        assert_eq!(last + (2 * 62 + 2) * 106 + 2, p.rows() - 1);
+        assert_eq!(first.output(), [1, 60, 104]);
     }
 
     /// Channels-first to channels-last and back (the Wan VAE's channel norms) and a weight
