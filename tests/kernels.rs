@@ -177,6 +177,8 @@ fn conv_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
         // Two tiles of output channels, the second mostly empty, and input channels in two
         // chunks of 64, the second half empty (CUDA's Hopper kernel).
         (1, 96, 12, 20, 160, 3, 1, 1, 1),
+        // Enough positions for its 256-position tiles, two batch items.
+        (2, 32, 40, 50, 136, 3, 1, 1, 1),
     ]
     .iter()
     .enumerate()

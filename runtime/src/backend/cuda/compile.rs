@@ -29,8 +29,9 @@ pub(crate) const FLASH_KEYS_PER_TILE: usize = 128;
 /// Key and value tiles the Hopper attention kernel's producer keeps in flight (2 and 3
 /// measured the same on the H100 at 32,760 tokens; 2 leaves shared memory free).
 pub(crate) const FLASH_SM90_STAGES: usize = 2;
-/// Weight and input tiles (32 KiB a stage) the Hopper convolution's producer keeps in flight.
-pub(crate) const CONV_TMA_STAGES: usize = 6;
+/// Shared memory of the Hopper convolution's ring of weight and input tiles: 6 stages of a
+/// 128-position tile, 4 of a 256-position one.
+pub(crate) const CONV_TMA_RING: usize = 192 << 10;
 
 impl Family {
     #[cfg(test)]
@@ -75,7 +76,7 @@ impl Family {
             format!("-DFA_WARPS={FLASH_WARPS}"),
             format!("-DFA_BN={FLASH_KEYS_PER_TILE}"),
             format!("-DSM90_STAGES={FLASH_SM90_STAGES}"),
-            format!("-DCONV_TMA_STAGES={CONV_TMA_STAGES}"),
+            format!("-DCONV_TMA_RING={CONV_TMA_RING}"),
         ]
     }
 }

@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::spec::{AttentionSpec, ConvSpec, MapOp, MapSpec, MatmulSpec, NormKind, NormSpec, SoftmaxSpec, UnaryOp, View};
 use crate::tensor::{contiguous_strides, numel, DType, HostData, HostTensor, Tensor};
 
-use compile::{Family, CONV_TMA_STAGES, FLASH_KEYS_PER_TILE, FLASH_SM90_STAGES, FLASH_WARPS};
+use compile::{Family, CONV_TMA_RING, FLASH_KEYS_PER_TILE, FLASH_SM90_STAGES, FLASH_WARPS};
 use gemm::{alignment_of, natural_lda, natural_ldb, Gemm, GemmShape};
 pub use pool::MemoryStats;
 use pool::{rounded, Pool};
@@ -543,8 +543,19 @@ struct ConvTma {
 // SAFETY: plain old data laid out like `ConvTma` in conv.cu.
 unsafe impl DeviceRepr for ConvTma {}
 
-/// Output channels and positions per block of the Hopper convolution (`CT_BM`, `CT_BN`).
-const CONV_TMA_TILE: usize = 128;
+/// Output channels per block of the Hopper convolution (its two consumers' 64 each).
+const CONV_TMA_CHANNELS: usize = 128;
+
+/// Output positions per block of the Hopper convolution for an output of `positions`
+/// (numbered in the padded frame) per batch item: 256, which reads the input a third less
+/// often per MMA, once there are 8 such tiles; 128 for small frames.
+fn conv_tma_positions(positions: usize) -> usize {
+    if positions >= 8 * 256 {
+        256
+    } else {
+        128
+    }
+}
 
 /// Whether the Hopper convolution (conv.cu's conv_tma) takes `s`: one group; stride 1, so a
 /// tap's input positions for a run of output positions are one run of the padded copy's
@@ -1152,12 +1163,15 @@ impl CudaBackend {
 
         let k = s.kernel_volume() * s.c_in;
         let rows = pad.rows();
+        let o = s.output();
+        let positions = o[0] * pad.hp as usize * pad.wp as usize;
+        let bn = conv_tma_positions(positions);
         let tw = tensor_map(
             Self::ptr(w),
             dtype,
             [k, s.c_out, 1, 1],
             [k, k * s.c_out, k * s.c_out],
-            [64, CONV_TMA_TILE, 1, 1],
+            [64, CONV_TMA_CHANNELS, 1, 1],
         )
         .map_err(|e| gpu_err("convolution weight tensor map", e))?;
         let tx = tensor_map(
@@ -1165,10 +1179,9 @@ impl CudaBackend {
             dtype,
             [pad.cin_pad as usize, rows, s.batch, 1],
             [pad.cin_pad as usize, rows * pad.cin_pad as usize, xp.numel()],
-            [64, CONV_TMA_TILE, 1, 1],
+            [64, bn, 1, 1],
         )
         .map_err(|e| gpu_err("convolution input tensor map", e))?;
-        let o = s.output();
         let p = ConvTma {
             cin: pad.cin,
             chunks: chunks as u32,
@@ -1184,16 +1197,21 @@ impl CudaBackend {
             bias_dtype: bias.map_or(-1, |b| dtype_code(b.dtype()) as i32),
         };
         u32_of(numel(&o), "output positions")?;
-        let name = if dtype == DType::BF16 { "conv_tma_bf16" } else { "conv_tma_f16" };
+        let name = match (dtype, bn) {
+            (DType::BF16, 256) => "conv_tma_bf16_n256",
+            (DType::BF16, _) => "conv_tma_bf16_n128",
+            (_, 256) => "conv_tma_f16_n256",
+            _ => "conv_tma_f16_n128",
+        };
         let f = self.function(Family::Conv, name)?;
         let cfg = LaunchConfig {
             grid_dim: (
-                u32_of((o[0] * pad.hp as usize * pad.wp as usize).div_ceil(CONV_TMA_TILE), "positions")?,
-                u32_of(s.c_out.div_ceil(CONV_TMA_TILE), "channels")?,
+                u32_of(positions.div_ceil(bn), "positions")?,
+                u32_of(s.c_out.div_ceil(CONV_TMA_CHANNELS), "channels")?,
                 u32_of(s.batch, "batch items")?,
             ),
             block_dim: (384, 1, 1),
-            shared_mem_bytes: (CONV_TMA_STAGES * 2 * CONV_TMA_TILE * 128 + 1024) as u32,
+            shared_mem_bytes: (CONV_TMA_RING + 1024) as u32,
         };
         let (op, bp) = (Self::ptr(out), bias.map_or(0, Self::ptr));
         let mut l = self.stream.launch_builder(&f);
