@@ -148,9 +148,30 @@ fn kernel_rates(c: &CudaBackend, iters: usize, reference: &serde_json::Value) ->
     Ok(())
 }
 
-pub fn bench_cuda(dir: &Path, iters: usize, only: Option<&str>, profile: bool, cfg_batch: bool) -> Result<()> {
+/// `--conv`: the CUDA backend's convolution kernels (`ConvKernel`).
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ConvChoice {
+    Auto,
+    ImplicitGemm,
+    Hopper,
+    Columns,
+}
+
+impl From<ConvChoice> for ConvKernel {
+    fn from(c: ConvChoice) -> Self {
+        match c {
+            ConvChoice::Auto => ConvKernel::Auto,
+            ConvChoice::ImplicitGemm => ConvKernel::ImplicitGemm,
+            ConvChoice::Hopper => ConvKernel::Hopper,
+            ConvChoice::Columns => ConvKernel::Columns,
+        }
+    }
+}
+
+pub fn bench_cuda(dir: &Path, iters: usize, only: Option<&str>, profile: bool, cfg_batch: bool, conv: ConvKernel) -> Result<()> {
     let c = CudaBackend::new(&CudaOptions {
         profile,
+        conv,
         ..Default::default()
     })?;
     println!("device: {}", c.name());

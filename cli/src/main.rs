@@ -78,6 +78,10 @@ enum Command {
         /// batch of two (times are per batch; the error check reads the first item).
         #[arg(long)]
         cfg_batch: bool,
+        /// How the models' convolutions are computed: the backend's choice, or one kernel
+        /// throughout (a kernel change's baseline, timed in the same run).
+        #[arg(long, value_enum, default_value_t = bench_cuda::ConvChoice::Auto)]
+        conv: bench_cuda::ConvChoice,
     },
     /// Print the GPU adapter and the limits sdlite runs under.
     Info {
@@ -149,7 +153,8 @@ fn main() -> Result<()> {
             only,
             profile,
             cfg_batch,
-        } => bench_cuda::bench_cuda(&dir, iters, only.as_deref(), profile, cfg_batch),
+            conv,
+        } => bench_cuda::bench_cuda(&dir, iters, only.as_deref(), profile, cfg_batch, conv.into()),
         Command::Bench {
             device,
             quick,
