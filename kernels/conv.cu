@@ -1,9 +1,10 @@
 // conv.cu: the runtime's `conv` primitive (spec.rs, `ConvSpec`); the runtime picks the
 // kernel.
 //
-// conv_tma_{bf16,f16} (Hopper, compiled only for sm_90a), after conv_pad_input: a stride-1
-// convolution as one GEMM per tap over a channels-last copy of the input with its padding
-// written out as zeros, xp[item][tp][yp][xp][c] (c < cin_pad, a multiple of 64). Output
+// conv_tma_{bf16,f16}_n{128,256} (Hopper, compiled only for sm_90a), after conv_pad_input: a
+// stride-1 convolution as one GEMM whose K runs over taps and input channels, reading a
+// channels-last copy of the input with its padding written out as zeros,
+// xp[item][tp][yp][xp][c] (c < cin_pad, a multiple of 64). Output
 // positions are numbered in the padded frame, q = ((ot * hp) + oy) * wp + ox; the input row
 // a tap (dt, dy, dx) reads for position q is q + (dt * hp + dy) * wp + dx, so the B tile of
 // a tap is one run of consecutive rows: a single 2D box, and no position test in the loop.
