@@ -311,27 +311,46 @@ struct ConvPad {
 };
 
 // The input (NCTHW, in parts) as conv_tma reads it: channels-last, every element of the
-// padded frame written (zeros in the border and in channels past cin), 64 channels x 32
-// positions of one padded row per block, transposed through shared memory so both the
-// reads (along x) and the 16-byte writes (along channels) are coalesced.
+// padded copy written (zeros in the border and in channels past cin). A block takes 64
+// channels x 64 input positions of one padded row, transposed through shared memory: it
+// reads 8 positions of a channel per 16-byte load where rows allow (wi a multiple of 8,
+// so every row starts 16-byte aligned), else one at a time, and writes 8 channels of a
+// position per 16-byte store. The first and last blocks of a row also write the row's
+// left and right border; rows in the padding come out all zero.
 extern "C" __global__ void __launch_bounds__(256) conv_pad_input(ConvPad p, ConvParts parts, u16* xp) {
-    __shared__ __align__(16) u16 tile[32][64 + 8];
-    const u32 chunks = p.cin_pad / 64, row = blockIdx.y, x0 = blockIdx.x * 32;
+    __shared__ __align__(16) u16 tile[64][64 + 8];
+    const u32 chunks = p.cin_pad / 64, row = blockIdx.y, ix0 = blockIdx.x * 64;
     const u32 c0 = (blockIdx.z % chunks) * 64, item = blockIdx.z / chunks;
     const int it = (int)(row / p.hp) - (int)p.pt, iy = (int)(row % p.hp) - (int)p.ph;
     const bool row_ok = it >= 0 && it < (int)p.ti && iy >= 0 && iy < (int)p.hi;
     u32 plane = 0;
     const u16* src = row_ok ? part_frame(parts, item, p.cin, p.hi * p.wi, it, plane) + (u32)iy * p.wi : nullptr;
-    for (int i = threadIdx.x; i < 32 * 64; i += 256) {
-        const u32 c = i / 32, xi = i % 32;
-        const int ix = (int)(x0 + xi) - (int)p.pw;
-        tile[xi][c] = row_ok && c0 + c < p.cin && ix >= 0 && ix < (int)p.wi ? src[(u64)(c0 + c) * plane + (u32)ix] : (u16)0;
+    if (p.wi % 8 == 0) {
+        for (int i = threadIdx.x; i < 64 * 8; i += 256) {
+            const u32 c = i / 8, x = (i % 8) * 8;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (row_ok && c0 + c < p.cin && ix0 + x < p.wi) v = *(const uint4*)(src + (u64)(c0 + c) * plane + ix0 + x);
+            const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int j = 0; j < 8; ++j) tile[x + j][c] = (u16)(w[j / 2] >> (16 * (j & 1)));
+        }
+    } else {
+        for (int i = threadIdx.x; i < 64 * 64; i += 256) {
+            const u32 c = i / 64, x = i % 64;
+            tile[x][c] = row_ok && c0 + c < p.cin && ix0 + x < p.wi ? src[(u64)(c0 + c) * plane + ix0 + x] : (u16)0;
+        }
     }
     __syncthreads();
-    const u32 xi = threadIdx.x / 8, c = (threadIdx.x % 8) * 8;
-    if (x0 + xi < p.wp) {
-        const u64 dst = (((u64)item * p.tp * p.hp + row) * p.wp + x0 + xi) * p.cin_pad + c0 + c;
-        *(uint4*)(xp + dst) = *(const uint4*)&tile[xi][c];
+    u16* out = xp + ((u64)item * p.tp * p.hp + row) * p.wp * p.cin_pad + c0;
+    for (int i = threadIdx.x; i < 64 * 8; i += 256) {
+        const u32 x = i / 8, c = (i % 8) * 8;
+        if (ix0 + x < p.wi) *(uint4*)(out + (u64)(p.pw + ix0 + x) * p.cin_pad + c) = *(const uint4*)&tile[x][c];
+    }
+    // The border columns: [0, left) by the first block, [wp - right, wp) by the last.
+    const u32 left = blockIdx.x == 0 ? p.pw : 0, right = blockIdx.x + 1 == gridDim.x ? p.wp - p.pw - p.wi : 0;
+    for (u32 i = threadIdx.x; i < (left + right) * 8; i += 256) {
+        const u32 k = i / 8, x = k < left ? k : p.wp - right + (k - left);
+        *(uint4*)(out + (u64)x * p.cin_pad + (i % 8) * 8) = make_uint4(0, 0, 0, 0);
     }
 }
 

@@ -179,6 +179,10 @@ fn conv_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
         (1, 96, 12, 20, 160, 3, 1, 1, 1),
         // Enough positions for its 256-position tiles, two batch items.
         (2, 32, 40, 50, 136, 3, 1, 1, 1),
+        // Rows longer than its padded copy's 64-position blocks, by 16-byte loads (width a
+        // multiple of 8) and element by element.
+        (1, 16, 6, 72, 24, 3, 1, 1, 1),
+        (1, 8, 5, 70, 16, 3, 1, 1, 1),
     ]
     .iter()
     .enumerate()

@@ -1148,7 +1148,7 @@ impl CudaBackend {
         let f = self.function(Family::Conv, "conv_pad_input")?;
         let cfg = LaunchConfig {
             grid_dim: (
-                pad.wp.div_ceil(32),
+                pad.wi.div_ceil(64),
                 u32_of((pad.tp * pad.hp) as usize, "padded rows")?,
                 u32_of(chunks * s.batch, "channel chunks x batch items")?,
             ),
