@@ -307,11 +307,7 @@ __device__ void flash_attention_sm90(const TmaMap& tq, const TmaMap& tk, const T
     const u32 tiles = (kv_len + TILE - 1) / TILE;
     if (threadIdx.x == 0) {
         mbar_init(q_full, 1);
-        for (int i = 0; i < 2 * STAGES; ++i) {
-            mbar_init(full + 8 * i, 1);
-            mbar_init(empty + 8 * i, CONSUMERS);
-        }
-        mbar_init_fence();
+        mbar_init_ring(full, empty, 2 * STAGES, CONSUMERS);
     }
     __syncthreads();
 

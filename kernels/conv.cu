@@ -376,13 +376,7 @@ __device__ void conv_tma(const TmaMap& tw, const TmaMap& tx, const ConvTma& p, c
     const u32 full = smem_addr(barriers), empty = full + 8 * STAGES;
     const u32 n0 = blockIdx.x * BN, m0 = blockIdx.y * BM, item = blockIdx.z;
     const u32 tiles = p.kt * p.kh * p.kw * p.chunks;
-    if (threadIdx.x == 0) {
-        for (int i = 0; i < STAGES; ++i) {
-            mbar_init(full + 8 * i, 1);
-            mbar_init(empty + 8 * i, CONSUMERS);
-        }
-        mbar_init_fence();
-    }
+    if (threadIdx.x == 0) mbar_init_ring(full, empty, STAGES, CONSUMERS);
     __syncthreads();
 
     if (threadIdx.x < 128) {

@@ -70,6 +70,16 @@ struct alignas(64) TmaMap {
 __device__ __forceinline__ void mbar_init(u32 bar, u32 count) { asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count)); }
 // Makes the initialised mbarriers visible to the TMA unit (the async proxy).
 __device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+// A producer/consumer ring of `stages` stages: full[i] completes on its one producer arrival
+// and the bytes of its copies, empty[i] on `consumers` arrivals; barriers 8 bytes apart.
+// Made visible to the TMA unit.
+__device__ __forceinline__ void mbar_init_ring(u32 full, u32 empty, int stages, u32 consumers) {
+    for (int i = 0; i < stages; ++i) {
+        mbar_init(full + 8 * i, 1);
+        mbar_init(empty + 8 * i, consumers);
+    }
+    mbar_init_fence();
+}
 __device__ __forceinline__ void mbar_arrive(u32 bar) {
     asm volatile("{ .reg .b64 state; mbarrier.arrive.shared::cta.b64 state, [%0]; }" ::"r"(bar) : "memory");
 }

@@ -479,7 +479,7 @@ impl ConvParts {
 /// convolution's 64-channel chunks), frames, height and width, its front padding, and the
 /// padded channels-last copy's frames, height and width.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 struct ConvPad {
     cin: u32,
     cin_pad: u32,
@@ -787,8 +787,9 @@ impl CudaBackend {
             .load_function(name)
             .map_err(|e| gpu_err(&format!("kernel {name} in {}", family.file()), e))?;
         if matches!(family, Family::Attention | Family::Conv) {
-            // The flash and Hopper convolution kernels' tiles exceed the default 48 KiB; allowing the device's
-            // opt-in maximum (less the kernel's static shared memory) once covers every launch.
+            // The flash and Hopper convolution kernels' tiles exceed the default 48 KiB;
+            // allowing the device's opt-in maximum (less the kernel's static shared memory)
+            // once covers every launch.
             let optin = self
                 .ctx
                 .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
