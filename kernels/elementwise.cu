@@ -3,7 +3,7 @@
 // What: for every coordinate c of an iteration space of rank <= 6, read up to three inputs
 // through strided views (element = offset + sum_k (c[k] / div[k]) * stride[k]; stride 0
 // broadcasts, div > 1 is nearest upsampling), apply one op in f32 and store through the
-// output view. Ops: copy/cast, unary (silu, gelu tanh/erf, tanh, sigmoid, affine),
+// output view. Ops: copy/cast, unary (silu, gelu tanh/erf, tanh, sigmoid, affine, clamp),
 // alpha*a + beta*b, a*b, adaLN modulate a*(1+b)+c, interleaved-pair rotary embedding,
 // gated residual a + b*c.
 // Layout: any, described by the views; every operand has its own dtype (f32/f16/bf16).
@@ -38,6 +38,7 @@
 #define U_TANH 3
 #define U_SIGMOID 4
 #define U_AFFINE 5
+#define U_CLAMP 6
 
 struct MapParams {
     u32 rank, op, unary, total, vec;
@@ -57,6 +58,7 @@ __device__ __forceinline__ float apply_unary(u32 u, float x, float alpha, float 
         case U_GELU_ERF: return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
         case U_TANH: return tanhf(x);
         case U_SIGMOID: return 1.0f / (1.0f + expf(-x));
+        case U_CLAMP: return fminf(fmaxf(x, alpha), beta);
         default: return alpha * x + beta;
     }
 }

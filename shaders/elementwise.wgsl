@@ -31,6 +31,7 @@ const U_GELU_ERF: u32 = 2u;
 const U_TANH: u32 = 3u;
 const U_SIGMOID: u32 = 4u;
 const U_AFFINE: u32 = 5u;
+const U_CLAMP: u32 = 6u;
 
 fn word(i: u32) -> u32 {
     return P.v[i >> 2u][i & 3u];
@@ -66,6 +67,7 @@ fn unary(x: f32, alpha: f32, beta: f32) -> f32 {
         case U_GELU_ERF: { return 0.5 * x * (1.0 + erf_approx(x * 0.7071067811865476)); }
         case U_TANH: { return tanh_stable(x); }
         case U_SIGMOID: { return 1.0 / (1.0 + exp(-x)); }
+        case U_CLAMP: { return min(max(x, alpha), beta); }
         default: { return alpha * x + beta; }
     }
 }

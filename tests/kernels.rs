@@ -569,6 +569,9 @@ fn elementwise_width_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str,
     check!(g, format!("scale {tag}"), tol, std::slice::from_ref(&x), [], |b, x, p| ops::scale(
         b, &x[0], -0.75, 0.5
     ));
+    check!(g, format!("clamp {tag}"), tol, std::slice::from_ref(&x), [], |b, x, p| ops::clamp(
+        b, &x[0], -1.5, 2.0
+    ));
     let y = random(&[5, 1, w], dt, 1.0, seed + 1);
     check!(g, format!("add broadcast {tag}"), tol, [x.clone(), y.clone()], [], |b, x, p| {
         ops::add(b, &x[0], &x[1])

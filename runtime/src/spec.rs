@@ -150,6 +150,8 @@ pub enum UnaryOp {
     Sigmoid,
     /// `alpha * x + beta`
     Affine,
+    /// `x` limited to `[alpha, beta]`
+    Clamp,
 }
 
 /// What `map` computes for each element of its iteration space.
@@ -194,6 +196,7 @@ impl MapOp {
                     UnaryOp::Tanh => 3,
                     UnaryOp::Sigmoid => 4,
                     UnaryOp::Affine => 5,
+                    UnaryOp::Clamp => 6,
                 },
             ),
             MapOp::AddScaled => (2, 0),

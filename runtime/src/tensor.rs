@@ -3,7 +3,8 @@
 use half::{bf16, f16};
 
 use crate::backend::Backend;
-use crate::error::{Error, Result};
+use crate::error::{shape_err, Error, Result};
+use crate::spec::MAX_RANK;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -41,6 +42,26 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
         strides[i] = strides[i + 1] * shape[i + 1];
     }
     strides
+}
+
+/// The shape of tensors of `shapes` joined along `dim`: they must agree in every other
+/// dimension.
+pub(crate) fn joined_shape(op: &'static str, shapes: &[&[usize]], dim: usize) -> Result<Vec<usize>> {
+    let Some(first) = shapes.first() else {
+        return Err(shape_err(op, "no inputs"));
+    };
+    if dim >= first.len() || first.len() > MAX_RANK {
+        return Err(shape_err(op, format!("dimension {dim} is invalid for {first:?}")));
+    }
+    for s in shapes {
+        let same = s.len() == first.len() && (0..s.len()).all(|i| i == dim || s[i] == first[i]);
+        if !same {
+            return Err(shape_err(op, format!("{first:?} and {s:?} differ outside dimension {dim}")));
+        }
+    }
+    let mut shape = first.to_vec();
+    shape[dim] = shapes.iter().map(|s| s[dim]).sum();
+    Ok(shape)
 }
 
 /// Element data living in host memory, in the dtype it is stored as.
@@ -85,6 +106,23 @@ impl HostData {
             HostData::F32(v) => std::borrow::Cow::Borrowed(v),
             HostData::F16(v) => v.iter().map(|x| x.to_f32()).collect::<Vec<_>>().into(),
             HostData::BF16(v) => v.iter().map(|x| x.to_f32()).collect::<Vec<_>>().into(),
+        }
+    }
+
+    /// `len` zeros.
+    pub fn zeros(dtype: DType, len: usize) -> Self {
+        match dtype {
+            DType::F32 => HostData::F32(vec![0.0; len]),
+            DType::F16 => HostData::F16(vec![f16::ZERO; len]),
+            DType::BF16 => HostData::BF16(vec![bf16::ZERO; len]),
+        }
+    }
+
+    fn as_bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            HostData::F32(v) => bytemuck::cast_slice_mut(v),
+            HostData::F16(v) => bytemuck::cast_slice_mut(v),
+            HostData::BF16(v) => bytemuck::cast_slice_mut(v),
         }
     }
 
@@ -138,6 +176,28 @@ impl HostTensor {
 
     pub fn from_f32(shape: &[usize], values: Vec<f32>) -> Result<Self> {
         Self::new(shape, HostData::F32(values))
+    }
+
+    /// Joins tensors of one dtype and equal shape except along `dim`, as `ops::concat`
+    /// does on a device.
+    pub fn concat(parts: &[HostTensor], dim: usize) -> Result<HostTensor> {
+        let shape = joined_shape("concat", &parts.iter().map(|p| p.shape.as_slice()).collect::<Vec<_>>(), dim)?;
+        let dtype = parts[0].dtype();
+        if let Some(p) = parts.iter().find(|p| p.dtype() != dtype) {
+            return Err(shape_err("concat", format!("{dtype:?} and {:?} parts", p.dtype())));
+        }
+        let mut data = HostData::zeros(dtype, numel(&shape));
+        // Each part contributes one run of bytes per index of the dimensions before `dim`.
+        let runs: Vec<usize> = parts.iter().map(|p| numel(&p.shape[dim..]) * dtype.size()).collect();
+        let out = data.as_bytes_mut();
+        let mut at = 0;
+        for o in 0..numel(&shape[..dim]) {
+            for (p, &run) in parts.iter().zip(&runs) {
+                out[at..at + run].copy_from_slice(&p.data.as_bytes()[o * run..(o + 1) * run]);
+                at += run;
+            }
+        }
+        Self::new(&shape, data)
     }
 
     pub fn dtype(&self) -> DType {
@@ -238,5 +298,38 @@ impl<B: Backend + ?Sized> Tensor<B> {
             shape: shape.to_vec(),
             dtype: self.dtype,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    fn counting(shape: &[usize], from: f32, dtype: DType) -> HostTensor {
+        let values = (0..numel(shape)).map(|i| from + i as f32).collect();
+        HostTensor::new(shape, HostData::from_f32(dtype, values)).unwrap()
+    }
+
+    #[test]
+    fn host_concat_agrees_with_the_device_op() {
+        let b = CpuBackend;
+        for dim in 0..3 {
+            let mut second = vec![2, 3, 4];
+            second[dim] = 5;
+            let parts = [counting(&[2, 3, 4], 0.0, DType::BF16), counting(&second, 100.0, DType::BF16)];
+            let on_device: Vec<_> = parts.iter().map(|p| b.upload(p).unwrap()).collect();
+            let want = pollster::block_on(b.read(&crate::ops::concat(&b, &on_device.iter().collect::<Vec<_>>(), dim).unwrap())).unwrap();
+            assert_eq!(HostTensor::concat(&parts, dim).unwrap(), want, "dimension {dim}");
+        }
+    }
+
+    #[test]
+    fn host_concat_refuses_mismatched_parts() {
+        let a = counting(&[2, 3], 0.0, DType::F32);
+        assert!(HostTensor::concat(&[a.clone(), counting(&[3, 3], 0.0, DType::F32)], 1).is_err());
+        assert!(HostTensor::concat(&[a.clone(), counting(&[2, 3], 0.0, DType::F16)], 1).is_err());
+        assert!(HostTensor::concat(&[a], 2).is_err());
+        assert!(HostTensor::concat(&[], 0).is_err());
     }
 }

@@ -36,6 +36,7 @@ pub fn unary(op: UnaryOp, x: f32, alpha: f32, beta: f32) -> f32 {
         UnaryOp::Tanh => x.tanh(),
         UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
         UnaryOp::Affine => alpha * x + beta,
+        UnaryOp::Clamp => x.max(alpha).min(beta),
     }
 }
 

@@ -487,41 +487,22 @@ impl<B: Backend> WanVaeDecoder<B> {
     }
 
     /// The whole clip `[n, out_channels, 1 + factor * (t - 1), h * s, w * s]` on the host, in
-    /// [-1, 1], from a denormalised latent `[n, z, t, h, w]`, one latent frame at a time.
+    /// [-1, 1] and the backend's dtype, from a denormalised latent `[n, z, t, h, w]`, one
+    /// latent frame at a time. Each latent frame's video frames are joined and clamped on the
+    /// device and read at once: the read waits for the frame, so `on_frame` reports work
+    /// done, not work queued, at one wait per latent frame.
     pub async fn decode(&self, b: &B, z: &Tensor<B>, mut on_frame: impl FnMut(usize, usize)) -> Result<HostTensor> {
         let t = z.shape()[2];
         let mut cache = CausalCache::default();
         let mut chunks: Vec<HostTensor> = Vec::with_capacity(t);
         for i in 0..t {
             let latent_frame = ops::slice(b, z, 2, i, 1)?;
-            for frame in self.decode_chunk(b, &latent_frame, &mut cache)? {
-                chunks.push(b.read(&frame).await?);
-            }
+            let frames = self.decode_chunk(b, &latent_frame, &mut cache)?;
+            let joined = ops::concat(b, &frames.iter().collect::<Vec<_>>(), 2)?;
+            chunks.push(b.read(&ops::clamp(b, &joined, -1.0, 1.0)?).await?);
             on_frame(i + 1, t);
         }
-        let s = chunks[0].shape.clone();
-        let (n, c, h, w) = (s[0], s[1], s[3], s[4]);
-        let frames: usize = chunks.iter().map(|ch| ch.shape[2]).sum();
-        let mut out = vec![0.0f32; n * c * frames * h * w];
-        let plane = h * w;
-        let mut f0 = 0;
-        for ch in &chunks {
-            let tf = ch.shape[2];
-            let v = ch.to_f32();
-            for ni in 0..n {
-                for ci in 0..c {
-                    for fi in 0..tf {
-                        let src = ((ni * c + ci) * tf + fi) * plane;
-                        let dst = ((ni * c + ci) * frames + f0 + fi) * plane;
-                        for (o, &x) in out[dst..dst + plane].iter_mut().zip(&v[src..src + plane]) {
-                            *o = x.clamp(-1.0, 1.0);
-                        }
-                    }
-                }
-            }
-            f0 += tf;
-        }
-        HostTensor::from_f32(&[n, c, frames, h, w], out)
+        HostTensor::concat(&chunks, 2)
     }
 }
 
