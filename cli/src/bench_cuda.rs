@@ -55,7 +55,7 @@ fn read(c: &CudaBackend, t: &Tensor<CudaBackend>) -> Result<HostTensor> {
 /// through the portable sm_80 kernel; distinct q, k, v in both layouts), the Wan FFN's first GEMM and one frame of the Wan VAE's convolutions. Beside
 /// them, PyTorch on the same shapes as `tests/reference/bench_cuda.py` timed them in the
 /// same machine session (`reference`, its diffusers.json).
-fn kernel_rates(c: &CudaBackend, iters: usize, reference: &serde_json::Value) -> Result<()> {
+fn kernel_rates(c: &CudaBackend, conv: ConvKernel, iters: usize, reference: &serde_json::Value) -> Result<()> {
     let sdpa_seconds = reference["sdpa_attention_32760"]["seconds"].as_f64();
     use sdlite_runtime::ops;
     let random = |shape: &[usize], seed: u64| crate::random(c, shape, DType::BF16, seed);
@@ -121,23 +121,25 @@ fn kernel_rates(c: &CudaBackend, iters: usize, reference: &serde_json::Value) ->
         })
     };
     let (igemm, columns) = (forced(ConvKernel::ImplicitGemm)?, forced(ConvKernel::Columns)?);
-    for (channels, h, w) in [(96, 480, 832), (384, 120, 208)] {
-        let flops = 2.0 * (channels * channels * 27 * h * w) as f64;
-        let name = format!("conv3d {channels} channels 3x{h}x{w} -> 1 frame bf16");
+    let chosen = format!("--conv {}", conv.name());
+    // As bench_cuda.py's CONV_SHAPES: (input channels, output channels, height, width).
+    for (c_in, c_out, h, w) in [(96, 96, 480, 832), (384, 384, 120, 208), (96, 3, 480, 832)] {
+        let flops = 2.0 * (c_in * c_out * 27 * h * w) as f64;
+        let name = format!("conv3d {c_in} -> {c_out} channels 3x{h}x{w} -> 1 frame bf16");
         for (b, kernel) in [
-            (c, "default kernel"),
+            (c, chosen.as_str()),
             (&igemm, "sm_80 implicit GEMM"),
             (&columns, "im2col + cuBLASLt"),
         ] {
-            let x = crate::random(b, &[1, channels, 3, h, w], DType::BF16, 4)?;
-            let k = crate::random(b, &[channels, channels, 3, 3, 3], DType::BF16, 5)?;
+            let x = crate::random(b, &[1, c_in, 3, h, w], DType::BF16, 4)?;
+            let k = crate::random(b, &[c_out, c_in, 3, 3, 3], DType::BF16, 5)?;
             let (secs, _) = timed(b, iters, || {
                 ops::conv3d(b, &x, &k, None, [1; 3], [0, 1, 1], [0, 1, 1], 1)?;
                 Ok(HostTensor::from_f32(&[0], vec![])?)
             })?;
             println!("{name} ({kernel}): {:.2} ms, {:.0} TFLOP/s", secs * 1e3, flops / secs / 1e12);
         }
-        if let Some(t) = reference[format!("conv3d_{channels}_{h}x{w}")]["seconds"].as_f64() {
+        if let Some(t) = reference[format!("conv3d_{c_in}_{c_out}_{h}x{w}")]["seconds"].as_f64() {
             println!(
                 "{name} (torch cuDNN, from diffusers.json): {:.2} ms, {:.0} TFLOP/s",
                 t * 1e3,
@@ -146,26 +148,6 @@ fn kernel_rates(c: &CudaBackend, iters: usize, reference: &serde_json::Value) ->
         }
     }
     Ok(())
-}
-
-/// `--conv`: the CUDA backend's convolution kernels (`ConvKernel`).
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum ConvChoice {
-    Auto,
-    ImplicitGemm,
-    Hopper,
-    Columns,
-}
-
-impl From<ConvChoice> for ConvKernel {
-    fn from(c: ConvChoice) -> Self {
-        match c {
-            ConvChoice::Auto => ConvKernel::Auto,
-            ConvChoice::ImplicitGemm => ConvKernel::ImplicitGemm,
-            ConvChoice::Hopper => ConvKernel::Hopper,
-            ConvChoice::Columns => ConvKernel::Columns,
-        }
-    }
 }
 
 pub fn bench_cuda(dir: &Path, iters: usize, only: Option<&str>, profile: bool, cfg_batch: bool, conv: ConvKernel) -> Result<()> {
@@ -179,7 +161,7 @@ pub fn bench_cuda(dir: &Path, iters: usize, only: Option<&str>, profile: bool, c
         &std::fs::read_to_string(dir.join("diffusers.json"))
             .with_context(|| format!("{}: run tests/reference/bench_cuda.py first", dir.display()))?,
     )?;
-    kernel_rates(&c, iters, &reference)?;
+    kernel_rates(&c, conv, iters, &reference)?;
     let tensors = Weights::open(&dir.join("tensors.safetensors"))?;
     let host = |name: &str| -> Result<HostTensor> {
         let shape = tensors
@@ -263,13 +245,21 @@ pub fn bench_cuda(dir: &Path, iters: usize, only: Option<&str>, profile: bool, c
             // Per forward: the table covers timed's two warm-up runs and the timed ones.
             let runs = (iters + 2) as f64;
             let table = c.profile();
-            let total: f64 = table.iter().map(|p| p.2).sum();
-            for (what, calls, secs) in table {
+            let total: f64 = table.iter().map(|p| p.seconds).sum();
+            let idle: f64 = table.iter().map(|p| p.idle_before).sum();
+            println!(
+                "  GPU busy {:.1} ms, idle between primitives {:.1} ms (the idle time is put on the primitive that ended it)",
+                total * 1e3 / runs,
+                idle * 1e3 / runs
+            );
+            for p in table {
                 println!(
-                    "  {what:<36} {:>7.0} calls {:>9.1} ms {:>5.1}%",
-                    calls as f64 / runs,
-                    secs * 1e3 / runs,
-                    100.0 * secs / total
+                    "  {:<36} {:>7.0} calls {:>9.1} ms {:>5.1}% {:>8.1} ms idle before",
+                    p.name,
+                    p.calls as f64 / runs,
+                    p.seconds * 1e3 / runs,
+                    100.0 * p.seconds / total,
+                    p.idle_before * 1e3 / runs
                 );
             }
             c.reset_profile();

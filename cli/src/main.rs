@@ -78,10 +78,11 @@ enum Command {
         /// batch of two (times are per batch; the error check reads the first item).
         #[arg(long)]
         cfg_batch: bool,
-        /// How the models' convolutions are computed: the backend's choice, or one kernel
-        /// throughout (a kernel change's baseline, timed in the same run).
-        #[arg(long, value_enum, default_value_t = bench_cuda::ConvChoice::Auto)]
-        conv: bench_cuda::ConvChoice,
+        /// How the models' convolutions are computed: the backend's choice (auto), or one
+        /// kernel throughout (implicit-gemm, hopper, columns): a kernel change's baseline,
+        /// timed in the same run.
+        #[arg(long, default_value = "auto")]
+        conv: sdlite_runtime::ConvKernel,
     },
     /// Print the GPU adapter and the limits sdlite runs under.
     Info {
@@ -154,7 +155,7 @@ fn main() -> Result<()> {
             profile,
             cfg_batch,
             conv,
-        } => bench_cuda::bench_cuda(&dir, iters, only.as_deref(), profile, cfg_batch, conv.into()),
+        } => bench_cuda::bench_cuda(&dir, iters, only.as_deref(), profile, cfg_batch, conv),
         Command::Bench {
             device,
             quick,

@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 torch.set_grad_enabled(False)
 DEV = "cuda"
 # (channels, height, width) of the convolutions timed alone; `sdlite bench-cuda` times the same.
-CONV_SHAPES = [(96, 480, 832), (384, 120, 208)]
+# (input channels, output channels, height, width): the widest, the largest and the last.
+CONV_SHAPES = [(96, 96, 480, 832), (384, 384, 120, 208), (96, 3, 480, 832)]
 
 
 def median_time(fn, iters):
@@ -101,14 +102,16 @@ def main():
     results["sdpa_attention_32760"] = {"seconds": median_time(lambda: sdpa(q, q, q), iters)}
     print(f"attention 32760x12x128 bf16: torch SDPA {results['sdpa_attention_32760']['seconds'] * 1000:.2f} ms", flush=True)
     del q
-    # One frame of a Wan VAE decoder convolution at its largest and its widest level (3x3x3,
-    # two cached frames in front): cuDNN through PyTorch, beside sdlite's convolution kernel.
-    for channels, h, w in CONV_SHAPES:
-        x = torch.randn((1, channels, 3, h, w), generator=g).to(bf16).to(DEV)
-        k = (torch.randn((channels, channels, 3, 3, 3), generator=g) * 0.02).to(bf16).to(DEV)
+    # One frame of a Wan VAE decoder convolution at its largest and its widest level, and the
+    # output convolution (3x3x3, two cached frames in front): cuDNN through PyTorch, beside
+    # sdlite's convolution kernels.
+    for c_in, c_out, h, w in CONV_SHAPES:
+        x = torch.randn((1, c_in, 3, h, w), generator=g).to(bf16).to(DEV)
+        k = (torch.randn((c_out, c_in, 3, 3, 3), generator=g) * 0.02).to(bf16).to(DEV)
         conv = lambda: torch.nn.functional.conv3d(x, k, padding=(0, 1, 1))
-        results[f"conv3d_{channels}_{h}x{w}"] = {"seconds": median_time(conv, iters)}
-        print(f"conv3d {channels} channels 3x{h}x{w} bf16: torch {results[f'conv3d_{channels}_{h}x{w}']['seconds'] * 1000:.2f} ms", flush=True)
+        key = f"conv3d_{c_in}_{c_out}_{h}x{w}"
+        results[key] = {"seconds": median_time(conv, iters)}
+        print(f"conv3d {c_in} -> {c_out} channels 3x{h}x{w} bf16: torch {results[key]['seconds'] * 1000:.2f} ms", flush=True)
         del x, k
     for name, (make, inputs, forward, dtype) in cases.items():
         if only and name not in only:

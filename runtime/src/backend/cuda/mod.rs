@@ -215,6 +215,30 @@ pub enum ConvKernel {
     Columns,
 }
 
+impl ConvKernel {
+    pub const NAMES: [(&'static str, ConvKernel); 4] = [
+        ("auto", ConvKernel::Auto),
+        ("implicit-gemm", ConvKernel::ImplicitGemm),
+        ("hopper", ConvKernel::Hopper),
+        ("columns", ConvKernel::Columns),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES.iter().find(|(_, k)| *k == self).map_or("auto", |(n, _)| n)
+    }
+}
+
+impl std::str::FromStr for ConvKernel {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::NAMES.iter().find(|(n, _)| *n == s).map(|(_, k)| *k).ok_or_else(|| {
+            let names: Vec<&str> = Self::NAMES.iter().map(|(n, _)| *n).collect();
+            Error::Invalid(format!("convolution kernel `{s}`: expected one of {}", names.join(", ")))
+        })
+    }
+}
+
 impl Default for CudaOptions {
     fn default() -> Self {
         Self {
@@ -278,7 +302,21 @@ struct Profile {
     enabled: bool,
     depth: AtomicUsize,
     pending: Mutex<Vec<(&'static str, CudaEvent, CudaEvent)>>,
-    table: Mutex<HashMap<&'static str, (u64, f64)>>,
+    /// The end of the last resolved primitive: the next one's idle time starts there.
+    last_end: Mutex<Option<CudaEvent>>,
+    table: Mutex<HashMap<&'static str, ProfileRow>>,
+}
+
+/// One primitive's line of the profile.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProfileRow {
+    pub name: &'static str,
+    pub calls: u64,
+    /// GPU time inside the primitive.
+    pub seconds: f64,
+    /// GPU time idle between the previous primitive's end and this one's start: waiting for
+    /// the host to queue it (launch cost, host work, or a read's wait in between).
+    pub idle_before: f64,
 }
 
 /// Times one primitive's GPU work (when profiling); `start` is absent for nested ones.
@@ -707,25 +745,34 @@ impl CudaBackend {
         self.pool.lock().map(|p| p.stats()).unwrap_or_default()
     }
 
-    /// `(primitive, calls, seconds)` so far, slowest first; empty unless profiling.
-    /// Calls and GPU seconds per primitive since the last reset, longest first.
-    pub fn profile(&self) -> Vec<(&'static str, u64, f64)> {
+    /// Each primitive's calls, GPU time and the GPU's idle time before it, since the last
+    /// reset, longest first; empty unless profiling.
+    pub fn profile(&self) -> Vec<ProfileRow> {
         let pending = std::mem::take(&mut *self.profile.pending.lock().expect("profile events"));
         let mut table = self.profile.table.lock().expect("profile table");
+        let mut last_end = self.profile.last_end.lock().expect("profile events");
         for (name, start, end) in pending {
+            let e = table.entry(name).or_insert(ProfileRow {
+                name,
+                ..Default::default()
+            });
             if let Ok(ms) = start.elapsed_ms(&end) {
-                let e = table.entry(name).or_default();
-                e.0 += 1;
-                e.1 += ms as f64 / 1e3;
+                e.calls += 1;
+                e.seconds += ms as f64 / 1e3;
             }
+            if let Some(Ok(ms)) = last_end.as_ref().map(|l| l.elapsed_ms(&start)) {
+                e.idle_before += ms as f64 / 1e3;
+            }
+            *last_end = Some(end);
         }
-        let mut v: Vec<_> = table.iter().map(|(k, &(n, s))| (*k, n, s)).collect();
-        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let mut v: Vec<_> = table.values().copied().collect();
+        v.sort_by(|a, b| (b.seconds + b.idle_before).total_cmp(&(a.seconds + a.idle_before)));
         v
     }
 
     pub fn reset_profile(&self) {
         self.profile.pending.lock().expect("profile events").clear();
+        self.profile.last_end.lock().expect("profile events").take();
         self.profile.table.lock().expect("profile table").clear();
     }
 
@@ -1846,6 +1893,15 @@ impl Backend for CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn convolution_kernels_parse_from_their_names() {
+        for (name, kernel) in ConvKernel::NAMES {
+            assert_eq!((name.parse::<ConvKernel>().unwrap(), kernel.name()), (kernel, name));
+        }
+        let e = "cudnn".parse::<ConvKernel>().unwrap_err().to_string();
+        assert!(e.contains("`cudnn`") && e.contains("implicit-gemm"), "{e}");
+    }
 
     /// The Wan VAE's 96- and 192-channel layers fill 96-row tiles; wider layers take 128 rows
     /// and SD's 320 channels 64, the tiles that waste no rows.
