@@ -12,7 +12,7 @@
 //! SDLITE_REQUIRE_CUDA=1 there so its absence fails), every case also runs on the CUDA
 //! backend in f32, f16 and bf16.
 
-use sdlite_runtime::spec::UnaryOp;
+use sdlite_runtime::spec::{MapOp, MapSpec, UnaryOp, View};
 use sdlite_runtime::{ops, Backend, CpuBackend, CudaBackend, DType, Tensor, WgpuBackend};
 use sdlite_tests::{
     check, cuda, cuda_hopper_conv, cuda_implicit_gemm, cuda_portable_attention, fresh_seed, gpu, gpu_default_limits, gpu_tiny_chunks,
@@ -883,6 +883,35 @@ fn cuda_flash_attention_long_sequence_matches_reference() {
             }
         }
     }
+}
+
+/// `read` copies what the work queued before the call left, however much is queued before
+/// its future is awaited: a decode overlaps the next frame's work with the last one's copy.
+#[test]
+fn reads_see_the_work_queued_before_them() {
+    on_every_device!(read_order_cases);
+    read_order_cases(&CpuBackend, DType::F32, 0.0, "cpu", fresh_seed());
+}
+
+fn read_order_cases<G: Backend>(g: &G, dt: DType, _tol: f32, tag: &str, seed: u64) {
+    let before = random(&[3, 1000], dt, 1.0, seed);
+    let x = g.upload(&before).unwrap();
+    let y = ops::scale(g, &x, 2.0, 0.0).unwrap();
+    let first = g.read(&y);
+    let copy = MapSpec {
+        op: MapOp::Copy,
+        shape: vec![3, 1000],
+        inputs: vec![View::strided(0, vec![1000, 1])],
+        out: View::strided(0, vec![1000, 1]),
+        alpha: 1.0,
+        beta: 0.0,
+    };
+    g.map(&[&x], &y, &copy).unwrap();
+    let second = g.read(&y);
+    let (first, second) = pollster::block_on(async { (first.await.unwrap(), second.await.unwrap()) });
+    let doubled: Vec<f32> = before.to_f32().iter().map(|v| 2.0 * v).collect();
+    assert_eq!(first.to_f32(), doubled, "{tag}: the first read saw later work");
+    assert_eq!(second, before, "{tag}: the second read missed the copy");
 }
 
 /// After one pass of a repeated workload the arena serves every allocation: a denoising

@@ -4,7 +4,7 @@
 use crate::backend::{Backend, NormThen};
 use crate::error::{shape_err, Error, Result};
 use crate::spec::{AttentionSpec, ConvSpec, MapOp, MapSpec, MatmulSpec, NormKind, NormSpec, SoftmaxSpec, UnaryOp, View, MAX_RANK};
-use crate::tensor::{contiguous_strides, joined_shape, numel, DType, HostData, HostTensor, Tensor};
+use crate::tensor::{contiguous_strides, numel, DType, HostData, HostTensor, Tensor};
 
 fn check_dtype<B: Backend>(b: &B, op: &'static str, dtype: DType) -> Result<()> {
     if b.supports(dtype) {
@@ -250,7 +250,7 @@ pub fn conv3d_frames<B: Backend>(
     groups: usize,
 ) -> Result<Tensor<B>> {
     let op = "conv";
-    let xs = joined_shape(op, &parts.iter().map(|p| p.shape()).collect::<Vec<_>>(), 2)?;
+    let xs = joined_shape(op, parts, 2)?;
     if let Some(p) = parts.iter().find(|p| p.dtype() != parts[0].dtype()) {
         return Err(shape_err(
             op,
@@ -742,9 +742,31 @@ pub fn slice<B: Backend>(b: &B, x: &Tensor<B>, dim: usize, start: usize, len: us
     gather(b, x, shape, View::strided(start * strides[dim], strides))
 }
 
+/// The shape of `parts` joined along `dim`: they must agree in every other dimension.
+fn joined_shape<B: Backend>(op: &'static str, parts: &[&Tensor<B>], dim: usize) -> Result<Vec<usize>> {
+    let Some(first) = parts.first() else {
+        return Err(shape_err(op, "no inputs"));
+    };
+    if dim >= first.rank() || first.rank() > MAX_RANK {
+        return Err(shape_err(op, format!("dimension {dim} is invalid for {:?}", first.shape())));
+    }
+    for p in parts {
+        let same = p.rank() == first.rank() && (0..p.rank()).all(|i| i == dim || p.shape()[i] == first.shape()[i]);
+        if !same {
+            return Err(shape_err(
+                op,
+                format!("{:?} and {:?} differ outside dimension {dim}", first.shape(), p.shape()),
+            ));
+        }
+    }
+    let mut shape = first.shape().to_vec();
+    shape[dim] = parts.iter().map(|p| p.shape()[dim]).sum();
+    Ok(shape)
+}
+
 /// Joins tensors of equal shape except along `dim`.
 pub fn concat<B: Backend>(b: &B, parts: &[&Tensor<B>], dim: usize) -> Result<Tensor<B>> {
-    let shape = joined_shape("concat", &parts.iter().map(|p| p.shape()).collect::<Vec<_>>(), dim)?;
+    let shape = joined_shape("concat", parts, dim)?;
     let out = b.alloc(&shape, parts[0].dtype())?;
     let out_strides = contiguous_strides(&shape);
     let mut offset = 0;

@@ -4,7 +4,6 @@ use half::{bf16, f16};
 
 use crate::backend::Backend;
 use crate::error::{shape_err, Error, Result};
-use crate::spec::MAX_RANK;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -42,26 +41,6 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
         strides[i] = strides[i + 1] * shape[i + 1];
     }
     strides
-}
-
-/// The shape of tensors of `shapes` joined along `dim`: they must agree in every other
-/// dimension.
-pub(crate) fn joined_shape(op: &'static str, shapes: &[&[usize]], dim: usize) -> Result<Vec<usize>> {
-    let Some(first) = shapes.first() else {
-        return Err(shape_err(op, "no inputs"));
-    };
-    if dim >= first.len() || first.len() > MAX_RANK {
-        return Err(shape_err(op, format!("dimension {dim} is invalid for {first:?}")));
-    }
-    for s in shapes {
-        let same = s.len() == first.len() && (0..s.len()).all(|i| i == dim || s[i] == first[i]);
-        if !same {
-            return Err(shape_err(op, format!("{first:?} and {s:?} differ outside dimension {dim}")));
-        }
-    }
-    let mut shape = first.to_vec();
-    shape[dim] = shapes.iter().map(|s| s[dim]).sum();
-    Ok(shape)
 }
 
 /// Element data living in host memory, in the dtype it is stored as.
@@ -178,26 +157,44 @@ impl HostTensor {
         Self::new(shape, HostData::F32(values))
     }
 
-    /// Joins tensors of one dtype and equal shape except along `dim`, as `ops::concat`
-    /// does on a device.
-    pub fn concat(parts: &[HostTensor], dim: usize) -> Result<HostTensor> {
-        let shape = joined_shape("concat", &parts.iter().map(|p| p.shape.as_slice()).collect::<Vec<_>>(), dim)?;
-        let dtype = parts[0].dtype();
-        if let Some(p) = parts.iter().find(|p| p.dtype() != dtype) {
-            return Err(shape_err("concat", format!("{dtype:?} and {:?} parts", p.dtype())));
+    /// Zeros of `shape`.
+    pub fn zeros(shape: &[usize], dtype: DType) -> HostTensor {
+        HostTensor {
+            shape: shape.to_vec(),
+            data: HostData::zeros(dtype, numel(shape)),
         }
-        let mut data = HostData::zeros(dtype, numel(&shape));
-        // Each part contributes one run of bytes per index of the dimensions before `dim`.
-        let runs: Vec<usize> = parts.iter().map(|p| numel(&p.shape[dim..]) * dtype.size()).collect();
-        let out = data.as_bytes_mut();
-        let mut at = 0;
-        for o in 0..numel(&shape[..dim]) {
-            for (p, &run) in parts.iter().zip(&runs) {
-                out[at..at + run].copy_from_slice(&p.data.as_bytes()[o * run..(o + 1) * run]);
-                at += run;
-            }
+    }
+
+    /// Overwrites indices `start..start + part.shape[dim]` of dimension `dim` with `part`,
+    /// which agrees with this tensor in dtype and every other dimension.
+    pub fn set_slice(&mut self, dim: usize, start: usize, part: &HostTensor) -> Result<()> {
+        let fits = part.shape.len() == self.shape.len()
+            && dim < self.shape.len()
+            && (0..self.shape.len()).all(|i| i == dim || part.shape[i] == self.shape[i])
+            && start + part.shape[dim] <= self.shape[dim];
+        if !fits || part.dtype() != self.dtype() {
+            return Err(shape_err(
+                "set_slice",
+                format!(
+                    "a {:?} {:?} part does not fit {:?} {:?} at {start} of dimension {dim}",
+                    part.dtype(),
+                    part.shape,
+                    self.dtype(),
+                    self.shape
+                ),
+            ));
         }
-        Self::new(&shape, data)
+        // One run of bytes per index of the dimensions before `dim`.
+        let size = self.dtype().size();
+        let (run, part_run) = (numel(&self.shape[dim..]) * size, numel(&part.shape[dim..]) * size);
+        let offset = start * numel(&self.shape[dim + 1..]) * size;
+        let src = part.data.as_bytes();
+        let dst = self.data.as_bytes_mut();
+        for o in 0..numel(&self.shape[..dim]) {
+            let at = o * run + offset;
+            dst[at..at + part_run].copy_from_slice(&src[o * part_run..(o + 1) * part_run]);
+        }
+        Ok(())
     }
 
     pub fn dtype(&self) -> DType {
@@ -312,7 +309,7 @@ mod tests {
     }
 
     #[test]
-    fn host_concat_agrees_with_the_device_op() {
+    fn slices_set_on_the_host_agree_with_the_device_concat() {
         let b = CpuBackend;
         for dim in 0..3 {
             let mut second = vec![2, 3, 4];
@@ -320,16 +317,23 @@ mod tests {
             let parts = [counting(&[2, 3, 4], 0.0, DType::BF16), counting(&second, 100.0, DType::BF16)];
             let on_device: Vec<_> = parts.iter().map(|p| b.upload(p).unwrap()).collect();
             let want = pollster::block_on(b.read(&crate::ops::concat(&b, &on_device.iter().collect::<Vec<_>>(), dim).unwrap())).unwrap();
-            assert_eq!(HostTensor::concat(&parts, dim).unwrap(), want, "dimension {dim}");
+            let mut got = HostTensor::zeros(&want.shape, DType::BF16);
+            got.set_slice(dim, parts[0].shape[dim], &parts[1]).unwrap();
+            got.set_slice(dim, 0, &parts[0]).unwrap();
+            assert_eq!(got, want, "dimension {dim}");
         }
     }
 
     #[test]
-    fn host_concat_refuses_mismatched_parts() {
-        let a = counting(&[2, 3], 0.0, DType::F32);
-        assert!(HostTensor::concat(&[a.clone(), counting(&[3, 3], 0.0, DType::F32)], 1).is_err());
-        assert!(HostTensor::concat(&[a.clone(), counting(&[2, 3], 0.0, DType::F16)], 1).is_err());
-        assert!(HostTensor::concat(&[a], 2).is_err());
-        assert!(HostTensor::concat(&[], 0).is_err());
+    fn set_slice_refuses_parts_that_do_not_fit() {
+        let mut t = HostTensor::zeros(&[2, 3], DType::F32);
+        let part = counting(&[2, 2], 0.0, DType::F32);
+        assert!(t.set_slice(1, 2, &part).is_err(), "past the end");
+        assert!(t.set_slice(0, 0, &part).is_err(), "other dimension differs");
+        assert!(t.set_slice(2, 0, &part).is_err(), "no such dimension");
+        assert!(t.set_slice(1, 0, &counting(&[2, 2], 0.0, DType::F16)).is_err(), "dtype");
+        assert!(t.set_slice(1, 0, &counting(&[2, 2, 1], 0.0, DType::F32)).is_err(), "rank");
+        t.set_slice(1, 1, &part).unwrap();
+        assert_eq!(t.to_f32(), vec![0.0, 0.0, 1.0, 0.0, 2.0, 3.0]);
     }
 }

@@ -109,8 +109,8 @@ impl Backend for CpuBackend {
         Ok(Self::make(shape.to_vec(), dtype, vec![0.0; numel(shape)]))
     }
 
-    async fn read(&self, t: &CpuTensor) -> Result<HostTensor> {
-        HostTensor::new(&t.shape, t.storage.read().expect("cpu storage lock").clone())
+    fn read(&self, t: &CpuTensor) -> impl std::future::Future<Output = Result<HostTensor>> + use<'_> {
+        std::future::ready(HostTensor::new(&t.shape, t.storage.read().expect("cpu storage lock").clone()))
     }
 
     fn matmul(&self, a: &CpuTensor, b: &CpuTensor, bias: Option<&CpuTensor>, s: &MatmulSpec) -> Result<CpuTensor> {

@@ -47,7 +47,10 @@ pub trait Backend {
     fn upload(&self, host: &HostTensor) -> Result<Tensor<Self>>;
     /// Uninitialised storage, for `map` to fill.
     fn alloc(&self, shape: &[usize], dtype: DType) -> Result<Tensor<Self>>;
-    async fn read(&self, t: &Tensor<Self>) -> Result<HostTensor>;
+    /// Queues a copy of `t` to the host after the work queued so far; the future yields it.
+    /// Work queued before the future is awaited may run while the copy is in flight, which
+    /// keeps a device busy while the host takes the results of earlier work.
+    fn read(&self, t: &Tensor<Self>) -> impl std::future::Future<Output = Result<HostTensor>> + use<'_, Self>;
 
     fn matmul(&self, a: &Tensor<Self>, b: &Tensor<Self>, bias: Option<&Tensor<Self>>, spec: &MatmulSpec) -> Result<Tensor<Self>>;
     fn conv(&self, x: &Tensor<Self>, w: &Tensor<Self>, bias: Option<&Tensor<Self>>, spec: &ConvSpec) -> Result<Tensor<Self>>;

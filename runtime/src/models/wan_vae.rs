@@ -489,20 +489,40 @@ impl<B: Backend> WanVaeDecoder<B> {
     /// The whole clip `[n, out_channels, 1 + factor * (t - 1), h * s, w * s]` on the host, in
     /// [-1, 1] and the backend's dtype, from a denormalised latent `[n, z, t, h, w]`, one
     /// latent frame at a time. Each latent frame's video frames are joined and clamped on the
-    /// device and read at once: the read waits for the frame, so `on_frame` reports work
-    /// done, not work queued, at one wait per latent frame.
+    /// device and read at once; the read of one is awaited after the next is queued, so the
+    /// device decodes while the host takes frames, and `on_frame` reports frames on the host.
     pub async fn decode(&self, b: &B, z: &Tensor<B>, mut on_frame: impl FnMut(usize, usize)) -> Result<HostTensor> {
         let t = z.shape()[2];
+        let frames = 1 + self.temporal_factor() * t.saturating_sub(1);
         let mut cache = CausalCache::default();
-        let mut chunks: Vec<HostTensor> = Vec::with_capacity(t);
-        for i in 0..t {
-            let latent_frame = ops::slice(b, z, 2, i, 1)?;
-            let frames = self.decode_chunk(b, &latent_frame, &mut cache)?;
-            let joined = ops::concat(b, &frames.iter().collect::<Vec<_>>(), 2)?;
-            chunks.push(b.read(&ops::clamp(b, &joined, -1.0, 1.0)?).await?);
-            on_frame(i + 1, t);
+        let mut video: Option<HostTensor> = None;
+        let mut at = 0;
+        let mut in_flight = None;
+        for i in 0..=t {
+            let queued = if i < t {
+                let latent_frame = ops::slice(b, z, 2, i, 1)?;
+                let parts = self.decode_chunk(b, &latent_frame, &mut cache)?;
+                let joined = ops::concat(b, &parts.iter().collect::<Vec<_>>(), 2)?;
+                Some(b.read(&ops::clamp(b, &joined, -1.0, 1.0)?))
+            } else {
+                None
+            };
+            let Some(previous) = std::mem::replace(&mut in_flight, queued) else {
+                continue;
+            };
+            let chunk = previous.await?;
+            let s = &chunk.shape;
+            let v = video.get_or_insert_with(|| HostTensor::zeros(&[s[0], s[1], frames, s[3], s[4]], chunk.dtype()));
+            v.set_slice(2, at, &chunk)?;
+            at += s[2];
+            on_frame(i, t);
         }
-        HostTensor::concat(&chunks, 2)
+        match video {
+            Some(v) if at == frames => Ok(v),
+            _ => Err(Error::Invalid(format!(
+                "Wan VAE decode: {t} latent frames gave {at} video frames, expected {frames}"
+            ))),
+        }
     }
 }
 

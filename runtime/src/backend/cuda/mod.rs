@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
     result as drv, sys as drv_sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig, PushKernelArg,
+    LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -351,6 +351,59 @@ pub struct CudaBackend {
     modules: Mutex<HashMap<Family, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     pool: Arc<Mutex<Pool<CudaSlice<u8>>>>,
+    /// Page-locked host buffers that reads copy into, kept for the next reads.
+    staging: Mutex<Vec<PinnedHostSlice<u8>>>,
+}
+
+/// Staging buffers kept for reuse: a decode reads one size over and over.
+const STAGING_KEPT: usize = 4;
+
+/// A copy to the host in flight: the device writes a page-locked staging buffer after the
+/// work queued before it, and `done` marks the copy finished. The tensor is held so that its
+/// memory is not reused before the copy has read it.
+struct QueuedRead<'a> {
+    backend: &'a CudaBackend,
+    tensor: CudaTensor,
+    staging: Option<PinnedHostSlice<u8>>,
+    done: Option<CudaEvent>,
+}
+
+impl QueuedRead<'_> {
+    fn finish(mut self) -> Result<HostTensor> {
+        if let Some(done) = &self.done {
+            done.synchronize().map_err(|e| gpu_err("read", e))?;
+        }
+        let t = &self.tensor;
+        let data = match &self.staging {
+            Some(s) => {
+                let bytes = s.as_slice().map_err(|e| gpu_err("read", e))?;
+                HostData::from_bytes(t.dtype(), &bytes[..t.numel() * t.dtype().size()])
+            }
+            None => HostData::zeros(t.dtype(), 0),
+        };
+        self.done = None;
+        HostTensor::new(t.shape(), data)
+    }
+}
+
+impl Drop for QueuedRead<'_> {
+    /// A read dropped unawaited still waits for its copy: the staging buffer goes back to
+    /// the backend, and the device must not write it after that.
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            if done.synchronize().is_err() {
+                // The copy's fate is unknown: leak the buffer rather than reuse it.
+                std::mem::forget(self.staging.take());
+            }
+        }
+        if let (Some(s), Ok(mut kept)) = (self.staging.take(), self.backend.staging.lock()) {
+            kept.push(s);
+            if kept.len() > STAGING_KEPT {
+                kept.sort_by_key(|s| std::cmp::Reverse(s.len()));
+                kept.pop();
+            }
+        }
+    }
 }
 
 fn dtype_code(d: DType) -> u32 {
@@ -738,6 +791,7 @@ impl CudaBackend {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             pool: Arc::new(Mutex::new(Pool::new(options.pool_bytes))),
+            staging: Mutex::new(Vec::new()),
         })
     }
 
@@ -804,6 +858,44 @@ impl CudaBackend {
     pub fn release_cached(&self) {
         let released = self.pool.lock().map(|mut p| p.drain()).unwrap_or_default();
         drop(released);
+    }
+
+    /// Queues `t`'s copy into a staging buffer (a kept one that is large enough, or a new
+    /// one) and the event that marks it done.
+    fn queue_read(&self, t: &CudaTensor) -> Result<QueuedRead<'_>> {
+        self.bind()?;
+        let bytes = t.numel() * t.dtype().size();
+        let mut read = QueuedRead {
+            backend: self,
+            tensor: t.clone(),
+            staging: None,
+            done: None,
+        };
+        if bytes == 0 {
+            return Ok(read);
+        }
+        let kept = {
+            let mut kept = self.staging.lock().expect("staging buffers");
+            let fit = (0..kept.len()).filter(|&i| kept[i].len() >= bytes).min_by_key(|&i| kept[i].len());
+            fit.map(|i| kept.swap_remove(i))
+        };
+        let staging = match kept {
+            Some(s) => s,
+            // SAFETY: written by the copy below before anything reads it. Not write-combined:
+            // the host reads it.
+            None => unsafe { self.ctx.alloc_pinned_with_flags::<u8>(bytes.next_power_of_two(), 0) }
+                .map_err(|e| gpu_err(&format!("page-locked staging of {bytes} bytes"), e))?,
+        };
+        let dst = read.staging.insert(staging).as_mut_slice().map_err(|e| gpu_err("read", e))?;
+        // SAFETY: the tensor holds `bytes` bytes and the staging buffer at least as many; the
+        // buffer is read only after `done`, and not reused before it (QueuedRead's drop).
+        unsafe { drv::memcpy_dtoh_async(&mut dst[..bytes], Self::ptr(t), self.stream.cu_stream()) }.map_err(|e| gpu_err("read", e))?;
+        let done = self
+            .stream
+            .record_event(Some(drv_sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
+            .map_err(|e| gpu_err("read", e))?;
+        read.done = Some(done);
+        Ok(read)
     }
 
     /// Waits for all queued work; kernel faults surface here.
@@ -1606,15 +1698,9 @@ impl Backend for CudaBackend {
         self.tensor(shape, dtype)
     }
 
-    async fn read(&self, t: &CudaTensor) -> Result<HostTensor> {
-        self.bind()?;
-        let mut bytes = vec![0u8; t.numel() * t.dtype().size()];
-        if !bytes.is_empty() {
-            // SAFETY: the source holds at least `bytes.len()` bytes; synchronised below before use.
-            unsafe { drv::memcpy_dtoh_async(&mut bytes[..], Self::ptr(t), self.stream.cu_stream()) }.map_err(|e| gpu_err("read", e))?;
-        }
-        self.synchronize()?;
-        HostTensor::new(t.shape(), HostData::from_bytes(t.dtype(), &bytes))
+    fn read(&self, t: &CudaTensor) -> impl std::future::Future<Output = Result<HostTensor>> + use<'_> {
+        let queued = self.queue_read(t);
+        async move { queued?.finish() }
     }
 
     fn matmul(&self, a: &CudaTensor, b: &CudaTensor, bias: Option<&CudaTensor>, s: &MatmulSpec) -> Result<CudaTensor> {

@@ -281,8 +281,8 @@ impl Backend for WgpuBackend {
         self.new_tensor(shape, dtype)
     }
 
-    async fn read(&self, t: &WgpuTensor) -> Result<HostTensor> {
-        self.read_host(t).await
+    fn read(&self, t: &WgpuTensor) -> impl std::future::Future<Output = Result<HostTensor>> + use<'_> {
+        self.read_host(t)
     }
 
     fn matmul(&self, a: &WgpuTensor, b: &WgpuTensor, bias: Option<&WgpuTensor>, s: &MatmulSpec) -> Result<WgpuTensor> {

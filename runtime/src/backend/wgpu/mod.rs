@@ -505,7 +505,9 @@ impl WgpuBackend {
         Ok(t)
     }
 
-    async fn read_host(&self, t: &WgpuTensor) -> Result<HostTensor> {
+    /// Queues the copy into staging buffers and asks for their mapping now; the future
+    /// waits for them.
+    fn read_host(&self, t: &WgpuTensor) -> impl std::future::Future<Output = Result<HostTensor>> + use<'_> {
         let mut staging = Vec::new();
         {
             let mut pending = self.pending.lock().expect("pending lock");
@@ -536,23 +538,26 @@ impl WgpuBackend {
                 rx
             })
             .collect();
-        #[cfg(not(target_arch = "wasm32"))]
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Readback(e.to_string()))?;
-        for rx in receivers {
-            rx.await
-                .map_err(|_| Error::Readback("the device dropped the mapping request".into()))?
+        let (shape, dtype, len) = (t.shape.clone(), t.dtype, t.storage.len);
+        async move {
+            #[cfg(not(target_arch = "wasm32"))]
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
                 .map_err(|e| Error::Readback(e.to_string()))?;
+            for rx in receivers {
+                rx.await
+                    .map_err(|_| Error::Readback("the device dropped the mapping request".into()))?
+                    .map_err(|e| Error::Readback(e.to_string()))?;
+            }
+            self.take_errors()?;
+            let size = dtype.size();
+            let mut bytes = Vec::with_capacity(len * size);
+            for buf in &staging {
+                let need = (len * size - bytes.len()).min(buf.size() as usize);
+                bytes.extend_from_slice(&buf.get_mapped_range(..)[..need]);
+                buf.unmap();
+            }
+            HostTensor::new(&shape, HostData::from_bytes(dtype, &bytes))
         }
-        self.take_errors()?;
-        let size = t.dtype.size();
-        let mut bytes = Vec::with_capacity(t.storage.len * size);
-        for buf in &staging {
-            let need = (t.storage.len * size - bytes.len()).min(buf.size() as usize);
-            bytes.extend_from_slice(&buf.get_mapped_range(..)[..need]);
-            buf.unmap();
-        }
-        HostTensor::new(&t.shape, HostData::from_bytes(t.dtype, &bytes))
     }
 }
