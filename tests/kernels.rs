@@ -431,7 +431,9 @@ fn norm_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
         ));
     }
     // The Wan VAE's norm over the channels of [n, c, t, h, w] (rows strided by t*h*w).
-    for (i, shape) in [[2, 24, 3, 5, 7], [1, 96, 2, 9, 16]].iter().enumerate() {
+    // Positions in runs of 8 take the CUDA backend's 16-byte path: a partial last block, and
+    // two batch items with a channel count that leaves the warps uneven shares.
+    for (i, shape) in [[2, 24, 3, 5, 7], [1, 96, 2, 9, 16], [2, 20, 1, 8, 40]].iter().enumerate() {
         let inputs = [
             random(shape, dt, 2.0, seed + 16 + 2 * i as u64),
             random(&[shape[1]], dt, 1.0, seed + 17 + 2 * i as u64),

@@ -1132,17 +1132,21 @@ impl CudaBackend {
             if epilogue == 2 {
                 return Err(Error::Invalid("CUDA norm: rows of stride > 1 take no modulation".into()));
             }
-            let f = self.function(Family::Norm, "norm_strided")?;
+            // Runs of 8 rows as 16-byte words (see norm.cu): rows = batch * stride, so a run
+            // never crosses a batch item.
+            let words = x.dtype().size() == 2 && xp.is_multiple_of(16) && s.stride.is_multiple_of(8) && s.groups == 1;
+            let (name, rows_per_block) = if words { ("norm_strided8", 256) } else { ("norm_strided", 32) };
+            let f = self.function(Family::Norm, name)?;
             let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(32), 1, 1),
+                grid_dim: (rows.div_ceil(rows_per_block), 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
             let mut l = self.stream.launch_builder(&f);
             l.arg(&p).arg(&rows).arg(&xp).arg(&op).arg(&gp).arg(&bp);
-            // SAFETY: arguments match norm_strided's signature; ops checked that rows * row_len
-            // elements at this stride are the tensor's.
-            unsafe { l.launch(cfg) }.map_err(|e| gpu_err("norm_strided", e))?;
+            // SAFETY: arguments match the kernel's signature (norm_strided8's is norm_strided's);
+            // ops checked that rows * row_len elements at this stride are the tensor's.
+            unsafe { l.launch(cfg) }.map_err(|e| gpu_err(name, e))?;
             return Ok(out);
         }
         if s.row_len <= NORM_ROW_MAX {
