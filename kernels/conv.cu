@@ -19,6 +19,8 @@
 // narrower one makes twice the blocks for small frames. K runs over taps, then 64-channel
 // chunks; a chunk past c_in reads the next tap's weights against zero input channels, so
 // c_in needs no padding in the weights. Bias in the epilogue, which writes NCTHW.
+// conv_tma_narrow_{bf16,f16}: the same for at most 8 output channels, the GEMM's roles
+// swapped (positions along the MMA's M, m64n8k16), so no tile rows go to absent channels.
 // Layout: weights [cout][kt*kh*kw][cin] (taps * cin a multiple of 8: TMA's 16-byte row
 // pitch), out [batch][cout][to][ho][wo], 16-bit. Limits: groups 1, stride 1, padded input
 // rows (tp * hp * wp) < 2^31 per item.
@@ -363,6 +365,38 @@ struct ConvTma {
     int bias_dtype;  // -1: no bias
 };
 
+// The producer warpgroup of conv_tma and conv_tma_narrow: its first thread walks K (taps,
+// then 64-channel chunks) and copies each stage's weight tile (output channels from m0) and
+// input tile (positions from n0, shifted by the tap) by TMA into the ring, a stage of
+// STAGE_BYTES holding W_BYTES of weights, then the input.
+template <int STAGES, u32 STAGE_BYTES, u32 W_BYTES>
+__device__ void conv_tma_produce(const TmaMap& tw, const TmaMap& tx, const ConvTma& p, u32 ring, u32 full, u32 empty, u32 m0, u32 n0, u32 item) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
+    if (threadIdx.x != 0) return;
+    const u32 tiles = p.kt * p.kh * p.kw * p.chunks;
+    for (u32 j = 0; j < tiles; ++j) {
+        const u32 st = j % STAGES, tap = j / p.chunks, c0 = (j % p.chunks) * 64;
+        const u32 dx = tap % p.kw, dy = (tap / p.kw) % p.kh, dt = tap / (p.kw * p.kh);
+        if (j >= STAGES) mbar_wait(empty + 8 * st, ((j / STAGES) & 1) ^ 1);
+        mbar_expect_bytes(full + 8 * st, STAGE_BYTES);
+        tma_load(ring + st * STAGE_BYTES, tw, tap * p.cin + c0, m0, 0, 0, full + 8 * st);
+        tma_load(ring + st * STAGE_BYTES + W_BYTES, tx, c0, n0 + dt * p.fp + dy * p.wp + dx, item, 0, full + 8 * st);
+    }
+}
+
+// The consumers' walk over K: issue(j) waits for stage j and queues its MMAs; a stage is
+// handed back to the producer once the next one's MMAs are queued (one group in flight).
+template <int STAGES, class Issue>
+__device__ __forceinline__ void conv_tma_consume(u32 tiles, u32 empty, Issue issue) {
+    issue(0);
+    for (u32 j = 1; j < tiles; ++j) {
+        issue(j);
+        wg_wait<1>();
+        mbar_arrive(empty + 8 * ((j - 1) % STAGES));
+    }
+    wg_wait<0>();
+}
+
 template <int BN, bool BF16>
 __device__ void conv_tma(const TmaMap& tw, const TmaMap& tx, const ConvTma& p, const void* __restrict__ bias, u16* __restrict__ out) {
     constexpr int BM = 128, CONSUMERS = 256;
@@ -380,17 +414,7 @@ __device__ void conv_tma(const TmaMap& tw, const TmaMap& tx, const ConvTma& p, c
     __syncthreads();
 
     if (threadIdx.x < 128) {
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
-        if (threadIdx.x == 0) {
-            for (u32 j = 0; j < tiles; ++j) {
-                const u32 st = j % STAGES, tap = j / p.chunks, c0 = (j % p.chunks) * 64;
-                const u32 dx = tap % p.kw, dy = (tap / p.kw) % p.kh, dt = tap / (p.kw * p.kh);
-                if (j >= STAGES) mbar_wait(empty + 8 * st, ((j / STAGES) & 1) ^ 1);
-                mbar_expect_bytes(full + 8 * st, STAGE_BYTES);
-                tma_load(ring + st * STAGE_BYTES, tw, tap * p.cin + c0, m0, 0, 0, full + 8 * st);
-                tma_load(ring + st * STAGE_BYTES + A_BYTES, tx, c0, n0 + dt * p.fp + dy * p.wp + dx, item, 0, full + 8 * st);
-            }
-        }
+        conv_tma_produce<STAGES, STAGE_BYTES, A_BYTES>(tw, tx, p, ring, full, empty, m0, n0, item);
         return;
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
@@ -407,13 +431,7 @@ __device__ void conv_tma(const TmaMap& tw, const TmaMap& tx, const ConvTma& p, c
         for (int kk = 0; kk < 4; ++kk) wgmma_kk<BN, BF16>(acc, wg_desc(a + kk * 32, 16, 1024), wg_desc(b + kk * 32, 16, 1024), 1);
         wg_commit();
     };
-    issue(0);
-    for (u32 j = 1; j < tiles; ++j) {
-        issue(j);
-        wg_wait<1>();
-        mbar_arrive(empty + 8 * ((j - 1) % STAGES));
-    }
-    wg_wait<0>();
+    conv_tma_consume<STAGES>(tiles, empty, issue);
     fence_regs(acc);
 
     // Accumulator layout: elements 4t + 2r + {0, 1} are output channel warp * 16 + lane / 4
@@ -447,6 +465,76 @@ CONV_TMA_INSTANCE(conv_tma_bf16_n128, 128, true)
 CONV_TMA_INSTANCE(conv_tma_f16_n128, 128, false)
 CONV_TMA_INSTANCE(conv_tma_bf16_n256, 256, true)
 CONV_TMA_INSTANCE(conv_tma_f16_n256, 256, false)
+
+// conv_tma for at most 8 output channels (the VAE's RGB output): positions are the MMA's M
+// side, the channels its N (m64n8k16), so the tile computes 8 channel rows where
+// conv_tma's computes 128. Each consumer takes 128 of the block's 256 positions, two 64-row
+// slices of the input tile; the weight tile is 8 rows.
+template <bool BF16>
+__device__ void conv_tma_narrow(const TmaMap& tw, const TmaMap& tx, const ConvTma& p, const void* __restrict__ bias, u16* __restrict__ out) {
+    constexpr int BN = 256, CONSUMERS = 256;
+    constexpr u32 W_BYTES = 8 * 128, STAGE_BYTES = W_BYTES + BN * 128;
+    constexpr int STAGES = CONV_TMA_RING / STAGE_BYTES;
+    extern __shared__ __align__(16) unsigned char smem_bytes[];
+    __shared__ __align__(8) u64 barriers[2 * STAGES];
+    const u32 ring = (smem_addr(smem_bytes) + 1023) & ~1023u;
+    const u32 full = smem_addr(barriers), empty = full + 8 * STAGES;
+    const u32 n0 = blockIdx.x * BN, item = blockIdx.z;
+    const u32 tiles = p.kt * p.kh * p.kw * p.chunks;
+    if (threadIdx.x == 0) mbar_init_ring(full, empty, STAGES, CONSUMERS);
+    __syncthreads();
+
+    if (threadIdx.x < 128) {
+        conv_tma_produce<STAGES, STAGE_BYTES, W_BYTES>(tw, tx, p, ring, full, empty, 0, n0, item);
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+
+    const int cg = (threadIdx.x >> 7) - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    float acc[2][4] = {};
+    auto issue = [&](u32 j) {
+        const u32 st = j % STAGES, w = ring + st * STAGE_BYTES, x = w + W_BYTES + cg * 128 * 128;
+        mbar_wait(full + 8 * st, (j / STAGES) & 1);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+            for (int s = 0; s < 2; ++s) wgmma_kk<8, BF16>(acc[s], wg_desc(x + s * 64 * 128 + kk * 32, 16, 1024), wg_desc(w + kk * 32, 16, 1024), 1);
+        }
+        wg_commit();
+    };
+    conv_tma_consume<STAGES>(tiles, empty, issue);
+    fence_regs(acc[0]);
+    fence_regs(acc[1]);
+
+    // Accumulator layout (m64n8): elements 2r + {0, 1} are position warp * 16 + lane / 4 + 8r
+    // of the slice, output channels 2 (lane % 4) + {0, 1}.
+    const int dtc = BF16 ? DT_BF16 : DT_F16;
+    const u32 plane = p.ho * p.wo, volume = p.to * plane;
+    out += (u64)item * p.cout * volume;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        const u32 m = 2 * (lane & 3) + e;
+        if (m >= p.cout) continue;
+        const float bv = p.bias_dtype >= 0 ? load_f32(bias, m, p.bias_dtype) : 0.0f;
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const u32 q = n0 + cg * 128 + s * 64 + warp * 16 + (lane >> 2) + 8 * r, ot = q / p.fp, oy = (q % p.fp) / p.wp, ox = q % p.wp;
+                if (ot < p.to && oy < p.ho && ox < p.wo) store_f32(out + (u64)m * volume, ot * plane + oy * p.wo + ox, dtc, acc[s][2 * r + e] + bv);
+            }
+        }
+    }
+}
+
+#define CONV_TMA_NARROW_INSTANCE(NAME, BF16)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(384, 1) NAME(const __grid_constant__ TmaMap tw, const __grid_constant__ TmaMap tx, \
+                                                              ConvTma p, const void* bias, u16* out) {                         \
+        conv_tma_narrow<BF16>(tw, tx, p, bias, out);                                                                           \
+    }
+CONV_TMA_NARROW_INSTANCE(conv_tma_narrow_bf16, true)
+CONV_TMA_NARROW_INSTANCE(conv_tma_narrow_f16, false)
 
 #endif
 

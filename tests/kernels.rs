@@ -183,6 +183,9 @@ fn conv_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
         // multiple of 8) and element by element.
         (1, 16, 6, 72, 24, 3, 1, 1, 1),
         (1, 8, 5, 70, 16, 3, 1, 1, 1),
+        // At most 8 output channels (its narrow variant): two batch items, and exactly 8.
+        (2, 16, 19, 23, 3, 3, 1, 1, 1),
+        (1, 64, 30, 40, 8, 3, 1, 1, 1),
     ]
     .iter()
     .enumerate()
@@ -229,6 +232,17 @@ fn conv_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
     ];
     if g.fits(96 * 48 * 27) {
         check!(g, format!("causal_conv3d {tag} 48 -> 96 channels"), tol, inputs, [], |b, x, p| {
+            ops::causal_conv3d(b, &x[0], &x[1], Some(&x[2]), [1, 1, 1], [1, 1, 1])
+        });
+    }
+    // The Wan VAE's output layer in small: 96 channels to 3.
+    let inputs = [
+        random(&[1, 96, 3, 24, 40], dt, 1.0, seed + 14),
+        random(&[3, 96, 3, 3, 3], dt, 0.1, seed + 15),
+        random(&[3], dt, 1.0, seed + 16),
+    ];
+    if g.fits(3 * 96 * 27) {
+        check!(g, format!("causal_conv3d {tag} 96 -> 3 channels"), tol, inputs, [], |b, x, p| {
             ops::causal_conv3d(b, &x[0], &x[1], Some(&x[2]), [1, 1, 1], [1, 1, 1])
         });
     }

@@ -637,6 +637,9 @@ unsafe impl DeviceRepr for ConvTma {}
 /// Output channels per block of the Hopper convolution (its two consumers' 64 each).
 const CONV_TMA_CHANNELS: usize = 128;
 
+/// Output channels of conv_tma_narrow, which takes convolutions of at most this many.
+const CONV_TMA_NARROW: usize = 8;
+
 /// Output positions per block of the Hopper convolution for an output of `positions`
 /// (numbered in the padded frame) per batch item: 256, which reads the input a third less
 /// often per MMA, once there are 8 such tiles; 128 for small frames.
@@ -1309,13 +1312,18 @@ impl CudaBackend {
         let rows = pad.rows();
         let o = s.output();
         let positions = o[0] * pad.hp as usize * pad.wp as usize;
-        let bn = conv_tma_positions(positions);
+        let narrow = s.c_out <= CONV_TMA_NARROW;
+        let (bn, channels) = if narrow {
+            (256, CONV_TMA_NARROW)
+        } else {
+            (conv_tma_positions(positions), CONV_TMA_CHANNELS)
+        };
         let tw = tensor_map(
             Self::ptr(w),
             dtype,
             [k, s.c_out, 1, 1],
             [k, k * s.c_out, k * s.c_out],
-            [64, CONV_TMA_CHANNELS, 1, 1],
+            [64, channels, 1, 1],
         )
         .map_err(|e| gpu_err("convolution weight tensor map", e))?;
         let tx = tensor_map(
@@ -1341,17 +1349,19 @@ impl CudaBackend {
             bias_dtype: bias.map_or(-1, |b| dtype_code(b.dtype()) as i32),
         };
         u32_of(numel(&o), "output positions")?;
-        let name = match (dtype, bn) {
-            (DType::BF16, 256) => "conv_tma_bf16_n256",
-            (DType::BF16, _) => "conv_tma_bf16_n128",
-            (_, 256) => "conv_tma_f16_n256",
-            _ => "conv_tma_f16_n128",
+        let name = match (dtype == DType::BF16, narrow, bn) {
+            (true, true, _) => "conv_tma_narrow_bf16",
+            (false, true, _) => "conv_tma_narrow_f16",
+            (true, false, 256) => "conv_tma_bf16_n256",
+            (true, false, _) => "conv_tma_bf16_n128",
+            (false, false, 256) => "conv_tma_f16_n256",
+            (false, false, _) => "conv_tma_f16_n128",
         };
         let f = self.function(Family::Conv, name)?;
         let cfg = LaunchConfig {
             grid_dim: (
                 u32_of(positions.div_ceil(bn), "positions")?,
-                u32_of(s.c_out.div_ceil(CONV_TMA_CHANNELS), "channels")?,
+                u32_of(s.c_out.div_ceil(channels), "channels")?,
                 u32_of(s.batch, "batch items")?,
             ),
             block_dim: (384, 1, 1),
