@@ -19,8 +19,10 @@
 // narrower one makes twice the blocks for small frames. K runs over taps, then 64-channel
 // chunks; a chunk past c_in reads the next tap's weights against zero input channels, so
 // c_in needs no padding in the weights. Bias in the epilogue, which writes NCTHW.
-// conv_tma_narrow_{bf16,f16}: the same for at most 8 output channels, the GEMM's roles
-// swapped (positions along the MMA's M, m64n8k16), so no tile rows go to absent channels.
+// conv_tma_{bf16,f16}_c{8,96,192}: the same with the GEMM's roles swapped, positions along
+// the MMA's M and a tile of 8, 96 or 192 output channels along its N (m64nNk16), for
+// channel counts that 128-channel tiles would pad (the Wan VAE's 3, 96 and 192): the
+// runtime picks the tile that pads the output channels least.
 // Layout: weights [cout][kt*kh*kw][cin] (taps * cin a multiple of 8: TMA's 16-byte row
 // pitch), out [batch][cout][to][ho][wo], 16-bit. Limits: groups 1, stride 1, padded input
 // rows (tp * hp * wp) < 2^31 per item.
@@ -466,75 +468,89 @@ CONV_TMA_INSTANCE(conv_tma_f16_n128, 128, false)
 CONV_TMA_INSTANCE(conv_tma_bf16_n256, 256, true)
 CONV_TMA_INSTANCE(conv_tma_f16_n256, 256, false)
 
-// conv_tma for at most 8 output channels (the VAE's RGB output): positions are the MMA's M
-// side, the channels its N (m64n8k16), so the tile computes 8 channel rows where
-// conv_tma's computes 128. Each consumer takes 128 of the block's 256 positions, two 64-row
-// slices of the input tile; the weight tile is 8 rows.
-template <bool BF16>
-__device__ void conv_tma_narrow(const TmaMap& tw, const TmaMap& tx, const ConvTma& p, const void* __restrict__ bias, u16* __restrict__ out) {
-    constexpr int BN = 256, CONSUMERS = 256;
-    constexpr u32 W_BYTES = 8 * 128, STAGE_BYTES = W_BYTES + BN * 128;
+// conv_tma with the GEMM's roles swapped: positions along the MMA's M (64-row slices of the
+// input tile, SLICES per consumer) and N output channels along its N (m64nNk16), so a
+// channel count that 128-row tiles would pad (3 of the VAE's RGB output, its 96 and 192)
+// fills the tile. The weight tile is N rows from m0 = blockIdx.y * N.
+template <int N, int SLICES, bool BF16>
+__device__ void conv_tma_by_positions(const TmaMap& tw, const TmaMap& tx, const ConvTma& p, const void* __restrict__ bias, u16* __restrict__ out) {
+    constexpr int BN = 2 * 64 * SLICES, CONSUMERS = 256;
+    constexpr u32 W_BYTES = N * 128, STAGE_BYTES = W_BYTES + BN * 128;
+    static_assert(W_BYTES % 1024 == 0, "swizzled tiles start on 1024-byte boundaries");
     constexpr int STAGES = CONV_TMA_RING / STAGE_BYTES;
     extern __shared__ __align__(16) unsigned char smem_bytes[];
     __shared__ __align__(8) u64 barriers[2 * STAGES];
     const u32 ring = (smem_addr(smem_bytes) + 1023) & ~1023u;
     const u32 full = smem_addr(barriers), empty = full + 8 * STAGES;
-    const u32 n0 = blockIdx.x * BN, item = blockIdx.z;
+    const u32 n0 = blockIdx.x * BN, m0 = blockIdx.y * N, item = blockIdx.z;
     const u32 tiles = p.kt * p.kh * p.kw * p.chunks;
     if (threadIdx.x == 0) mbar_init_ring(full, empty, STAGES, CONSUMERS);
     __syncthreads();
 
     if (threadIdx.x < 128) {
-        conv_tma_produce<STAGES, STAGE_BYTES, W_BYTES>(tw, tx, p, ring, full, empty, 0, n0, item);
+        conv_tma_produce<STAGES, STAGE_BYTES, W_BYTES>(tw, tx, p, ring, full, empty, m0, n0, item);
         return;
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
 
     const int cg = (threadIdx.x >> 7) - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-    float acc[2][4] = {};
+    float acc[SLICES][N / 2];
+#pragma unroll
+    for (int s = 0; s < SLICES; ++s) {
+#pragma unroll
+        for (int i = 0; i < N / 2; ++i) acc[s][i] = 0.0f;
+    }
     auto issue = [&](u32 j) {
-        const u32 st = j % STAGES, w = ring + st * STAGE_BYTES, x = w + W_BYTES + cg * 128 * 128;
+        const u32 st = j % STAGES, w = ring + st * STAGE_BYTES, x = w + W_BYTES + cg * SLICES * 64 * 128;
         mbar_wait(full + 8 * st, (j / STAGES) & 1);
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
-            for (int s = 0; s < 2; ++s) wgmma_kk<8, BF16>(acc[s], wg_desc(x + s * 64 * 128 + kk * 32, 16, 1024), wg_desc(w + kk * 32, 16, 1024), 1);
+            for (int s = 0; s < SLICES; ++s) wgmma_kk<N, BF16>(acc[s], wg_desc(x + s * 64 * 128 + kk * 32, 16, 1024), wg_desc(w + kk * 32, 16, 1024), 1);
         }
         wg_commit();
     };
     conv_tma_consume<STAGES>(tiles, empty, issue);
-    fence_regs(acc[0]);
-    fence_regs(acc[1]);
+#pragma unroll
+    for (int s = 0; s < SLICES; ++s) fence_regs(acc[s]);
 
-    // Accumulator layout (m64n8): elements 2r + {0, 1} are position warp * 16 + lane / 4 + 8r
-    // of the slice, output channels 2 (lane % 4) + {0, 1}.
+    // Accumulator layout (m64nN): elements 4t + 2r + {0, 1} are position warp * 16 + lane / 4
+    // + 8r of the slice, output channels 8t + 2 (lane % 4) + {0, 1} of the tile.
     const int dtc = BF16 ? DT_BF16 : DT_F16;
     const u32 plane = p.ho * p.wo, volume = p.to * plane;
     out += (u64)item * p.cout * volume;
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-        const u32 m = 2 * (lane & 3) + e;
-        if (m >= p.cout) continue;
-        const float bv = p.bias_dtype >= 0 ? load_f32(bias, m, p.bias_dtype) : 0.0f;
+    for (int s = 0; s < SLICES; ++s) {
 #pragma unroll
-        for (int s = 0; s < 2; ++s) {
+        for (int r = 0; r < 2; ++r) {
+            const u32 q = n0 + (cg * SLICES + s) * 64 + warp * 16 + (lane >> 2) + 8 * r, ot = q / p.fp, oy = (q % p.fp) / p.wp, ox = q % p.wp;
+            if (ot >= p.to || oy >= p.ho || ox >= p.wo) continue;
+            const u32 at = ot * plane + oy * p.wo + ox;
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const u32 q = n0 + cg * 128 + s * 64 + warp * 16 + (lane >> 2) + 8 * r, ot = q / p.fp, oy = (q % p.fp) / p.wp, ox = q % p.wp;
-                if (ot < p.to && oy < p.ho && ox < p.wo) store_f32(out + (u64)m * volume, ot * plane + oy * p.wo + ox, dtc, acc[s][2 * r + e] + bv);
+            for (int t = 0; t < N / 8; ++t) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const u32 m = m0 + 8 * t + 2 * (lane & 3) + e;
+                    if (m < p.cout) store_f32(out + (u64)m * volume, at, dtc, acc[s][4 * t + 2 * r + e] + (p.bias_dtype >= 0 ? load_f32(bias, m, p.bias_dtype) : 0.0f));
+                }
             }
         }
     }
 }
 
-#define CONV_TMA_NARROW_INSTANCE(NAME, BF16)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(384, 1) NAME(const __grid_constant__ TmaMap tw, const __grid_constant__ TmaMap tx, \
-                                                              ConvTma p, const void* bias, u16* out) {                         \
-        conv_tma_narrow<BF16>(tw, tx, p, bias, out);                                                                           \
+#define CONV_TMA_BY_POSITIONS(N, SLICES)                                                                                           \
+    extern "C" __global__ void __launch_bounds__(384, 1) conv_tma_bf16_c##N(const __grid_constant__ TmaMap tw, const __grid_constant__ TmaMap tx, \
+                                                                          ConvTma p, const void* bias, u16* out) {             \
+        conv_tma_by_positions<N, SLICES, true>(tw, tx, p, bias, out);                                                          \
+    }                                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(384, 1) conv_tma_f16_c##N(const __grid_constant__ TmaMap tw, const __grid_constant__ TmaMap tx, \
+                                                                         ConvTma p, const void* bias, u16* out) {              \
+        conv_tma_by_positions<N, SLICES, false>(tw, tx, p, bias, out);                                                         \
     }
-CONV_TMA_NARROW_INSTANCE(conv_tma_narrow_bf16, true)
-CONV_TMA_NARROW_INSTANCE(conv_tma_narrow_f16, false)
+CONV_TMA_BY_POSITIONS(8, 2)
+CONV_TMA_BY_POSITIONS(96, 2)
+CONV_TMA_BY_POSITIONS(192, 1)
 
 #endif
 

@@ -30,10 +30,14 @@ __device__ __forceinline__ void fence_regs(float (&d)[N]) {
 #define WG_ACC64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 #define WG_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 #define WG_ACC4 "{%0, %1, %2, %3}"
+#define WG_ACC48 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}"
+#define WG_ACC96 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95}"
 #define WG_OUT4(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
 #define WG_OUT8(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
 #define WG_OUT32(d) WG_OUT8(d, 0), WG_OUT8(d, 8), WG_OUT8(d, 16), WG_OUT8(d, 24)
 #define WG_OUT64(d) WG_OUT32(d), WG_OUT8(d, 32), WG_OUT8(d, 40), WG_OUT8(d, 48), WG_OUT8(d, 56)
+#define WG_OUT48(d) WG_OUT32(d), WG_OUT8(d, 32), WG_OUT8(d, 40)
+#define WG_OUT96(d) WG_OUT64(d), WG_OUT8(d, 64), WG_OUT8(d, 72), WG_OUT8(d, 80), WG_OUT8(d, 88)
 #define WG_OUT128(d)                                                                                                  \
     WG_OUT64(d), WG_OUT8(d, 64), WG_OUT8(d, 72), WG_OUT8(d, 80), WG_OUT8(d, 88), WG_OUT8(d, 96), WG_OUT8(d, 104), WG_OUT8(d, 112), \
         WG_OUT8(d, 120)
@@ -47,6 +51,7 @@ __device__ __forceinline__ void fence_regs(float (&d)[N]) {
                  : "l"(a), "l"(b), "r"(accumulate))
 template <int N, bool BF16>
 __device__ __forceinline__ void wgmma_kk(float (&s)[N / 2], u64 a, u64 b, int accumulate) {
+    static_assert(N == 8 || N == 64 || N == 96 || N == 128 || N == 192 || N == 256, "no wgmma_kk instruction for this N");
     if constexpr (N == 256 && BF16) {
         WG_KK("m64n256k16.f32.bf16.bf16", WG_ACC128, WG_OUT128, "%128", "%129", "%130");
     } else if constexpr (N == 256) {
@@ -55,6 +60,14 @@ __device__ __forceinline__ void wgmma_kk(float (&s)[N / 2], u64 a, u64 b, int ac
         WG_KK("m64n128k16.f32.bf16.bf16", WG_ACC64, WG_OUT64, "%64", "%65", "%66");
     } else if constexpr (N == 128) {
         WG_KK("m64n128k16.f32.f16.f16", WG_ACC64, WG_OUT64, "%64", "%65", "%66");
+    } else if constexpr (N == 192 && BF16) {
+        WG_KK("m64n192k16.f32.bf16.bf16", WG_ACC96, WG_OUT96, "%96", "%97", "%98");
+    } else if constexpr (N == 192) {
+        WG_KK("m64n192k16.f32.f16.f16", WG_ACC96, WG_OUT96, "%96", "%97", "%98");
+    } else if constexpr (N == 96 && BF16) {
+        WG_KK("m64n96k16.f32.bf16.bf16", WG_ACC48, WG_OUT48, "%48", "%49", "%50");
+    } else if constexpr (N == 96) {
+        WG_KK("m64n96k16.f32.f16.f16", WG_ACC48, WG_OUT48, "%48", "%49", "%50");
     } else if constexpr (N == 8 && BF16) {
         WG_KK("m64n8k16.f32.bf16.bf16", WG_ACC4, WG_OUT4, "%4", "%5", "%6");
     } else if constexpr (N == 8) {

@@ -183,7 +183,11 @@ fn conv_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
         // multiple of 8) and element by element.
         (1, 16, 6, 72, 24, 3, 1, 1, 1),
         (1, 8, 5, 70, 16, 3, 1, 1, 1),
-        // At most 8 output channels (its narrow variant): two batch items, and exactly 8.
+        // Its 128-channel tiles, by 256 positions and (two channel tiles) by 128; the cases
+        // above with other channel counts take its by-positions tiles of 96 or 192.
+        (1, 32, 40, 50, 128, 3, 1, 1, 1),
+        (1, 16, 9, 9, 256, 3, 1, 1, 1),
+        // Its 8-channel tile: two batch items, and exactly 8.
         (2, 16, 19, 23, 3, 3, 1, 1, 1),
         (1, 64, 30, 40, 8, 3, 1, 1, 1),
     ]

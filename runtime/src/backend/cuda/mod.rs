@@ -637,8 +637,16 @@ unsafe impl DeviceRepr for ConvTma {}
 /// Output channels per block of the Hopper convolution (its two consumers' 64 each).
 const CONV_TMA_CHANNELS: usize = 128;
 
-/// Output channels of conv_tma_narrow, which takes convolutions of at most this many.
-const CONV_TMA_NARROW: usize = 8;
+/// The Hopper convolution's output-channel tile for `channels`: conv_tma's 128, or one of
+/// conv_tma_*_c{192,96,8}, which put positions along the MMA's M (8 only for at most 8
+/// channels): whichever pads the channels least, ties to the earlier.
+fn conv_tma_tile(channels: usize) -> usize {
+    [CONV_TMA_CHANNELS, 192, 96, 8]
+        .into_iter()
+        .filter(|&t| t != 8 || channels <= 8)
+        .min_by_key(|t| channels.div_ceil(*t) * t)
+        .unwrap_or(CONV_TMA_CHANNELS)
+}
 
 /// Output positions per block of the Hopper convolution for an output of `positions`
 /// (numbered in the padded frame) per batch item: 256, which reads the input a third less
@@ -1312,11 +1320,13 @@ impl CudaBackend {
         let rows = pad.rows();
         let o = s.output();
         let positions = o[0] * pad.hp as usize * pad.wp as usize;
-        let narrow = s.c_out <= CONV_TMA_NARROW;
-        let (bn, channels) = if narrow {
-            (256, CONV_TMA_NARROW)
-        } else {
-            (conv_tma_positions(positions), CONV_TMA_CHANNELS)
+        let channels = conv_tma_tile(s.c_out);
+        // Positions per block: conv_tma's choice, or the by-positions kernels' two
+        // consumers x slices x 64 (two slices, one at 192 channels for its registers).
+        let bn = match channels {
+            CONV_TMA_CHANNELS => conv_tma_positions(positions),
+            192 => 128,
+            _ => 256,
         };
         let tw = tensor_map(
             Self::ptr(w),
@@ -1349,13 +1359,17 @@ impl CudaBackend {
             bias_dtype: bias.map_or(-1, |b| dtype_code(b.dtype()) as i32),
         };
         u32_of(numel(&o), "output positions")?;
-        let name = match (dtype == DType::BF16, narrow, bn) {
-            (true, true, _) => "conv_tma_narrow_bf16",
-            (false, true, _) => "conv_tma_narrow_f16",
-            (true, false, 256) => "conv_tma_bf16_n256",
-            (true, false, _) => "conv_tma_bf16_n128",
-            (false, false, 256) => "conv_tma_f16_n256",
-            (false, false, _) => "conv_tma_f16_n128",
+        let name = match (dtype == DType::BF16, channels, bn) {
+            (true, 8, _) => "conv_tma_bf16_c8",
+            (true, 96, _) => "conv_tma_bf16_c96",
+            (true, 192, _) => "conv_tma_bf16_c192",
+            (true, _, 256) => "conv_tma_bf16_n256",
+            (true, _, _) => "conv_tma_bf16_n128",
+            (false, 8, _) => "conv_tma_f16_c8",
+            (false, 96, _) => "conv_tma_f16_c96",
+            (false, 192, _) => "conv_tma_f16_c192",
+            (false, _, 256) => "conv_tma_f16_n256",
+            (false, _, _) => "conv_tma_f16_n128",
         };
         let f = self.function(Family::Conv, name)?;
         let cfg = LaunchConfig {
@@ -1993,6 +2007,26 @@ impl Backend for CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The Wan VAE's 3, 96 and 192 output channels take the by-positions tiles that fit them;
+    /// multiples of 128 stay with conv_tma's; a few channels more than 8 do not take 8.
+    #[test]
+    fn hopper_convolution_tiles_pad_output_channels_least() {
+        for (channels, tile) in [
+            (3, 8),
+            (8, 8),
+            (9, 96),
+            (40, 96),
+            (96, 96),
+            (128, 128),
+            (160, 192),
+            (192, 192),
+            (384, 128),
+            (320, 128),
+        ] {
+            assert_eq!(conv_tma_tile(channels), tile, "{channels} channels");
+        }
+    }
 
     #[test]
     fn convolution_kernels_parse_from_their_names() {
