@@ -1,10 +1,10 @@
 // conv.cu: the runtime's `conv` primitive (spec.rs, `ConvSpec`); the runtime picks the
 // kernel.
 //
-// conv_tma_{bf16,f16}_n{128,256} (Hopper, compiled only for sm_90a), after conv_pad_input: a
-// stride-1 convolution as one GEMM whose K runs over taps and input channels, reading a
-// channels-last copy of the input with its padding written out as zeros,
-// xp[item][tp][yp][xp][c] (c < cin_pad, a multiple of 64). Output
+// conv_tma_{bf16,f16}_n{128,256} (Hopper; it and conv_pad_input are compiled only for
+// sm_90a), after conv_pad_input: a stride-1 convolution as one GEMM whose K runs over taps
+// and input channels, reading a channels-last copy of the input with its padding written
+// out as zeros, xp[item][tp][yp][xp][c] (c < cin_pad, a multiple of 64). Output
 // positions are numbered in the padded frame, q = ((ot * hp) + oy) * wp + ox; the input row
 // a tap (dt, dy, dx) reads for position q is q + (dt * hp + dy) * wp + dx, so the B tile of
 // a tap is one run of consecutive rows: a single 2D box, and no position test in the loop.
@@ -314,6 +314,8 @@ struct ConvPad {
     u32 cin, cin_pad, ti, hi, wi, pt, ph, pw, tp, hp, wp;
 };
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
 // The input (NCTHW, in parts) as conv_tma reads it: channels-last, every element of the
 // padded copy written (zeros in the border and in channels past cin). A block takes 64
 // channels x 64 input positions of one padded row, transposed through shared memory: it
@@ -357,8 +359,6 @@ extern "C" __global__ void __launch_bounds__(256) conv_pad_input(ConvPad p, Conv
         *(uint4*)(out + (u64)x * p.cin_pad + (i % 8) * 8) = make_uint4(0, 0, 0, 0);
     }
 }
-
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
 struct ConvTma {
     u32 cin, chunks, cout, kt, kh, kw;
