@@ -367,7 +367,7 @@ struct ConvTma {
     int bias_dtype;  // -1: no bias
 };
 
-// The producer warpgroup of conv_tma and conv_tma_narrow: its first thread walks K (taps,
+// The producer warpgroup of conv_tma and conv_tma_by_positions: its first thread walks K (taps,
 // then 64-channel chunks) and copies each stage's weight tile (output channels from m0) and
 // input tile (positions from n0, shifted by the tap) by TMA into the ring, a stage of
 // STAGE_BYTES holding W_BYTES of weights, then the input.
@@ -386,54 +386,69 @@ __device__ void conv_tma_produce(const TmaMap& tw, const TmaMap& tx, const ConvT
     }
 }
 
-// The consumers' walk over K: issue(j) waits for stage j and queues its MMAs; a stage is
-// handed back to the producer once the next one's MMAs are queued (one group in flight).
-template <int STAGES, class Issue>
-__device__ __forceinline__ void conv_tma_consume(u32 tiles, u32 empty, Issue issue) {
-    issue(0);
-    for (u32 j = 1; j < tiles; ++j) {
-        issue(j);
-        wg_wait<1>();
-        mbar_arrive(empty + 8 * ((j - 1) % STAGES));
+// The block conv_tma and conv_tma_by_positions share: a ring of STAGES stages of
+// STAGE_BYTES (W_BYTES of weights, then the input) in dynamic shared memory with its full
+// and empty barriers, and warpgroup 0 producing into it. Returns false in the producer's
+// threads, which are then done, and true in the two consumer warpgroups' (their registers
+// raised), with the ring's and the barriers' shared addresses.
+template <int STAGES, u32 STAGE_BYTES, u32 W_BYTES>
+__device__ __forceinline__ bool conv_tma_block(const TmaMap& tw, const TmaMap& tx, const ConvTma& p, u32 m0, u32 n0, u32& ring, u32& full,
+                                               u32& empty) {
+    extern __shared__ __align__(16) unsigned char smem_bytes[];
+    // full[s]: stage s's tiles landed; empty[s]: both consumers' MMAs on it retired.
+    __shared__ __align__(8) u64 barriers[2 * STAGES];
+    // Swizzled tiles start on 1024-byte boundaries (the launch reserves 1 KiB for this).
+    ring = (smem_addr(smem_bytes) + 1023) & ~1023u;
+    full = smem_addr(barriers);
+    empty = full + 8 * STAGES;
+    if (threadIdx.x == 0) mbar_init_ring(full, empty, STAGES, 256);
+    __syncthreads();
+    if (threadIdx.x < 128) {
+        conv_tma_produce<STAGES, STAGE_BYTES, W_BYTES>(tw, tx, p, ring, full, empty, m0, n0, blockIdx.z);
+        return false;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+    return true;
+}
+
+// A consumer's walk over K: for each stage, once it has landed, mma(stage address) queues
+// its MMAs; a stage is handed back to the producer once the next one's MMAs are queued
+// (one group in flight).
+template <int STAGES, u32 STAGE_BYTES, class Mma>
+__device__ __forceinline__ void conv_tma_walk(const ConvTma& p, u32 ring, u32 full, u32 empty, Mma mma) {
+    const u32 tiles = p.kt * p.kh * p.kw * p.chunks;
+    for (u32 j = 0; j < tiles; ++j) {
+        const u32 st = j % STAGES;
+        mbar_wait(full + 8 * st, (j / STAGES) & 1);
+        wg_fence();
+        mma(ring + st * STAGE_BYTES);
+        wg_commit();
+        if (j > 0) {
+            wg_wait<1>();
+            mbar_arrive(empty + 8 * ((j - 1) % STAGES));
+        }
     }
     wg_wait<0>();
 }
 
 template <int BN, bool BF16>
 __device__ void conv_tma(const TmaMap& tw, const TmaMap& tx, const ConvTma& p, const void* __restrict__ bias, u16* __restrict__ out) {
-    constexpr int BM = 128, CONSUMERS = 256;
+    constexpr int BM = 128;
     constexpr u32 A_BYTES = BM * 128, STAGE_BYTES = A_BYTES + BN * 128;
     constexpr int STAGES = CONV_TMA_RING / STAGE_BYTES;
-    extern __shared__ __align__(16) unsigned char smem_bytes[];
-    // full[s]: stage s's tiles landed; empty[s]: both consumers' MMAs on it retired.
-    __shared__ __align__(8) u64 barriers[2 * STAGES];
-    // Swizzled tiles start on 1024-byte boundaries (the launch reserves 1 KiB for this).
-    const u32 ring = (smem_addr(smem_bytes) + 1023) & ~1023u;
-    const u32 full = smem_addr(barriers), empty = full + 8 * STAGES;
     const u32 n0 = blockIdx.x * BN, m0 = blockIdx.y * BM, item = blockIdx.z;
-    const u32 tiles = p.kt * p.kh * p.kw * p.chunks;
-    if (threadIdx.x == 0) mbar_init_ring(full, empty, STAGES, CONSUMERS);
-    __syncthreads();
-
-    if (threadIdx.x < 128) {
-        conv_tma_produce<STAGES, STAGE_BYTES, A_BYTES>(tw, tx, p, ring, full, empty, m0, n0, item);
-        return;
-    }
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+    u32 ring, full, empty;
+    if (!conv_tma_block<STAGES, STAGE_BYTES, A_BYTES>(tw, tx, p, m0, n0, ring, full, empty)) return;
 
     const int cg = (threadIdx.x >> 7) - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     float acc[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
-    auto issue = [&](u32 j) {
-        const u32 st = j % STAGES, a = ring + st * STAGE_BYTES + cg * 64 * 128, b = ring + st * STAGE_BYTES + A_BYTES;
-        mbar_wait(full + 8 * st, (j / STAGES) & 1);
-        wg_fence();
+    conv_tma_walk<STAGES, STAGE_BYTES>(p, ring, full, empty, [&](u32 stage) {
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) wgmma_kk<BN, BF16>(acc, wg_desc(a + kk * 32, 16, 1024), wg_desc(b + kk * 32, 16, 1024), 1);
-        wg_commit();
-    };
-    conv_tma_consume<STAGES>(tiles, empty, issue);
+        for (int kk = 0; kk < 4; ++kk)
+            wgmma_kk<BN, BF16>(acc, wg_desc(stage + cg * 64 * 128 + kk * 32, 16, 1024), wg_desc(stage + A_BYTES + kk * 32, 16, 1024), 1);
+    });
     fence_regs(acc);
 
     // Accumulator layout: elements 4t + 2r + {0, 1} are output channel warp * 16 + lane / 4
@@ -474,24 +489,13 @@ CONV_TMA_INSTANCE(conv_tma_f16_n256, 256, false)
 // fills the tile. The weight tile is N rows from m0 = blockIdx.y * N.
 template <int N, int SLICES, bool BF16>
 __device__ void conv_tma_by_positions(const TmaMap& tw, const TmaMap& tx, const ConvTma& p, const void* __restrict__ bias, u16* __restrict__ out) {
-    constexpr int BN = 2 * 64 * SLICES, CONSUMERS = 256;
+    constexpr int BN = 2 * 64 * SLICES;
     constexpr u32 W_BYTES = N * 128, STAGE_BYTES = W_BYTES + BN * 128;
     static_assert(W_BYTES % 1024 == 0, "swizzled tiles start on 1024-byte boundaries");
     constexpr int STAGES = CONV_TMA_RING / STAGE_BYTES;
-    extern __shared__ __align__(16) unsigned char smem_bytes[];
-    __shared__ __align__(8) u64 barriers[2 * STAGES];
-    const u32 ring = (smem_addr(smem_bytes) + 1023) & ~1023u;
-    const u32 full = smem_addr(barriers), empty = full + 8 * STAGES;
     const u32 n0 = blockIdx.x * BN, m0 = blockIdx.y * N, item = blockIdx.z;
-    const u32 tiles = p.kt * p.kh * p.kw * p.chunks;
-    if (threadIdx.x == 0) mbar_init_ring(full, empty, STAGES, CONSUMERS);
-    __syncthreads();
-
-    if (threadIdx.x < 128) {
-        conv_tma_produce<STAGES, STAGE_BYTES, W_BYTES>(tw, tx, p, ring, full, empty, m0, n0, item);
-        return;
-    }
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+    u32 ring, full, empty;
+    if (!conv_tma_block<STAGES, STAGE_BYTES, W_BYTES>(tw, tx, p, m0, n0, ring, full, empty)) return;
 
     const int cg = (threadIdx.x >> 7) - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     float acc[SLICES][N / 2];
@@ -500,18 +504,14 @@ __device__ void conv_tma_by_positions(const TmaMap& tw, const TmaMap& tx, const 
 #pragma unroll
         for (int i = 0; i < N / 2; ++i) acc[s][i] = 0.0f;
     }
-    auto issue = [&](u32 j) {
-        const u32 st = j % STAGES, w = ring + st * STAGE_BYTES, x = w + W_BYTES + cg * SLICES * 64 * 128;
-        mbar_wait(full + 8 * st, (j / STAGES) & 1);
-        wg_fence();
+    conv_tma_walk<STAGES, STAGE_BYTES>(p, ring, full, empty, [&](u32 w) {
+        const u32 x = w + W_BYTES + cg * SLICES * 64 * 128;
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
             for (int s = 0; s < SLICES; ++s) wgmma_kk<N, BF16>(acc[s], wg_desc(x + s * 64 * 128 + kk * 32, 16, 1024), wg_desc(w + kk * 32, 16, 1024), 1);
         }
-        wg_commit();
-    };
-    conv_tma_consume<STAGES>(tiles, empty, issue);
+    });
 #pragma unroll
     for (int s = 0; s < SLICES; ++s) fence_regs(acc[s]);
 
