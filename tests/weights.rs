@@ -105,6 +105,62 @@ fn tensors_load_converted_and_checked() {
     assert!(err.contains("stored as I64"), "{err}");
 }
 
+/// Int8 tensors with float scales beside them (one per row, or one for the tensor) load under
+/// their own name as `q * scale`, rounded once to the scale's dtype; a missing or misfit
+/// scale is an error naming the tensor.
+#[test]
+fn int8_tensors_load_dequantized() {
+    let q: Vec<i8> = (0..12).map(|i: i32| ((i * 97 + 31) % 255 - 127) as i8).collect();
+    let row_scales = [0.013f32, -0.5, 2.0e-4];
+    let row_scales = HostData::from_f32(DType::F16, row_scales.to_vec());
+    let mut data: Vec<u8> = q.iter().map(|&v| v as u8).collect();
+    data.extend_from_slice(row_scales.as_bytes());
+    data.extend_from_slice(&[0x81, 0x7f]);
+    data.extend_from_slice(&0.25f32.to_le_bytes());
+    data.extend_from_slice(&[1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>());
+    let path = write_raw(
+        "int8.safetensors",
+        r#"{"w":{"dtype":"I8","shape":[3,4],"data_offsets":[0,12]},
+            "w_scale":{"dtype":"F16","shape":[3,1],"data_offsets":[12,18]},
+            "v":{"dtype":"I8","shape":[2],"data_offsets":[18,20]},
+            "v_scale":{"dtype":"F32","shape":[],"data_offsets":[20,24]},
+            "b":{"dtype":"F32","shape":[2],"data_offsets":[24,32]}}"#,
+        &data,
+    );
+    let w = Weights::open(&path).unwrap();
+    let scales = row_scales.to_f32();
+    let want: Vec<f32> = q.iter().enumerate().map(|(i, &v)| v as f32 * scales[i / 4]).collect();
+    assert_eq!(w.load("w", &[3, 4], DType::F16).unwrap().data, HostData::from_f32(DType::F16, want));
+    assert_eq!(w.raw("w").unwrap().0, DType::F16);
+    assert_eq!(w.load("v", &[2], DType::F32).unwrap().to_f32(), [-127.0 * 0.25, 127.0 * 0.25]);
+    assert_eq!(w.load("b", &[2], DType::F32).unwrap().to_f32(), [1.5, -2.0]);
+    let mut names: Vec<&str> = w.names().collect();
+    names.sort_unstable();
+    assert_eq!(names, ["b", "v", "w"]);
+
+    let cases = [
+        (r#"{"w":{"dtype":"I8","shape":[3,4],"data_offsets":[0,12]}}"#, "no `w_scale`"),
+        (
+            r#"{"w":{"dtype":"I8","shape":[3,4],"data_offsets":[0,12]},
+                "w_scale":{"dtype":"F16","shape":[2],"data_offsets":[12,16]}}"#,
+            "holds 2 values",
+        ),
+        (
+            r#"{"w":{"dtype":"I8","shape":[3,4],"data_offsets":[0,12]},
+                "w_scale":{"dtype":"I8","shape":[3],"data_offsets":[12,15]}}"#,
+            "not f32/f16/bf16",
+        ),
+    ];
+    for (k, (header, want)) in cases.iter().enumerate() {
+        let path = write_raw(&format!("int8-bad-{k}.safetensors"), header, &data);
+        let err = open_err(&path);
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("`w`") && err.contains(want),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn sharded_checkpoints_load_through_their_index() {
     let a = good_file("shard-a.safetensors");

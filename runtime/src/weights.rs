@@ -119,11 +119,78 @@ impl SafetensorsFile {
             }
             entries.insert(tensor, Entry { dtype, shape, start, end });
         }
-        Ok(Self {
+        Self {
             name,
             bytes,
             data_start,
             entries,
+        }
+        .dequantize_int8()
+    }
+
+    /// Tensors stored as int8 with float scales beside them (`x` as I8 and `x_scale` holding
+    /// one value per row of `x`, or one for all of it: the channel-wise layout of
+    /// compressed-tensors checkpoints) become `x` in the scale's dtype, each element
+    /// `q * scale` computed in f32 and rounded once. Every reader (loads, hashes, uploads to
+    /// a worker) then sees an ordinary float checkpoint. Such a file is held in memory, not
+    /// mapped: the dequantized tensors need bytes of their own.
+    fn dequantize_int8(mut self) -> Result<Self> {
+        let mut quantized: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.dtype == "I8")
+            .map(|(n, _)| n.clone())
+            .collect();
+        if quantized.is_empty() {
+            return Ok(self);
+        }
+        quantized.sort_unstable();
+        let data = &self.bytes[self.data_start..];
+        let mut owned = data.to_vec();
+        for name in quantized {
+            let err = |detail: String| checkpoint_err(&self.name, format!("tensor `{name}`: {detail}"));
+            let scale_name = format!("{name}_scale");
+            let Some(scale) = self.entries.remove(&scale_name) else {
+                return Err(err(format!("is int8, but the file has no `{scale_name}` to scale it by")));
+            };
+            let scale_dtype =
+                dtype_of(&scale.dtype).ok_or_else(|| err(format!("its scale `{scale_name}` is {}, not f32/f16/bf16", scale.dtype)))?;
+            let scales = HostData::from_bytes(scale_dtype, &data[scale.start..scale.end])
+                .to_f32()
+                .into_owned();
+            let q = &self.entries[&name];
+            let rows = q.shape.first().copied().unwrap_or(1);
+            let per_scale = match scales.len() {
+                1 => q.end - q.start,
+                n if n == rows => (q.end - q.start) / rows.max(1),
+                n => {
+                    return Err(err(format!(
+                        "its scale `{scale_name}` holds {n} values; it needs one per row ({rows}) or one"
+                    )))
+                }
+            };
+            let values = data[q.start..q.end]
+                .iter()
+                .enumerate()
+                .map(|(i, &b)| b as i8 as f32 * scales[i / per_scale])
+                .collect();
+            let start = owned.len();
+            owned.extend_from_slice(HostData::from_f32(scale_dtype, values).as_bytes());
+            let shape = q.shape.clone();
+            self.entries.insert(
+                name,
+                Entry {
+                    dtype: scale.dtype,
+                    shape,
+                    start,
+                    end: owned.len(),
+                },
+            );
+        }
+        Ok(Self {
+            bytes: Bytes::Owned(owned),
+            data_start: 0,
+            ..self
         })
     }
 
