@@ -6,6 +6,8 @@ best of --runs. tiny-sd: DPM++ 2M, guidance 7.5, one 64x64 PNG; tiny-wan: UniPC,
 
 Usage: python tests/reference/bench_default_model.py [--model tiny-sd|tiny-wan] [--sdlite target/release/sdlite] [--runs 3]
 Needs torch, diffusers, transformers (requirements.txt) and a release build of sdlite.
+diffusers loads a dequantized copy of the folder (train/int8.py), made before the timing;
+sdlite's time includes its own dequantization of the int8 files.
 """
 
 import argparse
@@ -16,6 +18,9 @@ import tempfile
 import time
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+sys.path.insert(0, os.path.join(REPO, "train"))
+from int8 import dequantized_copy  # noqa: E402
+
 SETUP = "import os, torch\ntorch.set_num_threads(os.cpu_count())\n"
 MODELS = {
     "tiny-sd": dict(
@@ -62,7 +67,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     m = MODELS[args.model]
-    script = SETUP + f"MODEL = {os.path.join(REPO, 'models', m['folder'])!r}\nPROMPT = {m['prompt']!r}\n" + m["diffusers"]
+    script = SETUP + f"MODEL = {dequantized_copy(os.path.join(REPO, 'models', m['folder']))!r}\nPROMPT = {m['prompt']!r}\n" + m["diffusers"]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, m["out"])
         gen = [args.sdlite, "gen", "--model", args.model, "--prompt", m["prompt"], "--seed", "1", "--backend", "cpu", "--out", out]
