@@ -472,13 +472,14 @@ impl Channel for WebTransportLink {
     }
 }
 
-/// SD with the page's denoiser over `link`; `on_step` runs after each denoising step.
-fn sd_over_channel(link: WebTransportLink, on_step: &mut dyn FnMut(usize)) -> (HostTensor, ChannelStats, Vec<String>) {
-    let sd = sd(DenoiserLoad::Now);
+/// SD with the page's denoiser over `link`, its UNet deferred as the page loads it; `on_step`
+/// runs after each denoising step. Also says whether the UNet was loaded in the end.
+fn sd_over_channel(link: WebTransportLink, on_step: &mut dyn FnMut(usize)) -> (HostTensor, ChannelStats, Vec<String>, bool) {
+    let sd = sd(DenoiserLoad::OnFirstUse);
     let package = DenoiserPackage::from_pipeline(&data().join("sd-tiny")).unwrap();
     let lines = std::sync::Mutex::new(vec![]);
     let log = |l: String| lines.lock().unwrap().push(l);
-    let mut d = ChannelDenoiser::new(Some((link, &package)), sd.unet.get(&CpuBackend).unwrap(), DType::F32, &log);
+    let mut d = ChannelDenoiser::new(Some((link, &package)), &sd.unet, DType::F32, &log);
     let image = runtime().block_on(async {
         let out = sd
             .generate_with(&CpuBackend, &sd_request(), &mut d, &mut |phase, done, _| {
@@ -493,7 +494,7 @@ fn sd_over_channel(link: WebTransportLink, on_step: &mut dyn FnMut(usize)) -> (H
     });
     let stats = d.stats.clone();
     drop(d);
-    (image, stats, lines.into_inner().unwrap())
+    (image, stats, lines.into_inner().unwrap(), sd.unet.is_loaded())
 }
 
 #[test]
@@ -513,26 +514,29 @@ fn browser_sessions_over_webtransport_upload_step_and_fall_back() {
     let link = runtime()
         .block_on(WebTransportLink::connect(&w, WEBTRANSPORT_PATH, "wrong"))
         .unwrap();
-    let (image, stats, log) = sd_over_channel(link, &mut |_| {});
+    let (image, stats, log, loaded) = sd_over_channel(link, &mut |_| {});
     assert_eq!(image, local);
     assert_eq!((stats.remote_steps, stats.local_steps), (0, 4), "{log:?}");
+    assert!(loaded, "the steps ran here without the UNet?");
     assert!(stats.failure.unwrap_or_default().contains("Unauthorized"), "{log:?}");
 
     // The worker lacks the model: it is uploaded, then every step runs there.
     let link = runtime().block_on(WebTransportLink::connect(&w, WEBTRANSPORT_PATH, TOKEN)).unwrap();
-    let (image, stats, log) = sd_over_channel(link, &mut |_| {});
+    let (image, stats, log, loaded) = sd_over_channel(link, &mut |_| {});
     assert_eq!(image, local, "the worker's image differs from the local one");
     assert_eq!((stats.remote_steps, stats.local_steps), (4, 0), "{log:?}");
+    assert!(!loaded, "every step ran on the worker, yet the page loaded its UNet");
     assert!(log.iter().any(|l| l.contains("uploading")), "{log:?}");
 
     // The worker dies after step 2: the rest runs here, to the same image.
     let link = runtime().block_on(WebTransportLink::connect(&w, WEBTRANSPORT_PATH, TOKEN)).unwrap();
-    let (image, stats, log) = sd_over_channel(link, &mut |step| {
+    let (image, stats, log, loaded) = sd_over_channel(link, &mut |step| {
         if step == 2 {
             w.running.close();
         }
     });
     assert_eq!(image, local);
     assert_eq!((stats.remote_steps, stats.local_steps), (2, 2), "{log:?}");
+    assert!(loaded);
     assert!(log.iter().any(|l| l.contains("failed at step 3")), "{log:?}");
 }

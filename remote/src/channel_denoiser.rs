@@ -4,7 +4,7 @@
 //! up to the backends' rounding. It needs no threads or timers, which is what the browser has;
 //! the native pool with retries over several workers and CFG-parallel is `offload`.
 
-use sdlite_runtime::models::denoiser::{Denoiser, DenoiserModel, LocalDenoiser};
+use sdlite_runtime::models::denoiser::{Denoiser, DenoiserModel, LocalDenoiser, OnDemand};
 use sdlite_runtime::{Backend, DType, HostTensor, Tensor};
 
 use crate::channel::Channel;
@@ -21,7 +21,7 @@ pub struct ChannelStats {
     pub failure: Option<String>,
 }
 
-pub struct ChannelDenoiser<'a, C, B: Backend, M: ?Sized> {
+pub struct ChannelDenoiser<'a, C, B: Backend, M> {
     /// The worker and the weights it must run; `None` when there is none or once it failed.
     remote: Option<(C, &'a DenoiserPackage)>,
     local: LocalDenoiser<'a, B, M>,
@@ -34,10 +34,10 @@ pub struct ChannelDenoiser<'a, C, B: Backend, M: ?Sized> {
     pub stats: ChannelStats,
 }
 
-impl<'a, C: Channel, B: Backend, M: DenoiserModel<B> + ?Sized> ChannelDenoiser<'a, C, B, M> {
+impl<'a, C: Channel, B: Backend, M: DenoiserModel<B>> ChannelDenoiser<'a, C, B, M> {
     /// `remote`: the worker and `local`'s weights under their hash (`None`: every step here);
     /// `log` receives one line per event (connection, upload, failure).
-    pub fn new(remote: Option<(C, &'a DenoiserPackage)>, local: &'a M, dtype: DType, log: &'a dyn Fn(String)) -> Self {
+    pub fn new(remote: Option<(C, &'a DenoiserPackage)>, local: &'a OnDemand<B, M>, dtype: DType, log: &'a dyn Fn(String)) -> Self {
         Self {
             remote,
             local: LocalDenoiser::new(local, dtype),
@@ -95,7 +95,7 @@ impl<'a, C: Channel, B: Backend, M: DenoiserModel<B> + ?Sized> ChannelDenoiser<'
     }
 }
 
-impl<C: Channel, B: Backend, M: DenoiserModel<B> + ?Sized> Denoiser<B> for ChannelDenoiser<'_, C, B, M> {
+impl<C: Channel, B: Backend, M: DenoiserModel<B>> Denoiser<B> for ChannelDenoiser<'_, C, B, M> {
     async fn begin(&mut self, b: &B, context: &Tensor<B>, cfg_scale: f32) -> sdlite_runtime::Result<()> {
         self.finish().await;
         self.local.begin(b, context, cfg_scale).await?;

@@ -3,6 +3,7 @@
 //! `Source` so the same loading code serves both.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::error::{config_err, Error, Result};
 use crate::weights::{Weights, FOLDER_FILES};
@@ -65,7 +66,8 @@ impl Source for DirSource {
 /// Files held in memory, keyed by their path inside the model folder (`unet/config.json`).
 #[derive(Default)]
 pub struct MemorySource {
-    pub files: HashMap<String, Vec<u8>>,
+    /// Shared with the weights opened from them, so a file is held once.
+    pub files: HashMap<String, Arc<[u8]>>,
 }
 
 impl Source for MemorySource {
@@ -84,7 +86,7 @@ impl Source for MemorySource {
     fn bytes(&self, path: &str) -> Result<Vec<u8>> {
         self.files
             .get(path)
-            .cloned()
+            .map(|b| b.to_vec())
             .ok_or_else(|| Error::Invalid(format!("model file {path} is missing")))
     }
 

@@ -6,6 +6,7 @@
 //! Every failure names the file and, where there is one, the tensor.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::error::{checkpoint_err, Error, Result};
@@ -18,6 +19,9 @@ enum Bytes {
     #[cfg(not(target_arch = "wasm32"))]
     Mapped(memmap2::Mmap),
     Owned(Vec<u8>),
+    /// A file held in memory by its source too (the browser's picked files): the weights and
+    /// the source share one copy.
+    Shared(Arc<[u8]>),
 }
 
 impl std::ops::Deref for Bytes {
@@ -27,6 +31,7 @@ impl std::ops::Deref for Bytes {
             #[cfg(not(target_arch = "wasm32"))]
             Bytes::Mapped(m) => m,
             Bytes::Owned(v) => v,
+            Bytes::Shared(v) => v,
         }
     }
 }
@@ -290,9 +295,10 @@ impl Weights {
         noise.iter().map(|z| z * std).collect()
     }
 
-    /// One safetensors file held in memory (the browser path: a file the user picked).
-    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self> {
-        let file = SafetensorsFile::parse(name.to_string(), Bytes::Owned(bytes))?;
+    /// One safetensors file held in memory (the browser path: a file the user picked), shared
+    /// with whoever else holds it.
+    pub fn from_bytes(name: &str, bytes: Arc<[u8]>) -> Result<Self> {
+        let file = SafetensorsFile::parse(name.to_string(), Bytes::Shared(bytes))?;
         Self::from_files(name.to_string(), vec![file])
     }
 

@@ -20,7 +20,7 @@ use sdlite_remote::channel_denoiser::{ChannelDenoiser, ChannelStats};
 use sdlite_remote::frame::{read_frame, write_frame, Frame, TensorRef, DEFAULT_MAX_FRAME_BYTES};
 use sdlite_remote::model_id::DenoiserPackage;
 use sdlite_remote::protocol::{Envelope, Response};
-use sdlite_runtime::models::denoiser::Denoiser;
+use sdlite_runtime::models::denoiser::{Denoiser, DenoiserLoad};
 use sdlite_runtime::models::flow_schedulers::FlowSampler;
 use sdlite_runtime::models::schedulers::Sampler;
 use sdlite_runtime::models::sd::{SdRequest, StableDiffusion};
@@ -44,7 +44,7 @@ pub fn folder_files(files: Vec<(String, Vec<u8>)>) -> Result<MemorySource> {
     let mut source = MemorySource::default();
     for (path, bytes) in files {
         if let Some(inner) = path.strip_prefix(&root) {
-            source.files.insert(inner.to_string(), bytes);
+            source.files.insert(inner.to_string(), bytes.into());
         }
     }
     Ok(source)
@@ -548,10 +548,13 @@ impl Studio {
         let mut source = folder_files(files).map_err(js_err)?;
         let index: serde_json::Value = source.config("model_index.json").map_err(js_err)?;
         let b = &self.inner.backend;
+        // The denoiser, the pipeline's largest part, is read on its first local step: a page
+        // that sends every step to a worker never holds it on its GPU.
+        let later = DenoiserLoad::OnFirstUse;
         let model = if index["_class_name"].as_str().is_some_and(|c| c.starts_with("Wan")) {
-            Model::Wan(Rc::new(Wan::load(b, &source, DType::F32).map_err(js_err)?))
+            Model::Wan(Rc::new(Wan::load_with(b, &source, DType::F32, later).map_err(js_err)?))
         } else {
-            Model::Sd(Rc::new(StableDiffusion::load(b, &source, DType::F32).map_err(js_err)?))
+            Model::Sd(Rc::new(StableDiffusion::load_with(b, &source, DType::F32, later).map_err(js_err)?))
         };
         let info = model.info();
         let component = if info.kind == "wan" { "transformer/" } else { "unet/" };
@@ -608,7 +611,7 @@ impl Studio {
                 Model::Sd(sd) => {
                     let req = request.to_sd(&info).map_err(js_err)?;
                     let mut denoiser = Watched::new(
-                        ChannelDenoiser::new(remote, sd.unet.get(b).map_err(js_err)?, sd.dtype, &log),
+                        ChannelDenoiser::new(remote, &sd.unet, sd.dtype, &log),
                         &inner.cancelled,
                         every,
                         &preview,
@@ -638,7 +641,7 @@ impl Studio {
                 Model::Wan(wan) => {
                     let req = request.to_wan(&info).map_err(js_err)?;
                     let mut denoiser = Watched::new(
-                        ChannelDenoiser::new(remote, wan.transformer.get(b).map_err(js_err)?, wan.dtype, &log),
+                        ChannelDenoiser::new(remote, &wan.transformer, wan.dtype, &log),
                         &inner.cancelled,
                         every,
                         &preview,

@@ -68,20 +68,21 @@ pub fn batch_input<B: Backend>(b: &B, input: &HostTensor, rows: usize, dtype: DT
     )?)
 }
 
-/// The denoiser on this backend.
-pub struct LocalDenoiser<'m, B: Backend, M: ?Sized> {
-    model: &'m M,
+/// The denoiser on this backend, its model loaded at the first step it runs (a pipeline that
+/// deferred it and offloads every step never loads it).
+pub struct LocalDenoiser<'m, B: Backend, M> {
+    model: &'m OnDemand<B, M>,
     dtype: DType,
     job: Option<(Tensor<B>, f32)>,
 }
 
-impl<'m, B: Backend, M: DenoiserModel<B> + ?Sized> LocalDenoiser<'m, B, M> {
-    pub fn new(model: &'m M, dtype: DType) -> Self {
+impl<'m, B: Backend, M: DenoiserModel<B>> LocalDenoiser<'m, B, M> {
+    pub fn new(model: &'m OnDemand<B, M>, dtype: DType) -> Self {
         Self { model, dtype, job: None }
     }
 }
 
-impl<B: Backend, M: DenoiserModel<B> + ?Sized> Denoiser<B> for LocalDenoiser<'_, B, M> {
+impl<B: Backend, M: DenoiserModel<B>> Denoiser<B> for LocalDenoiser<'_, B, M> {
     async fn begin(&mut self, _b: &B, context: &Tensor<B>, cfg_scale: f32) -> Result<()> {
         self.job = Some((context.clone(), cfg_scale));
         Ok(())
@@ -92,7 +93,7 @@ impl<B: Backend, M: DenoiserModel<B> + ?Sized> Denoiser<B> for LocalDenoiser<'_,
             .job
             .as_ref()
             .ok_or_else(|| crate::error::Error::Invalid("denoiser: predict before begin".into()))?;
-        guided_prediction(b, self.model, context, *cfg_scale, self.dtype, input, timestep).await
+        guided_prediction(b, self.model.get(b)?, context, *cfg_scale, self.dtype, input, timestep).await
     }
 }
 

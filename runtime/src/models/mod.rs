@@ -109,7 +109,7 @@ mod tests {
 
     fn folder(index: &str) -> MemorySource {
         MemorySource {
-            files: [("model_index.json".to_string(), index.as_bytes().to_vec())].into(),
+            files: [("model_index.json".to_string(), index.as_bytes().into())].into(),
         }
     }
 

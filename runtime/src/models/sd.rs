@@ -234,7 +234,7 @@ impl<B: Backend> StableDiffusion<B> {
     }
 
     pub async fn generate(&self, b: &B, req: &SdRequest, progress: &mut dyn FnMut(Phase, usize, usize)) -> Result<SdOutput> {
-        self.generate_with(b, req, &mut LocalDenoiser::new(self.unet.get(b)?, self.dtype), progress)
+        self.generate_with(b, req, &mut LocalDenoiser::new(&self.unet, self.dtype), progress)
             .await
     }
 

@@ -158,7 +158,7 @@ impl<B: Backend> Wan<B> {
     }
 
     pub async fn generate(&self, b: &B, req: &WanRequest, progress: &mut dyn FnMut(Phase, usize, usize)) -> Result<WanOutput> {
-        self.generate_with(b, req, &mut LocalDenoiser::new(self.transformer.get(b)?, self.dtype), progress)
+        self.generate_with(b, req, &mut LocalDenoiser::new(&self.transformer, self.dtype), progress)
             .await
     }
 
