@@ -228,27 +228,20 @@ fn conv_cases<G: TestDevice>(g: &G, dt: DType, tol: f32, tag: &str, seed: u64) {
         [1, 1, 1],
         [1, 1, 1]
     ));
-    // A Wan VAE layer in small: 48 channels in (a second, partial channel tile), 96 out.
-    let inputs = [
-        random(&[1, 48, 3, 24, 40], dt, 1.0, seed + 5),
-        random(&[96, 48, 3, 3, 3], dt, 0.1, seed + 6),
-        random(&[96], dt, 1.0, seed + 7),
-    ];
-    if g.fits(96 * 48 * 27) {
-        check!(g, format!("causal_conv3d {tag} 48 -> 96 channels"), tol, inputs, [], |b, x, p| {
-            ops::causal_conv3d(b, &x[0], &x[1], Some(&x[2]), [1, 1, 1], [1, 1, 1])
-        });
-    }
-    // The Wan VAE's output layer in small: 96 channels to 3.
-    let inputs = [
-        random(&[1, 96, 3, 24, 40], dt, 1.0, seed + 14),
-        random(&[3, 96, 3, 3, 3], dt, 0.1, seed + 15),
-        random(&[3], dt, 1.0, seed + 16),
-    ];
-    if g.fits(3 * 96 * 27) {
-        check!(g, format!("causal_conv3d {tag} 96 -> 3 channels"), tol, inputs, [], |b, x, p| {
-            ops::causal_conv3d(b, &x[0], &x[1], Some(&x[2]), [1, 1, 1], [1, 1, 1])
-        });
+    // Wan VAE layers in small: 48 channels in (a second, partial channel tile) to 96 out,
+    // and the output layer, 96 channels to 3.
+    for (c_in, c_out, s) in [(48, 96, seed + 5), (96, 3, seed + 14)] {
+        let inputs = [
+            random(&[1, c_in, 3, 24, 40], dt, 1.0, s),
+            random(&[c_out, c_in, 3, 3, 3], dt, 0.1, s + 1),
+            random(&[c_out], dt, 1.0, s + 2),
+        ];
+        if g.fits(c_out * c_in * 27) {
+            let name = format!("causal_conv3d {tag} {c_in} -> {c_out} channels");
+            check!(g, name, tol, inputs, [], |b, x, p| {
+                ops::causal_conv3d(b, &x[0], &x[1], Some(&x[2]), [1, 1, 1], [1, 1, 1])
+            });
+        }
     }
     // The same layer continuing a cached sequence: its input frames in two parts, read where
     // they lie (two batch items, so each part's own batch stride counts; the second output
