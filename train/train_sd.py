@@ -2,7 +2,8 @@
 KL autoencoder) at a small config, on the procedural scenes of scenes.py, 64x64 pictures.
 
 Two phases, each one command on the GPU machine (docs/tiny-models.md has the commands):
-  python train/train_sd.py vae  --out OUT      the autoencoder (reconstruction + KL)
+  python train/train_sd.py vae  --out OUT      the autoencoder (reconstruction + KL); with
+                                               --decoder-of DIR, DIR's decoder alone
   python train/train_sd.py unet --out OUT --vae DIR   text encoder and UNet together,
                                                then the diffusers folder in OUT/sdlite-tiny-sd
 `--quick` shrinks everything to a CPU smoke run. Every random choice is seeded; the loss
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests", "reference"))
 
 import bpe  # noqa: E402
 import scenes  # noqa: E402
-from training import SEED, SIZE, Budget, Ema, cosine_lr, log_loss, render_dataset, save_components, to_unit, update  # noqa: E402
+from training import SEED, SIZE, Budget, Ema, cosine_lr, decoder_parameters, log_loss, outline_l1, render_dataset, save_components, to_unit, update  # noqa: E402
 
 
 def make_vae():
@@ -76,13 +77,21 @@ def make_unet():
 
 
 def train_vae(args, device):
-    torch.manual_seed(SEED)
-    vae = make_vae().to(device).train()
+    """The whole autoencoder from scratch; or, with --decoder-of, that autoencoder's decoder
+    alone with the encoder frozen, so the latent space (and its scaling factor) a trained UNet
+    draws in stays as it is."""
+    from diffusers import AutoencoderKL
+
+    tune = args.decoder_of is not None
+    torch.manual_seed(SEED + 5 if tune else SEED)
+    vae = (AutoencoderKL.from_pretrained(args.decoder_of, torch_dtype=torch.float32) if tune else make_vae()).to(device).train()
+    params = decoder_parameters(vae) if tune else list(vae.parameters())
     n = 2048 if args.quick else 60000
-    _, pics = render_dataset(n, SEED, device)
+    # A tuning run draws scenes the first run did not see.
+    _, pics = render_dataset(n, SEED + 6 if tune else SEED, device)
     steps, batch = (20, 16) if args.quick else (args.steps or 6000, 128)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    g = torch.Generator(device=device).manual_seed(SEED)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    g = torch.Generator(device=device).manual_seed(SEED + 7 if tune else SEED)
     history, started, step, budget = [], time.time(), 0, Budget(args.budget_s)
     while step < steps:
         steps = budget.steps(step, steps)
@@ -90,13 +99,14 @@ def train_vae(args, device):
             group["lr"] = cosine_lr(step, steps, 200, 1e-3)
         x = to_unit(pics[torch.randint(0, n, (batch,), device=device, generator=g)])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            post = vae.encode(x).latent_dist
-            z = post.sample(generator=g)
-            recon = vae.decode(z).sample
+            with torch.set_grad_enabled(not tune):
+                post = vae.encode(x).latent_dist
+            recon = vae.decode(post.sample(generator=g)).sample
         rec = F.mse_loss(recon.float(), x) + 0.5 * F.l1_loss(recon.float(), x)
-        kl = post.kl().mean() / (x[0].numel())
-        loss = rec + 1e-4 * kl
-        update(opt, loss, vae.parameters())
+        loss = rec if tune else rec + 1e-4 * post.kl().mean() / x[0].numel()
+        if args.edge_weight:
+            loss = loss + args.edge_weight * outline_l1(recon.float(), x)
+        update(opt, loss, params)
         if step % 100 == 0 or step == steps - 1:
             log_loss(history, step, rec.item(), started)
         step += 1
@@ -104,11 +114,12 @@ def train_vae(args, device):
     with torch.no_grad():
         x = to_unit(pics[:1024])
         lat = torch.cat([vae.encode(x[i : i + 256]).latent_dist.mode() for i in range(0, len(x), 256)])
-        vae.register_to_config(scaling_factor=float(1 / lat.std()))
+        if not tune:
+            vae.register_to_config(scaling_factor=float(1 / lat.std()))
         recon = torch.cat([vae.decode(lat[i : i + 256]).sample for i in range(0, len(x), 256)])
         print(f"reconstruction mse {F.mse_loss(recon, x).item():.5f}, latent std {lat.std().item():.4f}")
     vae.save_pretrained(os.path.join(args.out, "vae"), safe_serialization=True)
-    with open(os.path.join(args.out, "losses-vae.json"), "w") as f:
+    with open(os.path.join(args.out, "losses-vae-decoder.json" if tune else "losses-vae.json"), "w") as f:
         json.dump(history, f)
 
 
@@ -214,6 +225,13 @@ def main():
     ap.add_argument("phase", choices=["vae", "unet"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--vae", help="the trained autoencoder folder (phase unet)")
+    ap.add_argument("--decoder-of", help="phase vae: tune this autoencoder's decoder, its encoder frozen")
+    ap.add_argument(
+        "--edge-weight",
+        type=float,
+        default=0.0,
+        help="phase vae: also match the pictures' pixel differences (outlines) at this weight, as an L1 loss",
+    )
     ap.add_argument("--steps", type=int)
     ap.add_argument("--init", help="continue from this sdlite-tiny-sd folder (phase unet)")
     ap.add_argument("--lr", type=float, default=8e-4, help="peak learning rate (phase unet)")

@@ -38,7 +38,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "reference"))
 
 import scenes  # noqa: E402
-from training import SEED, SIZE, Budget, Ema, cosine_lr, log_loss, render_dataset, save_components, to_unit, update  # noqa: E402
+from training import SEED, SIZE, Budget, Ema, cosine_lr, decoder_parameters, log_loss, outline_l1, render_dataset, save_components, to_unit, update  # noqa: E402
 
 FRAMES = 17
 VAE_FRAMES = 9
@@ -95,11 +95,6 @@ def as_video(clips):
     return to_unit(clips).permute(0, 2, 1, 3, 4)
 
 
-def image_gradients(video):
-    """Differences between neighbouring pixels down and across: a shape's outline."""
-    return video[..., 1:, :] - video[..., :-1, :], video[..., :, 1:] - video[..., :, :-1]
-
-
 def train_vae(args, device):
     """The whole autoencoder on 9-frame clips (from scratch, or continuing --init, whose
     latent statistics are then measured anew); or, with --decoder-of, that autoencoder's
@@ -111,10 +106,7 @@ def train_vae(args, device):
     tune = args.decoder_of is not None
     start = args.decoder_of or args.init
     vae = (AutoencoderKLWan.from_pretrained(start, torch_dtype=torch.float32) if start else make_vae()).to(device).train()
-    if tune:
-        vae.encoder.requires_grad_(False)
-        vae.quant_conv.requires_grad_(False)
-    params = [p for p in vae.parameters() if p.requires_grad]
+    params = decoder_parameters(vae) if tune else list(vae.parameters())
     frames = FRAMES if tune else args.frames
     n = 256 if args.quick else 16000 * VAE_FRAMES // frames
     _, clips = render_dataset(n, SEED + 11, device, frames=frames)
@@ -134,7 +126,7 @@ def train_vae(args, device):
         rec = F.mse_loss(recon.float(), x) + 0.5 * F.l1_loss(recon.float(), x)
         loss = rec if tune else rec + 1e-4 * post.kl().mean() / x[0].numel()
         if args.edge_weight:
-            loss = loss + args.edge_weight * sum(F.l1_loss(r, t) for r, t in zip(image_gradients(recon.float()), image_gradients(x)))
+            loss = loss + args.edge_weight * outline_l1(recon.float(), x)
         update(opt, loss, params)
         if step % 100 == 0 or step == steps - 1:
             log_loss(history, step, rec.item(), started)
@@ -194,6 +186,29 @@ def text_context(te, ids, mask):
     return F.pad(hidden, (0, 0, 0, TEXT_LEN - ids.shape[1]))
 
 
+def deepen(dit, depth):
+    """Gives a trained DiT `depth` blocks: after each block, copies of it whose output
+    projections (self-attention, cross-attention, feed-forward) are zero. Each copy starts
+    as the identity, so the deeper DiT computes what the trained one did, and from the
+    trained block's attention rather than from noise."""
+    import copy
+
+    trained = list(dit.blocks)
+    if depth % len(trained):
+        raise SystemExit(f"--depth {depth} is not a multiple of the DiT's {len(trained)} blocks")
+    blocks = []
+    for block in trained:
+        blocks.append(block)
+        for _ in range(depth // len(trained) - 1):
+            twin = copy.deepcopy(block)
+            for out in (twin.attn1.to_out[0], twin.attn2.to_out[0], [m for m in twin.ffn.modules() if isinstance(m, torch.nn.Linear)][-1]):
+                torch.nn.init.zeros_(out.weight)
+                torch.nn.init.zeros_(out.bias)
+            blocks.append(twin)
+    dit.blocks = torch.nn.ModuleList(blocks)
+    dit.register_to_config(num_layers=depth)
+
+
 def train_dit(args, device):
     from diffusers import AutoencoderKLWan
     from make_goldens import fit_sentencepiece, write_wan_pipeline_index
@@ -209,6 +224,8 @@ def train_dit(args, device):
 
         te = UMT5EncoderModel.from_pretrained(os.path.join(args.init, "text_encoder"), torch_dtype=torch.float32)
         dit = WanTransformer3DModel.from_pretrained(os.path.join(args.init, "transformer"), torch_dtype=torch.float32)
+        if args.depth:
+            deepen(dit, args.depth)
     else:
         te, dit = make_text_encoder(len(tok)), make_transformer()
     te, dit = te.to(device).train(), dit.to(device).train()
@@ -325,9 +342,12 @@ def main():
         default=0,
         help="phase dit: also learn this many pictures a step, the first frames of training clips (one latent frame each)",
     )
+    ap.add_argument("--depth", type=int, help="phase dit with --init: deepen the DiT to this many blocks (a multiple of its own)")
     ap.add_argument("--run", type=int, default=0, help="phase dit: a continued run's number, so it draws fresh clips and noise")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    if args.depth and not (args.phase == "dit" and args.init):
+        ap.error("--depth deepens a trained DiT: give it with phase dit and --init")
     if args.phase == "vae" and args.decoder_of and args.init:
         ap.error("--decoder-of tunes one autoencoder's decoder, --init continues a whole one: give one of them")
     os.makedirs(args.out, exist_ok=True)

@@ -6,6 +6,7 @@ import random
 import time
 
 import torch
+import torch.nn.functional as F
 
 import scenes
 
@@ -70,6 +71,27 @@ class Budget:
         if fit < steps:
             print(f"{steps} steps would outrun {self.seconds} s: training {fit}", flush=True)
         return min(steps, fit)
+
+
+def outline_l1(recon, target):
+    """L1 distance between the differences of neighbouring pixels, down and across, of two
+    batches of pictures or clips: how far a reconstruction's outlines are from the target's.
+    A plain pixel loss lets a decoder round a star's points or a cross's arms for little cost."""
+    return sum(
+        F.l1_loss(r, t)
+        for r, t in (
+            (recon[..., 1:, :] - recon[..., :-1, :], target[..., 1:, :] - target[..., :-1, :]),
+            (recon[..., :, 1:] - recon[..., :, :-1], target[..., :, 1:] - target[..., :, :-1]),
+        )
+    )
+
+
+def decoder_parameters(vae):
+    """Freezes an autoencoder's encoder side (encoder and quant_conv) and returns the parameters
+    left to train: tuning the decoder alone keeps the latent space a trained denoiser draws in."""
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    return [p for p in vae.parameters() if p.requires_grad]
 
 
 def log_loss(history, step, loss, started):

@@ -1,0 +1,132 @@
+"""Finds which part of a built-in model loses a shape: the autoencoder or the denoiser.
+
+  python train/diagnose.py roundtrip --model DIR --sdlite BIN --out OUT
+      renders 120 (--count) scenes of the training grammar (pictures for an sdlite-tiny-sd
+      folder, clips for an sdlite-tiny-wan one), passes them through the VAE alone (encode,
+      decode) and scores the renders and the round trips with `sdlite fidelity --image`: what
+      the checker can read back at best, whatever the denoiser draws. Tallied by shape and by
+      object size (large, small, two or three small ones).
+  python train/diagnose.py denoise --model DIR --out GRID.png
+      (sdlite-tiny-wan) noises the true latents of six clips to sigma 1, 0.82, 0.67, 0.5 and
+      0.25 (the shift-3 schedule's points) and lets the DiT sample from there (Euler, 20 steps
+      of the whole schedule, guidance 5 unless --guidance); the grid's columns are the first
+      frame of the render, of the VAE round trip, then of the DiT from each sigma, highest
+      first. Where a shape turns into a blob says which noise levels the DiT has not learnt.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "reference"))
+
+from train_wan import FRAMES, PROMPT_TOKENS, as_video, text_context  # noqa: E402
+from training import SIZE, render_dataset, to_unit  # noqa: E402
+
+SEED = 79  # not a training seed: these scenes were never trained on
+SHAPES = ["circle", "square", "triangle", "star", "cross"]
+
+
+def to_uint8(pixels):
+    """A VAE's output in [-1, 1] to uint8: pictures (n, 3, h, w) as they are, clips
+    (n, 3, frames, h, w) as (n, frames, 3, h, w), the renders' layout."""
+    pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 1, 3, 4) if pixels.dim() == 5 else pixels
+
+
+def size_class(caption):
+    return "two or three" if caption.split()[0] in ("two", "three") else "small" if " small " in f" {caption} " else "large"
+
+
+def roundtrip(args):
+    from PIL import Image
+
+    video = os.path.isdir(os.path.join(args.model, "transformer"))
+    if video:
+        from diffusers import AutoencoderKLWan as Autoencoder
+    else:
+        from diffusers import AutoencoderKL as Autoencoder
+    vae = Autoencoder.from_pretrained(os.path.join(args.model, "vae")).eval()
+    prepare = as_video if video else to_unit
+    os.makedirs(args.out, exist_ok=True)
+    caps, renders = render_dataset(args.count, SEED, "cpu", frames=FRAMES if video else 1)
+    with torch.no_grad():
+        recon = torch.cat(
+            [to_uint8(vae.decode(vae.encode(prepare(renders[i : i + 20])).latent_dist.mode()).sample) for i in range(0, len(caps), 20)]
+        )
+    tally = {kind: {} for kind in ("render", "vae")}
+    for i, cap in enumerate(caps):
+        keys = (next(s for s in SHAPES if s in cap), size_class(cap))
+        for kind, pixels in (("render", renders[i]), ("vae", recon[i])):
+            path = os.path.join(args.out, f"{i:03}-{kind}.png")
+            strip = torch.cat(list(pixels), dim=2) if video else pixels
+            Image.fromarray(strip.permute(1, 2, 0).numpy()).save(path)
+            command = [args.sdlite, "fidelity", "--image", path, "--prompt", cap] + (["--frames", str(FRAMES)] if video else [])
+            right = "shape: ok" in subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            for key in keys:
+                counts = tally[kind].setdefault(key, [0, 0])
+                counts[0] += right
+                counts[1] += 1
+    for kind, by_key in tally.items():
+        right, total = (sum(by_key[s][j] for s in SHAPES if s in by_key) for j in (0, 1))
+        print(f"{kind}: shape read back {right}/{total}; " + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in by_key.items()))
+
+
+def denoise(args):
+    from diffusers import WanPipeline
+    from PIL import Image
+
+    pipe = WanPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+    vae, dit = pipe.vae, pipe.transformer
+    mean = torch.tensor(vae.config.latents_mean)[None, :, None, None, None]
+    std = torch.tensor(vae.config.latents_std)[None, :, None, None, None]
+    rows = 6
+    caps, clips = render_dataset(rows, SEED, "cpu", frames=FRAMES)
+    enc = pipe.tokenizer(caps + [""], padding="max_length", max_length=PROMPT_TOKENS, return_tensors="pt")
+    schedule = torch.linspace(1, 0, 21)
+    schedule = 3 * schedule / (1 + 2 * schedule)  # flow shift 3, as the pipeline samples
+    with torch.no_grad():
+        context = text_context(pipe.text_encoder, enc.input_ids, enc.attention_mask)
+        cond, uncond = context[:rows], context[rows:].expand(rows, -1, -1)
+        x0 = (vae.encode(as_video(clips)).latent_dist.mode() - mean) / std
+        columns = [clips[:, 0], to_uint8(vae.decode(x0 * std + mean).sample)[:, 0]]
+        for first in (0, 8, 12, 15, 18):
+            sigmas = schedule[first:]
+            x = (1 - sigmas[0]) * x0 + sigmas[0] * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+            for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+                t = (s * 1000).expand(rows)
+                v_uncond = dit(x, t, uncond).sample
+                v = v_uncond + args.guidance * (dit(x, t, cond).sample - v_uncond)
+                x = x + (s_next - s) * v
+            columns.append(to_uint8(vae.decode(x * std + mean).sample)[:, 0])
+    grid = Image.new("RGB", (SIZE * len(columns), SIZE * rows))
+    for c, column in enumerate(columns):
+        for r in range(rows):
+            grid.paste(Image.fromarray(column[r].permute(1, 2, 0).numpy()), (SIZE * c, SIZE * r))
+    grid.save(args.out)
+    with open(args.out + ".txt", "w") as f:
+        f.write("\n".join(caps) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("check", choices=["roundtrip", "denoise"])
+    ap.add_argument("--model", default=os.path.join(HERE, "..", "models", "sdlite-tiny-wan"), help="a built-in model's folder")
+    ap.add_argument("--out", required=True, help="roundtrip: a folder for the strips; denoise: the grid's PNG path")
+    ap.add_argument("--sdlite", default="sdlite", help="roundtrip: the sdlite binary that scores the strips")
+    ap.add_argument("--count", type=int, default=120, help="roundtrip: how many scenes")
+    ap.add_argument("--guidance", type=float, default=5.0, help="denoise: classifier-free guidance scale (1: none)")
+    args = ap.parse_args()
+    if args.check == "roundtrip":
+        roundtrip(args)
+    else:
+        denoise(args)
+
+
+if __name__ == "__main__":
+    main()
