@@ -149,12 +149,27 @@ def train_vae(args, device):
         json.dump(history, f)
 
 
+def object_mask(clips, space, time):
+    """Which latent positions an object covers: (n, latent frames, h / space, w / space)
+    bools for uint8 clips (n, frames, 3, h, w). A position is set when any pixel of its
+    space x space block, in any frame it encodes (the first frame alone, then `time` at a
+    time, as the causal VAE groups them), is far from the background, the median of the
+    first frame's top row."""
+    background = clips[:, 0, :, 0, :].float().median(dim=-1).values
+    far = (clips.float() - background[:, None, :, None, None]).abs().amax(dim=2) > 24
+    n, frames, h, w = far.shape
+    blocks = F.max_pool2d(far.float().view(n * frames, 1, h, w), space).view(n, frames, h // space, w // space)
+    later = blocks[:, 1:].view(n, (frames - 1) // time, time, h // space, w // space).amax(dim=2)
+    return torch.cat([blocks[:, :1], later], dim=1) > 0
+
+
 def encode_clips(vae, n, seed, device, chunk=512):
-    """Captions and normalised VAE latents (n, z, 5, 16, 16) of n training clips, rendered and
-    encoded a chunk at a time (the pixels of all of them would not fit)."""
+    """Captions, normalised VAE latents (n, z, 5, 16, 16) and object masks (n, 5, 16, 16) of
+    n training clips, rendered and encoded a chunk at a time (the pixels of all of them would
+    not fit)."""
     mean = torch.tensor(vae.config.latents_mean, device=device)[None, :, None, None, None]
     std = torch.tensor(vae.config.latents_std, device=device)[None, :, None, None, None]
-    caps, lats = [], []
+    caps, lats, masks = [], [], []
     for start in range(0, n, chunk):
         c, clips = render_dataset(min(chunk, n - start), seed + start, device, frames=FRAMES)
         with torch.no_grad():
@@ -162,7 +177,8 @@ def encode_clips(vae, n, seed, device, chunk=512):
             z = torch.cat([vae.encode(x[i : i + 128]).latent_dist.mode() for i in range(0, len(x), 128)])
         caps += c
         lats.append(((z - mean) / std).to(torch.bfloat16))
-    return caps, torch.cat(lats)
+        masks.append(object_mask(clips, vae.config.scale_factor_spatial, vae.config.scale_factor_temporal))
+    return caps, torch.cat(lats), torch.cat(masks)
 
 
 def tokenizer_corpus():
@@ -231,7 +247,7 @@ def train_dit(args, device):
     te, dit = te.to(device).train(), dit.to(device).train()
 
     n = 256 if args.quick else 40000
-    caps, lat = encode_clips(vae, n, SEED + 21 + 1000 * args.run, device)
+    caps, lat, objects = encode_clips(vae, n, SEED + 21 + 1000 * args.run, device)
     enc = tok(caps, padding="max_length", max_length=PROMPT_TOKENS, truncation=True, return_tensors="pt")
     if enc.attention_mask[:, -1].any():
         raise SystemExit(f"a caption is longer than {PROMPT_TOKENS} tokens")
@@ -259,7 +275,11 @@ def train_dit(args, device):
         xt = (1 - s) * x0 + s * noise
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pred = dit(xt, sigma * 1000, text_context(te, b_ids, b_mask)).sample
-        return F.mse_loss(pred.float(), noise - x0)
+        err = (pred.float() - (noise - x0)) ** 2
+        if not args.object_weight:
+            return err.mean()
+        weight = 1 + args.object_weight * objects[pick, None, :frames].float()
+        return (err * weight).mean() / weight.mean()
 
     history, started, step, budget = [], time.time(), 0, Budget(args.budget_s)
     while step < steps:
@@ -341,6 +361,12 @@ def main():
         type=int,
         default=0,
         help="phase dit: also learn this many pictures a step, the first frames of training clips (one latent frame each)",
+    )
+    ap.add_argument(
+        "--object-weight",
+        type=float,
+        default=0.0,
+        help="phase dit: weigh the loss at latent positions an object covers by 1 + this (a shape's outline is a few pixels against a flat background)",
     )
     ap.add_argument("--depth", type=int, help="phase dit with --init: deepen the DiT to this many blocks (a multiple of its own)")
     ap.add_argument("--run", type=int, default=0, help="phase dit: a continued run's number, so it draws fresh clips and noise")
