@@ -5,7 +5,7 @@
       folder, clips for an sdlite-tiny-wan one), passes them through the VAE alone (encode,
       decode) and scores the renders and the round trips with `sdlite fidelity --image`: what
       the checker can read back at best, whatever the denoiser draws. Tallied by shape and by
-      object size (large, small, two or three small ones).
+      object size (small; large or unnamed; two or three small ones).
   python train/diagnose.py denoise --model DIR --out GRID.png
       (sdlite-tiny-wan) noises the true latents of six clips to sigma 1, 0.82, 0.67, 0.5 and
       0.25 (the shift-3 schedule's points) and lets the DiT sample from there (Euler, 20 steps
@@ -40,7 +40,9 @@ def to_uint8(pixels):
 
 
 def size_class(caption):
-    return "two or three" if caption.split()[0] in ("two", "three") else "small" if " small " in f" {caption} " else "large"
+    """Several objects are always small; a single one is small, large, or either when the
+    caption names no size."""
+    return "two or three" if caption.split()[0] in ("two", "three") else "small" if " small " in f" {caption} " else "large or unsized"
 
 
 def roundtrip(args):

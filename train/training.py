@@ -77,13 +77,11 @@ def outline_l1(recon, target):
     """L1 distance between the differences of neighbouring pixels, down and across, of two
     batches of pictures or clips: how far a reconstruction's outlines are from the target's.
     A plain pixel loss lets a decoder round a star's points or a cross's arms for little cost."""
-    return sum(
-        F.l1_loss(r, t)
-        for r, t in (
-            (recon[..., 1:, :] - recon[..., :-1, :], target[..., 1:, :] - target[..., :-1, :]),
-            (recon[..., :, 1:] - recon[..., :, :-1], target[..., :, 1:] - target[..., :, :-1]),
-        )
-    )
+
+    def steps(x):
+        return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
+
+    return sum(F.l1_loss(r, t) for r, t in zip(steps(recon), steps(target)))
 
 
 def decoder_parameters(vae):
