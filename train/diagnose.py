@@ -12,6 +12,12 @@
       of the whole schedule, guidance 5 unless --guidance); the grid's columns are the first
       frame of the render, of the VAE round trip, then of the DiT from each sigma, highest
       first. Where a shape turns into a blob says which noise levels the DiT has not learnt.
+  python train/diagnose.py attention --model DIR
+      (sdlite-tiny-wan) noises the true latents of 8 (--count) clips to sigma 1, 0.6 and 0.3
+      and reports, per DiT block, the mean share of cross-attention the tokens give the
+      prompt's rows (the rest goes to the zero padding), and how much the DiT's x0 prediction
+      moves when the caption's shape word, or its colour word, is swapped (mean pairwise
+      distance over the variants: five shapes, eight colours; relative to the prediction's size).
 """
 
 import argparse
@@ -25,7 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "reference"))
 
-from train_wan import FRAMES, PROMPT_TOKENS, as_video, text_context  # noqa: E402
+import scenes  # noqa: E402
+from train_wan import FRAMES, PROMPT_TOKENS, PromptAttention, as_video, prompt_rows, text_context  # noqa: E402
 from training import SIZE, render_dataset, to_unit  # noqa: E402
 
 SEED = 79  # not a training seed: these scenes were never trained on
@@ -56,7 +63,7 @@ def roundtrip(args):
     vae = Autoencoder.from_pretrained(os.path.join(args.model, "vae")).eval()
     prepare = as_video if video else to_unit
     os.makedirs(args.out, exist_ok=True)
-    caps, renders = render_dataset(args.count, SEED, "cpu", frames=FRAMES if video else 1)
+    caps, renders = render_dataset(args.count or 120, SEED, "cpu", frames=FRAMES if video else 1)
     with torch.no_grad():
         recon = torch.cat(
             [to_uint8(vae.decode(vae.encode(prepare(renders[i : i + 20])).latent_dist.mode()).sample) for i in range(0, len(caps), 20)]
@@ -79,23 +86,77 @@ def roundtrip(args):
         print(f"{kind}: shape read back {right}/{total}; " + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in by_key.items()))
 
 
-def denoise(args):
+def wan_scenes(model, rows):
+    """The sdlite-tiny-wan pipeline of `model`, and `rows` unseen clips: their captions,
+    renders and normalised true latents (what the DiT is trained to draw)."""
     from diffusers import WanPipeline
-    from PIL import Image
 
-    pipe = WanPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
-    vae, dit = pipe.vae, pipe.transformer
+    pipe = WanPipeline.from_pretrained(model, torch_dtype=torch.float32)
+    vae = pipe.vae
+    caps, clips = render_dataset(rows, SEED, "cpu", frames=FRAMES)
     mean = torch.tensor(vae.config.latents_mean)[None, :, None, None, None]
     std = torch.tensor(vae.config.latents_std)[None, :, None, None, None]
+    with torch.no_grad():
+        x0 = (vae.encode(as_video(clips)).latent_dist.mode() - mean) / std
+    return pipe, caps, clips, x0, (mean, std)
+
+
+def context_of(pipe, caps):
+    """The DiT's context for captions, and which of its rows hold each prompt."""
+    enc = pipe.tokenizer(caps, padding="max_length", max_length=PROMPT_TOKENS, return_tensors="pt")
+    with torch.no_grad():
+        return text_context(pipe.text_encoder, enc.input_ids, enc.attention_mask), prompt_rows(enc.attention_mask)
+
+
+def swapped(caption, words):
+    """The caption with its first word from `words` replaced by each of them in turn (the
+    object's shape, or its colour: the background's comes later)."""
+    old = next(w for w in caption.split() if w in words)
+    return [caption.replace(old, new, 1) for new in words]
+
+
+def relative_spread(preds):
+    """Mean pairwise distance between predictions, each relative to the first of the pair."""
+    pairs = [(a, b) for i, a in enumerate(preds) for b in preds[:i]]
+    return sum(((a - b).norm() / a.norm()).item() for a, b in pairs) / len(pairs)
+
+
+def attention(args):
+    pipe, caps, _, x0, _ = wan_scenes(args.model, args.count or 8)
+    dit = pipe.transformer
+    context, rows = context_of(pipe, caps)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    variants = {"shape": scenes.SHAPES, "colour": list(scenes.COLOURS)}
+    print("sigma | prompt share, blocks 0.. | x0 spread over " + ", ".join(f"{what} words" for what in variants))
+    for sigma in (1.0, 0.6, 0.3):
+        xt = (1 - sigma) * x0 + sigma * noise
+        t = torch.full((len(caps),), sigma * 1000)
+        with torch.no_grad(), PromptAttention(dit, rows) as shares:
+            dit(xt, t, context)
+        spreads = []
+        for words in variants.values():
+            per_clip = []
+            for i, cap in enumerate(caps):
+                ctx, _ = context_of(pipe, swapped(cap, words))
+                with torch.no_grad():
+                    v = dit(xt[i : i + 1].expand(len(words), -1, -1, -1, -1), t[:1].expand(len(words)), ctx).sample
+                per_clip.append(relative_spread(list(xt[i : i + 1] - sigma * v)))
+            spreads.append(sum(per_clip) / len(per_clip))
+        blocks = " ".join(f"{s.exp().mean().item():.3f}" for s in shares)
+        print(f"{sigma:.1f} | {blocks} | " + ", ".join(f"{s:.3f}" for s in spreads), flush=True)
+
+
+def denoise(args):
+    from PIL import Image
+
     rows = 6
-    caps, clips = render_dataset(rows, SEED, "cpu", frames=FRAMES)
-    enc = pipe.tokenizer(caps + [""], padding="max_length", max_length=PROMPT_TOKENS, return_tensors="pt")
+    pipe, caps, clips, x0, (mean, std) = wan_scenes(args.model, rows)
+    vae, dit = pipe.vae, pipe.transformer
     schedule = torch.linspace(1, 0, 21)
     schedule = 3 * schedule / (1 + 2 * schedule)  # flow shift 3, as the pipeline samples
+    context, _ = context_of(pipe, caps + [""])
+    cond, uncond = context[:rows], context[rows:].expand(rows, -1, -1)
     with torch.no_grad():
-        context = text_context(pipe.text_encoder, enc.input_ids, enc.attention_mask)
-        cond, uncond = context[:rows], context[rows:].expand(rows, -1, -1)
-        x0 = (vae.encode(as_video(clips)).latent_dist.mode() - mean) / std
         columns = [clips[:, 0], to_uint8(vae.decode(x0 * std + mean).sample)[:, 0]]
         for first in (0, 8, 12, 15, 18):
             sigmas = schedule[first:]
@@ -117,17 +178,16 @@ def denoise(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("check", choices=["roundtrip", "denoise"])
+    ap.add_argument("check", choices=["roundtrip", "denoise", "attention"])
     ap.add_argument("--model", default=os.path.join(HERE, "..", "models", "sdlite-tiny-wan"), help="a built-in model's folder")
-    ap.add_argument("--out", required=True, help="roundtrip: a folder for the strips; denoise: the grid's PNG path")
+    ap.add_argument("--out", help="roundtrip: a folder for the strips; denoise: the grid's PNG path")
     ap.add_argument("--sdlite", default="sdlite", help="roundtrip: the sdlite binary that scores the strips")
-    ap.add_argument("--count", type=int, default=120, help="roundtrip: how many scenes")
+    ap.add_argument("--count", type=int, help="how many scenes (roundtrip: 120, attention: 8)")
     ap.add_argument("--guidance", type=float, default=5.0, help="denoise: classifier-free guidance scale (1: none)")
     args = ap.parse_args()
-    if args.check == "roundtrip":
-        roundtrip(args)
-    else:
-        denoise(args)
+    if args.check != "attention" and not args.out:
+        ap.error(f"{args.check} writes files: give --out")
+    {"roundtrip": roundtrip, "denoise": denoise, "attention": attention}[args.check](args)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ Training choices, and why:
 """
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import random
 import sys
@@ -63,18 +65,18 @@ def make_vae():
     )
 
 
-def make_transformer():
+def make_transformer(heads=4, head_dim=32):
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
-        num_attention_heads=4,
-        attention_head_dim=32,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
         in_channels=Z_DIM,
         out_channels=Z_DIM,
         text_dim=64,
         freq_dim=64,
-        ffn_dim=512,
+        ffn_dim=4 * heads * head_dim,
         num_layers=4,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
@@ -202,6 +204,40 @@ def text_context(te, ids, mask):
     return F.pad(hidden, (0, 0, 0, TEXT_LEN - ids.shape[1]))
 
 
+def prompt_rows(mask):
+    """Which of the TEXT_LEN context rows hold the prompt (the rest are the zero padding)."""
+    return F.pad(mask, (0, TEXT_LEN - mask.shape[1])).bool()
+
+
+class PromptAttention:
+    """Records how much of its cross-attention each DiT token gives the prompt. The pipeline
+    pads the context with zero rows to TEXT_LEN; after the text embedder they are ~500 copies
+    of one "null" key and value, which take the attention unless the prompt's dozen keys
+    score about log(500 / 12) = 3.7 above it. Used as `with PromptAttention(dit, rows) as
+    shares:` (rows: prompt_rows of the batch); each forward pass inside appends, per block,
+    the log of the share on the prompt's rows, (batch, heads, tokens), recomputed from the
+    block's own projections so the attention itself is diffusers' untouched."""
+
+    def __init__(self, dit, rows):
+        self.dit, self.rows, self.shares, self.hooks = dit, rows, [], []
+
+    def __enter__(self):
+        self.hooks = [block.attn2.register_forward_hook(self.record) for block in self.dit.blocks]
+        return self.shares
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+
+    def record(self, attn, args, output):
+        tokens, context = args[0], args[1]
+        query = attn.norm_q(attn.to_q(tokens)).unflatten(2, (attn.heads, -1)).float()
+        key = attn.norm_k(attn.to_k(context)).unflatten(2, (attn.heads, -1)).float()
+        logits = torch.einsum("bnhd,bmhd->bhnm", query, key) / query.shape[-1] ** 0.5
+        on_prompt = logits.masked_fill(~self.rows[:, None, None, :], float("-inf"))
+        self.shares.append(on_prompt.logsumexp(-1) - logits.logsumexp(-1))
+
+
 def deepen(dit, depth):
     """Gives a trained DiT `depth` blocks: after each block, copies of it whose output
     projections (self-attention, cross-attention, feed-forward) are zero. Each copy starts
@@ -243,11 +279,14 @@ def train_dit(args, device):
         if args.depth:
             deepen(dit, args.depth)
     else:
-        te, dit = make_text_encoder(len(tok)), make_transformer()
+        te, dit = make_text_encoder(len(tok)), make_transformer(args.heads, args.head_dim)
     te, dit = te.to(device).train(), dit.to(device).train()
 
-    n = 256 if args.quick else 40000
+    n = 256 if args.quick else args.clips
     caps, lat, objects = encode_clips(vae, n, SEED + 21 + 1000 * args.run, device)
+    if args.clips < 40000:
+        with open(os.path.join(args.out, "captions.txt"), "w") as f:
+            f.write("\n".join(caps) + "\n")
     enc = tok(caps, padding="max_length", max_length=PROMPT_TOKENS, truncation=True, return_tensors="pt")
     if enc.attention_mask[:, -1].any():
         raise SystemExit(f"a caption is longer than {PROMPT_TOKENS} tokens")
@@ -273,24 +312,37 @@ def train_dit(args, device):
         noise = torch.randn(x0.shape, device=device, generator=g)
         s = sigma[:, None, None, None, None]
         xt = (1 - s) * x0 + s * noise
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        probe = PromptAttention(dit, prompt_rows(b_mask)) if args.prompt_attention else contextlib.nullcontext([])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), probe as shares:
             pred = dit(xt, sigma * 1000, text_context(te, b_ids, b_mask)).sample
         err = (pred.float() - (noise - x0)) ** 2
-        if not args.object_weight:
-            return err.mean()
-        weight = 1 + args.object_weight * objects[pick, None, :frames].float()
-        return (err * weight).mean() / weight.mean()
+        if args.object_weight:
+            weight = 1 + args.object_weight * objects[pick, None, :frames].float()
+            loss = (err * weight).mean() / weight.mean()
+        else:
+            loss = err.mean()
+        captioned = (~drop[:, 0]).float()
+
+        def over_captioned(per_clip):
+            # Captions dropped for guidance have nothing to attend to: they do not count.
+            return (per_clip * captioned).sum() / captioned.sum()
+
+        shortfall = [over_captioned(F.relu(math.log(0.5) - log_share).mean(dim=(1, 2))) for log_share in shares]
+        share = [over_captioned(log_share.exp().mean(dim=(1, 2))) for log_share in shares]
+        return loss, sum(shortfall) / max(len(shortfall), 1), share
 
     history, started, step, budget = [], time.time(), 0, Budget(args.budget_s)
     while step < steps:
         steps = budget.steps(step, steps)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, 300, args.lr)
-        clip_loss = flow_loss(batch, lat.shape[2])
-        loss = clip_loss + flow_loss(args.images, 1) if args.images else clip_loss
+        clip_loss, shortfall, share = flow_loss(batch, lat.shape[2])
+        loss = clip_loss + args.prompt_attention * shortfall
+        if args.images:
+            loss = loss + flow_loss(args.images, 1)[0]
         update(opt, loss, params, [(ema_dit, dit), (ema_te, te)])
         if step % 100 == 0 or step == steps - 1:
-            log_loss(history, step, clip_loss.item(), started)
+            log_loss(history, step, clip_loss.item(), started, **{f"prompt_share_{i}": s.item() for i, s in enumerate(share)})
         step += 1
     ema_dit.copy_to(dit)
     ema_te.copy_to(te)
@@ -368,6 +420,20 @@ def main():
         default=0.0,
         help="phase dit: weigh the loss at latent positions an object covers by 1 + this (a shape's outline is a few pixels against a flat background)",
     )
+    ap.add_argument(
+        "--prompt-attention",
+        type=float,
+        default=0.0,
+        help="phase dit: add, at this weight, how far below one half (in log) each token's cross-attention share on the prompt's rows falls (the rest goes to the zero padding)",
+    )
+    ap.add_argument(
+        "--clips",
+        type=int,
+        default=40000,
+        help="phase dit: how many distinct clips to learn from; fewer than the default writes their captions to OUT/captions.txt (a capacity probe: can the DiT reproduce the shapes of clips it has seen many times?)",
+    )
+    ap.add_argument("--heads", type=int, default=4, help="phase dit from scratch: attention heads")
+    ap.add_argument("--head-dim", type=int, default=32, help="phase dit from scratch: width of a head (the DiT's width is heads x this)")
     ap.add_argument("--depth", type=int, help="phase dit with --init: deepen the DiT to this many blocks (a multiple of its own)")
     ap.add_argument("--run", type=int, default=0, help="phase dit: a continued run's number, so it draws fresh clips and noise")
     ap.add_argument("--quick", action="store_true")

@@ -92,9 +92,11 @@ def decoder_parameters(vae):
     return [p for p in vae.parameters() if p.requires_grad]
 
 
-def log_loss(history, step, loss, started):
-    history.append({"step": step, "loss": loss, "seconds": round(time.time() - started, 1)})
-    print(f"step {step:6d} loss {loss:.5f} {time.time() - started:7.1f}s", flush=True)
+def log_loss(history, step, loss, started, **extra):
+    """Records a step's loss, and any further named figures, with the seconds so far."""
+    history.append({"step": step, "loss": loss, **extra, "seconds": round(time.time() - started, 1)})
+    figures = "".join(f" {name} {value:.4f}" for name, value in extra.items())
+    print(f"step {step:6d} loss {loss:.5f}{figures} {time.time() - started:7.1f}s", flush=True)
 
 
 def update(opt, loss, params, averages=()):
