@@ -282,9 +282,9 @@ def train_dit(args, device):
         te, dit = make_text_encoder(len(tok)), make_transformer(args.heads, args.head_dim)
     te, dit = te.to(device).train(), dit.to(device).train()
 
-    n = 256 if args.quick else args.clips
+    n = 256 if args.quick else args.clips or 40000
     caps, lat, objects = encode_clips(vae, n, SEED + 21 + 1000 * args.run, device)
-    if args.clips < 40000:
+    if args.clips:
         with open(os.path.join(args.out, "captions.txt"), "w") as f:
             f.write("\n".join(caps) + "\n")
     enc = tok(caps, padding="max_length", max_length=PROMPT_TOKENS, truncation=True, return_tensors="pt")
@@ -429,8 +429,7 @@ def main():
     ap.add_argument(
         "--clips",
         type=int,
-        default=40000,
-        help="phase dit: how many distinct clips to learn from; fewer than the default writes their captions to OUT/captions.txt (a capacity probe: can the DiT reproduce the shapes of clips it has seen many times?)",
+        help="phase dit: learn from this many distinct clips (default 40,000) and write their captions to OUT/captions.txt (a capacity probe: can the DiT reproduce the shapes of clips it has seen many times?)",
     )
     ap.add_argument("--heads", type=int, default=4, help="phase dit from scratch: attention heads")
     ap.add_argument("--head-dim", type=int, default=32, help="phase dit from scratch: width of a head (the DiT's width is heads x this)")
