@@ -36,7 +36,6 @@ from train_wan import FRAMES, PROMPT_TOKENS, PromptAttention, as_video, prompt_r
 from training import SIZE, render_dataset, to_unit  # noqa: E402
 
 SEED = 79  # not a training seed: these scenes were never trained on
-SHAPES = ["circle", "square", "triangle", "star", "cross"]
 
 
 def to_uint8(pixels):
@@ -70,7 +69,7 @@ def roundtrip(args):
         )
     tally = {kind: {} for kind in ("render", "vae")}
     for i, cap in enumerate(caps):
-        keys = (next(s for s in SHAPES if s in cap), size_class(cap))
+        keys = (next(s for s in scenes.SHAPES if s in cap), size_class(cap))
         for kind, pixels in (("render", renders[i]), ("vae", recon[i])):
             path = os.path.join(args.out, f"{i:03}-{kind}.png")
             strip = torch.cat(list(pixels), dim=2) if video else pixels
@@ -82,7 +81,7 @@ def roundtrip(args):
                 counts[0] += right
                 counts[1] += 1
     for kind, by_key in tally.items():
-        right, total = (sum(by_key[s][j] for s in SHAPES if s in by_key) for j in (0, 1))
+        right, total = (sum(by_key[s][j] for s in scenes.SHAPES if s in by_key) for j in (0, 1))
         print(f"{kind}: shape read back {right}/{total}; " + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in by_key.items()))
 
 
