@@ -279,7 +279,8 @@ def train_dit(args, device):
         if args.depth:
             deepen(dit, args.depth)
     else:
-        te, dit = make_text_encoder(len(tok)), make_transformer(args.heads, args.head_dim)
+        shape = {name: value for name, value in (("heads", args.heads), ("head_dim", args.head_dim)) if value}
+        te, dit = make_text_encoder(len(tok)), make_transformer(**shape)
     te, dit = te.to(device).train(), dit.to(device).train()
 
     n = 256 if args.quick else args.clips or 40000
@@ -300,9 +301,10 @@ def train_dit(args, device):
     ema_dit, ema_te = Ema(dit, 0.999), Ema(te, 0.999)
     g = torch.Generator(device=device).manual_seed(SEED + 22 + 1000 * args.run)
 
-    def flow_loss(count, frames):
+    def flow_loss(count, frames, measure_attention):
         """Flow-matching loss on `count` random training latents cut to their first
-        `frames` latent frames."""
+        `frames` latent frames, and (with `measure_attention`) the cross-attention's
+        shortfall and share on the prompt."""
         pick = torch.randint(0, n, (count,), device=device, generator=g)
         x0 = lat[pick, :, :frames].float()
         drop = (torch.rand(count, device=device, generator=g) < 0.1)[:, None]
@@ -312,7 +314,7 @@ def train_dit(args, device):
         noise = torch.randn(x0.shape, device=device, generator=g)
         s = sigma[:, None, None, None, None]
         xt = (1 - s) * x0 + s * noise
-        probe = PromptAttention(dit, prompt_rows(b_mask)) if args.prompt_attention else contextlib.nullcontext([])
+        probe = PromptAttention(dit, prompt_rows(b_mask)) if measure_attention else contextlib.nullcontext([])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), probe as shares:
             pred = dit(xt, sigma * 1000, text_context(te, b_ids, b_mask)).sample
         err = (pred.float() - (noise - x0)) ** 2
@@ -336,10 +338,10 @@ def train_dit(args, device):
         steps = budget.steps(step, steps)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, 300, args.lr)
-        clip_loss, shortfall, share = flow_loss(batch, lat.shape[2])
+        clip_loss, shortfall, share = flow_loss(batch, lat.shape[2], bool(args.prompt_attention))
         loss = clip_loss + args.prompt_attention * shortfall
         if args.images:
-            loss = loss + flow_loss(args.images, 1)[0]
+            loss = loss + flow_loss(args.images, 1, False)[0]
         update(opt, loss, params, [(ema_dit, dit), (ema_te, te)])
         if step % 100 == 0 or step == steps - 1:
             log_loss(history, step, clip_loss.item(), started, **{f"prompt_share_{i}": s.item() for i, s in enumerate(share)})
@@ -431,14 +433,16 @@ def main():
         type=int,
         help="phase dit: learn from this many distinct clips (default 40,000) and write their captions to OUT/captions.txt (a capacity probe: can the DiT reproduce the shapes of clips it has seen many times?)",
     )
-    ap.add_argument("--heads", type=int, default=4, help="phase dit from scratch: attention heads")
-    ap.add_argument("--head-dim", type=int, default=32, help="phase dit from scratch: width of a head (the DiT's width is heads x this)")
+    ap.add_argument("--heads", type=int, help="phase dit from scratch: attention heads (default 4)")
+    ap.add_argument("--head-dim", type=int, help="phase dit from scratch: width of a head, default 32 (the DiT's width is heads x this)")
     ap.add_argument("--depth", type=int, help="phase dit with --init: deepen the DiT to this many blocks (a multiple of its own)")
     ap.add_argument("--run", type=int, default=0, help="phase dit: a continued run's number, so it draws fresh clips and noise")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.depth and not (args.phase == "dit" and args.init):
         ap.error("--depth deepens a trained DiT: give it with phase dit and --init")
+    if (args.heads or args.head_dim) and not (args.phase == "dit" and not args.init):
+        ap.error("--heads and --head-dim shape a new DiT: give them with phase dit and without --init")
     if args.phase == "vae" and args.decoder_of and args.init:
         ap.error("--decoder-of tunes one autoencoder's decoder, --init continues a whole one: give one of them")
     os.makedirs(args.out, exist_ok=True)
