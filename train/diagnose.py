@@ -32,7 +32,20 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "reference"))
 
 import scenes  # noqa: E402
-from train_wan import FRAMES, PROMPT_TOKENS, PromptAttention, as_video, prompt_rows, text_context  # noqa: E402
+from train_wan import (  # noqa: E402
+    FRAMES,
+    PROMPT_TOKENS,
+    SHAPE_CHANNELS,
+    PromptAttention,
+    as_video,
+    blur_detail,
+    object_mask,
+    prompt_rows,
+    shape_code_target,
+    shape_index,
+    text_context,
+    with_code,
+)
 from training import SIZE, render_dataset, to_unit  # noqa: E402
 
 SEED = 79  # not a training seed: these scenes were never trained on
@@ -51,6 +64,15 @@ def size_class(caption):
     return "two or three" if caption.split()[0] in ("two", "three") else "small" if " small " in f" {caption} " else "large or unsized"
 
 
+def code_read_back(z, objects):
+    """Per clip, the shape whose code lies nearest the mean of the latent's code channels
+    over the positions the object covers."""
+    codes = shape_code_target(torch.arange(len(scenes.SHAPES)), torch.ones(1, 1, 1, 1, dtype=torch.bool)).flatten(1)
+    weights = objects[:, None].float()
+    mean = (z[:, -SHAPE_CHANNELS:] * weights).sum(dim=(2, 3, 4)) / weights.sum(dim=(2, 3, 4)).clamp(min=1)
+    return torch.cdist(mean, codes).argmin(dim=1)
+
+
 def roundtrip(args):
     from PIL import Image
 
@@ -59,24 +81,39 @@ def roundtrip(args):
         from diffusers import AutoencoderKLWan as Autoencoder
     else:
         from diffusers import AutoencoderKL as Autoencoder
+    if args.shape_code and not video:
+        raise SystemExit("--shape-code checks a clip autoencoder's shape code: give an sdlite-tiny-wan folder")
     vae = Autoencoder.from_pretrained(os.path.join(args.model, "vae")).eval()
     prepare = as_video if video else to_unit
     os.makedirs(args.out, exist_ok=True)
     caps, renders = render_dataset(args.count or 120, SEED, "cpu", frames=FRAMES if video else 1)
     with torch.no_grad():
-        recon = torch.cat(
-            [to_uint8(vae.decode(vae.encode(prepare(renders[i : i + 20])).latent_dist.mode()).sample) for i in range(0, len(caps), 20)]
-        )
-    tally = {kind: {} for kind in ("render", "vae")}
-    for i, cap in enumerate(caps):
-        keys = (next(s for s in scenes.SHAPES if s in cap), size_class(cap))
-        for kind, pixels in (("render", renders[i]), ("vae", recon[i])):
-            path = os.path.join(args.out, f"{i:03}-{kind}.png")
-            strip = torch.cat(list(pixels), dim=2) if video else pixels
+        z = torch.cat([vae.encode(prepare(renders[i : i + 20])).latent_dist.mode() for i in range(0, len(caps), 20)])
+
+        def decode(latents):
+            return torch.cat([to_uint8(vae.decode(latents[i : i + 20]).sample) for i in range(0, len(latents), 20)])
+
+        kinds = {"render": (renders, caps), "vae": (decode(z), caps)}
+        if args.shape_code:
+            shapes = torch.tensor([shape_index(c) for c in caps])
+            objects = object_mask(renders, vae.config.scale_factor_spatial, vae.config.scale_factor_temporal)
+            right = (code_read_back(z, objects) == shapes).sum().item()
+            print(f"shape code read back from the encoder's latents: {right}/{len(caps)}")
+            true = with_code(z, shape_code_target(shapes, objects))
+            kinds["true code"] = (decode(true), caps)
+            kinds["blurred"] = (decode(blur_detail(true, torch.ones(len(caps), dtype=torch.bool))), caps)
+            other = (shapes + 1) % len(scenes.SHAPES)
+            coded = with_code(z, shape_code_target(other, objects))
+            kinds["code swapped"] = (decode(coded), [swapped(c, scenes.SHAPES)[o] for c, o in zip(caps, other.tolist())])
+    tally = {kind: {} for kind in kinds}
+    for kind, (pixels, captions) in kinds.items():
+        for i, cap in enumerate(captions):
+            path = os.path.join(args.out, f"{i:03}-{kind.replace(' ', '-')}.png")
+            strip = torch.cat(list(pixels[i]), dim=2) if video else pixels[i]
             Image.fromarray(strip.permute(1, 2, 0).numpy()).save(path)
             command = [args.sdlite, "fidelity", "--image", path, "--prompt", cap] + (["--frames", str(FRAMES)] if video else [])
             right = "shape: ok" in subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            for key in keys:
+            for key in (scenes.SHAPES[shape_index(cap)], size_class(cap)):
                 counts = tally[kind].setdefault(key, [0, 0])
                 counts[0] += right
                 counts[1] += 1
@@ -182,6 +219,11 @@ def main():
     ap.add_argument("--out", help="roundtrip: a folder for the strips; denoise: the grid's PNG path")
     ap.add_argument("--sdlite", default="sdlite", help="roundtrip: the sdlite binary that scores the strips")
     ap.add_argument("--count", type=int, help="how many scenes (roundtrip: 120, attention: 8)")
+    ap.add_argument(
+        "--shape-code",
+        action="store_true",
+        help="roundtrip: the clip autoencoder was trained with train_wan.py --shape-code; also read its code back, and score decodes with the true code (as the DiT learns them), with it and blurred detail, and with the code of another shape",
+    )
     ap.add_argument("--guidance", type=float, default=5.0, help="denoise: classifier-free guidance scale (1: none)")
     args = ap.parse_args()
     if args.check != "attention" and not args.out:

@@ -48,6 +48,8 @@ Z_DIM = 8
 TEXT_LEN = 512  # the pipeline's text length
 PROMPT_TOKENS = 32  # every caption of the grammar fits (checked)
 VOCAB_MAX = 256  # an upper bound: the fitted vocabulary stops at what the grammar needs
+SHAPE_CHANNELS = 2  # the latent channels --shape-code gives over to the object's shape
+SHAPE_CODE_RADIUS = 3.0  # about twice the shipped latents' spread (std 0.9-2.9 a channel)
 
 
 def make_vae():
@@ -111,7 +113,7 @@ def train_vae(args, device):
     params = decoder_parameters(vae) if tune else list(vae.parameters())
     frames = FRAMES if tune else args.frames
     n = 256 if args.quick else 16000 * VAE_FRAMES // frames
-    _, clips = render_dataset(n, SEED + 11, device, frames=frames)
+    caps, clips = render_dataset(n, SEED + 11, device, frames=frames)
     steps, batch = (10, 4) if args.quick else (args.steps or 6000, args.batch or 48 * VAE_FRAMES // frames)
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     g = torch.Generator(device=device).manual_seed(SEED + 12)
@@ -120,25 +122,39 @@ def train_vae(args, device):
         steps = budget.steps(step, steps)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, 200, 1e-3)
-        x = as_video(clips[torch.randint(0, n, (batch,), device=device, generator=g)])
+        pick = torch.randint(0, n, (batch,), device=device, generator=g)
+        x = as_video(clips[pick])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             with torch.set_grad_enabled(not tune):
                 post = vae.encode(x).latent_dist
-            recon = vae.decode(post.sample(generator=g)).sample
+            z = post.sample(generator=g)
+            if args.shape_code:
+                # The decoder always learns from the true code; the encoder learns to write it.
+                code = true_code([caps[i] for i in pick.tolist()], clips[pick], vae)
+                z = with_code(z, code)
+            if args.blur_detail:
+                z = blur_detail(z, torch.rand(batch, device=device, generator=g) < args.blur_detail)
+            recon = vae.decode(z).sample
         rec = F.mse_loss(recon.float(), x) + 0.5 * F.l1_loss(recon.float(), x)
         loss = rec if tune else rec + 1e-4 * post.kl().mean() / x[0].numel()
         if args.edge_weight:
             loss = loss + args.edge_weight * outline_l1(recon.float(), x)
+        figures = {}
+        if args.shape_code:
+            figures["shape_code"] = F.mse_loss(post.mean[:, -SHAPE_CHANNELS:].float(), code)
+            loss = loss + args.shape_code * figures["shape_code"]
         update(opt, loss, params)
         if step % 100 == 0 or step == steps - 1:
-            log_loss(history, step, rec.item(), started)
+            log_loss(history, step, rec.item(), started, **{name: value.item() for name, value in figures.items()})
         step += 1
     vae.eval()
     # The latent statistics the pipeline normalises with, from full-length clips.
-    _, clips = render_dataset(64 if args.quick else 512, SEED + 13, device, frames=FRAMES)
+    caps, clips = render_dataset(64 if args.quick else 512, SEED + 13, device, frames=FRAMES)
     with torch.no_grad():
         x = as_video(clips)
         lat = torch.cat([vae.encode(x[i : i + 64]).latent_dist.mode() for i in range(0, len(x), 64)])
+        if args.shape_code:
+            lat = with_code(lat, true_code(caps, clips, vae))
         mean, std = lat.mean(dim=(0, 2, 3, 4)), lat.std(dim=(0, 2, 3, 4))
         if not tune:
             vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
@@ -149,6 +165,47 @@ def train_vae(args, device):
     vae.save_pretrained(os.path.join(args.out, "vae"), safe_serialization=True)
     with open(os.path.join(args.out, "losses-wan-decoder.json" if tune else "losses-wan-vae.json"), "w") as f:
         json.dump(history, f)
+
+
+def shape_index(caption):
+    """The index in scenes.SHAPES of the shape a caption names."""
+    return next(i for i, s in enumerate(scenes.SHAPES) if s in caption)
+
+
+def shape_code_target(shapes, objects):
+    """What --shape-code asks of the last SHAPE_CHANNELS latent channels: at the positions an
+    object covers (`objects`, object_mask's), its shape's point on a circle of radius
+    SHAPE_CODE_RADIUS (one point per shape, evenly spread); zero elsewhere. The shape then
+    lies in the latent the way a colour does, constant over the object, which a DiT learns
+    from the prompt with ease; its outline is a few latent pixels' detail, which it does not."""
+    angle = 2 * math.pi * shapes.float() / len(scenes.SHAPES)
+    code = SHAPE_CODE_RADIUS * torch.stack([angle.cos(), angle.sin()], dim=1)
+    return code[:, :, None, None, None] * objects[:, None].float()
+
+
+def true_code(captions, clips, vae):
+    """The code channels the scenes call for: each caption's shape over where its uint8 clip
+    (n, frames, 3, h, w) shows the object. The generator knows every scene, so the decoder and
+    the DiT learn from these rather than from what the encoder makes of the pixels."""
+    shapes = torch.tensor([shape_index(c) for c in captions], device=clips.device)
+    return shape_code_target(shapes, object_mask(clips, vae.config.scale_factor_spatial, vae.config.scale_factor_temporal))
+
+
+def with_code(z, code):
+    """Latents with their last SHAPE_CHANNELS channels replaced by `code`."""
+    return torch.cat([z[:, :-SHAPE_CHANNELS], code.to(z.dtype)], dim=1)
+
+
+def blur_detail(z, which):
+    """Latents with their detail channels (all but the shape code's) blurred over 3x3
+    positions in the clips `which` selects: decoding those, the decoder learns to draw the
+    outline from the code when the detail is rounded, as a DiT's is."""
+    detail = z[:, :-SHAPE_CHANNELS]
+    n, c, t, h, w = detail.shape
+    frames = detail.permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
+    blurred = F.avg_pool2d(frames, 3, stride=1, padding=1, count_include_pad=False).view(n, t, c, h, w).permute(0, 2, 1, 3, 4)
+    detail = torch.where(which[:, None, None, None, None], blurred, detail)
+    return torch.cat([detail, z[:, -SHAPE_CHANNELS:]], dim=1)
 
 
 def object_mask(clips, space, time):
@@ -165,7 +222,7 @@ def object_mask(clips, space, time):
     return torch.cat([blocks[:, :1], later], dim=1) > 0
 
 
-def encode_clips(vae, n, seed, device, chunk=512):
+def encode_clips(vae, n, seed, device, chunk=512, shape_code=False):
     """Captions, normalised VAE latents (n, z, 5, 16, 16) and object masks (n, 5, 16, 16) of
     n training clips, rendered and encoded a chunk at a time (the pixels of all of them would
     not fit)."""
@@ -177,6 +234,8 @@ def encode_clips(vae, n, seed, device, chunk=512):
         with torch.no_grad():
             x = as_video(clips)
             z = torch.cat([vae.encode(x[i : i + 128]).latent_dist.mode() for i in range(0, len(x), 128)])
+            if shape_code:
+                z = with_code(z, true_code(c, clips, vae))
         caps += c
         lats.append(((z - mean) / std).to(torch.bfloat16))
         masks.append(object_mask(clips, vae.config.scale_factor_spatial, vae.config.scale_factor_temporal))
@@ -284,7 +343,7 @@ def train_dit(args, device):
     te, dit = te.to(device).train(), dit.to(device).train()
 
     n = 256 if args.quick else args.clips or 40000
-    caps, lat, objects = encode_clips(vae, n, SEED + 21 + 1000 * args.run, device)
+    caps, lat, objects = encode_clips(vae, n, SEED + 21 + 1000 * args.run, device, shape_code=bool(args.shape_code))
     if args.clips:
         with open(os.path.join(args.out, "captions.txt"), "w") as f:
             f.write("\n".join(caps) + "\n")
@@ -411,6 +470,18 @@ def main():
         help="phase vae: also match the clips' pixel differences (outlines) at this weight, as an L1 loss",
     )
     ap.add_argument(
+        "--shape-code",
+        type=float,
+        default=0.0,
+        help="phase vae, encoder trained: the last latent channels hold a code of the object's shape over the object, zero elsewhere (shape_code_target); the decoder learns from the true code, the encoder learns to write it at this weight. Phase dit: any non-zero value says the --vae was trained so, and the DiT learns from the true code",
+    )
+    ap.add_argument(
+        "--blur-detail",
+        type=float,
+        default=0.0,
+        help="phase vae: decode this fraction of clips from latents whose detail channels are blurred (blur_detail), so the decoder draws outlines from the shape code",
+    )
+    ap.add_argument(
         "--images",
         type=int,
         default=0,
@@ -443,6 +514,8 @@ def main():
         ap.error("--depth deepens a trained DiT: give it with phase dit and --init")
     if (args.heads or args.head_dim) and not (args.phase == "dit" and not args.init):
         ap.error("--heads and --head-dim shape a new DiT: give them with phase dit and without --init")
+    if args.shape_code and args.phase == "vae" and args.decoder_of:
+        ap.error("--shape-code shapes the latent the encoder writes: give it without --decoder-of")
     if args.phase == "vae" and args.decoder_of and args.init:
         ap.error("--decoder-of tunes one autoencoder's decoder, --init continues a whole one: give one of them")
     os.makedirs(args.out, exist_ok=True)
