@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests", "reference"))
 
 import scenes  # noqa: E402
 from train_wan import (  # noqa: E402
+    BLUR_SIZE,
     FRAMES,
     PROMPT_TOKENS,
     SHAPE_CHANNELS,
@@ -101,9 +102,11 @@ def roundtrip(args):
             print(f"shape code read back from the encoder's latents: {right}/{len(caps)}")
             true = with_code(z, shape_code_target(shapes, objects))
             kinds["true code"] = (decode(true), caps)
-            kinds["blurred"] = (decode(blur_detail(true, torch.ones(len(caps), dtype=torch.bool))), caps)
+            # Blurred detail stands for a DiT's rounded outlines: the code should then decide.
+            blurred = blur_detail(true, torch.ones(len(caps), dtype=torch.bool), args.blur_size)
+            kinds["blurred"] = (decode(blurred), caps)
             other = (shapes + 1) % len(scenes.SHAPES)
-            coded = with_code(z, shape_code_target(other, objects))
+            coded = with_code(blurred, shape_code_target(other, objects))
             kinds["code swapped"] = (decode(coded), [swapped(c, scenes.SHAPES)[o] for c, o in zip(caps, other.tolist())])
     tally = {kind: {} for kind in kinds}
     for kind, (pixels, captions) in kinds.items():
@@ -220,9 +223,15 @@ def main():
     ap.add_argument("--sdlite", default="sdlite", help="roundtrip: the sdlite binary that scores the strips")
     ap.add_argument("--count", type=int, help="how many scenes (roundtrip: 120, attention: 8)")
     ap.add_argument(
+        "--blur-size",
+        type=int,
+        default=BLUR_SIZE,
+        help="roundtrip --shape-code: the blur's window in latent pixels (as the autoencoder was trained with)",
+    )
+    ap.add_argument(
         "--shape-code",
         action="store_true",
-        help="roundtrip: the clip autoencoder was trained with train_wan.py --shape-code; also read its code back, and score decodes with the true code (as the DiT learns them), with it and blurred detail, and with the code of another shape",
+        help="roundtrip: the clip autoencoder was trained with train_wan.py --shape-code; also read its code back, and score decodes with the true code (as the DiT learns them), with it and blurred detail, and with blurred detail and another shape's code",
     )
     ap.add_argument("--guidance", type=float, default=5.0, help="denoise: classifier-free guidance scale (1: none)")
     args = ap.parse_args()

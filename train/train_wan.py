@@ -50,6 +50,7 @@ PROMPT_TOKENS = 32  # every caption of the grammar fits (checked)
 VOCAB_MAX = 256  # an upper bound: the fitted vocabulary stops at what the grammar needs
 SHAPE_CHANNELS = 2  # the latent channels --shape-code gives over to the object's shape
 SHAPE_CODE_RADIUS = 3.0  # about twice the shipped latents' spread (std 0.9-2.9 a channel)
+BLUR_SIZE = 3  # blur_detail's window, latent pixels, unless --blur-size says otherwise
 
 
 def make_vae():
@@ -133,7 +134,7 @@ def train_vae(args, device):
                 code = true_code([caps[i] for i in pick.tolist()], clips[pick], vae)
                 z = with_code(z, code)
             if args.blur_detail:
-                z = blur_detail(z, torch.rand(batch, device=device, generator=g) < args.blur_detail)
+                z = blur_detail(z, torch.rand(batch, device=device, generator=g) < args.blur_detail, args.blur_size)
             recon = vae.decode(z).sample
         rec = F.mse_loss(recon.float(), x) + 0.5 * F.l1_loss(recon.float(), x)
         loss = rec if tune else rec + 1e-4 * post.kl().mean() / x[0].numel()
@@ -196,14 +197,14 @@ def with_code(z, code):
     return torch.cat([z[:, :-SHAPE_CHANNELS], code.to(z.dtype)], dim=1)
 
 
-def blur_detail(z, which):
-    """Latents with their detail channels (all but the shape code's) blurred over 3x3
+def blur_detail(z, which, size):
+    """Latents with their detail channels (all but the shape code's) blurred over size x size
     positions in the clips `which` selects: decoding those, the decoder learns to draw the
     outline from the code when the detail is rounded, as a DiT's is."""
     detail = z[:, :-SHAPE_CHANNELS]
     n, c, t, h, w = detail.shape
     frames = detail.permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
-    blurred = F.avg_pool2d(frames, 3, stride=1, padding=1, count_include_pad=False).view(n, t, c, h, w).permute(0, 2, 1, 3, 4)
+    blurred = F.avg_pool2d(frames, size, stride=1, padding=size // 2, count_include_pad=False).view(n, t, c, h, w).permute(0, 2, 1, 3, 4)
     detail = torch.where(which[:, None, None, None, None], blurred, detail)
     return torch.cat([detail, z[:, -SHAPE_CHANNELS:]], dim=1)
 
@@ -481,6 +482,7 @@ def main():
         default=0.0,
         help="phase vae: decode this fraction of clips from latents whose detail channels are blurred (blur_detail), so the decoder draws outlines from the shape code",
     )
+    ap.add_argument("--blur-size", type=int, default=BLUR_SIZE, help="phase vae: --blur-detail's window in latent pixels (odd)")
     ap.add_argument(
         "--images",
         type=int,
