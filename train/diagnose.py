@@ -97,7 +97,7 @@ def roundtrip(args):
         kinds = {"render": (renders, caps), "vae": (decode(z), caps)}
         if args.shape_code:
             shapes = torch.tensor([shape_index(c) for c in caps])
-            objects = object_mask(renders, vae.config.scale_factor_spatial, vae.config.scale_factor_temporal)
+            objects = object_mask(renders, vae)
             right = (code_read_back(z, objects) == shapes).sum().item()
             print(f"shape code read back from the encoder's latents: {right}/{len(caps)}")
             true = with_code(z, shape_code_target(shapes, objects))

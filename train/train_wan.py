@@ -131,7 +131,7 @@ def train_vae(args, device):
             z = post.sample(generator=g)
             if args.shape_code:
                 # The decoder always learns from the true code; the encoder learns to write it.
-                code = true_code([caps[i] for i in pick.tolist()], clips[pick], vae)
+                code = true_code([caps[i] for i in pick.tolist()], object_mask(clips[pick], vae))
                 z = with_code(z, code)
             if args.blur_detail:
                 z = blur_detail(z, torch.rand(batch, device=device, generator=g) < args.blur_detail, args.blur_size)
@@ -155,7 +155,7 @@ def train_vae(args, device):
         x = as_video(clips)
         lat = torch.cat([vae.encode(x[i : i + 64]).latent_dist.mode() for i in range(0, len(x), 64)])
         if args.shape_code:
-            lat = with_code(lat, true_code(caps, clips, vae))
+            lat = with_code(lat, true_code(caps, object_mask(clips, vae)))
         mean, std = lat.mean(dim=(0, 2, 3, 4)), lat.std(dim=(0, 2, 3, 4))
         if not tune:
             vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
@@ -184,12 +184,12 @@ def shape_code_target(shapes, objects):
     return code[:, :, None, None, None] * objects[:, None].float()
 
 
-def true_code(captions, clips, vae):
-    """The code channels the scenes call for: each caption's shape over where its uint8 clip
-    (n, frames, 3, h, w) shows the object. The generator knows every scene, so the decoder and
+def true_code(captions, objects):
+    """The code channels the scenes call for: each caption's shape over the latent positions
+    its clip's object covers (`objects`, object_mask's). The generator knows every scene, so the decoder and
     the DiT learn from these rather than from what the encoder makes of the pixels."""
-    shapes = torch.tensor([shape_index(c) for c in captions], device=clips.device)
-    return shape_code_target(shapes, object_mask(clips, vae.config.scale_factor_spatial, vae.config.scale_factor_temporal))
+    shapes = torch.tensor([shape_index(c) for c in captions], device=objects.device)
+    return shape_code_target(shapes, objects)
 
 
 def with_code(z, code):
@@ -201,6 +201,8 @@ def blur_detail(z, which, size):
     """Latents with their detail channels (all but the shape code's) blurred over size x size
     positions in the clips `which` selects: decoding those, the decoder learns to draw the
     outline from the code when the detail is rounded, as a DiT's is."""
+    if size % 2 == 0:
+        raise SystemExit(f"--blur-size {size}: the window needs a centre, give an odd size")
     detail = z[:, :-SHAPE_CHANNELS]
     n, c, t, h, w = detail.shape
     frames = detail.permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
@@ -209,12 +211,13 @@ def blur_detail(z, which, size):
     return torch.cat([detail, z[:, -SHAPE_CHANNELS:]], dim=1)
 
 
-def object_mask(clips, space, time):
-    """Which latent positions an object covers: (n, latent frames, h / space, w / space)
-    bools for uint8 clips (n, frames, 3, h, w). A position is set when any pixel of its
-    space x space block, in any frame it encodes (the first frame alone, then `time` at a
-    time, as the causal VAE groups them), is far from the background, the median of the
-    first frame's top row."""
+def object_mask(clips, vae):
+    """Which latent positions of `vae` an object covers: (n, latent frames, h / space, w /
+    space) bools for uint8 clips (n, frames, 3, h, w), space and time being the VAE's scale
+    factors. A position is set when any pixel of its space x space block, in any frame it
+    encodes (the first frame alone, then `time` at a time, as the causal VAE groups them), is
+    far from the background, the median of the first frame's top row."""
+    space, time = vae.config.scale_factor_spatial, vae.config.scale_factor_temporal
     background = clips[:, 0, :, 0, :].float().median(dim=-1).values
     far = (clips.float() - background[:, None, :, None, None]).abs().amax(dim=2) > 24
     n, frames, h, w = far.shape
@@ -235,11 +238,12 @@ def encode_clips(vae, n, seed, device, chunk=512, shape_code=False):
         with torch.no_grad():
             x = as_video(clips)
             z = torch.cat([vae.encode(x[i : i + 128]).latent_dist.mode() for i in range(0, len(x), 128)])
-            if shape_code:
-                z = with_code(z, true_code(c, clips, vae))
+        objects = object_mask(clips, vae)
+        if shape_code:
+            z = with_code(z, true_code(c, objects))
         caps += c
         lats.append(((z - mean) / std).to(torch.bfloat16))
-        masks.append(object_mask(clips, vae.config.scale_factor_spatial, vae.config.scale_factor_temporal))
+        masks.append(objects)
     return caps, torch.cat(lats), torch.cat(masks)
 
 
