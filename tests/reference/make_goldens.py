@@ -85,7 +85,7 @@ def token_ids(tok):
 
 def write_pipeline_index(root, pipeline_class, sched_cfg, **components):
     """model_index.json and scheduler/scheduler_config.json of a diffusers pipeline folder."""
-    os.makedirs(os.path.join(root, "scheduler"))
+    os.makedirs(os.path.join(root, "scheduler"), exist_ok=True)
     with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(sched_cfg, f, indent=2)
     index = {"_class_name": pipeline_class, "scheduler": ["diffusers", sched_cfg["_class_name"]], **components}
