@@ -346,6 +346,8 @@ def train_dit(args, device):
         shape = {name: value for name, value in (("heads", args.heads), ("head_dim", args.head_dim)) if value}
         te, dit = make_text_encoder(len(tok)), make_transformer(**shape)
     te, dit = te.to(device).train(), dit.to(device).train()
+    # The compiled forward shares dit's parameters: the optimiser, the EMA and the save see one model.
+    forward = torch.compile(dit) if args.compile else dit
 
     n = 256 if args.quick else args.clips or 40000
     caps, lat, objects = encode_clips(vae, n, SEED + 21 + 1000 * args.run, device, shape_code=bool(args.shape_code))
@@ -380,7 +382,7 @@ def train_dit(args, device):
         xt = (1 - s) * x0 + s * noise
         probe = PromptAttention(dit, prompt_rows(b_mask)) if measure_attention else contextlib.nullcontext([])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), probe as shares:
-            pred = dit(xt, sigma * 1000, text_context(te, b_ids, b_mask)).sample
+            pred = forward(xt, sigma * 1000, text_context(te, b_ids, b_mask)).sample
         err = (pred.float() - (noise - x0)) ** 2
         if args.object_weight:
             weight = 1 + args.object_weight * objects[pick, None, :frames].float()
@@ -513,6 +515,11 @@ def main():
     ap.add_argument("--heads", type=int, help="phase dit from scratch: attention heads (default 4)")
     ap.add_argument("--head-dim", type=int, help="phase dit from scratch: width of a head, default 32 (the DiT's width is heads x this)")
     ap.add_argument("--depth", type=int, help="phase dit with --init: deepen the DiT to this many blocks (a multiple of its own)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="phase dit: run the DiT's forward through torch.compile (fused kernels; the first steps wait for the compiler)",
+    )
     ap.add_argument("--run", type=int, default=0, help="phase dit: a continued run's number, so it draws fresh clips and noise")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -520,6 +527,8 @@ def main():
         ap.error("--depth deepens a trained DiT: give it with phase dit and --init")
     if (args.heads or args.head_dim) and not (args.phase == "dit" and not args.init):
         ap.error("--heads and --head-dim shape a new DiT: give them with phase dit and without --init")
+    if args.compile and (args.phase != "dit" or args.prompt_attention):
+        ap.error("--compile serves phase dit, and not with --prompt-attention, whose forward hooks it was not tried with")
     if args.shape_code and args.phase == "vae" and args.decoder_of:
         ap.error("--shape-code shapes the latent the encoder writes: give it without --decoder-of")
     if args.phase == "vae" and args.decoder_of and args.init:
