@@ -16,7 +16,8 @@ Training choices, and why:
   decoder unable to decode past frame 10 until tuned on 17 (`--decoder-of`); from scratch,
   pass `--frames 17`;
 - the DiT learns Wan's flow matching (velocity noise - x0 at sigma = t / 1000) on uniform
-  sigmas; sampling uses the release's UniPC with shift 3;
+  sigmas (`--logit-normal`: SD3's logit-normal ones); sampling uses the release's UniPC with
+  shift 3;
 - the text encoder sees the prompt's tokens only and its output is zero past the prompt and
   padded to 512 rows, exactly what the pipeline feeds the DiT;
 - the caption is dropped (empty prompt) 10% of the time, so classifier-free guidance works;
@@ -376,7 +377,11 @@ def train_dit(args, device):
         drop = (torch.rand(count, device=device, generator=g) < 0.1)[:, None]
         b_ids = torch.where(drop, empty_ids, ids[pick])
         b_mask = torch.where(drop, empty_mask, mask[pick])
-        sigma = torch.rand(count, device=device, generator=g)
+        if args.logit_normal:
+            # SD3's logit-normal sigmas: fewer near 0 and 1, more where an outline is decided.
+            sigma = torch.sigmoid(torch.randn(count, device=device, generator=g))
+        else:
+            sigma = torch.rand(count, device=device, generator=g)
         noise = torch.randn(x0.shape, device=device, generator=g)
         s = sigma[:, None, None, None, None]
         xt = (1 - s) * x0 + s * noise
@@ -516,6 +521,11 @@ def main():
     ap.add_argument("--head-dim", type=int, help="phase dit from scratch: width of a head, default 32 (the DiT's width is heads x this)")
     ap.add_argument("--depth", type=int, help="phase dit with --init: deepen the DiT to this many blocks (a multiple of its own)")
     ap.add_argument(
+        "--logit-normal",
+        action="store_true",
+        help="phase dit: draw the training sigmas as sigmoid(N(0, 1)) instead of uniformly (more of them at mid noise, where the DiT blurs outlines into blobs)",
+    )
+    ap.add_argument(
         "--compile",
         action="store_true",
         help="phase dit: run the DiT's forward through torch.compile (fused kernels; the first steps wait for the compiler)",
@@ -527,6 +537,8 @@ def main():
         ap.error("--depth deepens a trained DiT: give it with phase dit and --init")
     if (args.heads or args.head_dim) and not (args.phase == "dit" and not args.init):
         ap.error("--heads and --head-dim shape a new DiT: give them with phase dit and without --init")
+    if args.logit_normal and args.phase != "dit":
+        ap.error("--logit-normal draws the DiT's training sigmas: give it with phase dit")
     if args.compile and (args.phase != "dit" or args.prompt_attention):
         ap.error("--compile serves phase dit, and not with --prompt-attention, whose forward hooks it was not tried with")
     if args.shape_code and args.phase == "vae" and args.decoder_of:
