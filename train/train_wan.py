@@ -69,6 +69,20 @@ def make_vae():
     )
 
 
+def with_new_decoder(folder, base_dim):
+    """The autoencoder in `folder` with a fresh decoder of base width `base_dim`; the encoder
+    side is kept, so the latents, their statistics and a DiT trained on them stay valid."""
+    from diffusers import AutoencoderKLWan
+
+    old = AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32)
+    new = AutoencoderKLWan.from_config({**old.config, "decoder_base_dim": base_dim})
+    kept = {k: v for k, v in old.state_dict().items() if not k.startswith("decoder.")}
+    missing, unexpected = new.load_state_dict(kept, strict=False)
+    if unexpected or not all(k.startswith("decoder.") for k in missing):
+        raise SystemExit(f"{folder}: the encoder side does not fit the new autoencoder (unexpected {unexpected}, missing {missing})")
+    return new
+
+
 def make_transformer(heads=4, head_dim=32):
     from diffusers import WanTransformer3DModel
 
@@ -104,14 +118,21 @@ def as_video(clips):
 def train_vae(args, device):
     """The whole autoencoder on 9-frame clips (from scratch, or continuing --init, whose
     latent statistics are then measured anew); or, with --decoder-of, that autoencoder's
-    decoder alone on full-length clips with the encoder frozen, so the latent space (and the
-    statistics a trained DiT normalises with) stays as it is."""
+    decoder alone (or a fresh one, --decoder-base-dim) on full-length clips with the encoder
+    frozen, so the latent space (and the statistics a trained DiT normalises with) stays as
+    it is."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(SEED + 10)
     tune = args.decoder_of is not None
     start = args.decoder_of or args.init
-    vae = (AutoencoderKLWan.from_pretrained(start, torch_dtype=torch.float32) if start else make_vae()).to(device).train()
+    if args.decoder_base_dim:
+        vae = with_new_decoder(start, args.decoder_base_dim)
+    elif start:
+        vae = AutoencoderKLWan.from_pretrained(start, torch_dtype=torch.float32)
+    else:
+        vae = make_vae()
+    vae = vae.to(device).train()
     params = decoder_parameters(vae) if tune else list(vae.parameters())
     frames = FRAMES if tune else args.frames
     n = 256 if args.quick else 16000 * VAE_FRAMES // frames
@@ -474,6 +495,11 @@ def main():
     ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (phase dit)")
     ap.add_argument("--budget-s", type=float, help="cap the training loop's seconds")
     ap.add_argument("--batch", type=int, help="clips per step (default: 256 for the DiT; 432 frames' worth for the VAE)")
+    ap.add_argument(
+        "--decoder-base-dim",
+        type=int,
+        help="phase vae with --decoder-of: train a fresh decoder of this base width (the shipped one's is 16) instead of tuning the old one",
+    )
     ap.add_argument("--frames", type=int, default=VAE_FRAMES, help="phase vae: clip length the whole autoencoder learns on (1 + 4k)")
     ap.add_argument(
         "--edge-weight",
@@ -541,6 +567,8 @@ def main():
         ap.error("--logit-normal draws the DiT's training sigmas: give it with phase dit")
     if args.compile and (args.phase != "dit" or args.prompt_attention):
         ap.error("--compile serves phase dit, and not with --prompt-attention, whose forward hooks it was not tried with")
+    if args.decoder_base_dim and not (args.phase == "vae" and args.decoder_of):
+        ap.error("--decoder-base-dim gives an autoencoder a new decoder: give it with phase vae and --decoder-of")
     if args.shape_code and args.phase == "vae" and args.decoder_of:
         ap.error("--shape-code shapes the latent the encoder writes: give it without --decoder-of")
     if args.phase == "vae" and args.decoder_of and args.init:
