@@ -40,6 +40,7 @@ from train_wan import (  # noqa: E402
     PromptAttention,
     as_video,
     blur_detail,
+    blur_window,
     object_mask,
     prompt_rows,
     shape_code_target,
@@ -224,7 +225,7 @@ def main():
     ap.add_argument("--count", type=int, help="how many scenes (roundtrip: 120, attention: 8)")
     ap.add_argument(
         "--blur-size",
-        type=int,
+        type=blur_window,
         default=BLUR_SIZE,
         help="roundtrip --shape-code: the blur's window in latent pixels (as the autoencoder was trained with)",
     )

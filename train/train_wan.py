@@ -219,12 +219,19 @@ def with_code(z, code):
     return torch.cat([z[:, :-SHAPE_CHANNELS], code.to(z.dtype)], dim=1)
 
 
+def blur_window(text):
+    """--blur-size's argparse type: blur_detail's window needs a centre, so an odd size, checked
+    before any clip is rendered."""
+    size = int(text)
+    if size < 1 or size % 2 == 0:
+        raise argparse.ArgumentTypeError(f"{text}: the window needs a centre, give an odd size")
+    return size
+
+
 def blur_detail(z, which, size):
     """Latents with their detail channels (all but the shape code's) blurred over size x size
     positions in the clips `which` selects: decoding those, the decoder learns to draw the
     outline from the code when the detail is rounded, as a DiT's is."""
-    if size % 2 == 0:
-        raise SystemExit(f"--blur-size {size}: the window needs a centre, give an odd size")
     detail = z[:, :-SHAPE_CHANNELS]
     n, c, t, h, w = detail.shape
     frames = detail.permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
@@ -519,7 +526,7 @@ def main():
         default=0.0,
         help="phase vae: decode this fraction of clips from latents whose detail channels are blurred (blur_detail), so the decoder draws outlines from the shape code",
     )
-    ap.add_argument("--blur-size", type=int, default=BLUR_SIZE, help="phase vae: --blur-detail's window in latent pixels (odd)")
+    ap.add_argument("--blur-size", type=blur_window, default=BLUR_SIZE, help="phase vae: --blur-detail's window in latent pixels (odd)")
     ap.add_argument(
         "--images",
         type=int,
