@@ -130,8 +130,10 @@ def wan_scenes(model, rows):
     """The sdlite-tiny-wan pipeline of `model`, and `rows` unseen clips: their captions,
     renders and normalised true latents (what the DiT is trained to draw)."""
     from diffusers import WanPipeline
+    from int8 import dequantized_copy
 
-    pipe = WanPipeline.from_pretrained(model, torch_dtype=torch.float32)
+    # The shipped DiT is stored int8, which from_pretrained cannot read.
+    pipe = WanPipeline.from_pretrained(dequantized_copy(model), torch_dtype=torch.float32)
     vae = pipe.vae
     caps, clips = render_dataset(rows, SEED, "cpu", frames=FRAMES)
     mean = torch.tensor(vae.config.latents_mean)[None, :, None, None, None]

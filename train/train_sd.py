@@ -143,8 +143,11 @@ def train_unet(args, device):
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        te = CLIPTextModel.from_pretrained(os.path.join(args.init, "text_encoder"), torch_dtype=torch.float32)
-        unet = UNet2DConditionModel.from_pretrained(os.path.join(args.init, "unet"), torch_dtype=torch.float32)
+        from int8 import dequantized_copy
+
+        init = dequantized_copy(args.init)  # the shipped UNet is stored int8, which from_pretrained cannot read
+        te = CLIPTextModel.from_pretrained(os.path.join(init, "text_encoder"), torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(init, "unet"), torch_dtype=torch.float32)
     else:
         te, unet = make_text_encoder(vocab), make_unet()
     te, unet = te.to(device).train(), unet.to(device).train()

@@ -367,8 +367,11 @@ def train_dit(args, device):
         from diffusers import WanTransformer3DModel
         from transformers import UMT5EncoderModel
 
-        te = UMT5EncoderModel.from_pretrained(os.path.join(args.init, "text_encoder"), torch_dtype=torch.float32)
-        dit = WanTransformer3DModel.from_pretrained(os.path.join(args.init, "transformer"), torch_dtype=torch.float32)
+        from int8 import dequantized_copy
+
+        init = dequantized_copy(args.init)  # the shipped DiT is stored int8, which from_pretrained cannot read
+        te = UMT5EncoderModel.from_pretrained(os.path.join(init, "text_encoder"), torch_dtype=torch.float32)
+        dit = WanTransformer3DModel.from_pretrained(os.path.join(init, "transformer"), torch_dtype=torch.float32)
         if args.depth:
             deepen(dit, args.depth)
     else:
