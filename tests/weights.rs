@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use sdlite_runtime::models::denoiser::DenoiserLoad;
 use sdlite_runtime::models::unet::UNet;
-use sdlite_runtime::source::{DirSource, Source};
+use sdlite_runtime::source::{DirSource, MemorySource, Source};
 use sdlite_runtime::weights::{Params, Weights};
 use sdlite_runtime::{Backend, CpuBackend, DType, HostData};
 
@@ -180,6 +180,63 @@ fn sharded_checkpoints_load_through_their_index() {
     let err = open_err(&lying);
     assert!(err.contains("`w`") && err.contains("does not hold"), "{err}");
     drop(a);
+}
+
+/// An int8 checkpoint split over shards, each tensor beside its scale (how the built-in
+/// models keep every file small), loads the same from a folder on disk and from files in
+/// memory (the browser); a shard missing from memory or an index that puts a tensor in the
+/// wrong shard is an error naming it.
+#[test]
+fn sharded_int8_folders_load_from_disk_and_from_memory() {
+    let folder = temp("sharded-int8");
+    let component = folder.join("transformer");
+    std::fs::create_dir_all(&component).unwrap();
+    let mut first: Vec<u8> = [-127i8, 5, 64, 127].iter().map(|&v| v as u8).collect();
+    first.extend_from_slice(HostData::from_f32(DType::F16, vec![0.5, -0.125]).as_bytes());
+    let shard_header = r#"{"w":{"dtype":"I8","shape":[2,2],"data_offsets":[0,4]},
+        "w_scale":{"dtype":"F16","shape":[2,1],"data_offsets":[4,8]}}"#;
+    let shard_1 = write_raw("sharded-int8/transformer/m-00001-of-00002.safetensors", shard_header, &first);
+    let shard_2 = write_raw(
+        "sharded-int8/transformer/m-00002-of-00002.safetensors",
+        r#"{"b":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+        &[3.0f32, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>(),
+    );
+    let index_name = "diffusion_pytorch_model.safetensors.index.json";
+    let index = |b_shard: &str| {
+        format!(
+            r#"{{"metadata":{{"total_size":16}},"weight_map":{{"w":"m-00001-of-00002.safetensors",
+            "w_scale":"m-00001-of-00002.safetensors","b":"{b_shard}"}}}}"#
+        )
+    };
+    std::fs::write(component.join(index_name), index("m-00002-of-00002.safetensors")).unwrap();
+
+    let mut memory = MemorySource::default();
+    for file in [&shard_1, &shard_2, &component.join(index_name)] {
+        let name = format!("transformer/{}", file.file_name().unwrap().to_str().unwrap());
+        memory.files.insert(name, std::fs::read(file).unwrap().into());
+    }
+    let disk = DirSource(folder.clone()).weights("transformer").unwrap();
+    for w in [&disk, &memory.weights("transformer").unwrap()] {
+        assert_eq!(w.load("w", &[2, 2], DType::F32).unwrap().to_f32(), [-63.5, 2.5, -8.0, -15.875]);
+        assert_eq!(w.load("b", &[2], DType::F32).unwrap().to_f32(), [3.0, 4.0]);
+        let mut names: Vec<&str> = w.names().collect();
+        names.sort_unstable();
+        assert_eq!(names, ["b", "w"]);
+    }
+
+    let wrong = index("m-00001-of-00002.safetensors");
+    memory.files.insert(format!("transformer/{index_name}"), wrong.as_bytes().into());
+    let err = memory.weights("transformer").err().expect("fails").to_string();
+    assert!(
+        err.contains("`b`") && err.contains("m-00001-of-00002.safetensors") && err.contains("does not hold"),
+        "{err}"
+    );
+    memory.files.remove("transformer/m-00001-of-00002.safetensors");
+    let err = memory.weights("transformer").err().expect("fails").to_string();
+    assert!(
+        err.contains("transformer/m-00001-of-00002.safetensors") && err.contains("missing"),
+        "{err}"
+    );
 }
 
 #[test]

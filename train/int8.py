@@ -8,9 +8,15 @@ runtime/src/weights.rs): `q * scale` in f32, rounded once to the scale's dtype. 
 cannot read the file, so `dequantized_copy` gives it a copy of a model folder dequantized
 the same way, bit for bit, and the reference outputs come from the weights the runtime runs.
 
+An output larger than SHARD_BYTES is written as shards with a diffusers index beside them
+(`OUT-00001-of-00002.safetensors` ..., `OUT.index.json`), each tensor in the same shard as
+its scale (the runtime dequantizes file by file), so no file the repository tracks is large.
+
 Usage: python train/int8.py IN.safetensors OUT.safetensors    (OUT may be IN)
 """
 
+import glob
+import json
 import os
 import shutil
 import sys
@@ -19,6 +25,8 @@ import tempfile
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
+
+SHARD_BYTES = 7 << 19  # 3.5 MiB: under the 4 MiB a tracked file may take
 
 
 def quantize(tensors):
@@ -55,9 +63,50 @@ def metadata(path):
         return f.metadata()
 
 
+def shards(tensors):
+    """`tensors` split in name order into groups of at most SHARD_BYTES, a tensor and its
+    scale always in one group (a single group when all fit)."""
+    groups, size = [{}], 0
+    for name in sorted(n for n in tensors if not n.endswith("_scale") or n.removesuffix("_scale") not in tensors):
+        unit = {n: tensors[n] for n in (name, name + "_scale") if n in tensors}
+        unit_size = sum(t.nbytes for t in unit.values())
+        if groups[-1] and size + unit_size > SHARD_BYTES:
+            groups.append({})
+            size = 0
+        groups[-1].update(unit)
+        size += unit_size
+    return groups
+
+
+def save(tensors, path, meta):
+    """`tensors` as `path`, or as shards beside an index named after it when larger than
+    SHARD_BYTES; either way, files a previous save left there under the other layout go."""
+    stem = path.removesuffix(".safetensors")
+    index_path = path + ".index.json"
+    for stale in glob.glob(glob.escape(stem) + "-*-of-*.safetensors") + [index_path, path]:
+        if os.path.exists(stale):
+            os.remove(stale)
+    groups = shards(tensors)
+    if len(groups) == 1:
+        save_file(groups[0], path, metadata=meta)
+        return [path]
+    weight_map, written = {}, []
+    for i, group in enumerate(groups):
+        shard = f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(group, shard, metadata=meta)
+        weight_map.update({name: os.path.basename(shard) for name in group})
+        written.append(shard)
+    total = sum(t.nbytes for t in tensors.values())
+    with open(index_path, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+        f.write("\n")
+    return written + [index_path]
+
+
 def dequantized_copy(folder):
-    """A temporary copy of a model folder with every int8 safetensors file dequantized: what
-    `from_pretrained` can load. The caller removes it when done (or leaves it to the OS)."""
+    """A temporary copy of a model folder with every int8 safetensors file dequantized (and
+    the scales dropped from any shard index): what `from_pretrained` can load. The caller
+    removes it when done (or leaves it to the OS)."""
     copy = os.path.join(tempfile.mkdtemp(prefix="sdlite-dequantized-"), os.path.basename(os.path.normpath(folder)))
     shutil.copytree(folder, copy)
     for root, _, files in os.walk(copy):
@@ -67,6 +116,18 @@ def dequantized_copy(folder):
                 tensors = load_file(path)
                 if any(t.dtype == np.int8 for t in tensors.values()):
                     save_file(dequantize(tensors), path, metadata=metadata(path))
+        for name in files:
+            if name.endswith(".safetensors.index.json"):
+                path = os.path.join(root, name)
+                with open(path) as f:
+                    index = json.load(f)
+                held = {}
+                for shard in set(index["weight_map"].values()):
+                    with safe_open(os.path.join(root, shard), "np") as f:
+                        held.update({tensor: shard for tensor in f.keys()})
+                index["weight_map"] = held
+                with open(path, "w") as f:
+                    json.dump(index, f, indent=2)
     return copy
 
 
@@ -75,11 +136,13 @@ def main():
         sys.exit(__doc__)
     src, dst = sys.argv[1:]
     tensors, meta, size = load_file(src), metadata(src), os.path.getsize(src)
+    if any(t.dtype == np.int8 for t in tensors.values()):
+        sys.exit(f"{src} already holds int8 tensors; give the float checkpoint they came from")
     q = quantize(tensors)
     back = dequantize(q)
     worst = max(float(np.abs(back[n].astype(np.float32) - t.astype(np.float32)).max()) for n, t in tensors.items())
-    save_file(q, dst, metadata=meta)
-    print(f"{src}: {size} -> {os.path.getsize(dst)} bytes, worst element error {worst:.3g}")
+    written = save(q, dst, meta)
+    print(f"{src}: {size} -> {sum(os.path.getsize(p) for p in written)} bytes in {', '.join(written)}, worst element error {worst:.3g}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::{config_err, Error, Result};
-use crate::weights::{Weights, FOLDER_FILES};
+use crate::weights::{SafetensorsFile, Weights, FOLDER_FILES};
 
 pub trait Source {
     /// A short description for messages: the folder path or "files in memory".
@@ -93,12 +93,22 @@ impl Source for MemorySource {
     fn weights(&self, component: &str) -> Result<Weights> {
         let found = FOLDER_FILES
             .iter()
-            .filter(|f| !f.ends_with(".json"))
             .map(|f| format!("{component}/{f}"))
             .find(|p| self.files.contains_key(p));
         let Some(path) = found else {
             return Err(Error::Invalid(format!("no weights for {component} among the files given")));
         };
+        if path.ends_with(".index.json") {
+            let shard_file = |shard: &str| {
+                let shard_path = format!("{component}/{shard}");
+                let bytes = self
+                    .files
+                    .get(&shard_path)
+                    .ok_or_else(|| Error::Invalid(format!("model file {shard_path} (a shard {path} names) is missing")))?;
+                SafetensorsFile::shared(shard_path, bytes.clone())
+            };
+            return Weights::from_index(path.clone(), &self.text(&path)?, shard_file);
+        }
         Weights::from_bytes(&path, self.files[&path].clone())
     }
 }

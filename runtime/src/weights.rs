@@ -45,7 +45,7 @@ struct Entry {
 }
 
 /// One safetensors file: its bytes and the parsed header.
-struct SafetensorsFile {
+pub(crate) struct SafetensorsFile {
     name: String,
     bytes: Bytes,
     data_start: usize,
@@ -124,13 +124,17 @@ impl SafetensorsFile {
             }
             entries.insert(tensor, Entry { dtype, shape, start, end });
         }
-        Self {
+        Ok(Self {
             name,
             bytes,
             data_start,
             entries,
-        }
-        .dequantize_int8()
+        })
+    }
+
+    /// A file held in memory by its source too.
+    pub(crate) fn shared(name: String, bytes: Arc<[u8]>) -> Result<Self> {
+        Self::parse(name, Bytes::Shared(bytes))
     }
 
     /// Tensors stored as int8 with float scales beside them (`x` as I8 and `x_scale` holding
@@ -249,6 +253,10 @@ pub const FOLDER_FILES: [&str; 8] = [
 
 impl Weights {
     fn from_files(label: String, files: Vec<SafetensorsFile>) -> Result<Self> {
+        let files = files
+            .into_iter()
+            .map(SafetensorsFile::dequantize_int8)
+            .collect::<Result<Vec<_>>>()?;
         let mut owner = HashMap::new();
         for (i, f) in files.iter().enumerate() {
             for name in f.entries.keys() {
@@ -298,8 +306,41 @@ impl Weights {
     /// One safetensors file held in memory (the browser path: a file the user picked), shared
     /// with whoever else holds it.
     pub fn from_bytes(name: &str, bytes: Arc<[u8]>) -> Result<Self> {
-        let file = SafetensorsFile::parse(name.to_string(), Bytes::Shared(bytes))?;
-        Self::from_files(name.to_string(), vec![file])
+        Self::from_files(name.to_string(), vec![SafetensorsFile::shared(name.to_string(), bytes)?])
+    }
+
+    /// A sharded checkpoint: its `.safetensors.index.json` (text `index`, named `label`) and
+    /// its shards, opened by `open_shard` from the file names the index gives. Each tensor
+    /// must be in the shard the index names (int8 tensors and their scales included, as
+    /// stored).
+    pub(crate) fn from_index(label: String, index: &str, open_shard: impl Fn(&str) -> Result<SafetensorsFile>) -> Result<Self> {
+        let index: serde_json::Value = serde_json::from_str(index).map_err(|e| checkpoint_err(&label, format!("not valid JSON: {e}")))?;
+        let map = index["weight_map"]
+            .as_object()
+            .ok_or_else(|| checkpoint_err(&label, "no `weight_map` object"))?;
+        let placed = map
+            .iter()
+            .map(|(tensor, shard)| {
+                let shard = shard
+                    .as_str()
+                    .ok_or_else(|| checkpoint_err(&label, format!("tensor `{tensor}`: its shard is not a file name")))?;
+                Ok((tensor, shard))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut shards: Vec<&str> = placed.iter().map(|&(_, shard)| shard).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let files = shards.iter().map(|s| open_shard(s)).collect::<Result<Vec<_>>>()?;
+        for (tensor, shard) in placed {
+            let i = shards.binary_search(&shard).expect("every shard is listed");
+            if !files[i].entries.contains_key(tensor) {
+                return Err(checkpoint_err(
+                    &label,
+                    format!("index names tensor `{tensor}` in {}, which does not hold it", shards[i]),
+                ));
+            }
+        }
+        Self::from_files(label, files)
     }
 
     /// A `.safetensors` file, a sharded checkpoint's `.safetensors.index.json`, or a
@@ -322,29 +363,8 @@ impl Weights {
                 path: label.clone(),
                 source,
             })?;
-            let index: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| checkpoint_err(&label, format!("not valid JSON: {e}")))?;
-            let map = index["weight_map"]
-                .as_object()
-                .ok_or_else(|| checkpoint_err(&label, "no `weight_map` object"))?;
-            let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
-            shards.sort_unstable();
-            shards.dedup();
             let dir = path.parent().unwrap_or(std::path::Path::new("."));
-            let files = shards
-                .iter()
-                .map(|s| SafetensorsFile::open(&dir.join(s)))
-                .collect::<Result<Vec<_>>>()?;
-            let weights = Self::from_files(label.clone(), files)?;
-            for (tensor, shard) in map {
-                if !weights.owner.contains_key(tensor) {
-                    return Err(checkpoint_err(
-                        &label,
-                        format!("index names tensor `{tensor}` in {shard}, which does not hold it"),
-                    ));
-                }
-            }
-            return Ok(weights);
+            return Self::from_index(label, &text, |shard| SafetensorsFile::open(&dir.join(shard)));
         }
         Self::from_files(label, vec![SafetensorsFile::open(path)?])
     }
