@@ -62,6 +62,8 @@ def grammar():
         "sizes": SIZES,
         "counts": {str(k): v for k, v in COUNT_WORDS.items()},
         "motions": MOTIONS,
+        # The checker matches objects against these very outlines (half-extent 1, y down).
+        "outlines": {s: "unit disc" if s == "circle" else unit_polygon(s) for s in SHAPES},
     }
 
 

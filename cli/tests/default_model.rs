@@ -56,13 +56,13 @@ fn correct(report: &str, attribute: &str) -> usize {
 }
 
 /// Six held-out prompts (unseen colour/shape/background combinations): the colours and
-/// backgrounds must all be right and most shapes (the full set: 100% and 85%).
+/// backgrounds must all be right and nearly all shapes (the full set: 100% and 98%).
 #[test]
 fn fidelity_on_held_out_prompts() {
     let report = text(&sdlite(&["fidelity", "--limit", "6", "--backend", "cpu"]));
     assert_eq!(correct(&report, "colour"), 6, "{report}");
     assert_eq!(correct(&report, "background"), 6, "{report}");
-    assert!(correct(&report, "shape") >= 4, "{report}");
+    assert!(correct(&report, "shape") >= 5, "{report}");
 }
 
 /// The video model on its first four held-out clips: the background is what it asks for, and
