@@ -105,7 +105,7 @@ def save(tensors, path, meta):
 
 def dequantized_copy(folder):
     """A temporary copy of a model folder with every int8 safetensors file dequantized (and
-    the scales dropped from any shard index): what `from_pretrained` can load. The caller
+    any shard index's map and total size rewritten to match): what `from_pretrained` can load. The caller
     removes it when done (or leaves it to the OS)."""
     copy = os.path.join(tempfile.mkdtemp(prefix="sdlite-dequantized-"), os.path.basename(os.path.normpath(folder)))
     shutil.copytree(folder, copy)
@@ -121,11 +121,14 @@ def dequantized_copy(folder):
                 path = os.path.join(root, name)
                 with open(path) as f:
                     index = json.load(f)
-                held = {}
+                held, total = {}, 0
                 for shard in set(index["weight_map"].values()):
                     with safe_open(os.path.join(root, shard), "np") as f:
-                        held.update({tensor: shard for tensor in f.keys()})
+                        for tensor in f.keys():
+                            held[tensor] = shard
+                            total += f.get_tensor(tensor).nbytes
                 index["weight_map"] = held
+                index.setdefault("metadata", {})["total_size"] = total
                 with open(path, "w") as f:
                     json.dump(index, f, indent=2)
     return copy
