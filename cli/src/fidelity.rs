@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
 static GRAMMAR: &str = include_str!("../../train/grammar.json");
@@ -170,7 +170,7 @@ pub struct Observed {
 }
 
 /// Analyses an RGB picture (interleaved, 8-bit, `w` x `h`).
-pub fn observe_picture(g: &Grammar, rgb: &[u8], w: usize, h: usize) -> Observed {
+fn observe_picture(g: &Grammar, rgb: &[u8], w: usize, h: usize) -> Observed {
     let px = |i: usize| [rgb[3 * i] as f32, rgb[3 * i + 1] as f32, rgb[3 * i + 2] as f32];
     let border: Vec<usize> = (0..w * h)
         .filter(|&i| i % w == 0 || i % w == w - 1 || i / w == 0 || i / w == h - 1)
@@ -245,10 +245,14 @@ pub fn observe_picture(g: &Grammar, rgb: &[u8], w: usize, h: usize) -> Observed 
     }
 }
 
-/// Analyses a clip (`frames` RGB pictures of `w` x `h`): the first frame's objects and
-/// background, and the largest object's direction of travel over the clip.
-pub fn observe_clip(g: &Grammar, frames: &[Vec<u8>], w: usize, h: usize) -> Observed {
+/// Analyses a picture or a clip (`frames` RGB pictures of `w` x `h`, at least one): the
+/// first frame's objects and background and, for a clip, the largest object's direction
+/// of travel over it.
+pub fn observe(g: &Grammar, frames: &[Vec<u8>], w: usize, h: usize) -> Observed {
     let first = observe_picture(g, &frames[0], w, h);
+    if frames.len() == 1 {
+        return first;
+    }
     let last = observe_picture(g, &frames[frames.len() - 1], w, h);
     let motion = match (first.objects.first(), last.objects.first()) {
         (Some(a), Some(b)) => {
@@ -293,7 +297,6 @@ fn nearest(named: &[(String, [f32; 2])], p: [f32; 2]) -> &str {
 }
 
 /// A shape as the scene generator draws it: half-extent 1, centred on the origin, y down.
-#[derive(Debug)]
 enum Outline {
     Disc,
     Polygon(Vec<[f32; 2]>),
@@ -541,11 +544,13 @@ pub fn run(args: FidelityArgs) -> Result<()> {
         let prompt = args.prompt.as_deref().context("--image needs --prompt")?;
         let expected = parse(&g, prompt)?;
         let (rgb, w, h) = read_rgb(path)?;
-        let observed = if args.frames > 1 {
-            observe_clip(&g, &split_strip(&rgb, w, h, args.frames), w / args.frames, h)
-        } else {
-            observe_picture(&g, &rgb, w, h)
-        };
+        ensure!(
+            args.frames >= 1 && w % args.frames == 0,
+            "{}: a width of {w} pixels does not split into --frames {} frames",
+            path.display(),
+            args.frames
+        );
+        let observed = observe(&g, &split_strip(&rgb, w, h, args.frames), w / args.frames, h);
         println!("expected {expected:?}\nobserved {observed:?}");
         let s = score(&expected, &observed);
         for a in ATTRIBUTES {
@@ -658,11 +663,7 @@ fn rescore(g: &Grammar, dir: &Path, out_dir: Option<&Path>) -> Result<()> {
 
 /// One picture or clip against what its prompt asks, and its entry for report.json.
 fn judge(g: &Grammar, e: &Expected, prompt: &str, seed: usize, frames: &[Vec<u8>], w: usize, h: usize) -> (Score, Value) {
-    let observed = if frames.len() > 1 {
-        observe_clip(g, frames, w, h)
-    } else {
-        observe_picture(g, &frames[0], w, h)
-    };
+    let observed = observe(g, frames, w, h);
     let s = score(e, &observed);
     let entry = serde_json::json!({
         "prompt": prompt,
@@ -735,11 +736,7 @@ mod tests {
                 .iter()
                 .map(|f| box_blur(f, w / count, h, blur))
                 .collect();
-            let observed = if count > 1 {
-                observe_clip(&g, &frames, w / count, h)
-            } else {
-                observe_picture(&g, &frames[0], w, h)
-            };
+            let observed = observe(&g, &frames, w / count, h);
             let s = score(&parse(&g, caption).unwrap(), &observed);
             // Blur mixes a thin object's pixels with the background's, so its colour may
             // truly read as another palette colour; its outline may not change.

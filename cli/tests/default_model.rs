@@ -38,6 +38,12 @@ fn gen_without_a_model_draws_the_prompt() {
     for attribute in ["colour", "shape", "background", "count"] {
         assert!(report.contains(&format!("{attribute}: ok")), "{attribute} not as asked:\n{report}");
     }
+    let uneven = sdlite(&["fidelity", "--image", png.to_str().unwrap(), "--prompt", prompt, "--frames", "5"]);
+    let err = String::from_utf8_lossy(&uneven.stderr);
+    assert!(
+        !uneven.status.success() && err.contains("--frames 5"),
+        "a picture split into 5 frames: {err}"
+    );
     let _ = std::fs::remove_file(png);
     let _ = std::fs::remove_dir_all(home);
 }
