@@ -13,7 +13,14 @@
 // threads per query row, SPT = BC / TPR scores and OPT = ceil(D / TPR) output columns per
 // thread, KS = D + 1 (padded shared row stride against bank conflicts), QLOADS and
 // KVLOADS = tile elements per thread (constant trip counts, so compilers unroll the loads).
-// Workgroup: WG (128) threads; grid: x = query tiles, y = heads (bh0 .. bh0 + grid.y).
+// Entry points:
+//   main: workgroup WG (128) threads; grid: x = query tiles, y = heads (bh0 .. bh0 + grid.y).
+//   rows: for software adapters (lavapipe), which run a workgroup's invocations as SIMD
+//         lanes of one CPU thread, so barriers are switches between lane groups and
+//         per-lane reads of workgroup memory are gathers: one invocation per query row
+//         (64 rows per workgroup, grid as main's with 64-row tiles), keys one at a time with
+//         the same online softmax, no workgroup memory; every lane reads the same key and
+//         value, so those loads are broadcasts. Private arrays of 2 * D floats.
 // Shared memory: (BR*D + BC*KS + BR*BC + WG) floats; the host picks the largest tile that
 // fits the device limit (16 KiB by default) while keeping SPT + OPT, the per-thread arrays,
 // small (software rasterisers run invocations on small stacks). K and V share one tile.
@@ -151,16 +158,68 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
     let r = r0 + tr;
     if (r < row_end) {
-        let o_base = ((bh * P.q_len + r) * P.ns + P.split) * ROW;
+        let o_base = row_base(bh, r);
         for (var t = 0u; t < OPT; t++) {
             let d = tc + t * TPR;
             if (d < D) {
                 out_st(o_base + d, o[t] / l);
             }
         }
-        if (ROW > D && tc == 0u) {
-            out_st(o_base + D, m);
-            out_st(o_base + D + 1u, l);
+        if (tc == 0u) {
+            store_split_stats(o_base, m, l);
         }
     }
+}
+
+// Where row r of head bh goes in `out` for this split.
+fn row_base(bh: u32, r: u32) -> u32 {
+    return ((bh * P.q_len + r) * P.ns + P.split) * ROW;
+}
+
+// A split's running max and sum, for attention_combine.wgsl, when there are several.
+fn store_split_stats(o_base: u32, m: f32, l: f32) {
+    if (ROW > D) {
+        out_st(o_base + D, m);
+        out_st(o_base + D + 1u, l);
+    }
+}
+
+@compute @workgroup_size(64)
+fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let bh = P.bh0 + wid.y;
+    let r = P.row0 + wid.x * 64u + lid;
+    if (r >= P.row0 + P.rows) {
+        return;
+    }
+    let q_base = (bh * P.q_len + r) * D;
+    let kv_base = bh * P.kv_len * D;
+    var q: array<f32, D>;
+    var o: array<f32, D>;
+    for (var d = 0u; d < D; d++) {
+        q[d] = q_ld(q_base + d);
+        o[d] = 0.0;
+    }
+    var m = NEG;
+    var l = 0.0;
+    for (var j = P.kv0; j < P.kv0 + P.kv_count; j++) {
+        let at = kv_base + j * D;
+        var s = 0.0;
+        for (var d = 0u; d < D; d++) {
+            s = fma(q[d], k_ld(at + d), s);
+        }
+        s *= P.scale;
+        let m_new = max(m, s);
+        let alpha = exp(m - m_new);
+        let p = exp(s - m_new);
+        l = l * alpha + p;
+        for (var d = 0u; d < D; d++) {
+            o[d] = fma(p, v_ld(at + d), o[d] * alpha);
+        }
+        m = m_new;
+    }
+    let o_base = row_base(bh, r);
+    for (var d = 0u; d < D; d++) {
+        out_st(o_base + d, o[d] / l);
+    }
+    store_split_stats(o_base, m, l);
 }

@@ -1,8 +1,14 @@
 // softmax.wgsl: softmax over contiguous rows, out[r, i] = exp(x[r, i] - max_r) / sum_r.
 //
-// Workgroup: 256 threads per row (max, then sum of exponentials, then write), tree
-// reductions in workgroup memory. Grid: one workgroup per row, rows row0 .. row0 + rows,
-// laid out over x and y. Tensors: x, out.
+// Entry points (rows row0 .. row0 + rows; workgroups laid out over x and y):
+//   main: 256 threads per row (max, then sum of exponentials, then write), tree reductions
+//         in workgroup memory; one workgroup per row.
+//   rows: one invocation per row, 64 rows per workgroup, no barriers. For software adapters
+//         (lavapipe, SwiftShader), which run a workgroup's invocations as SIMD lanes of one
+//         CPU thread and every workgroupBarrier as a switch between lane groups, so a tree
+//         reduction costs far more than the arithmetic. Rows of at most 16384 columns (their
+//         loops stop at 65535 iterations).
+// Tensors: x, out.
 
 struct Params {
     cols: u32,
@@ -50,6 +56,27 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let inv = 1.0 / red[0];
 
     for (var i = lid; i < P.cols; i += 256u) {
+        out_st(base + i, exp(x_ld(base + i) - mx) * inv);
+    }
+}
+
+@compute @workgroup_size(64)
+fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let local_row = (wid.x + wid.y * nwg.x) * 64u + lid;
+    if (local_row >= P.rows) {
+        return;
+    }
+    let base = (P.row0 + local_row) * P.cols;
+    var mx = -3.4e38;
+    for (var i = 0u; i < P.cols; i++) {
+        mx = max(mx, x_ld(base + i));
+    }
+    var sum = 0.0;
+    for (var i = 0u; i < P.cols; i++) {
+        sum += exp(x_ld(base + i) - mx);
+    }
+    let inv = 1.0 / sum;
+    for (var i = 0u; i < P.cols; i++) {
         out_st(base + i, exp(x_ld(base + i) - mx) * inv);
     }
 }

@@ -2,7 +2,8 @@
 //! `tests/reference/builtin_goldens.py` runs the diffusers pipelines in float32 from fixed
 //! starting latents; the Rust pipelines must agree on the CPU reference and on wgpu within
 //! the pipeline tolerance of `models.rs` (1e-4 relative to the largest golden magnitude:
-//! guidance multiplies the denoiser's rounding differences).
+//! guidance multiplies the denoiser's rounding differences), and 3e-4 on tiny-wan's decoded
+//! frames (`WAN_FRAMES_TOL`).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -18,6 +19,12 @@ use sdlite_runtime::{Backend, CpuBackend, DType, HostTensor, WgpuBackend};
 use sdlite_tests::{gpu, relative_error};
 
 const PIPELINE_TOL: f32 = 1e-4;
+/// tiny-wan's decoded frames: its VAE multiplies a latent difference about fivefold, and
+/// f32 attention rounding alone moves the latent by up to 4e-5 here (measured: the CPU
+/// reference with its attention accumulated in f32 instead of f64 gives latent 2.5e-5,
+/// frames 1.06e-4; lavapipe's row attention kernel 3.9e-5 and 1.85e-4), so 1e-4 on the
+/// frames is below what correct f32 kernels reach.
+const WAN_FRAMES_TOL: f32 = 3e-4;
 /// The frames of the clip the goldens keep (see builtin_goldens.py).
 const WAN_FRAMES_KEPT: [usize; 2] = [0, 16];
 
@@ -40,10 +47,10 @@ fn as_pixels(t: &HostTensor) -> HostTensor {
     HostTensor::from_f32(&t.shape[1..], v).unwrap()
 }
 
-fn assert_close(what: &str, got: &HostTensor, want: &HostTensor) {
+fn assert_close(what: &str, got: &HostTensor, want: &HostTensor, tol: f32) {
     let err = relative_error(got, want);
-    eprintln!("{what}: relative error {err:.2e} (tolerance {PIPELINE_TOL:.0e})");
-    assert!(err <= PIPELINE_TOL, "{what}: relative error {err:e} > {PIPELINE_TOL:e}");
+    eprintln!("{what}: relative error {err:.2e} (tolerance {tol:.0e})");
+    assert!(err <= tol, "{what}: relative error {err:e} > {tol:e}");
 }
 
 fn tiny_sd<B: Backend>(b: &B) -> (HostTensor, HostTensor) {
@@ -76,8 +83,8 @@ fn tiny_sd<B: Backend>(b: &B) -> (HostTensor, HostTensor) {
 fn tiny_sd_matches_reference() {
     let (want_latent, want_image) = (golden("sd_latent"), as_pixels(&golden("sd_image")));
     let check = |what: &str, (latent, image): (HostTensor, HostTensor)| {
-        assert_close(&format!("tiny-sd latent ({what})"), &latent, &want_latent);
-        assert_close(&format!("tiny-sd image ({what})"), &image, &want_image);
+        assert_close(&format!("tiny-sd latent ({what})"), &latent, &want_latent, PIPELINE_TOL);
+        assert_close(&format!("tiny-sd image ({what})"), &image, &want_image, PIPELINE_TOL);
     };
     check("cpu", tiny_sd(&CpuBackend));
     if let Some(g) = gpu() {
@@ -127,8 +134,8 @@ fn tiny_wan<B: Backend>(b: &B) -> (HostTensor, HostTensor) {
 fn tiny_wan_matches_reference() {
     let (want_latent, want_frames) = (golden("wan_latent"), as_pixels(&golden("wan_frames")));
     let check = |what: &str, (latent, frames): (HostTensor, HostTensor)| {
-        assert_close(&format!("tiny-wan latent ({what})"), &latent, &want_latent);
-        assert_close(&format!("tiny-wan frames ({what})"), &frames, &want_frames);
+        assert_close(&format!("tiny-wan latent ({what})"), &latent, &want_latent, PIPELINE_TOL);
+        assert_close(&format!("tiny-wan frames ({what})"), &frames, &want_frames, WAN_FRAMES_TOL);
     };
     check("cpu", tiny_wan(&CpuBackend));
     if let Some(g) = gpu() {

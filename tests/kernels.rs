@@ -5,25 +5,27 @@
 //! f32 storage 1e-5; f16 and bf16 storage 1e-2 (inputs are rounded identically for both
 //! sides, so the difference is the rounding of intermediates and outputs).
 //!
-//! Each case runs on three devices: the adapter with its full limits; the same adapter with
-//! 4 KiB bindings and 16-key attention passes, so every tensor spans many chunks and every
-//! splitting path runs; and, in `default_limits_*`, exactly WebGPU's default limits with
-//! tensors over 128 MiB. Where a CUDA device is present (the GPU machine; set
+//! Each case runs on four devices: the adapter with its full limits; the same adapter with
+//! the other kernel variant (`WgpuOptions::software_kernels`: on lavapipe, the GPU kernels);
+//! the adapter with 4 KiB bindings and 16-key attention passes, so every tensor spans many
+//! chunks and every splitting path runs; and, in `default_limits_*`, exactly WebGPU's
+//! default limits with tensors over 128 MiB. Where a CUDA device is present (the GPU machine; set
 //! SDLITE_REQUIRE_CUDA=1 there so its absence fails), every case also runs on the CUDA
 //! backend in f32, f16 and bf16.
 
 use sdlite_runtime::spec::{MapOp, MapSpec, UnaryOp, View};
 use sdlite_runtime::{ops, Backend, CpuBackend, CudaBackend, DType, Tensor, WgpuBackend};
 use sdlite_tests::{
-    check, cuda, cuda_hopper_conv, cuda_implicit_gemm, cuda_portable_attention, fresh_seed, gpu, gpu_default_limits, gpu_tiny_chunks,
-    open_cuda, random, TestDevice,
+    check, cuda, cuda_hopper_conv, cuda_implicit_gemm, cuda_portable_attention, fresh_seed, gpu, gpu_default_limits, gpu_other_kernels,
+    gpu_tiny_chunks, open_cuda, random, TestDevice,
 };
 
 const F32_TOL: f32 = 1e-5;
 const F16_TOL: f32 = 1e-2;
 const BF16_TOL: f32 = 1e-2;
 
-/// The full-limits device in every dtype it supports, then the tiny-chunk device in f32.
+/// The full-limits device in every dtype it supports, then the other kernel variant and the
+/// tiny-chunk device in f32.
 fn wgpu_devices() -> Vec<(&'static WgpuBackend, DType, f32, &'static str)> {
     let mut v = Vec::new();
     if let Some(g) = gpu() {
@@ -33,6 +35,18 @@ fn wgpu_devices() -> Vec<(&'static WgpuBackend, DType, f32, &'static str)> {
         } else {
             eprintln!("adapter has no shader-f16: f16 cases not run");
         }
+    }
+    if let Some(g) = gpu_other_kernels() {
+        v.push((
+            g,
+            DType::F32,
+            F32_TOL,
+            if g.software_kernels() {
+                "f32 software kernels"
+            } else {
+                "f32 gpu kernels"
+            },
+        ));
     }
     if let Some(g) = gpu_tiny_chunks() {
         v.push((g, DType::F32, F32_TOL, "f32 4KiB-chunks"));
@@ -526,17 +540,20 @@ fn attention_tokens_first_is_permuted_attention() {
 fn attention_long_sequence_matches_reference() {
     let seed = fresh_seed();
     eprintln!("seed {seed}");
-    let Some(g) = gpu() else { return };
-    // Sequence over 4096: the online softmax runs over 100+ key tiles.
+    // Sequence over 4096: the flash kernel's online softmax runs over 100+ key tiles, the
+    // software adapters' row kernel over 1024-key passes merged by attention_combine.
     let (s, d) = (4133, 64);
     let inputs = [
         random(&[1, 1, s, d], DType::F32, 1.0, seed),
         random(&[1, 1, s, d], DType::F32, 1.0, seed + 1),
         random(&[1, 1, s, d], DType::F32, 1.0, seed + 2),
     ];
-    check!(g, "attention f32 seq 4133", F32_TOL, inputs, [], |b, x, p| ops::attention(
-        b, &x[0], &x[1], &x[2], 0.125
-    ));
+    for g in [gpu(), gpu_other_kernels()].into_iter().flatten() {
+        let name = format!("attention f32 seq 4133, software kernels {}", g.software_kernels());
+        check!(g, name, F32_TOL, inputs.clone(), [], |b, x, p| ops::attention(
+            b, &x[0], &x[1], &x[2], 0.125
+        ));
+    }
 }
 
 #[test]

@@ -49,6 +49,21 @@ pub fn gpu() -> Option<&'static WgpuBackend> {
     B.get_or_init(|| open(WgpuOptions::default())).as_ref()
 }
 
+/// The adapter with everything it grants, running the other kernel variant from `gpu()`'s
+/// (`WgpuOptions::software_kernels`: the GPU kernels on lavapipe, the software-adapter
+/// ones on a GPU), so every machine tests both.
+pub fn gpu_other_kernels() -> Option<&'static WgpuBackend> {
+    static B: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    B.get_or_init(|| {
+        let software = gpu()?.software_kernels();
+        open(WgpuOptions {
+            software_kernels: Some(!software),
+            ..Default::default()
+        })
+    })
+    .as_ref()
+}
+
 /// The adapter with tiny chunks (4 KiB bindings) and attention passes of at most 16 keys,
 /// so every op's splitting paths run on small inputs.
 pub fn gpu_tiny_chunks() -> Option<&'static WgpuBackend> {
@@ -64,14 +79,16 @@ pub fn gpu_tiny_chunks() -> Option<&'static WgpuBackend> {
 }
 
 /// The adapter with exactly WebGPU's default limits (128 MiB bindings, 256 MiB buffers,
-/// 16 KiB workgroup memory), as most browsers grant; attention passes of at most 16 keys,
-/// so the split-merging kernel also runs on tensors over 128 MiB.
+/// 16 KiB workgroup memory), as most browsers grant, with the GPU kernels browsers run;
+/// attention passes of at most 16 keys, so the split-merging kernel also runs on tensors
+/// over 128 MiB.
 pub fn gpu_default_limits() -> Option<&'static WgpuBackend> {
     static B: OnceLock<Option<WgpuBackend>> = OnceLock::new();
     B.get_or_init(|| {
         open(WgpuOptions {
             default_limits: true,
             attention_keys_per_pass: Some(16),
+            software_kernels: Some(false),
             ..Default::default()
         })
     })

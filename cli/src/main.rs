@@ -117,6 +117,17 @@ pub struct DeviceArgs {
     /// allocations).
     #[arg(long, default_value_t = 2048)]
     pool_mib: u64,
+    /// Kernel variants: shaped for software adapters that run invocations as SIMD lanes on
+    /// CPU cores (lavapipe, SwiftShader), for GPUs, or by the adapter's kind (auto).
+    #[arg(long, value_enum, default_value_t = WgpuKernels::Auto)]
+    wgpu_kernels: WgpuKernels,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum WgpuKernels {
+    Auto,
+    Gpu,
+    Software,
 }
 
 impl DeviceArgs {
@@ -126,6 +137,11 @@ impl DeviceArgs {
             allow_f16: !self.no_f16,
             max_chunk_bytes: self.max_chunk_mib.map(|m| m << 20),
             pool_bytes: self.pool_mib << 20,
+            software_kernels: match self.wgpu_kernels {
+                WgpuKernels::Auto => None,
+                WgpuKernels::Gpu => Some(false),
+                WgpuKernels::Software => Some(true),
+            },
             ..Default::default()
         };
         pollster::block_on(WgpuBackend::new(options))
@@ -175,6 +191,7 @@ fn info(g: &WgpuBackend) -> Result<()> {
         g.chunk_bytes() >> 20
     );
     println!("workgroup memory: {} KiB", l.max_compute_workgroup_storage_size >> 10);
+    println!("kernels: {}", if g.software_kernels() { "software" } else { "gpu" });
     Ok(())
 }
 

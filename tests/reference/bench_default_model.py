@@ -4,7 +4,11 @@ each timed as a whole fresh process (start-up, loading, generation and writing t
 best of --runs. tiny-sd: DPM++ 2M, guidance 7.5, one 64x64 PNG; tiny-wan: UniPC, guidance
 5, 17 frames of 64x64 (sdlite writes an MP4, diffusers the frames side by side as one PNG).
 
-Usage: python tests/reference/bench_default_model.py [--model tiny-sd|tiny-wan] [--sdlite target/release/sdlite] [--runs 3]
+With --wgpu-kernels it times `sdlite gen --backend wgpu` instead, with the kernels for
+software adapters against the GPU kernels on the same adapter (on a machine without a GPU:
+lavapipe, where those kernels are the default), best of --runs each.
+
+Usage: python tests/reference/bench_default_model.py [--model tiny-sd|tiny-wan] [--sdlite target/release/sdlite] [--runs 3] [--wgpu-kernels]
 Needs torch, diffusers, transformers (requirements.txt) and a release build of sdlite.
 diffusers loads a dequantized copy of the folder (train/int8.py), made before the timing;
 sdlite's time includes its own dequantization of the int8 files.
@@ -65,13 +69,21 @@ def main():
     ap.add_argument("--model", choices=list(MODELS), default="tiny-sd")
     ap.add_argument("--sdlite", default=os.path.join(REPO, "target", "release", "sdlite"))
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--wgpu-kernels", action="store_true", help="software-adapter against GPU kernels on the wgpu backend")
     args = ap.parse_args()
     m = MODELS[args.model]
-    script = SETUP + f"MODEL = {dequantized_copy(os.path.join(REPO, 'models', m['folder']))!r}\nPROMPT = {m['prompt']!r}\n" + m["diffusers"]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, m["out"])
-        gen = [args.sdlite, "gen", "--model", args.model, "--prompt", m["prompt"], "--seed", "1", "--backend", "cpu", "--out", out]
-        ours = best_of(args.runs, gen)
+        gen = [args.sdlite, "gen", "--model", args.model, "--prompt", m["prompt"], "--seed", "1", "--out", out, "--backend"]
+        if args.wgpu_kernels:
+            t = {k: best_of(args.runs, gen + ["wgpu", "--wgpu-kernels", k]) for k in ("gpu", "software")}
+            adapter = subprocess.run([args.sdlite, "info"], capture_output=True, text=True).stdout.splitlines()[0]
+            print(f"time to first output, sdlite-{args.model}, 25 steps, wgpu backend, {adapter}, best of {args.runs}:")
+            print(f"  GPU kernels      {t['gpu']:7.2f} s")
+            print(f"  software kernels {t['software']:7.2f} s   ({t['gpu'] / t['software']:.2f}x the GPU kernels)")
+            return
+        ours = best_of(args.runs, gen + ["cpu"])
+        script = SETUP + f"MODEL = {dequantized_copy(os.path.join(REPO, 'models', m['folder']))!r}\nPROMPT = {m['prompt']!r}\n" + m["diffusers"]
         ref = best_of(args.runs, [sys.executable, "-c", script], env=dict(os.environ, OUT=out))
     print(f"time to first output, sdlite-{args.model}, 25 steps, CPU ({os.cpu_count()} cores), best of {args.runs}:")
     print(f"  diffusers (PyTorch) {ref:6.2f} s")

@@ -220,10 +220,32 @@ impl WgpuBackend {
         Ok(())
     }
 
-    /// GEMM tile: 128 when that still gives enough workgroups to fill a GPU, else 64; the
-    /// deepest K step (and bank-conflict padding) that fits the workgroup memory limit.
+    /// The entry point of a row-wise kernel (softmax.wgsl, norm.wgsl) for rows of `len`
+    /// elements and the rows one workgroup takes: `rows` (an invocation per row) for short
+    /// rows on software adapters, else `main` (a workgroup per row).
+    fn row_entry(&self, len: usize) -> (&'static str, usize) {
+        /// Longest row of the `rows` entry points: their three passes over a row stay under
+        /// the 65535 loop iterations after which lavapipe ends an invocation.
+        const ROW_LOOP_MAX: usize = 16384;
+        if self.software_kernels && len <= ROW_LOOP_MAX {
+            ("rows", 64)
+        } else {
+            ("main", 1)
+        }
+    }
+
+    /// GEMM tile: 128 when that still gives enough workgroups to fill a GPU, else 64 (on
+    /// software adapters: 128 unless its padding doubles the work, as a CPU core has few
+    /// workgroups to fill and gains from the larger register block); the deepest K step
+    /// (and bank-conflict padding) that fits the workgroup memory limit.
     fn gemm_consts(&self, m: usize, n: usize) -> Vec<(&'static str, String)> {
-        let tile = if m.div_ceil(128) * n.div_ceil(128) >= 64 { 128 } else { 64 };
+        let padded = |t: usize| m.next_multiple_of(t) * n.next_multiple_of(t);
+        let large = if self.software_kernels {
+            padded(128) < 2 * padded(64)
+        } else {
+            m.div_ceil(128) * n.div_ceil(128) >= 64
+        };
+        let tile = if large { 128 } else { 64 };
         let limit = self.limits.max_compute_workgroup_storage_size as usize;
         let (bk, pad) = [(16, 4), (16, 0), (8, 4), (8, 0)]
             .into_iter()
@@ -518,10 +540,14 @@ impl Backend for WgpuBackend {
             ]
         };
         if stats.is_none() {
+            let rows_per_group;
+            (kernel.entry, rows_per_group) = self.row_entry(s.row_len);
             self.run(
                 op,
                 &kernel,
-                ranges.into_iter().map(|(r0, r1)| (spans(r0, r1), params(r0, r1), grid_1d(r1 - r0))),
+                ranges
+                    .into_iter()
+                    .map(|(r0, r1)| (spans(r0, r1), params(r0, r1), grid_1d((r1 - r0).div_ceil(rows_per_group)))),
             )?;
             return Ok(out);
         }
@@ -545,8 +571,9 @@ impl Backend for WgpuBackend {
         if out.numel() == 0 {
             return Ok(out);
         }
+        let (entry, rows_per_group) = self.row_entry(s.cols);
         let kernel = Kernel {
-            entry: "main",
+            entry,
             sources: &[SOFTMAX],
             consts: vec![],
             args: vec![read("x", Some(x)), write("out", &out)],
@@ -555,9 +582,10 @@ impl Backend for WgpuBackend {
         let tensors = [&*x.storage, &*out.storage];
         let ranges = split_ranges(s.rows, MAX_GRID * MAX_GRID, |r0, r1| Self::fits(&tensors, &spans(r0, r1)))
             .ok_or_else(|| self.too_large(op, "one row", s.cols))?;
-        let dispatches = ranges
-            .into_iter()
-            .map(|(r0, r1)| (spans(r0, r1), vec![s.cols as u32, r0 as u32, (r1 - r0) as u32], grid_1d(r1 - r0)));
+        let dispatches = ranges.into_iter().map(|(r0, r1)| {
+            let grid = grid_1d((r1 - r0).div_ceil(rows_per_group));
+            (spans(r0, r1), vec![s.cols as u32, r0 as u32, (r1 - r0) as u32], grid)
+        });
         self.run(op, &kernel, dispatches)?;
         Ok(out)
     }
@@ -584,7 +612,16 @@ impl Backend for WgpuBackend {
         let Some((br, bc)) = tile else {
             return self.attention_unfused(q, k, v, s);
         };
-        let max_keys = self.attention_keys_per_pass;
+        // Software adapters take one query row per invocation (attention.wgsl's `rows`),
+        // which keeps 2 * D floats per invocation and runs 2 * D + 1 loop iterations a key:
+        // lavapipe ends an invocation after 65535 loop iterations in all, so fewer keys a pass.
+        let rows_kernel = self.software_kernels && d <= 128;
+        let (entry, tile_rows) = if rows_kernel { ("rows", 64) } else { ("main", br) };
+        let max_keys = if rows_kernel {
+            self.attention_keys_per_pass.min(60_000 / (2 * d + 1))
+        } else {
+            self.attention_keys_per_pass
+        };
         let kv_count = s.kv_len.div_ceil(s.kv_len.div_ceil(max_keys)).next_multiple_of(bc);
         let ns = s.kv_len.div_ceil(kv_count);
         let row_len = if ns > 1 { d + 2 } else { d };
@@ -609,14 +646,14 @@ impl Backend for WgpuBackend {
             ("ROW", row_len.to_string()),
         ];
         let kernel = Kernel {
-            entry: "main",
+            entry,
             sources: &[ATTENTION],
             consts,
             args: vec![read("q", Some(q)), read("k", Some(k)), read("v", Some(v)), write("out", target)],
         };
         let tensors = [&*q.storage, &*k.storage, &*v.storage, &*target.storage];
         let (qn, kn) = (s.q_len * d, s.kv_len * d);
-        let q_tiles = s.q_len.div_ceil(br);
+        let q_tiles = s.q_len.div_ceil(tile_rows);
         let mut dispatches = Vec::new();
         for split in 0..ns {
             let kv0 = split * kv_count;
@@ -657,13 +694,15 @@ impl Backend for WgpuBackend {
                 continue;
             }
             for h in 0..s.batch_heads() {
-                let ranges = split_ranges(s.q_len, MAX_GRID * br, |r0, r1| Self::fits(&tensors, &spans(h, h + 1, r0, r1)))
-                    .ok_or_else(|| self.too_large(op, "one query row with the keys and values of its head", 2 * keys * d))?;
+                let ranges = split_ranges(s.q_len, MAX_GRID * tile_rows, |r0, r1| {
+                    Self::fits(&tensors, &spans(h, h + 1, r0, r1))
+                })
+                .ok_or_else(|| self.too_large(op, "one query row with the keys and values of its head", 2 * keys * d))?;
                 for (r0, r1) in ranges {
                     dispatches.push((
                         spans(h, h + 1, r0, r1),
                         params(h, r0, r1 - r0),
-                        [(r1 - r0).div_ceil(br) as u32, 1, 1],
+                        [(r1 - r0).div_ceil(tile_rows) as u32, 1, 1],
                     ));
                 }
             }

@@ -44,6 +44,11 @@ pub struct WgpuOptions {
     /// Cap on the keys one attention pass handles before the sequence is split (default:
     /// 1024 on CPU adapters, 16384 on GPUs). Lower only to exercise the split path.
     pub attention_keys_per_pass: Option<usize>,
+    /// Use the kernel variants shaped for software adapters, which run a workgroup's
+    /// invocations as SIMD lanes of one CPU thread (lavapipe, SwiftShader): softmax,
+    /// short-row norms and attention one row per invocation without workgroup barriers,
+    /// larger GEMM tiles. Default: when the adapter is a CPU; set to compare or test the variants.
+    pub software_kernels: Option<bool>,
     pub power_preference: wgpu::PowerPreference,
 }
 
@@ -55,6 +60,7 @@ impl Default for WgpuOptions {
             allow_f16: true,
             pool_bytes: 2 << 30,
             attention_keys_per_pass: None,
+            software_kernels: None,
             power_preference: wgpu::PowerPreference::HighPerformance,
         }
     }
@@ -132,6 +138,7 @@ pub struct WgpuBackend {
     f16: bool,
     chunk_bytes: u64,
     attention_keys_per_pass: usize,
+    software_kernels: bool,
     pipelines: Mutex<HashMap<String, Arc<Pipeline>>>,
     pool: Arc<Mutex<BufferPool>>,
     pending: Mutex<Pending>,
@@ -214,9 +221,11 @@ impl WgpuBackend {
         let info = adapter.get_info();
         // Software adapters (lavapipe) stop shader loops after 65535 iterations, and GPU
         // watchdogs reset long shaders, so long key sequences run in passes.
-        let default_keys = if info.device_type == wgpu::DeviceType::Cpu { 1024 } else { 16384 };
+        let software = info.device_type == wgpu::DeviceType::Cpu;
+        let default_keys = if software { 1024 } else { 16384 };
         Ok(Self {
             attention_keys_per_pass: options.attention_keys_per_pass.unwrap_or(default_keys).max(1),
+            software_kernels: options.software_kernels.unwrap_or(software),
             info,
             limits,
             f16,
@@ -249,6 +258,11 @@ impl WgpuBackend {
 
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
+    }
+
+    /// Whether the kernel variants for software adapters are in use (`WgpuOptions`).
+    pub fn software_kernels(&self) -> bool {
+        self.software_kernels
     }
 
     /// Bytes of one storage chunk (= the largest binding this backend uses).
