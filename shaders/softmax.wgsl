@@ -6,8 +6,9 @@
 //   rows: one invocation per row, 64 rows per workgroup, no barriers. For software adapters
 //         (lavapipe, SwiftShader), which run a workgroup's invocations as SIMD lanes of one
 //         CPU thread and every workgroupBarrier as a switch between lane groups, so a tree
-//         reduction costs far more than the arithmetic. Rows of at most 16384 columns (their
-//         loops stop at 65535 iterations).
+//         reduction costs far more than the arithmetic. Rows of at most 16384 columns: the
+//         three passes stay under the 65535 loop iterations after which lavapipe ends an
+//         invocation.
 // Tensors: x, out.
 
 struct Params {
