@@ -19,6 +19,11 @@ const NORM: &str = include_str!("../../../../shaders/norm.wgsl");
 const SOFTMAX: &str = include_str!("../../../../shaders/softmax.wgsl");
 const ELEMENTWISE: &str = include_str!("../../../../shaders/elementwise.wgsl");
 
+/// Loop iterations one invocation of a software-adapter kernel may run, in all its loops
+/// together: lavapipe ends an invocation after 65535 of them (nested loops count), so the
+/// `rows` kernels size their work to stay under this, with a margin.
+const SOFTWARE_LOOP_BUDGET: usize = 60_000;
+
 /// One tensor parameter of a kernel, in binding order.
 struct Arg<'a> {
     name: &'static str,
@@ -224,10 +229,9 @@ impl WgpuBackend {
     /// elements and the rows one workgroup takes: `rows` (an invocation per row) for short
     /// rows on software adapters, else `main` (a workgroup per row).
     fn row_entry(&self, len: usize) -> (&'static str, usize) {
-        /// Longest row of the `rows` entry points: their three passes over a row stay under
-        /// the 65535 loop iterations after which lavapipe ends an invocation.
-        const ROW_LOOP_MAX: usize = 16384;
-        if self.software_kernels && len <= ROW_LOOP_MAX {
+        // The `rows` entry points make three passes over a row (softmax adds one loop
+        // iteration per 128 columns, within the budget's margin).
+        if self.software_kernels && 3 * len <= SOFTWARE_LOOP_BUDGET {
             ("rows", 64)
         } else {
             ("main", 1)
@@ -613,12 +617,12 @@ impl Backend for WgpuBackend {
             return self.attention_unfused(q, k, v, s);
         };
         // Software adapters take one query row per invocation (attention.wgsl's `rows`),
-        // which keeps 2 * D floats per invocation and runs 2 * D + 1 loop iterations a key:
-        // lavapipe ends an invocation after 65535 loop iterations in all, so fewer keys a pass.
+        // which keeps 2 * D floats per invocation and runs 2 * D + 1 loop iterations a key,
+        // so fewer keys a pass.
         let rows_kernel = self.software_kernels && d <= 128;
         let (entry, tile_rows) = if rows_kernel { ("rows", 64) } else { ("main", br) };
         let max_keys = if rows_kernel {
-            self.attention_keys_per_pass.min(60_000 / (2 * d + 1))
+            self.attention_keys_per_pass.min(SOFTWARE_LOOP_BUDGET / (2 * d + 1))
         } else {
             self.attention_keys_per_pass
         };

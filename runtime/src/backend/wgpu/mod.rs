@@ -265,6 +265,15 @@ impl WgpuBackend {
         self.software_kernels
     }
 
+    /// The kernel variant in use, by name: "software" or "gpu".
+    pub fn kernel_variant(&self) -> &'static str {
+        if self.software_kernels {
+            "software"
+        } else {
+            "gpu"
+        }
+    }
+
     /// Bytes of one storage chunk (= the largest binding this backend uses).
     pub fn chunk_bytes(&self) -> u64 {
         self.chunk_bytes
