@@ -191,7 +191,6 @@ fn info(g: &WgpuBackend) -> Result<()> {
         g.chunk_bytes() >> 20
     );
     println!("workgroup memory: {} KiB", l.max_compute_workgroup_storage_size >> 10);
-    println!("kernels: {}", g.kernel_variant());
     Ok(())
 }
 

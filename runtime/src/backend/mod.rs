@@ -38,7 +38,7 @@ pub trait Backend {
     /// Shared handle to device memory; dropping the last handle frees (or recycles) it.
     type Storage: Clone;
 
-    /// Human-readable adapter description, e.g. "wgpu Vulkan: NVIDIA H100".
+    /// Human-readable adapter description, e.g. "wgpu Vulkan: NVIDIA H100, gpu kernels".
     fn name(&self) -> String;
     fn supports(&self, dtype: DType) -> bool;
     /// The dtype activations should use for fast half-precision work on this device.

@@ -272,7 +272,12 @@ impl Backend for WgpuBackend {
     type Storage = std::sync::Arc<GpuStorage>;
 
     fn name(&self) -> String {
-        format!("wgpu {:?}: {}", self.info.backend, self.info.name)
+        format!(
+            "wgpu {:?}: {}, {} kernels",
+            self.info.backend,
+            self.info.name,
+            self.kernel_variant()
+        )
     }
 
     fn supports(&self, dtype: DType) -> bool {
