@@ -4,7 +4,7 @@
 //
 // One dispatch handles one batch item, one group, a range of `cout` output channels and a
 // range of `cin` input channels, so huge activations split into pieces that each fit a
-// binding window:
+// binding window (and deep convolutions into passes that gemm.wgsl's `rows` can loop over):
 //   GEMM rows    r = output position (ot, oy, ox), M = to*ho*wo
 //   GEMM columns c = output channel within the range, N = cout
 //   GEMM depth   k = (input channel within the range, dt, dy, dx), K = cin*kt*kh*kw
@@ -12,7 +12,9 @@
 //   B(k, c) = w[w_base + c*k_full + k]   (weights [c_out, c_in/groups, kt, kh, kw])
 //   out[out_base + c*M + r] = acc + bias[bias_base + c], or += acc when the input channels
 //   were split and this is not the first range (ACCUMULATE pass, no bias).
-// Tensors: x, w, bias (optional), out. Constants: gemm's + HAS_BIAS.
+// Tensors: x, w, bias (optional), out. Constants: gemm's + HAS_BIAS + KT, KH, KW (the kernel
+// size: taps are decomposed by constant divisors, which CPU adapters vectorise and runtime
+// ones they do not).
 
 struct Params {
     x_base: u32,
@@ -29,9 +31,6 @@ struct Params {
     to: u32,
     ho: u32,
     wo: u32,
-    kt: u32,
-    kh: u32,
-    kw: u32,
     st: u32,
     sh: u32,
     sw: u32,
@@ -41,24 +40,26 @@ struct Params {
 }
 
 fn gemm_dims() -> vec3<u32> {
-    return vec3<u32>(P.to * P.ho * P.wo, P.cout, P.cin * P.kt * P.kh * P.kw);
+    return vec3<u32>(P.to * P.ho * P.wo, P.cout, P.cin * KT * KH * KW);
 }
 
-fn gemm_a(z: u32, r: u32, kk: u32) -> f32 {
-    let kvol = P.kt * P.kh * P.kw;
-    let ci = kk / kvol;
-    let rem = kk % kvol;
-    let dt = rem / (P.kh * P.kw);
-    let dy = (rem / P.kw) % P.kh;
-    let dx = rem % P.kw;
+// Row context: the input position (t, y, x) under kernel tap (0, 0, 0) for output row r.
+// Positions inside the front padding wrap around to huge values; adding the tap offset
+// in gemm_a wraps them back, so the result is exact either way.
+fn gemm_a_row(z: u32, r: u32) -> vec4<u32> {
     let ot = r / (P.ho * P.wo);
     let oy = (r / P.wo) % P.ho;
     let ox = r % P.wo;
-    // Unsigned wrap-around makes positions inside the front padding huge, so one compare
-    // per axis rejects both sides of the padding.
-    let it = ot * P.st + dt - P.pt;
-    let iy = oy * P.sh + dy - P.ph;
-    let ix = ox * P.sw + dx - P.pw;
+    return vec4<u32>(ot * P.st - P.pt, oy * P.sh - P.ph, ox * P.sw - P.pw, 0u);
+}
+
+fn gemm_a(z: u32, row: vec4<u32>, kk: u32) -> f32 {
+    let ci = kk / (KT * KH * KW);
+    let rem = kk % (KT * KH * KW);
+    // One compare per axis rejects both sides of the padding (see gemm_a_row).
+    let it = row.x + rem / (KH * KW);
+    let iy = row.y + (rem / KW) % KH;
+    let ix = row.z + rem % KW;
     if (it >= P.t || iy >= P.h || ix >= P.w) {
         return 0.0;
     }

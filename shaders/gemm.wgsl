@@ -3,7 +3,10 @@
 // Computes C[z] = A[z] (M x K) * B[z] (K x N) for one dispatch, where the including family
 // file supplies the operands through:
 //   fn gemm_dims() -> vec3<u32>                 // M, N, K of this dispatch
-//   fn gemm_a(z: u32, r: u32, k: u32) -> f32    // called only with r < M, k < K
+//   fn gemm_a_row(z: u32, r: u32) -> vec4<u32>  // what gemm_a needs of row r, any r
+//   fn gemm_a(z: u32, row: vec4<u32>, k: u32) -> f32
+//                                               // A(r, k) for row = gemm_a_row(z, r),
+//                                               // called only with r < M, k < K
 //   fn gemm_b(z: u32, k: u32, c: u32) -> f32    // called only with k < K, c < N
 //   fn gemm_store(z: u32, r: u32, c: u32, acc: f32)
 // The host prepends these constants:
@@ -13,10 +16,21 @@
 //       from shared memory as vec4s that are contiguous across a warp (conflict free)
 //   BK: depth of one K step; PAD: 4 to skew the shared arrays against bank conflicts, else 0
 //   A_K_FAST / B_K_FAST: whether consecutive k are adjacent in memory for A / B, which picks
-//       the thread-to-element mapping of the tile loads so global reads coalesce.
-// Workgroup: 256 threads; grid: x = N tiles, y = M tiles, z = batch.
-// Shared memory: 2 * BK * (TILE + PAD) floats (16 KiB at TILE=128, BK=16, PAD=0: WebGPU's
-// default limit), stored as vec4s. Accumulation is in f32 whatever the storage dtype.
+//       the thread-to-element mapping of the tile loads so global reads coalesce. Without
+//       A_K_FAST a thread loads the same A row at every K step (WG is a multiple of TILE),
+//       so its gemm_a_row (a convolution's output position: divisions by runtime sizes,
+//       which CPU adapters run one lane at a time) is computed once.
+//   RM: output rows per invocation of `rows` (its columns are one vec4)
+// Entry points (accumulation in f32 whatever the storage dtype):
+//   main: 256 threads per workgroup; grid: x = N tiles, y = M tiles, z = batch. Shared
+//         memory: 2 * BK * (TILE + PAD) floats (16 KiB at TILE=128, BK=16, PAD=0: WebGPU's
+//         default limit), stored as vec4s.
+//   rows: for software adapters (see softmax.wgsl's `rows` for why): one invocation per RM
+//         output rows and 4 columns, 64 invocations per workgroup, no workgroup memory or
+//         barriers; the invocations of a workgroup share their columns, so every B read is
+//         the same for all of them. Grid: x = N / 4, y = M / (64 * RM), z = batch. An
+//         invocation runs K * (RM + 5) loop iterations at most (when its short loops are not
+//         unrolled); the host keeps that within lavapipe's cap.
 
 const WG: u32 = 256u;
 const AS: u32 = TILE + PAD;
@@ -58,12 +72,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
 
+    let fixed_row = gemm_a_row(z, row0 + lid % TILE);
     for (var k0 = 0u; k0 < k; k0 += BK) {
         for (var e = lid; e < TILE * BK; e += WG) {
             let ac = tile_coord(e, A_K_FAST);
             var v = 0.0;
-            if (row0 + ac.x < m && k0 + ac.y < k) {
-                v = gemm_a(z, row0 + ac.x, k0 + ac.y);
+            let r = row0 + ac.x;
+            if (r < m && k0 + ac.y < k) {
+                var row = fixed_row;
+                if (A_K_FAST) {
+                    row = gemm_a_row(z, r);
+                }
+                v = gemm_a(z, row, k0 + ac.y);
             }
             let ai = ac.y * AS + ac.x;
             a_tile[ai >> 2u][ai & 3u] = v;
@@ -100,6 +120,41 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let c = col0 + owned(j / 4u, tx, j % 4u);
             if (r < m && c < n) {
                 gemm_store(z, r, c, acc[i][j]);
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(64)
+fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let dims = gemm_dims();
+    let z = wid.z;
+    let r0 = (wid.y * 64u + lid) * RM;
+    let c0 = wid.x * 4u;
+    if (r0 >= dims.x) {
+        return;
+    }
+    // Rows past M repeat the reads of row M - 1 and are not stored.
+    var ctx: array<vec4<u32>, RM>;
+    for (var i = 0u; i < RM; i++) {
+        ctx[i] = gemm_a_row(z, min(r0 + i, dims.x - 1u));
+    }
+    var acc: array<vec4<f32>, RM>;
+    for (var kk = 0u; kk < dims.z; kk++) {
+        var b = vec4<f32>();
+        for (var j = 0u; j < 4u; j++) {
+            if (c0 + j < dims.y) {
+                b[j] = gemm_b(z, kk, c0 + j);
+            }
+        }
+        for (var i = 0u; i < RM; i++) {
+            acc[i] = fma(vec4<f32>(gemm_a(z, ctx[i], kk)), b, acc[i]);
+        }
+    }
+    for (var i = 0u; i < RM; i++) {
+        for (var j = 0u; j < 4u; j++) {
+            if (r0 + i < dims.x && c0 + j < dims.y) {
+                gemm_store(z, r0 + i, c0 + j, acc[i][j]);
             }
         }
     }

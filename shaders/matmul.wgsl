@@ -23,13 +23,21 @@ fn gemm_dims() -> vec3<u32> {
     return vec3<u32>(P.rows, P.n, P.k);
 }
 
-fn gemm_a(z: u32, r: u32, kk: u32) -> f32 {
+// Row context: x = where row r of A starts (its element at k = 0).
+fn gemm_a_row(z: u32, r: u32) -> vec4<u32> {
     let base = (P.batch0 + z) * P.a_bs;
     let row = P.row0 + r;
     if (TRANS_A) {
-        return a_ld(base + kk * P.m + row);
+        return vec4<u32>(base + row, 0u, 0u, 0u);
     }
-    return a_ld(base + row * P.k + kk);
+    return vec4<u32>(base + row * P.k, 0u, 0u, 0u);
+}
+
+fn gemm_a(z: u32, row: vec4<u32>, kk: u32) -> f32 {
+    if (TRANS_A) {
+        return a_ld(row.x + kk * P.m);
+    }
+    return a_ld(row.x + kk);
 }
 
 fn gemm_b(z: u32, kk: u32, c: u32) -> f32 {

@@ -77,7 +77,8 @@ def main():
         gen = [args.sdlite, "gen", "--model", args.model, "--prompt", m["prompt"], "--seed", "1", "--out", out, "--backend"]
         if args.wgpu_kernels:
             t = {k: best_of(args.runs, gen + ["wgpu", "--wgpu-kernels", k]) for k in ("gpu", "software")}
-            adapter = subprocess.run([args.sdlite, "info"], capture_output=True, text=True).stdout.splitlines()[0]
+            # `sdlite info`'s first line, less the kernel variant its adapter name ends with.
+            adapter = subprocess.run([args.sdlite, "info"], capture_output=True, text=True).stdout.splitlines()[0].rsplit(", ", 1)[0]
             print(f"time to first output, sdlite-{args.model}, 25 steps, wgpu backend, {adapter}, best of {args.runs}:")
             print(f"  GPU kernels      {t['gpu']:7.2f} s")
             print(f"  software kernels {t['software']:7.2f} s   ({t['gpu'] / t['software']:.2f}x the GPU kernels)")

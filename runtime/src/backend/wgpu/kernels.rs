@@ -24,6 +24,11 @@ const ELEMENTWISE: &str = include_str!("../../../../shaders/elementwise.wgsl");
 /// `rows` kernels size their work to stay under this, with a margin.
 const SOFTWARE_LOOP_BUDGET: usize = 60_000;
 
+/// Output rows per invocation of gemm.wgsl's `rows` entry point (its RM; the columns are
+/// one vec4), so a workgroup of 64 covers 64 * RM rows and 4 columns.
+const GEMM_ROWS_RM: usize = 4;
+const GEMM_ROWS_BLOCK: (usize, usize) = (64 * GEMM_ROWS_RM, 4);
+
 /// One tensor parameter of a kernel, in binding order.
 struct Arg<'a> {
     name: &'static str,
@@ -260,7 +265,14 @@ impl WgpuBackend {
             ("TM", (tile / 16).to_string()),
             ("BK", bk.to_string()),
             ("PAD", pad.to_string()),
+            ("RM", GEMM_ROWS_RM.to_string()),
         ]
+    }
+
+    /// The deepest GEMM (K) that gemm.wgsl's `rows` takes on this backend: none off software
+    /// adapters; on them, as deep as its K * (RM + 5) loop iterations stay within budget.
+    fn gemm_rows_depth(&self) -> Option<usize> {
+        self.software_kernels.then_some(SOFTWARE_LOOP_BUDGET / (GEMM_ROWS_RM + 5))
     }
 }
 
@@ -406,14 +418,21 @@ impl Backend for WgpuBackend {
         let mut consts = self.gemm_consts(plane, cout_g);
         let tile: usize = consts[0].1.parse().expect("tile constant");
         consts.extend([("A_K_FAST", flag(false)), ("B_K_FAST", flag(true))]);
+        consts.extend([("KT", s.kernel[0]), ("KH", s.kernel[1]), ("KW", s.kernel[2])].map(|(k, v)| (k, v.to_string())));
+        // Software adapters take gemm.wgsl's `rows`, with few enough input channels a
+        // dispatch for its depth to stay within its limit (more accumulate in passes).
+        let (entry, (row_block, col_block), cin_max) = match self.gemm_rows_depth().map(|d| d / kvol) {
+            Some(cin) if cin > 0 => ("rows", GEMM_ROWS_BLOCK, cin),
+            _ => ("main", (tile, tile), usize::MAX),
+        };
         let kernel = Kernel {
-            entry: "main",
+            entry,
             sources: &[CONV, GEMM],
             consts,
             args: vec![read("x", Some(x)), read("w", Some(w)), read("bias", bias), write("out", &out)],
         };
         let (xs, ws, os) = (&*x.storage, &*w.storage, &*out.storage);
-        let m_tiles = plane.div_ceil(tile);
+        let m_tiles = plane.div_ceil(row_block);
         if m_tiles > MAX_GRID {
             return Err(self.too_large(op, "one output channel plane", plane));
         }
@@ -427,9 +446,9 @@ impl Backend for WgpuBackend {
                 let o_span = |n0: usize, n1: usize| (ob + n0 * plane, ob + n1 * plane - 1);
                 let w_span =
                     |n0: usize, n1: usize, c0: usize, c1: usize| (wb + n0 * k_full + c0 * kvol, wb + (n1 - 1) * k_full + c1 * kvol - 1);
-                let c_ranges = split_ranges(cin_g, usize::MAX, |c0, c1| window(xs, x_span(c0, c1).0, x_span(c0, c1).1).is_some())
+                let c_ranges = split_ranges(cin_g, cin_max, |c0, c1| window(xs, x_span(c0, c1).0, x_span(c0, c1).1).is_some())
                     .ok_or_else(|| self.too_large(op, "one input channel plane", in_plane))?;
-                let n_ranges = split_ranges(cout_g, MAX_GRID * tile, |n0, n1| {
+                let n_ranges = split_ranges(cout_g, MAX_GRID * col_block, |n0, n1| {
                     window(os, o_span(n0, n1).0, o_span(n0, n1).1).is_some()
                 })
                 .ok_or_else(|| self.too_large(op, "one output channel plane", plane))?;
@@ -460,9 +479,6 @@ impl Backend for WgpuBackend {
                             to,
                             ho,
                             wo,
-                            s.kernel[0],
-                            s.kernel[1],
-                            s.kernel[2],
                             s.stride[0],
                             s.stride[1],
                             s.stride[2],
@@ -472,7 +488,7 @@ impl Backend for WgpuBackend {
                         ]
                         .map(|v| v as u32)
                         .to_vec();
-                        dispatches.push((spans, params, [(n1 - n0).div_ceil(tile) as u32, m_tiles as u32, 1]));
+                        dispatches.push((spans, params, [(n1 - n0).div_ceil(col_block) as u32, m_tiles as u32, 1]));
                     }
                 }
             }
