@@ -20,15 +20,16 @@
 //       A_K_FAST a thread loads the same A row at every K step (WG is a multiple of TILE),
 //       so its gemm_a_row (a convolution's output position: divisions by runtime sizes,
 //       which CPU adapters run one lane at a time) is computed once.
-//   RM: output rows per invocation of `rows` (its columns are one vec4)
+//   RM, ROWS_WG: output rows per invocation of `rows` (its columns are one vec4), and its
+//       invocations per workgroup
 // Entry points (accumulation in f32 whatever the storage dtype):
 //   main: 256 threads per workgroup; grid: x = N tiles, y = M tiles, z = batch. Shared
 //         memory: 2 * BK * (TILE + PAD) floats (16 KiB at TILE=128, BK=16, PAD=0: WebGPU's
 //         default limit), stored as vec4s.
 //   rows: for software adapters (see softmax.wgsl's `rows` for why): one invocation per RM
-//         output rows and 4 columns, 64 invocations per workgroup, no workgroup memory or
-//         barriers; the invocations of a workgroup share their columns, so every B read is
-//         the same for all of them. Grid: x = N / 4, y = M / (64 * RM), z = batch. An
+//         output rows and 4 columns, ROWS_WG invocations per workgroup, no workgroup memory
+//         or barriers; the invocations of a workgroup share their columns, so every B read is
+//         the same for all of them. Grid: x = N / 4, y = M / (ROWS_WG * RM), z = batch. An
 //         invocation runs K * (RM + 5) loop iterations at most (when its short loops are not
 //         unrolled); the host keeps that within lavapipe's cap.
 
@@ -72,7 +73,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
 
-    let fixed_row = gemm_a_row(z, row0 + lid % TILE);
+    var fixed_row = vec4<u32>();
+    if (!A_K_FAST) {
+        fixed_row = gemm_a_row(z, row0 + lid % TILE);
+    }
     for (var k0 = 0u; k0 < k; k0 += BK) {
         for (var e = lid; e < TILE * BK; e += WG) {
             let ac = tile_coord(e, A_K_FAST);
@@ -125,11 +129,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(ROWS_WG)
 fn rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let dims = gemm_dims();
     let z = wid.z;
-    let r0 = (wid.y * 64u + lid) * RM;
+    let r0 = (wid.y * ROWS_WG + lid) * RM;
     let c0 = wid.x * 4u;
     if (r0 >= dims.x) {
         return;

@@ -25,9 +25,11 @@ const ELEMENTWISE: &str = include_str!("../../../../shaders/elementwise.wgsl");
 const SOFTWARE_LOOP_BUDGET: usize = 60_000;
 
 /// Output rows per invocation of gemm.wgsl's `rows` entry point (its RM; the columns are
-/// one vec4), so a workgroup of 64 covers 64 * RM rows and 4 columns.
+/// one vec4) and invocations per workgroup (its ROWS_WG), so a workgroup covers
+/// GEMM_ROWS_BLOCK: ROWS_WG * RM rows and 4 columns.
 const GEMM_ROWS_RM: usize = 4;
-const GEMM_ROWS_BLOCK: (usize, usize) = (64 * GEMM_ROWS_RM, 4);
+const GEMM_ROWS_WG: usize = 64;
+const GEMM_ROWS_BLOCK: (usize, usize) = (GEMM_ROWS_WG * GEMM_ROWS_RM, 4);
 
 /// One tensor parameter of a kernel, in binding order.
 struct Arg<'a> {
@@ -266,13 +268,8 @@ impl WgpuBackend {
             ("BK", bk.to_string()),
             ("PAD", pad.to_string()),
             ("RM", GEMM_ROWS_RM.to_string()),
+            ("ROWS_WG", GEMM_ROWS_WG.to_string()),
         ]
-    }
-
-    /// The deepest GEMM (K) that gemm.wgsl's `rows` takes on this backend: none off software
-    /// adapters; on them, as deep as its K * (RM + 5) loop iterations stay within budget.
-    fn gemm_rows_depth(&self) -> Option<usize> {
-        self.software_kernels.then_some(SOFTWARE_LOOP_BUDGET / (GEMM_ROWS_RM + 5))
     }
 }
 
@@ -420,10 +417,13 @@ impl Backend for WgpuBackend {
         consts.extend([("A_K_FAST", flag(false)), ("B_K_FAST", flag(true))]);
         consts.extend([("KT", s.kernel[0]), ("KH", s.kernel[1]), ("KW", s.kernel[2])].map(|(k, v)| (k, v.to_string())));
         // Software adapters take gemm.wgsl's `rows`, with few enough input channels a
-        // dispatch for its depth to stay within its limit (more accumulate in passes).
-        let (entry, (row_block, col_block), cin_max) = match self.gemm_rows_depth().map(|d| d / kvol) {
-            Some(cin) if cin > 0 => ("rows", GEMM_ROWS_BLOCK, cin),
-            _ => ("main", (tile, tile), usize::MAX),
+        // dispatch that its K * (RM + 5) loop iterations stay within the loop budget (more
+        // channels accumulate in passes).
+        let rows_cin = SOFTWARE_LOOP_BUDGET / (GEMM_ROWS_RM + 5) / kvol;
+        let (entry, (row_block, col_block), cin_max) = if self.software_kernels && rows_cin > 0 {
+            ("rows", GEMM_ROWS_BLOCK, rows_cin)
+        } else {
+            ("main", (tile, tile), usize::MAX)
         };
         let kernel = Kernel {
             entry,

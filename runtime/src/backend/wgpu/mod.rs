@@ -47,7 +47,9 @@ pub struct WgpuOptions {
     /// Use the kernel variants shaped for software adapters, which run a workgroup's
     /// invocations as SIMD lanes of one CPU thread (lavapipe, SwiftShader): softmax,
     /// short-row norms and attention one row per invocation without workgroup barriers,
-    /// larger GEMM tiles. Default: when the adapter is a CPU; set to compare or test the variants.
+    /// convolutions as blocks of four output positions by four channels per invocation
+    /// (gemm.wgsl's `rows`), larger matrix-product tiles. Default: when the adapter is a
+    /// CPU; set to compare or test the variants.
     pub software_kernels: Option<bool>,
     pub power_preference: wgpu::PowerPreference,
 }
