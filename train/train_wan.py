@@ -219,6 +219,23 @@ def with_code(z, code):
     return torch.cat([z[:, :-SHAPE_CHANNELS], code.to(z.dtype)], dim=1)
 
 
+def shape_weights(text):
+    """--shape-weight's value, "star=3,cross=2": how many times as often as the others each
+    named shape's clips are drawn."""
+    weights = {}
+    for item in text.split(","):
+        shape, _, value = item.partition("=")
+        if shape not in scenes.SHAPES:
+            raise argparse.ArgumentTypeError(f"{shape!r} is not a shape of the grammar ({', '.join(scenes.SHAPES)})")
+        try:
+            weights[shape] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: the weight after '=' must be a number") from None
+        if weights[shape] <= 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: a weight must be positive")
+    return weights
+
+
 def blur_window(text):
     """--blur-size's argparse type: blur_detail's window needs a centre, so an odd size, checked
     before any clip is rendered."""
@@ -393,6 +410,11 @@ def train_dit(args, device):
     empty = tok("", padding="max_length", max_length=PROMPT_TOKENS, return_tensors="pt")
     empty_ids, empty_mask = empty.input_ids.to(device), empty.attention_mask.to(device)
 
+    clip_weight = None
+    if args.shape_weight:
+        by_shape = [args.shape_weight.get(shape, 1.0) for shape in scenes.SHAPES]
+        clip_weight = torch.tensor([by_shape[shape_index(c)] for c in caps], device=device)
+
     steps, batch = (10, 8) if args.quick else (args.steps or 20000, args.batch or 256)
     params = list(dit.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
@@ -403,7 +425,10 @@ def train_dit(args, device):
         """Flow-matching loss on `count` random training latents cut to their first
         `frames` latent frames, and (with `measure_attention`) the cross-attention's
         shortfall and share on the prompt."""
-        pick = torch.randint(0, n, (count,), device=device, generator=g)
+        if clip_weight is None:
+            pick = torch.randint(0, n, (count,), device=device, generator=g)
+        else:
+            pick = torch.multinomial(clip_weight, count, replacement=True, generator=g)
         x0 = lat[pick, :, :frames].float()
         drop = (torch.rand(count, device=device, generator=g) < 0.1)[:, None]
         b_ids = torch.where(drop, empty_ids, ids[pick])
@@ -549,6 +574,11 @@ def main():
         help="phase dit: add, at this weight, how far below one half (in log) each token's cross-attention share on the prompt's rows falls (the rest goes to the zero padding)",
     )
     ap.add_argument(
+        "--shape-weight",
+        type=shape_weights,
+        help='phase dit: draw the clips of these shapes this many times as often as the others, e.g. "star=3" (the shape the DiT draws worst)',
+    )
+    ap.add_argument(
         "--clips",
         type=int,
         help="phase dit: learn from this many distinct clips (default 40,000) and write their captions to OUT/captions.txt (a capacity probe: can the DiT reproduce the shapes of clips it has seen many times?)",
@@ -573,6 +603,8 @@ def main():
         ap.error("--depth deepens a trained DiT: give it with phase dit and --init")
     if (args.heads or args.head_dim) and not (args.phase == "dit" and not args.init):
         ap.error("--heads and --head-dim shape a new DiT: give them with phase dit and without --init")
+    if args.shape_weight and args.phase != "dit":
+        ap.error("--shape-weight draws the DiT's training clips: give it with phase dit")
     if args.logit_normal and args.phase != "dit":
         ap.error("--logit-normal draws the DiT's training sigmas: give it with phase dit")
     if args.compile and (args.phase != "dit" or args.prompt_attention):
