@@ -227,12 +227,14 @@ def shape_weights(text):
         shape, _, value = item.partition("=")
         if shape not in scenes.SHAPES:
             raise argparse.ArgumentTypeError(f"{shape!r} is not a shape of the grammar ({', '.join(scenes.SHAPES)})")
+        if shape in weights:
+            raise argparse.ArgumentTypeError(f"{shape!r} is given twice")
         try:
             weights[shape] = float(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{item!r}: the weight after '=' must be a number") from None
-        if weights[shape] <= 0:
-            raise argparse.ArgumentTypeError(f"{item!r}: a weight must be positive")
+        if not (0 < weights[shape] < math.inf):
+            raise argparse.ArgumentTypeError(f"{item!r}: a weight must be a positive finite number")
     return weights
 
 
