@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use sdlite_runtime::models::clip_text::ClipTextEncoder;
 use sdlite_runtime::models::clip_tokenizer::ClipTokenizer;
+use sdlite_runtime::models::denoiser::TextContext;
 use sdlite_runtime::models::flow_schedulers::{FlowSampler, FlowScheduler, FlowSchedulerConfig};
 use sdlite_runtime::models::schedulers::{Prediction, Sampler, Scheduler, SchedulerConfig};
 use sdlite_runtime::models::sd::{SdRequest, StableDiffusion};
@@ -305,6 +306,7 @@ fn dit_out<B: Backend>(b: &B) -> HostTensor {
     // A forward on a grid of one frame first: the rotary tables it leaves cached must not
     // serve the golden's grid.
     let first_frame = sdlite_runtime::ops::slice(b, &x, 2, 0, 1).expect("slice");
+    let ctx = TextContext::full(&ctx);
     dit.forward(b, &first_frame, &[500.0], &ctx).expect("dit runs on one frame");
     read(b, &dit.forward(b, &x, &[500.0], &ctx).expect("dit runs"))
 }
@@ -312,6 +314,61 @@ fn dit_out<B: Backend>(b: &B) -> HostTensor {
 #[test]
 fn wan_dit_matches_reference() {
     on_backends!("wan dit", golden("dit_out"), dit_out);
+}
+
+/// A Wan text context as the pipeline pads it: per batch row, random prompt rows (of
+/// `lens`), then zero rows up to `seq`.
+fn padded_context(lens: &[usize], seq: usize, width: usize, seed: u64) -> HostTensor {
+    let values = sdlite_tests::random(&[lens.len(), seq, width], DType::F32, 1.0, seed).to_f32();
+    let kept = values
+        .chunks(width)
+        .enumerate()
+        .flat_map(|(i, row)| {
+            let keep = (i % seq) < lens[i / seq];
+            row.iter().map(move |&v| if keep { v } else { 0.0 })
+        })
+        .collect();
+    HostTensor::from_f32(&[lens.len(), seq, width], kept).expect("context")
+}
+
+/// The DiT in `dtype` on the pipeline's text as it hands it over (the prompts' positions and
+/// one zero position standing for the rest) against the DiT on the whole padded text, on fresh
+/// random text.
+fn dit_compact_and_full<B: Backend>(b: &B, dtype: DType, seed: u64) -> (HostTensor, HostTensor) {
+    let w = wan_source().weights("transformer").expect("weights");
+    let config: sdlite_runtime::models::wan_dit::WanDitConfig = wan_source().config("transformer/config.json").expect("config");
+    let text_dim = config.text_dim;
+    let dit = WanDit::load(&Params::new(b, &w, dtype), config).expect("dit loads");
+    let x = golden("dit_latent");
+    let x = HostTensor::from_f32(&[2, x.shape[1], x.shape[2], x.shape[3], x.shape[4]], x.to_f32().repeat(2)).expect("x");
+    let x = upload(b, &x.to_dtype(dtype));
+    let (longest, positions) = (7, 40);
+    let full = upload(b, &padded_context(&[3, longest], positions, text_dim, seed).to_dtype(dtype));
+    let compact = TextContext {
+        states: sdlite_runtime::ops::slice(b, &full, 1, 0, longest + 1).expect("slice"),
+        last_repeats: positions - longest,
+    };
+    let want = read(
+        b,
+        &dit.forward(b, &x, &[500.0, 500.0], &TextContext::full(&full)).expect("dit runs"),
+    );
+    let got = read(b, &dit.forward(b, &x, &[500.0, 500.0], &compact).expect("dit runs compact"));
+    (got, want)
+}
+
+/// f32 attends to the compact text with ln(repeats) on the last key's scores; half dtypes
+/// repeat the last position back.
+#[test]
+fn wan_dit_compact_text_matches_padded_text() {
+    let seed = sdlite_tests::fresh_seed();
+    let (got, want) = dit_compact_and_full(&CpuBackend, DType::F32, seed);
+    assert_close(&format!("compact text (cpu, seed {seed})"), &got, &want, MODEL_TOL);
+    let (got, want) = dit_compact_and_full(&CpuBackend, DType::BF16, seed);
+    assert_close(&format!("compact text (cpu bf16, seed {seed})"), &got, &want, MODEL_TOL);
+    if let Some(g) = gpu() {
+        let (got, want) = dit_compact_and_full::<WgpuBackend>(g, DType::F32, seed);
+        assert_close(&format!("compact text (wgpu, seed {seed})"), &got, &want, MODEL_TOL);
+    }
 }
 
 #[test]
@@ -447,7 +504,7 @@ fn half_precision_run<B: Backend>(b: &B, dtype: DType) {
         .transformer
         .get(b)
         .expect("dit loads")
-        .forward(b, &big("dit_latent", 40.0), &[999.0], &big("dit_context", 40.0))
+        .forward(b, &big("dit_latent", 40.0), &[999.0], &TextContext::full(&big("dit_context", 40.0)))
         .expect("dit");
     assert_finite_and_alive(&format!("wan dit ({tag})"), &read(b, &v));
     let video = pollster::block_on(wan.vae.decode(b, &big("wan_vae_latent", 40.0), |_, _| {})).expect("wan vae");
@@ -530,7 +587,7 @@ fn full_size_matches_reference_on_gpu() {
     .expect("dit loads");
     let (x, ctx) = (upload(g, &gold("wan_dit_latent")), upload(g, &gold("wan_dit_context")));
     let got = time("wan dit 1950 tokens", &mut || {
-        read(g, &dit.forward(g, &x, &[500.0], &ctx).expect("runs"))
+        read(g, &dit.forward(g, &x, &[500.0], &TextContext::full(&ctx)).expect("runs"))
     });
     check("full-size wan dit", &got, &gold("wan_dit_out"));
     let w = wan.weights("vae").expect("weights");
@@ -553,7 +610,7 @@ fn dit_out_original_names<B: Backend>(b: &B) -> HostTensor {
     )
     .expect("dit loads from the original key names");
     let x = upload(b, &golden("dit_latent"));
-    let ctx = upload(b, &golden("dit_context"));
+    let ctx = TextContext::full(&upload(b, &golden("dit_context")));
     read(b, &dit.forward(b, &x, &[500.0], &ctx).expect("dit runs"))
 }
 

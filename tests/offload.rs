@@ -19,7 +19,7 @@ use sdlite_remote::protocol::{Envelope, ErrorCode, JobMode, ModelHash, Request, 
 use sdlite_remote::tls::{Identity, LinkOptions};
 use sdlite_remote::worker::{start_worker, RunningWorker, WorkerOptions, WEBTRANSPORT_PATH};
 use sdlite_remote::{Error, WorkerAddress};
-use sdlite_runtime::models::denoiser::DenoiserLoad;
+use sdlite_runtime::models::denoiser::{DenoiserLoad, HostText};
 use sdlite_runtime::models::flow_schedulers::FlowSampler;
 use sdlite_runtime::models::schedulers::Sampler;
 use sdlite_runtime::models::sd::{SdRequest, StableDiffusion};
@@ -300,7 +300,10 @@ fn worker_without_the_model_receives_it_once() {
     let w = start(&models_dir(false), TOKEN);
     let package = DenoiserPackage::from_pipeline(&data().join("sd-tiny")).unwrap();
     let link = runtime().block_on(WorkerLink::connect(&w.address, &client_options(TOKEN))).unwrap();
-    let ctx = HostTensor::from_f32(&[1, 4, 8], vec![0.0; 32]).unwrap();
+    let ctx = HostText {
+        states: HostTensor::from_f32(&[1, 4, 8], vec![0.0; 32]).unwrap(),
+        last_repeats: 1,
+    };
     let err = runtime()
         .block_on(link.open_job(package.hash, JobMode::Denoiser, DType::F32, 1.0, &ctx))
         .unwrap_err();
@@ -404,17 +407,32 @@ fn bad_frames_get_protocol_errors_and_the_worker_keeps_serving() {
             ),
             ErrorCode::UnknownJob
         );
-        let ctx = HostTensor::from_f32(&[3, 4, 8], vec![0.0; 96]).unwrap();
-        let open = Request::OpenJob {
-            model: ModelHash([1; 32]),
+        let open = |model: ModelHash, last_repeats: u64| Request::OpenJob {
+            model,
             mode: JobMode::Denoiser,
             dtype: sdlite_remote::protocol::WireDType::F32,
             cfg_scale: 1.0,
+            last_repeats,
         };
+        let ctx = HostTensor::from_f32(&[3, 4, 8], vec![0.0; 96]).unwrap();
         assert_eq!(
-            code(raw_request(&conn, &encode(open, PROTOCOL_VERSION, TOKEN, &[(&ctx).into()]).await).await),
+            code(
+                raw_request(
+                    &conn,
+                    &encode(open(ModelHash([1; 32]), 1), PROTOCOL_VERSION, TOKEN, &[(&ctx).into()]).await
+                )
+                .await
+            ),
             ErrorCode::BadTensor
         );
+        // A text position standing for none, and the UNet (which attends to each position
+        // as given) asked to read one as several.
+        let sd = DenoiserPackage::from_pipeline(&data().join("sd-tiny")).unwrap().hash;
+        let sd_text = HostTensor::from_f32(&[1, 4, 32], vec![0.0; 128]).unwrap();
+        for last_repeats in [0, 3] {
+            let request = encode(open(sd, last_repeats), PROTOCOL_VERSION, TOKEN, &[(&sd_text).into()]).await;
+            assert_eq!(code(raw_request(&conn, &request).await), ErrorCode::BadTensor, "{last_repeats}");
+        }
         // Still serving, on the same connection and on new ones.
         assert!(!link.has_model(ModelHash([0; 32])).await.unwrap());
         let again = WorkerLink::connect(&w.address, &client_options(TOKEN)).await.unwrap();

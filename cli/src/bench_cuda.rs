@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use sdlite_runtime::models::denoiser::TextContext;
 use sdlite_runtime::models::unet::UNet;
 use sdlite_runtime::models::wan_dit::WanDit;
 use sdlite_runtime::models::wan_vae::WanVaeDecoder;
@@ -209,12 +210,12 @@ pub fn bench_cuda(dir: &Path, iters: usize, only: Option<&str>, profile: bool, c
                 let t = host(&format!("{name}.input1"))?.to_f32();
                 if cfg_batch {
                     let twice = |t: &Tensor<CudaBackend>| sdlite_runtime::ops::concat(&c, &[t, t], 0);
-                    let (x, ctx, t) = (twice(&x)?, twice(&ctx)?, t.repeat(2));
+                    let (x, ctx, t) = (twice(&x)?, TextContext::full(&twice(&ctx)?), t.repeat(2));
                     timed(&c, iters, || {
                         read(&c, &sdlite_runtime::ops::slice(&c, &dit.forward(&c, &x, &t, &ctx)?, 0, 0, 1)?)
                     })?
                 } else {
-                    timed(&c, iters, || read(&c, &dit.forward(&c, &x, &t, &ctx)?))?
+                    timed(&c, iters, || read(&c, &dit.forward(&c, &x, &t, &TextContext::full(&ctx))?))?
                 }
             }
         };

@@ -15,7 +15,7 @@ use sdlite_remote::protocol::{DenoiserKind, ErrorCode, JobMode, ModelHash};
 use sdlite_remote::tls::{hex, load_or_create_token, Identity, Trust};
 use sdlite_remote::worker::{start_worker, WorkerOptions, WEBTRANSPORT_PATH};
 use sdlite_remote::WorkerAddress;
-use sdlite_runtime::models::denoiser::DenoiserLoad;
+use sdlite_runtime::models::denoiser::{DenoiserLoad, HostText};
 use sdlite_runtime::{CpuBackend, CudaBackend, CudaOptions, DType, HostTensor};
 
 use crate::gen::BackendKind;
@@ -264,7 +264,7 @@ impl Engine for SimulatedEngine {
     fn has_model(&self, _: &ModelHash) -> bool {
         true
     }
-    fn open_job(&mut self, _: ModelHash, _: JobMode, _: DType, _: f32, _: HostTensor) -> Result<u64, Failure> {
+    fn open_job(&mut self, _: ModelHash, _: JobMode, _: DType, _: f32, _: HostText) -> Result<u64, Failure> {
         Ok(1)
     }
     fn step(&mut self, _: u64, input: HostTensor, _: f32) -> Result<HostTensor, Failure> {
@@ -312,7 +312,10 @@ pub fn bench_offload(step_ms: u64, steps: usize) -> Result<()> {
     let latent = HostTensor::from_f32(&[1, 16, 21, 60, 104], vec![0.5; 16 * 21 * 60 * 104])?;
     let hidden = HostTensor::from_f32(&[2, 32760, 1536], vec![0.5; 2 * 32760 * 1536])?;
     let modulation = HostTensor::from_f32(&[2, 6, 1536], vec![0.5; 2 * 6 * 1536])?;
-    let context = HostTensor::from_f32(&[2, 512, 4096], vec![0.5; 2 * 512 * 4096])?;
+    let context = HostText {
+        states: HostTensor::from_f32(&[2, 512, 4096], vec![0.5; 2 * 512 * 4096])?,
+        last_repeats: 1,
+    };
     let latent_bytes = latent.data.as_bytes().len() as f64;
     println!(
         "offload over loopback, full-size Wan2.1-1.3B 81x480x832, simulated worker compute {step_ms} ms per step, {steps} steps (latent {:.1} MB)",

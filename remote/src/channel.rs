@@ -6,6 +6,7 @@
 use std::ops::Range;
 use std::time::Duration;
 
+use sdlite_runtime::models::denoiser::HostText;
 use sdlite_runtime::{DType, HostTensor};
 
 use crate::error::{Error, Result};
@@ -73,14 +74,15 @@ pub trait Channel {
         }
     }
 
-    async fn open_job(&self, model: ModelHash, mode: JobMode, dtype: DType, cfg_scale: f32, context: &HostTensor) -> Result<u64> {
+    async fn open_job(&self, model: ModelHash, mode: JobMode, dtype: DType, cfg_scale: f32, text: &HostText) -> Result<u64> {
         let request = Request::OpenJob {
             model,
             mode,
             dtype: wire_dtype(dtype),
             cfg_scale,
+            last_repeats: text.last_repeats as u64,
         };
-        match self.call(request, &[context.into()]).await?.message {
+        match self.call(request, &[(&text.states).into()]).await?.message {
             Response::JobOpened { job } => Ok(job),
             other => Err(unexpected(self, "OpenJob", &other)),
         }
@@ -95,17 +97,17 @@ pub trait Channel {
         mode: JobMode,
         dtype: DType,
         cfg_scale: f32,
-        context: &HostTensor,
+        text: &HostText,
         upload: bool,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<u64> {
-        match self.open_job(package.hash, mode, dtype, cfg_scale, context).await {
+        match self.open_job(package.hash, mode, dtype, cfg_scale, text).await {
             Err(Error::Refused {
                 code: ErrorCode::UnknownModel,
                 ..
             }) if upload => {
                 self.upload(package, progress).await?;
-                self.open_job(package.hash, mode, dtype, cfg_scale, context).await
+                self.open_job(package.hash, mode, dtype, cfg_scale, text).await
             }
             other => other,
         }

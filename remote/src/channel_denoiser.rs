@@ -4,8 +4,8 @@
 //! up to the backends' rounding. It needs no threads or timers, which is what the browser has;
 //! the native pool with retries over several workers and CFG-parallel is `offload`.
 
-use sdlite_runtime::models::denoiser::{Denoiser, DenoiserModel, LocalDenoiser, OnDemand};
-use sdlite_runtime::{Backend, DType, HostTensor, Tensor};
+use sdlite_runtime::models::denoiser::{Denoiser, DenoiserModel, HostText, LocalDenoiser, OnDemand, TextContext};
+use sdlite_runtime::{Backend, DType, HostTensor};
 
 use crate::channel::Channel;
 use crate::error::Error;
@@ -29,7 +29,7 @@ pub struct ChannelDenoiser<'a, C, B: Backend, M> {
     /// Send the weights to a worker that lacks them.
     pub upload: bool,
     log: &'a dyn Fn(String),
-    job: Option<(HostTensor, f32)>,
+    job: Option<(HostText, f32)>,
     opened: Option<u64>,
     pub stats: ChannelStats,
 }
@@ -65,7 +65,7 @@ impl<'a, C: Channel, B: Backend, M: DenoiserModel<B>> ChannelDenoiser<'a, C, B, 
             None => {
                 let info = channel.hello().await?;
                 (self.log)(format!("worker {}: {} on {}", channel.label(), info.worker, info.backend));
-                let (context, cfg_scale) = self.job.as_ref().expect("begin before predict");
+                let (text, cfg_scale) = self.job.as_ref().expect("begin before predict");
                 let log = self.log;
                 let mut announced = false;
                 let mut progress = |sent: u64, total: u64| {
@@ -77,15 +77,7 @@ impl<'a, C: Channel, B: Backend, M: DenoiserModel<B>> ChannelDenoiser<'a, C, B, 
                     }
                 };
                 let job = channel
-                    .open_job_or_upload(
-                        package,
-                        JobMode::Denoiser,
-                        self.dtype,
-                        *cfg_scale,
-                        context,
-                        self.upload,
-                        &mut progress,
-                    )
+                    .open_job_or_upload(package, JobMode::Denoiser, self.dtype, *cfg_scale, text, self.upload, &mut progress)
                     .await?;
                 self.opened = Some(job);
                 job
@@ -96,10 +88,10 @@ impl<'a, C: Channel, B: Backend, M: DenoiserModel<B>> ChannelDenoiser<'a, C, B, 
 }
 
 impl<C: Channel, B: Backend, M: DenoiserModel<B>> Denoiser<B> for ChannelDenoiser<'_, C, B, M> {
-    async fn begin(&mut self, b: &B, context: &Tensor<B>, cfg_scale: f32) -> sdlite_runtime::Result<()> {
+    async fn begin(&mut self, b: &B, text: &TextContext<B>, cfg_scale: f32) -> sdlite_runtime::Result<()> {
         self.finish().await;
-        self.local.begin(b, context, cfg_scale).await?;
-        self.job = Some((b.read(context).await?, cfg_scale));
+        self.local.begin(b, text, cfg_scale).await?;
+        self.job = Some((text.read(b).await?, cfg_scale));
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::rc::Rc;
 
-use sdlite_runtime::models::denoiser::{guided_prediction, DenoiserModel};
+use sdlite_runtime::models::denoiser::{guided_prediction, DenoiserModel, HostText, TextContext};
 use sdlite_runtime::models::unet::UNet;
 use sdlite_runtime::models::wan_dit::WanDit;
 use sdlite_runtime::weights::Params;
@@ -24,7 +24,7 @@ pub trait Engine: 'static {
     /// The backend, for the `Hello` answer.
     fn describe(&self) -> String;
     fn has_model(&self, model: &ModelHash) -> bool;
-    fn open_job(&mut self, model: ModelHash, mode: JobMode, dtype: DType, cfg_scale: f32, context: HostTensor) -> Result<u64, Failure>;
+    fn open_job(&mut self, model: ModelHash, mode: JobMode, dtype: DType, cfg_scale: f32, text: HostText) -> Result<u64, Failure>;
     /// The guided prediction for one latent `[1, ...]`.
     fn step(&mut self, job: u64, input: HostTensor, timestep: f32) -> Result<HostTensor, Failure>;
     /// Hidden tokens after DiT blocks `range`.
@@ -49,8 +49,8 @@ impl Engine for Box<dyn Engine> {
     fn has_model(&self, model: &ModelHash) -> bool {
         (**self).has_model(model)
     }
-    fn open_job(&mut self, model: ModelHash, mode: JobMode, dtype: DType, cfg_scale: f32, context: HostTensor) -> Result<u64, Failure> {
-        (**self).open_job(model, mode, dtype, cfg_scale, context)
+    fn open_job(&mut self, model: ModelHash, mode: JobMode, dtype: DType, cfg_scale: f32, text: HostText) -> Result<u64, Failure> {
+        (**self).open_job(model, mode, dtype, cfg_scale, text)
     }
     fn step(&mut self, job: u64, input: HostTensor, timestep: f32) -> Result<HostTensor, Failure> {
         (**self).step(job, input, timestep)
@@ -79,10 +79,10 @@ enum Loaded<B: Backend> {
 }
 
 impl<B: Backend> DenoiserModel<B> for Loaded<B> {
-    fn forward(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], context: &Tensor<B>) -> sdlite_runtime::Result<Tensor<B>> {
+    fn forward(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], text: &TextContext<B>) -> sdlite_runtime::Result<Tensor<B>> {
         match self {
-            Loaded::Unet(m) => m.forward(b, x, timesteps, context),
-            Loaded::Dit(m) => m.forward(b, x, timesteps, context),
+            Loaded::Unet(m) => DenoiserModel::forward(&**m, b, x, timesteps, text),
+            Loaded::Dit(m) => DenoiserModel::forward(&**m, b, x, timesteps, text),
         }
     }
 }
@@ -92,7 +92,7 @@ struct Job<B: Backend> {
     mode: JobMode,
     dtype: DType,
     cfg_scale: f32,
-    context: Tensor<B>,
+    text: TextContext<B>,
 }
 
 /// Denoisers from a `ModelStore` on backend `B`, the most recently used `max_loaded` kept
@@ -167,10 +167,10 @@ impl<B: Backend + 'static> Engine for ModelEngine<B> {
         self.store.get(model).is_some()
     }
 
-    fn open_job(&mut self, model: ModelHash, mode: JobMode, dtype: DType, cfg_scale: f32, context: HostTensor) -> Result<u64, Failure> {
-        let s = &context.shape;
-        if s.len() != 3 || !(1..=2).contains(&s[0]) {
-            return Err((ErrorCode::BadTensor, format!("context {s:?}: expected [1 or 2, seq, width]")));
+    fn open_job(&mut self, model: ModelHash, mode: JobMode, dtype: DType, cfg_scale: f32, text: HostText) -> Result<u64, Failure> {
+        let s = &text.states.shape;
+        if s.len() != 3 || !(1..=2).contains(&s[0]) || s[1] == 0 {
+            return Err((ErrorCode::BadTensor, format!("context {s:?}: expected [1 or 2, seq >= 1, width]")));
         }
         if !self.backend.supports(dtype) {
             return Err((ErrorCode::Compute, format!("this worker's backend does not compute in {dtype:?}")));
@@ -179,7 +179,19 @@ impl<B: Backend + 'static> Engine for ModelEngine<B> {
         if mode == JobMode::Blocks && !matches!(*loaded, Loaded::Dit(_)) {
             return Err((ErrorCode::BadTensor, "block offload needs a DiT model".into()));
         }
-        let context = self.upload(&context, dtype)?;
+        if text.last_repeats == 0 || (text.last_repeats > 1 && !matches!(*loaded, Loaded::Dit(_))) {
+            return Err((
+                ErrorCode::BadTensor,
+                format!(
+                    "a context whose last position stands for {} positions: a DiT takes 1 or more, a UNet 1",
+                    text.last_repeats
+                ),
+            ));
+        }
+        let text = TextContext {
+            states: self.upload(&text.states, dtype)?,
+            last_repeats: text.last_repeats,
+        };
         let id = loop {
             let id = rand::random::<u64>();
             if !self.jobs.contains_key(&id) {
@@ -193,7 +205,7 @@ impl<B: Backend + 'static> Engine for ModelEngine<B> {
                 mode,
                 dtype,
                 cfg_scale,
-                context,
+                text,
             },
         );
         Ok(id)
@@ -210,7 +222,7 @@ impl<B: Backend + 'static> Engine for ModelEngine<B> {
         let pred = pollster::block_on(guided_prediction(
             &self.backend,
             &*j.model,
-            &j.context,
+            &j.text,
             j.cfg_scale,
             j.dtype,
             &input,
@@ -241,7 +253,7 @@ impl<B: Backend + 'static> Engine for ModelEngine<B> {
         }
         let (b, dtype) = (&self.backend, j.dtype);
         let inputs = dit
-            .block_inputs(b, self.upload(&modulation, dtype)?, j.context.clone(), grid)
+            .block_inputs(b, self.upload(&modulation, dtype)?, &j.text, grid)
             .map_err(compute_err)?;
         let out = dit
             .run_blocks(b, self.upload(&hidden, dtype)?, &inputs, range)

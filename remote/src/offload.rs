@@ -15,10 +15,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sdlite_runtime::models::denoiser::{batch_input, guided_prediction, is_guided, Denoiser, DenoiserModel, OnDemand};
+use sdlite_runtime::models::denoiser::{
+    batch_input, guided_prediction, is_guided, Denoiser, DenoiserModel, HostText, OnDemand, TextContext,
+};
 use sdlite_runtime::models::guide;
 use sdlite_runtime::models::wan_dit::WanDit;
-use sdlite_runtime::{Backend, DType, HostData, HostTensor, Tensor};
+use sdlite_runtime::{Backend, DType, HostData, HostTensor};
 
 use crate::address::WorkerAddress;
 use crate::channel::Channel;
@@ -200,11 +202,11 @@ struct Placement {
 }
 
 struct JobInputs<B: Backend> {
-    context: Tensor<B>,
-    context_host: HostTensor,
+    text: TextContext<B>,
+    text_host: HostText,
     cfg_scale: f32,
     /// The DiT's projected text, for block jobs (read on the first step).
-    projected: Option<HostTensor>,
+    projected: Option<HostText>,
 }
 
 /// What an offloaded run did, for the summary line and the benchmark.
@@ -318,7 +320,7 @@ impl<B: Backend, M: DenoiserModel<B>> OffloadDenoiser<'_, B, M> {
     }
 
     /// Opens the job on a worker, sending the weights first when it lacks them.
-    fn open(&mut self, link: &WorkerLink, mode: JobMode, context: &HostTensor, cfg_scale: f32) -> Result<u64> {
+    fn open(&mut self, link: &WorkerLink, mode: JobMode, text: &HostText, cfg_scale: f32) -> Result<u64> {
         let (package, dtype, upload) = (self.package, self.dtype, self.upload);
         let log = self.pool.log.clone();
         let label = link.address.label();
@@ -335,18 +337,18 @@ impl<B: Backend, M: DenoiserModel<B>> OffloadDenoiser<'_, B, M> {
             }
         };
         self.pool
-            .block_on(link.open_job_or_upload(package, mode, dtype, cfg_scale, context, upload, &mut progress))
+            .block_on(link.open_job_or_upload(package, mode, dtype, cfg_scale, text, upload, &mut progress))
     }
 
     /// Places the job on workers; false when no worker would take it.
     fn place(&mut self, mode: JobMode) -> Result<bool> {
         let job = self.job.as_ref().expect("begin before predict");
-        let context = match mode {
-            JobMode::Denoiser => job.context_host.clone(),
+        let text = match mode {
+            JobMode::Denoiser => job.text_host.clone(),
             JobMode::Blocks => job.projected.clone().expect("projected text read before placing"),
         };
         let cfg_scale = job.cfg_scale;
-        let rows = context.shape[0];
+        let rows = text.states.shape[0];
         loop {
             let candidates = self.pool.candidates();
             if candidates.is_empty() {
@@ -360,9 +362,11 @@ impl<B: Backend, M: DenoiserModel<B>> OffloadDenoiser<'_, B, M> {
             for (g, rows) in groups.into_iter().enumerate() {
                 let slot = candidates[g];
                 let (part, cfg) = if split {
-                    (host_rows(&context, rows.clone()), 1.0)
+                    let states = host_rows(&text.states, rows.clone());
+                    let last_repeats = text.last_repeats;
+                    (HostText { states, last_repeats }, 1.0)
                 } else {
-                    (context.clone(), cfg_scale)
+                    (text.clone(), cfg_scale)
                 };
                 let opened = self
                     .pool
@@ -506,23 +510,23 @@ impl<B: Backend, M: DenoiserModel<B>> OffloadDenoiser<'_, B, M> {
         if !self.local.is_loaded() {
             self.log("loading the denoiser's weights here".into());
         }
-        Ok(guided_prediction(b, self.local.get(b)?, &job.context, job.cfg_scale, self.dtype, input, timestep).await?)
+        Ok(guided_prediction(b, self.local.get(b)?, &job.text, job.cfg_scale, self.dtype, input, timestep).await?)
     }
 }
 
 impl<B: Backend, M: DenoiserModel<B>> OffloadDenoiser<'_, B, M> {
     async fn predict_blocks(&mut self, b: &B, step: usize, input: &HostTensor, timestep: f32) -> Result<Vec<f32>> {
         let (dit, range) = self.blocks.clone().expect("block offload");
-        let (context, cfg_scale) = {
+        let (text, cfg_scale) = {
             let job = self.job.as_ref().expect("begun");
-            (job.context.clone(), job.cfg_scale)
+            (job.text.clone(), job.cfg_scale)
         };
-        let rows = context.shape()[0];
+        let rows = text.rows();
         let x = batch_input(b, input, rows, self.dtype)?;
-        let mut state = dit.embed(b, &x, &vec![timestep; rows], &context)?;
+        let mut state = dit.embed(b, &x, &vec![timestep; rows], &text)?;
         state.hidden = dit.run_blocks(b, state.hidden, &state.blocks, 0..range.start)?;
         if self.job.as_ref().expect("begun").projected.is_none() {
-            let projected = b.read(&state.blocks.context).await?;
+            let projected = dit.project_text(b, &text)?.read(b).await?;
             self.job.as_mut().expect("begun").projected = Some(projected);
         }
         let hidden = b.read(&state.hidden).await?;
@@ -549,12 +553,12 @@ impl<B: Backend, M: DenoiserModel<B>> OffloadDenoiser<'_, B, M> {
 }
 
 impl<B: Backend, M: DenoiserModel<B>> Denoiser<B> for OffloadDenoiser<'_, B, M> {
-    async fn begin(&mut self, b: &B, context: &Tensor<B>, cfg_scale: f32) -> sdlite_runtime::Result<()> {
+    async fn begin(&mut self, b: &B, text: &TextContext<B>, cfg_scale: f32) -> sdlite_runtime::Result<()> {
         self.close_placements();
-        let context_host = b.read(context).await?;
+        let text_host = text.read(b).await?;
         self.job = Some(JobInputs {
-            context: context.clone(),
-            context_host,
+            text: text.clone(),
+            text_host,
             cfg_scale,
             projected: None,
         });

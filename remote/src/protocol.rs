@@ -1,4 +1,4 @@
-//! The wire protocol, version 1. Every request and response is one frame on its own QUIC
+//! The wire protocol, version 2. Every request and response is one frame on its own QUIC
 //! bidirectional stream:
 //!
 //! ```text
@@ -16,10 +16,10 @@
 
 use serde::{Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 pub const MAGIC: [u8; 4] = *b"SDLT";
 /// QUIC application protocol name (ALPN).
-pub const ALPN: &[u8] = b"sdlite/1";
+pub const ALPN: &[u8] = b"sdlite/2";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WireDType {
@@ -80,12 +80,14 @@ pub struct Envelope {
 pub enum Request {
     /// Version handshake; needs no token. Answer: `Hello`.
     Hello,
-    /// Tensors: the context. Answer: `JobOpened`.
+    /// Tensors: the context, whose last position stands for `last_repeats` equal positions
+    /// (1: each position is its own; Wan's padding travels as one). Answer: `JobOpened`.
     OpenJob {
         model: ModelHash,
         mode: JobMode,
         dtype: WireDType,
         cfg_scale: f32,
+        last_repeats: u64,
     },
     /// Tensors: the model input `[1, ...]`. Answer: `Output` with the guided prediction.
     Step {

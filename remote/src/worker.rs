@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use sdlite_runtime::models::denoiser::HostText;
 use sdlite_runtime::HostTensor;
 use tokio::sync::{mpsc, oneshot};
 
@@ -414,12 +415,18 @@ async fn dispatch<E: Engine>(frame: Frame<Envelope>, shared: &Shared<E>, state: 
                 mode,
                 dtype,
                 cfg_scale,
+                last_repeats,
             } => {
                 expect_tensors(&tensors, 1, "OpenJob")?;
-                let context = tensors.remove(0);
+                let last_repeats = usize::try_from(last_repeats)
+                    .map_err(|_| (ErrorCode::BadTensor, format!("a text position standing for {last_repeats}")))?;
+                let text = HostText {
+                    states: tensors.remove(0),
+                    last_repeats,
+                };
                 let job = shared
                     .compute
-                    .run(move |e| e.open_job(model, mode, runtime_dtype(dtype), cfg_scale, context))
+                    .run(move |e| e.open_job(model, mode, runtime_dtype(dtype), cfg_scale, text))
                     .await
                     .ok_or((ErrorCode::Compute, "the compute thread is gone".to_string()))??;
                 state.lock().expect("connection state").jobs.insert(job);

@@ -20,14 +20,14 @@ use sdlite_remote::channel_denoiser::{ChannelDenoiser, ChannelStats};
 use sdlite_remote::frame::{read_frame, write_frame, Frame, TensorRef, DEFAULT_MAX_FRAME_BYTES};
 use sdlite_remote::model_id::DenoiserPackage;
 use sdlite_remote::protocol::{Envelope, Response};
-use sdlite_runtime::models::denoiser::{Denoiser, DenoiserLoad};
+use sdlite_runtime::models::denoiser::{Denoiser, DenoiserLoad, TextContext};
 use sdlite_runtime::models::flow_schedulers::FlowSampler;
 use sdlite_runtime::models::schedulers::Sampler;
 use sdlite_runtime::models::sd::{SdRequest, StableDiffusion};
 use sdlite_runtime::models::wan::{Wan, WanRequest};
 use sdlite_runtime::models::{Phase, RequestDefaults};
 use sdlite_runtime::source::{MemorySource, Source};
-use sdlite_runtime::{image, Backend, DType, Error, HostTensor, Result, Tensor, WgpuBackend, WgpuOptions};
+use sdlite_runtime::{image, Backend, DType, Error, HostTensor, Result, WgpuBackend, WgpuOptions};
 use wasm_bindgen::prelude::*;
 
 /// The files of a diffusers folder as the browser hands them over, keyed by their path inside
@@ -352,8 +352,8 @@ impl<'a, D> Watched<'a, D> {
 }
 
 impl<B: Backend, D: Denoiser<B>> Denoiser<B> for Watched<'_, D> {
-    async fn begin(&mut self, b: &B, context: &Tensor<B>, cfg_scale: f32) -> Result<()> {
-        self.inner.begin(b, context, cfg_scale).await
+    async fn begin(&mut self, b: &B, text: &TextContext<B>, cfg_scale: f32) -> Result<()> {
+        self.inner.begin(b, text, cfg_scale).await
     }
 
     async fn predict(&mut self, b: &B, step: usize, input: &HostTensor, timestep: f32) -> Result<Vec<f32>> {

@@ -9,21 +9,76 @@ use crate::models::unet::UNet;
 use crate::models::wan_dit::WanDit;
 use crate::tensor::{DType, HostData, HostTensor, Tensor};
 
+/// A job's text embeddings `[rows, positions, width]` (rows: negative then positive prompt
+/// when guided, else the prompt) whose last position stands for `last_repeats` equal
+/// positions. Attending to it is attending to the embeddings with that position repeated, so
+/// a pipeline that pads its prompts with one vector (Wan pads to 512 zero positions) hands
+/// over the prompts' positions and one padding position, and every denoiser, local or remote,
+/// does the cross-attention of the positions that differ.
+pub struct TextContext<B: Backend> {
+    pub states: Tensor<B>,
+    pub last_repeats: usize,
+}
+
+impl<B: Backend> Clone for TextContext<B> {
+    fn clone(&self) -> Self {
+        Self {
+            states: self.states.clone(),
+            last_repeats: self.last_repeats,
+        }
+    }
+}
+
+impl<B: Backend> TextContext<B> {
+    /// The embeddings as they are, every position its own.
+    pub fn full(states: &Tensor<B>) -> Self {
+        Self {
+            states: states.clone(),
+            last_repeats: 1,
+        }
+    }
+
+    /// Rows: one per prompt.
+    pub fn rows(&self) -> usize {
+        self.states.shape()[0]
+    }
+
+    pub async fn read(&self, b: &B) -> Result<HostText> {
+        Ok(HostText {
+            states: b.read(&self.states).await?,
+            last_repeats: self.last_repeats,
+        })
+    }
+}
+
+/// A `TextContext` on the host: what a client sends a worker.
+#[derive(Clone, Debug)]
+pub struct HostText {
+    pub states: HostTensor,
+    pub last_repeats: usize,
+}
+
 /// A model that predicts noise or velocity for a batch of latents at per-row timesteps given
 /// text embeddings, one row per prompt: the SD UNet and the Wan DiT.
 pub trait DenoiserModel<B: Backend> {
-    fn forward(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], context: &Tensor<B>) -> Result<Tensor<B>>;
+    fn forward(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], text: &TextContext<B>) -> Result<Tensor<B>>;
 }
 
 impl<B: Backend> DenoiserModel<B> for UNet<B> {
-    fn forward(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], context: &Tensor<B>) -> Result<Tensor<B>> {
-        UNet::forward(self, b, x, timesteps, context)
+    fn forward(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], text: &TextContext<B>) -> Result<Tensor<B>> {
+        if text.last_repeats != 1 {
+            return Err(crate::error::Error::Invalid(format!(
+                "the UNet takes its text positions one by one, not a last position standing for {}",
+                text.last_repeats
+            )));
+        }
+        UNet::forward(self, b, x, timesteps, &text.states)
     }
 }
 
 impl<B: Backend> DenoiserModel<B> for WanDit<B> {
-    fn forward(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], context: &Tensor<B>) -> Result<Tensor<B>> {
-        WanDit::forward(self, b, x, timesteps, context)
+    fn forward(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], text: &TextContext<B>) -> Result<Tensor<B>> {
+        WanDit::forward(self, b, x, timesteps, text)
     }
 }
 
@@ -32,7 +87,7 @@ impl<B: Backend> DenoiserModel<B> for WanDit<B> {
 /// `[1, ...]` and returns the guided prediction of the same size.
 #[allow(async_fn_in_trait)]
 pub trait Denoiser<B: Backend> {
-    async fn begin(&mut self, b: &B, context: &Tensor<B>, cfg_scale: f32) -> Result<()>;
+    async fn begin(&mut self, b: &B, text: &TextContext<B>, cfg_scale: f32) -> Result<()>;
     async fn predict(&mut self, b: &B, step: usize, input: &HostTensor, timestep: f32) -> Result<Vec<f32>>;
 }
 
@@ -46,15 +101,15 @@ pub fn is_guided(rows: usize, cfg_scale: f32) -> bool {
 pub async fn guided_prediction<B: Backend, M: DenoiserModel<B> + ?Sized>(
     b: &B,
     model: &M,
-    context: &Tensor<B>,
+    text: &TextContext<B>,
     cfg_scale: f32,
     dtype: DType,
     input: &HostTensor,
     timestep: f32,
 ) -> Result<Vec<f32>> {
-    let rows = context.shape()[0];
+    let rows = text.rows();
     let x = batch_input(b, input, rows, dtype)?;
-    let pred = b.read(&model.forward(b, &x, &vec![timestep; rows], context)?).await?.to_f32();
+    let pred = b.read(&model.forward(b, &x, &vec![timestep; rows], text)?).await?.to_f32();
     Ok(crate::models::guide(pred, is_guided(rows, cfg_scale), cfg_scale))
 }
 
@@ -73,7 +128,7 @@ pub fn batch_input<B: Backend>(b: &B, input: &HostTensor, rows: usize, dtype: DT
 pub struct LocalDenoiser<'m, B: Backend, M> {
     model: &'m OnDemand<B, M>,
     dtype: DType,
-    job: Option<(Tensor<B>, f32)>,
+    job: Option<(TextContext<B>, f32)>,
 }
 
 impl<'m, B: Backend, M: DenoiserModel<B>> LocalDenoiser<'m, B, M> {
@@ -83,17 +138,17 @@ impl<'m, B: Backend, M: DenoiserModel<B>> LocalDenoiser<'m, B, M> {
 }
 
 impl<B: Backend, M: DenoiserModel<B>> Denoiser<B> for LocalDenoiser<'_, B, M> {
-    async fn begin(&mut self, _b: &B, context: &Tensor<B>, cfg_scale: f32) -> Result<()> {
-        self.job = Some((context.clone(), cfg_scale));
+    async fn begin(&mut self, _b: &B, text: &TextContext<B>, cfg_scale: f32) -> Result<()> {
+        self.job = Some((text.clone(), cfg_scale));
         Ok(())
     }
 
     async fn predict(&mut self, b: &B, _step: usize, input: &HostTensor, timestep: f32) -> Result<Vec<f32>> {
-        let (context, cfg_scale) = self
+        let (text, cfg_scale) = self
             .job
             .as_ref()
             .ok_or_else(|| crate::error::Error::Invalid("denoiser: predict before begin".into()))?;
-        guided_prediction(b, self.model.get(b)?, context, *cfg_scale, self.dtype, input, timestep).await
+        guided_prediction(b, self.model.get(b)?, text, *cfg_scale, self.dtype, input, timestep).await
     }
 }
 

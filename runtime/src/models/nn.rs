@@ -129,6 +129,30 @@ pub fn multi_head_attention<B: Backend>(b: &B, q: &Tensor<B>, k: &Tensor<B>, v: 
     out.reshape(&[batch, q_len, dim])
 }
 
+/// `multi_head_attention` with `bias` (broadcastable to `[batch * heads, q_len, kv_len]`)
+/// added to the scores, through `biased_attention`: for few keys, as it materialises scores.
+pub fn biased_multi_head_attention<B: Backend>(
+    b: &B,
+    q: &Tensor<B>,
+    k: &Tensor<B>,
+    v: &Tensor<B>,
+    bias: &Tensor<B>,
+    heads: usize,
+) -> Result<Tensor<B>> {
+    let (batch, q_len, dim) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let head_dim = dim / heads;
+    let heads_first = |t: &Tensor<B>| ops::permute(b, &t.reshape(&[batch, t.shape()[1], heads, head_dim])?, &[0, 2, 1, 3]);
+    let out = biased_attention(
+        b,
+        &heads_first(q)?,
+        &heads_first(k)?,
+        &heads_first(v)?,
+        bias,
+        1.0 / (head_dim as f32).sqrt(),
+    )?;
+    ops::permute(b, &out, &[0, 2, 1, 3])?.reshape(&[batch, q_len, dim])
+}
+
 /// Attention with an additive bias on the scores (a causal mask, a relative position bias),
 /// for the short sequences of text encoders: q `[batch, heads, q_len, d]`, k and v
 /// `[batch, heads, kv_len, d]`, `bias` broadcastable to `[batch * heads, q_len, kv_len]`.

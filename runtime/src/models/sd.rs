@@ -9,7 +9,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::models::clip_text::{ClipTextConfig, ClipTextEncoder};
 use crate::models::clip_tokenizer::ClipTokenizer;
-use crate::models::denoiser::{Denoiser, DenoiserLoad, LocalDenoiser, OnDemand};
+use crate::models::denoiser::{Denoiser, DenoiserLoad, LocalDenoiser, OnDemand, TextContext};
 use crate::models::schedulers::{Prediction, Sampler, Scheduler, SchedulerConfig};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::models::sd_single_file::{component_name, split_fused_qkv};
@@ -256,7 +256,7 @@ impl<B: Backend> StableDiffusion<B> {
         let mut latent = initial_latent(req.init_latent.as_ref(), &shape, req.seed)?;
         let sigma = scheduler.init_noise_sigma();
         latent.iter_mut().for_each(|v| *v *= sigma);
-        denoiser.begin(b, &context, req.cfg_scale).await?;
+        denoiser.begin(b, &TextContext::full(&context), req.cfg_scale).await?;
         let timesteps = scheduler.timesteps().to_vec();
         progress(Phase::Denoise, 0, timesteps.len());
         for (i, &t) in timesteps.iter().enumerate() {

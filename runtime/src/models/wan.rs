@@ -1,5 +1,5 @@
 //! The Wan2.1 text-to-video pipeline: UMT5 prompt embeddings (cut to the prompt's length and
-//! zero-padded, as the reference does), flow-matching denoising of a seeded latent with
+//! zero-padded, as the reference does, the padding given as one position standing for all), flow-matching denoising of a seeded latent with
 //! classifier-free guidance, and the causal VAE decoding one latent frame at a time. Loads a
 //! diffusers folder (`model_index.json`, `tokenizer/`, `text_encoder/`, `transformer/`,
 //! `vae/`, `scheduler/`).
@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::models::denoiser::{Denoiser, DenoiserLoad, LocalDenoiser, OnDemand};
+use crate::models::denoiser::{Denoiser, DenoiserLoad, LocalDenoiser, OnDemand, TextContext};
 use crate::models::flow_schedulers::{FlowSampler, FlowScheduler, FlowSchedulerConfig};
 use crate::models::sentencepiece::SentencePiece;
 use crate::models::umt5::Umt5Encoder;
@@ -16,7 +16,7 @@ use crate::models::wan_dit::{WanDit, WanDitConfig};
 use crate::models::wan_vae::{WanVaeConfig, WanVaeDecoder};
 use crate::models::{check_finite, initial_latent, Phase, RequestDefaults};
 use crate::source::Source;
-use crate::tensor::{DType, HostData, HostTensor, Tensor};
+use crate::tensor::{DType, HostData, HostTensor};
 use crate::weights::Params;
 
 /// The reference pipeline's text length.
@@ -139,22 +139,28 @@ impl<B: Backend> Wan<B> {
         Ok([1, self.vae.config.z_dim, (req.frames - 1) / t + 1, req.height / s, req.width / s])
     }
 
-    /// Prompt embeddings `[rows, TEXT_LEN, d_model]`, zero past each prompt's length.
-    pub fn encode_prompts(&self, b: &B, prompts: &[&str]) -> Result<Tensor<B>> {
-        let (ids, lens): (Vec<Vec<u32>>, Vec<usize>) = prompts
+    /// Prompt embeddings as the reference pads them, `[rows, TEXT_LEN, d_model]` zero past each
+    /// prompt's length, given as the positions up to the longest prompt's and one zero
+    /// position standing for the rest (`TextContext`). The encoder sees those positions only:
+    /// its padding mask keeps every prompt position from attending past the prompt, and its
+    /// position bias depends on distances alone, so the positions kept are the same.
+    pub fn encode_prompts(&self, b: &B, prompts: &[&str]) -> Result<TextContext<B>> {
+        let (mut ids, lens): (Vec<Vec<u32>>, Vec<usize>) = prompts
             .iter()
             .map(|p| self.tokenizer.encode_padded(&clean_prompt(p), TEXT_LEN))
             .unzip();
+        let kept = (lens.iter().max().copied().unwrap_or(0) + 1).min(TEXT_LEN);
+        ids.iter_mut().for_each(|row| row.truncate(kept));
         let hidden = self.text_encoder.forward(b, &ids, &lens)?;
         let keep: Vec<f32> = lens
             .iter()
-            .flat_map(|&l| (0..TEXT_LEN).map(move |i| if i < l { 1.0 } else { 0.0 }))
+            .flat_map(|&l| (0..kept).map(move |i| if i < l { 1.0 } else { 0.0 }))
             .collect();
-        let keep = b.upload(&HostTensor::new(
-            &[prompts.len(), TEXT_LEN, 1],
-            HostData::from_f32(self.dtype, keep),
-        )?)?;
-        crate::ops::mul(b, &hidden, &keep)
+        let keep = b.upload(&HostTensor::new(&[prompts.len(), kept, 1], HostData::from_f32(self.dtype, keep))?)?;
+        Ok(TextContext {
+            states: crate::ops::mul(b, &hidden, &keep)?,
+            last_repeats: TEXT_LEN - kept + 1,
+        })
     }
 
     pub async fn generate(&self, b: &B, req: &WanRequest, progress: &mut dyn FnMut(Phase, usize, usize)) -> Result<WanOutput> {
@@ -177,7 +183,7 @@ impl<B: Backend> Wan<B> {
         } else {
             vec![&req.prompt]
         };
-        let context = self.encode_prompts(b, &prompts)?;
+        let text = self.encode_prompts(b, &prompts)?;
         progress(Phase::EncodeText, 1, 1);
         let mut config = self.scheduler_config.clone();
         if let Some(shift) = req.shift {
@@ -185,7 +191,7 @@ impl<B: Backend> Wan<B> {
         }
         let mut scheduler = FlowScheduler::new(req.sampler, &config, req.steps)?;
         let mut latent = initial_latent(req.init_latent.as_ref(), &shape, req.seed)?;
-        denoiser.begin(b, &context, req.cfg_scale).await?;
+        denoiser.begin(b, &text, req.cfg_scale).await?;
         let timesteps = scheduler.timesteps().to_vec();
         progress(Phase::Denoise, 0, timesteps.len());
         for (i, &t) in timesteps.iter().enumerate() {

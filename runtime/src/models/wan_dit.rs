@@ -13,10 +13,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::models::nn::{multi_head_attention, LayerNorm, Linear};
+use crate::models::denoiser::TextContext;
+use crate::models::nn::{biased_multi_head_attention, multi_head_attention, LayerNorm, Linear};
 use crate::ops;
 use crate::spec::UnaryOp;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, HostTensor, Tensor};
 use crate::weights::{Params, Weights};
 
 /// Mirrors diffusers' `WanTransformer3DModel` config (text-to-video fields).
@@ -155,17 +156,18 @@ impl<B: Backend> WanAttention<B> {
         })
     }
 
-    /// `residual + gate * attention(x)` (no gate: 1).
+    /// `residual + gate * attention(x)` (no gate: 1), over `context` (cross-attention, with
+    /// its bias on the scores when given) or `x`.
     fn forward(
         &self,
         b: &B,
         x: &Tensor<B>,
-        context: Option<&Tensor<B>>,
+        context: Option<(&Tensor<B>, Option<&Tensor<B>>)>,
         rope: Option<(&Tensor<B>, &Tensor<B>)>,
         residual: &Tensor<B>,
         gate: Option<&Tensor<B>>,
     ) -> Result<Tensor<B>> {
-        let ctx = context.unwrap_or(x);
+        let (ctx, key_bias) = context.unwrap_or((x, None));
         let norm = |t: &Tensor<B>, gamma: &Tensor<B>| match rope {
             Some((cos, sin)) => ops::rms_norm_rope(b, t, Some(gamma), self.eps, cos, sin),
             None => ops::rms_norm(b, t, Some(gamma), self.eps),
@@ -173,8 +175,11 @@ impl<B: Backend> WanAttention<B> {
         let q = norm(&self.q.forward(b, x)?, &self.norm_q)?;
         let k = norm(&self.k.forward(b, ctx)?, &self.norm_k)?;
         let v = self.v.forward(b, ctx)?;
-        self.out
-            .forward_residual(b, residual, &multi_head_attention(b, &q, &k, &v, self.heads)?, gate)
+        let attended = match key_bias {
+            None => multi_head_attention(b, &q, &k, &v, self.heads)?,
+            Some(bias) => biased_multi_head_attention(b, &q, &k, &v, bias, self.heads)?,
+        };
+        self.out.forward_residual(b, residual, &attended, gate)
     }
 }
 
@@ -205,6 +210,9 @@ pub struct BlockInputs<B: Backend> {
     pub modulation: Tensor<B>,
     /// Projected text `[batch, text_len, dim]`.
     pub context: Tensor<B>,
+    /// Added to the cross-attention scores `[1, 1, text_len]` when the last text position
+    /// stands for several (`TextContext`): ln(repeats) on that key.
+    pub context_bias: Option<Tensor<B>>,
     /// Rotary tables `[tokens, head_dim / 2]`.
     pub rope_cos: Tensor<B>,
     pub rope_sin: Tensor<B>,
@@ -290,7 +298,7 @@ impl<B: Backend> WanDit<B> {
     /// Patch embedding, time and text embeddings, rotary tables for the latent `x [batch,
     /// in_channels, frames, height, width]` at `timesteps` (one per row) with text
     /// `context [batch, text_len, text_dim]`.
-    pub fn embed(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], context: &Tensor<B>) -> Result<DitState<B>> {
+    pub fn embed(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], text: &TextContext<B>) -> Result<DitState<B>> {
         let c = &self.config;
         let s = x.shape();
         let [pt, ph, pw] = c.patch_size;
@@ -307,7 +315,7 @@ impl<B: Backend> WanDit<B> {
                 c.in_channels
             )));
         }
-        let cs = context.shape();
+        let cs = text.states.shape();
         if cs.len() != 3 || cs[0] != s[0] || cs[2] != c.text_dim {
             return Err(Error::Invalid(format!(
                 "Wan DiT text context {cs:?}: expected [{}, text_len, {}]",
@@ -322,17 +330,29 @@ impl<B: Backend> WanDit<B> {
         let t = ops::timestep_embedding(b, timesteps, c.freq_dim, true, 0.0, 10000.0, self.dtype)?;
         let temb = self.time_2.forward(b, &ops::silu(b, &self.time_1.forward(b, &t)?)?)?;
         let modulation = self.time_proj.forward(b, &ops::silu(b, &temb)?)?.reshape(&[n, 6, dim])?;
-        let context = self.text_2.forward(b, &self.text_1.forward_then(b, context, UnaryOp::GeluTanh)?)?;
+        let projected = self.project_text(b, text)?;
         Ok(DitState {
             hidden,
             temb,
             grid,
-            blocks: self.block_inputs(b, modulation, context, grid)?,
+            blocks: self.block_inputs(b, modulation, &projected, grid)?,
+        })
+    }
+
+    /// The text embedder's output `[batch, positions, dim]`: row-wise, so a position standing
+    /// for several stays one.
+    pub fn project_text(&self, b: &B, text: &TextContext<B>) -> Result<TextContext<B>> {
+        Ok(TextContext {
+            states: self
+                .text_2
+                .forward(b, &self.text_1.forward_then(b, &text.states, UnaryOp::GeluTanh)?)?,
+            last_repeats: text.last_repeats,
         })
     }
 
     /// The block inputs for modulation `[batch, 6, dim]` and projected text on a patched grid.
-    pub fn block_inputs(&self, b: &B, modulation: Tensor<B>, context: Tensor<B>, grid: [usize; 3]) -> Result<BlockInputs<B>> {
+    pub fn block_inputs(&self, b: &B, modulation: Tensor<B>, text: &TextContext<B>, grid: [usize; 3]) -> Result<BlockInputs<B>> {
+        let (context, context_bias) = self.cross_attention_text(b, text)?;
         let mut cached = self.rope.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let tables = match cached.as_ref() {
             Some(t) if t.grid == grid => t,
@@ -348,9 +368,39 @@ impl<B: Backend> WanDit<B> {
         Ok(BlockInputs {
             modulation,
             context,
+            context_bias,
             rope_cos: tables.cos.clone(),
             rope_sin: tables.sin.clone(),
         })
+    }
+
+    /// The projected text as the cross-attention reads it: in f32 its positions once each,
+    /// ln(repeats) added to the last one's scores (softmax over m equal keys gives one of them
+    /// ln(m) more score), which spares the keys and values of Wan's ~500 padding positions. The
+    /// scores of that path are materialised in the model's dtype, where the fused attention
+    /// keeps them in f32, so half dtypes repeat the last position instead.
+    fn cross_attention_text(&self, b: &B, text: &TextContext<B>) -> Result<(Tensor<B>, Option<Tensor<B>>)> {
+        let s = text.states.shape();
+        let repeats = text.last_repeats;
+        if repeats == 0 || s.len() != 3 || s[1] == 0 {
+            return Err(Error::Invalid(format!(
+                "Wan DiT text {s:?} with its last position standing for {repeats}: expected [batch, positions >= 1, dim] and at least 1"
+            )));
+        }
+        if repeats == 1 {
+            return Ok((text.states.clone(), None));
+        }
+        let positions = s[1];
+        if self.dtype == DType::F32 {
+            let mut bias = vec![0.0f32; positions];
+            bias[positions - 1] = (repeats as f32).ln();
+            let bias = b.upload(&HostTensor::from_f32(&[1, 1, positions], bias)?)?;
+            return Ok((text.states.clone(), Some(bias)));
+        }
+        let last = ops::slice(b, &text.states, 1, positions - 1, 1)?;
+        let ones = b.upload(&HostTensor::from_f32(&[1, repeats - 1, 1], vec![1.0; repeats - 1])?.to_dtype(self.dtype))?;
+        let context = ops::concat(b, &[&text.states, &ops::mul(b, &last, &ones)?], 1)?;
+        Ok((context, None))
     }
 
     /// Runs blocks `range` on `hidden`.
@@ -389,7 +439,9 @@ impl<B: Backend> WanDit<B> {
             Some(norm) => norm.forward(b, &x)?,
             None => x.clone(),
         };
-        let x = block.cross_attn.forward(b, &h, Some(&s.context), None, &x, None)?;
+        let x = block
+            .cross_attn
+            .forward(b, &h, Some((&s.context, s.context_bias.as_ref())), None, &x, None)?;
         let h = ops::layer_norm_modulate(b, &x, &c_scale, &c_shift, eps)?;
         block
             .ffn_out
@@ -417,8 +469,8 @@ impl<B: Backend> WanDit<B> {
         ops::concat(b, &per_row.iter().collect::<Vec<_>>(), 0)
     }
 
-    pub fn forward(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], context: &Tensor<B>) -> Result<Tensor<B>> {
-        let mut state = self.embed(b, x, timesteps, context)?;
+    pub fn forward(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], text: &TextContext<B>) -> Result<Tensor<B>> {
+        let mut state = self.embed(b, x, timesteps, text)?;
         state.hidden = self.run_blocks(b, state.hidden, &state.blocks, 0..self.blocks.len())?;
         self.head(b, &state)
     }
