@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::rc::Rc;
 
-use sdlite_runtime::models::denoiser::{guided_prediction, DenoiserModel, HostText, TextContext};
+use sdlite_runtime::models::denoiser::{check_last_repeats, guided_prediction, DenoiserModel, HostText, TextContext};
 use sdlite_runtime::models::unet::UNet;
 use sdlite_runtime::models::wan_dit::WanDit;
 use sdlite_runtime::weights::Params;
@@ -179,15 +179,7 @@ impl<B: Backend + 'static> Engine for ModelEngine<B> {
         if mode == JobMode::Blocks && !matches!(*loaded, Loaded::Dit(_)) {
             return Err((ErrorCode::BadTensor, "block offload needs a DiT model".into()));
         }
-        if text.last_repeats == 0 || (text.last_repeats > 1 && !matches!(*loaded, Loaded::Dit(_))) {
-            return Err((
-                ErrorCode::BadTensor,
-                format!(
-                    "a context whose last position stands for {} positions: a DiT takes 1 or more, a UNet 1",
-                    text.last_repeats
-                ),
-            ));
-        }
+        check_last_repeats(text.last_repeats, matches!(*loaded, Loaded::Dit(_))).map_err(|e| (ErrorCode::BadTensor, e.to_string()))?;
         let text = TextContext {
             states: self.upload(&text.states, dtype)?,
             last_repeats: text.last_repeats,

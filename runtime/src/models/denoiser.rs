@@ -43,6 +43,7 @@ impl<B: Backend> TextContext<B> {
         self.states.shape()[0]
     }
 
+    /// The embeddings and count on the host, to send to a worker.
     pub async fn read(&self, b: &B) -> Result<HostText> {
         Ok(HostText {
             states: b.read(&self.states).await?,
@@ -58,6 +59,23 @@ pub struct HostText {
     pub last_repeats: usize,
 }
 
+/// The one rule for a text's repeat count, wherever a text arrives: at least 1, and above 1
+/// only for a model that reads a position as several (the DiT; the UNet attends to each
+/// position as given).
+pub fn check_last_repeats(last_repeats: usize, reads_repeats: bool) -> Result<()> {
+    if last_repeats == 0 || (last_repeats > 1 && !reads_repeats) {
+        return Err(crate::error::Error::Invalid(format!(
+            "a text whose last position stands for {last_repeats} positions: {}",
+            if reads_repeats {
+                "it must stand for at least 1"
+            } else {
+                "this model takes each position as given (1)"
+            }
+        )));
+    }
+    Ok(())
+}
+
 /// A model that predicts noise or velocity for a batch of latents at per-row timesteps given
 /// text embeddings, one row per prompt: the SD UNet and the Wan DiT.
 pub trait DenoiserModel<B: Backend> {
@@ -66,12 +84,7 @@ pub trait DenoiserModel<B: Backend> {
 
 impl<B: Backend> DenoiserModel<B> for UNet<B> {
     fn forward(&self, b: &B, x: &Tensor<B>, timesteps: &[f32], text: &TextContext<B>) -> Result<Tensor<B>> {
-        if text.last_repeats != 1 {
-            return Err(crate::error::Error::Invalid(format!(
-                "the UNet takes its text positions one by one, not a last position standing for {}",
-                text.last_repeats
-            )));
-        }
+        check_last_repeats(text.last_repeats, false)?;
         UNet::forward(self, b, x, timesteps, &text.states)
     }
 }

@@ -1,8 +1,8 @@
 //! The Wan2.1 text-to-video pipeline: UMT5 prompt embeddings (cut to the prompt's length and
-//! zero-padded, as the reference does, the padding given as one position standing for all), flow-matching denoising of a seeded latent with
-//! classifier-free guidance, and the causal VAE decoding one latent frame at a time. Loads a
-//! diffusers folder (`model_index.json`, `tokenizer/`, `text_encoder/`, `transformer/`,
-//! `vae/`, `scheduler/`).
+//! zero-padded, as the reference does, the padding given as one position standing for all),
+//! flow-matching denoising of a seeded latent with classifier-free guidance, and the causal
+//! VAE decoding one latent frame at a time. Loads a diffusers folder (`model_index.json`,
+//! `tokenizer/`, `text_encoder/`, `transformer/`, `vae/`, `scheduler/`).
 
 use std::sync::Arc;
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::models::denoiser::TextContext;
+use crate::models::denoiser::{check_last_repeats, TextContext};
 use crate::models::nn::{biased_multi_head_attention, multi_head_attention, LayerNorm, Linear};
 use crate::ops;
 use crate::spec::UnaryOp;
@@ -382,10 +382,9 @@ impl<B: Backend> WanDit<B> {
     fn cross_attention_text(&self, b: &B, text: &TextContext<B>) -> Result<(Tensor<B>, Option<Tensor<B>>)> {
         let s = text.states.shape();
         let repeats = text.last_repeats;
-        if repeats == 0 || s.len() != 3 || s[1] == 0 {
-            return Err(Error::Invalid(format!(
-                "Wan DiT text {s:?} with its last position standing for {repeats}: expected [batch, positions >= 1, dim] and at least 1"
-            )));
+        check_last_repeats(repeats, true)?;
+        if s.len() != 3 || s[1] == 0 {
+            return Err(Error::Invalid(format!("Wan DiT text {s:?}: expected [batch, positions >= 1, dim]")));
         }
         if repeats == 1 {
             return Ok((text.states.clone(), None));
